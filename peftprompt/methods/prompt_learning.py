@@ -1,0 +1,81 @@
+"""Fixes for PEFT's prompt-learning methods (prompt tuning, P-tuning, prefix tuning).
+
+- Token classification: prompt tuning and P-tuning prepend ``num_virtual_tokens`` embeddings, so the logits are
+  longer than the token labels. `PeftModelForTokenClassification` passes the labels on unchanged and the loss fails
+  (or, worse, is computed on misaligned positions). `AlignedPeftModelForTokenClassification` drops the virtual-token
+  positions from the logits before the loss, so predictions line up with the input tokens. It replaces PEFT's
+  ``TOKEN_CLS`` class when `peftprompt` is imported, so `get_peft_model` and `PeftModel.from_pretrained` both use it.
+- Prefix tuning feeds its prefix through ``past_key_values``, which gradient checkpointing does not support:
+  `refuse_gradient_checkpointing` turns that combination into a clear error instead of a crash deep in the model.
+"""
+
+from __future__ import annotations
+
+from types import MethodType
+
+import torch
+from torch import nn
+from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+from peft.peft_model import PeftModel, PeftModelForTokenClassification
+from peft.utils import PeftType
+from transformers.modeling_outputs import TokenClassifierOutput
+
+PREFIX_CHECKPOINTING_ERROR = (
+    "prefix tuning cannot be combined with gradient checkpointing (the prefix is passed as past_key_values, "
+    "which checkpointed layers do not support): disable gradient checkpointing or choose another method"
+)
+
+
+class AlignedPeftModelForTokenClassification(PeftModelForTokenClassification):
+    """`PeftModelForTokenClassification` whose prompt-tuning / P-tuning logits align with the input tokens.
+
+    The logits of the virtual tokens are removed, so ``logits.shape[1] == input_ids.shape[1]`` and the token
+    labels are used as they are (``-100`` ignored).
+    """
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, return_dict=None, **kwargs):
+        peft_config = self.active_peft_config
+        if not peft_config.is_prompt_learning or peft_config.peft_type == PeftType.PREFIX_TUNING:
+            return super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                return_dict=return_dict,
+                **kwargs,
+            )
+        outputs = super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, return_dict=True, **kwargs
+        )
+        logits = outputs.logits[:, peft_config.num_virtual_tokens :]
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.to(logits.device).reshape(-1), ignore_index=-100
+            )
+        return TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+def install_token_classification_fix() -> None:
+    """Make PEFT build `AlignedPeftModelForTokenClassification` for ``task_type="TOKEN_CLS"``."""
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING["TOKEN_CLS"] = AlignedPeftModelForTokenClassification
+
+
+def uses_gradient_checkpointing(model: nn.Module) -> bool:
+    """Whether gradient (activation) checkpointing is switched on for a transformers model."""
+    flag = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(model, flag, False))
+
+
+def refuse_gradient_checkpointing(model: PeftModel) -> None:
+    """Raise a clear `ValueError` now, and whenever gradient checkpointing is switched on later, for a prefix-tuned
+    `model`."""
+    if uses_gradient_checkpointing(model.get_base_model()):
+        raise ValueError(PREFIX_CHECKPOINTING_ERROR)
+
+    def gradient_checkpointing_enable(self, *args, **kwargs):
+        raise ValueError(PREFIX_CHECKPOINTING_ERROR)
+
+    model.gradient_checkpointing_enable = MethodType(gradient_checkpointing_enable, model)
