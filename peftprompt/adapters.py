@@ -1,0 +1,85 @@
+"""Save adapters atomically and load them back with clear errors for broken directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Union
+
+from peft import PeftModel
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from safetensors import SafetensorError, safe_open
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .atomic import write_dir_atomically
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def save_adapter(
+    model: Union[PeftModel, PreTrainedModel],
+    output_dir: Union[str, Path],
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> Path:
+    """Save `model` to `output_dir` as safetensors, replacing any previous save only once the new one is complete.
+
+    A `PeftModel` saves its adapter weights, config and trained head (``adapter_model.safetensors``); a plain model
+    (method ``"full"``) saves the full checkpoint. The files are written to a temporary directory next to
+    `output_dir` and renamed into place, so an interrupted save never leaves a half-written adapter behind.
+    """
+    output_dir = Path(output_dir)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    write_dir_atomically(output_dir, write)
+    return output_dir
+
+
+def directory_bytes(path: Union[str, Path], pattern: str = "*.safetensors") -> int:
+    """Total size in bytes of the files matching `pattern` in `path` (the weights of a saved adapter)."""
+    return sum(f.stat().st_size for f in Path(path).glob(pattern) if f.is_file())
+
+
+def check_adapter_dir(adapter_dir: Union[str, Path]) -> dict:
+    """Validate a saved adapter directory and return its config, raising a clear error for what is wrong."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise FileNotFoundError(f"adapter directory {adapter_dir} does not exist")
+    config_path = adapter_dir / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{adapter_dir} is not a saved adapter: {ADAPTER_CONFIG} is missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path}: line {err.lineno}: invalid JSON ({err.msg})") from err
+    peft_type = config.get("peft_type") if isinstance(config, dict) else None
+    if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        raise ValueError(
+            f"{config_path}: field 'peft_type' is {peft_type!r}, not a known PEFT method "
+            "(did you `import peftprompt` before loading a BitFit adapter?)"
+        )
+    weights_path = adapter_dir / ADAPTER_WEIGHTS
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{adapter_dir} is not a complete adapter: {ADAPTER_WEIGHTS} is missing")
+    try:
+        with safe_open(weights_path, framework="pt") as weights:
+            for key in weights.keys():
+                weights.get_slice(key)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{weights_path} is corrupt or truncated ({err})") from err
+    return config
+
+
+def load_adapter(
+    model: PreTrainedModel,
+    adapter_dir: Union[str, Path],
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+) -> PeftModel:
+    """Load a saved adapter onto `model` after checking that the directory is complete and readable."""
+    check_adapter_dir(adapter_dir)
+    return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable)

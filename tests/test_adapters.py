@@ -1,0 +1,141 @@
+"""Saving adapters atomically, checking broken adapter directories, and the parameter report."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+
+from peftprompt import attach, load_adapter, parameter_report, save_adapter
+from peftprompt.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_dir, directory_bytes
+from peftprompt.atomic import write_dir_atomically
+from peftprompt.report import format_bytes, markdown_table
+
+from conftest import tiny_llama
+
+
+@pytest.fixture
+def saved_lora(tmp_path):
+    model = attach(tiny_llama(), "lora", task="causal_lm")
+    return save_adapter(model, tmp_path / "adapter")
+
+
+def test_save_adapter_writes_safetensors_with_normal_permissions(saved_lora):
+    assert sorted(p.name for p in saved_lora.iterdir()) == ["README.md", ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(saved_lora.stat().st_mode) == 0o777 & ~umask
+    assert not [p for p in saved_lora.parent.iterdir() if p.name.startswith(".")], "temporary directory left behind"
+
+
+def test_failed_write_keeps_the_previous_directory(tmp_path):
+    target = tmp_path / "out"
+    write_dir_atomically(target, lambda tmp: (tmp / "weights").write_text("old"))
+
+    def crash(tmp):
+        (tmp / "weights").write_text("half")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        write_dir_atomically(target, crash)
+    assert (target / "weights").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_overwrite_replaces_the_whole_directory(tmp_path):
+    target = tmp_path / "out"
+    write_dir_atomically(target, lambda tmp: (tmp / "a").write_text("1"))
+    write_dir_atomically(target, lambda tmp: (tmp / "b").write_text("2"))
+    assert [p.name for p in target.iterdir()] == ["b"]
+
+
+def test_check_adapter_dir_accepts_a_good_save(saved_lora):
+    assert check_adapter_dir(saved_lora)["peft_type"] == "LORA"
+    assert directory_bytes(saved_lora) == (saved_lora / ADAPTER_WEIGHTS).stat().st_size > 0
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter directory .*nowhere does not exist"):
+        load_adapter(tiny_llama(), tmp_path / "nowhere")
+
+
+def test_missing_config(saved_lora):
+    (saved_lora / ADAPTER_CONFIG).unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
+        load_adapter(tiny_llama(), saved_lora)
+
+
+def test_missing_weights(saved_lora):
+    (saved_lora / ADAPTER_WEIGHTS).unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors is missing"):
+        load_adapter(tiny_llama(), saved_lora)
+
+
+def test_invalid_json_names_file_and_line(saved_lora):
+    config = saved_lora / ADAPTER_CONFIG
+    config.write_text('{\n  "peft_type": "LORA",\n  "r": 8,,\n}')
+    with pytest.raises(ValueError, match=r"adapter_config.json: line 3: invalid JSON"):
+        load_adapter(tiny_llama(), saved_lora)
+
+
+def test_unknown_peft_type_names_the_field(saved_lora):
+    config = saved_lora / ADAPTER_CONFIG
+    config.write_text(json.dumps({**json.loads(config.read_text()), "peft_type": "NOPE"}))
+    with pytest.raises(ValueError, match="field 'peft_type' is 'NOPE', not a known PEFT method"):
+        load_adapter(tiny_llama(), saved_lora)
+
+
+def test_truncated_weights(saved_lora):
+    weights = saved_lora / ADAPTER_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="adapter_model.safetensors is corrupt or truncated"):
+        load_adapter(tiny_llama(), saved_lora)
+
+
+def test_garbage_weights(saved_lora):
+    (saved_lora / ADAPTER_WEIGHTS).write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_adapter(tiny_llama(), saved_lora)
+
+
+def test_parameter_report_counts_and_measures(minilm_seq_cls):
+    biases = sum(p.numel() for n, p in minilm_seq_cls.named_parameters() if n.endswith(".bias") and "classifier" not in n)
+    head = sum(p.numel() for p in minilm_seq_cls.classifier.parameters())
+    total = sum(p.numel() for p in minilm_seq_cls.parameters())
+    report = parameter_report(attach(minilm_seq_cls, "bitfit", task="seq_cls"))
+    assert report.method == "bitfit"
+    assert report.trainable_params == biases + head == 26_882
+    # the deltas live beside the frozen biases, and PEFT keeps the original head beside its trained copy
+    assert report.total_params == total + biases + head
+    # float32 deltas and head, plus the safetensors header
+    assert 4 * report.trainable_params < report.adapter_bytes < 4 * report.trainable_params + 20_000
+    assert report.as_dict()["trainable_pct"] == pytest.approx(100 * report.trainable_params / report.total_params)
+
+
+def test_full_method_report_is_every_parameter(llama):
+    report = parameter_report(attach(llama, "full", task="causal_lm"), measure_size=False)
+    n = sum(p.numel() for p in llama.parameters())
+    assert (report.method, report.trainable_params, report.total_params, report.adapter_bytes) == ("full", n, n, None)
+
+
+def test_markdown_table_and_bytes():
+    assert [format_bytes(n) for n in (None, 512, 2048, 3 * 1024**2)] == ["-", "512 B", "2.0 KB", "3.0 MB"]
+    from peftprompt.report import ParameterReport
+
+    table = markdown_table([ParameterReport("lora", 1_000, 100_000, 4096)])
+    assert table.splitlines()[-1] == "| lora | 1,000 | 100,000 | 1.0000 | 4.0 KB |"
+
+
+def test_saved_adapter_reloads_to_the_same_logits(saved_lora):
+    model = attach(tiny_llama(), "lora", task="causal_lm")
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p)
+    save_adapter(model, saved_lora)
+    reloaded = load_adapter(tiny_llama(), saved_lora)
+    assert not model.training and not reloaded.training
+    ids = torch.arange(5, 15)[None]
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)

@@ -1,0 +1,74 @@
+"""The `peftprompt` command line and the SST-2 reader's errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from peftprompt.cli import main
+from peftprompt.data import read_sst2
+
+
+def test_info_prints_the_report_as_json(capsys):
+    assert main(["info", "--model", "minilm", "--method", "bitfit", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["method"] == "bitfit"
+    assert row["trainable_params"] == 26_882
+    assert row["trainable_pct"] == pytest.approx(100 * 26_882 / row["total_params"])
+    assert row["adapter_bytes"] > 4 * 26_882
+
+
+def test_info_prints_a_table(capsys):
+    assert main(["info", "--model", "minilm", "--method", "lora"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "minilm (seq_cls)"
+    assert out[1].startswith("| method | trainable params |")
+    assert out[3].startswith("| lora | 74,498 |")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["info", "--method", "loraa"], "unknown adapter method 'loraa'"),
+        (["info", "--model", "/no/such/model", "--method", "lora"], "model path /no/such/model does not exist"),
+        (["info", "--model", "nobody/no-such-model", "--method", "lora"], "cannot load backbone 'nobody/no-such-model'"),
+        (["info", "--method", "lora", "--task", "seq_cls", "--num-labels", "0"], "num_labels must be >= 1, got 0"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"peftprompt {argv[0]}: error: ")
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_sst2_reads_the_real_files():
+    test = read_sst2("test")
+    assert len(test) == 698
+    assert {label for _, label in test} == {0, 1}
+    assert read_sst2("train", limit=3) == read_sst2("train")[:3]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("sentence\tlabel\ngood film\t1\nbad film\tx\n", r"train.tsv:3: field 'label' must be 0 or 1, got 'x'"),
+        ("sentence\tlabel\n\t1\n", r"train.tsv:2: field 'sentence' is empty"),
+        ("sentence\tlabel\na\tb\tc\n", r"train.tsv:2: expected 2 fields"),
+        ("text\tlabel\na\t1\n", r"train.tsv:1: header must be"),
+        ("sentence\tlabel\n", r"train.tsv: no rows after the header"),
+    ],
+)
+def test_sst2_errors_name_file_line_and_field(content, message, tmp_path, monkeypatch):
+    (tmp_path / "sst2").mkdir()
+    (tmp_path / "sst2" / "train.tsv").write_text(content)
+    monkeypatch.setenv("PEFTPROMPT_DATA", str(tmp_path))
+    with pytest.raises(ValueError, match=message):
+        read_sst2("train")
+
+
+def test_sst2_unknown_split():
+    with pytest.raises(ValueError, match="split must be one of train, dev, test, got 'val'"):
+        read_sst2("val")
