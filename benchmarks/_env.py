@@ -1,0 +1,72 @@
+"""The environment a benchmark ran in (machine, load, threads, versions, git commit, command), for its JSON."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "peftprompt")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_model() -> Optional[str]:
+    """The ``model name`` line of ``/proc/cpuinfo`` (Linux), else `None`."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def package_versions() -> dict[str, Optional[str]]:
+    """Installed versions of the packages a result depends on (`None` when one is missing)."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit() -> Optional[str]:
+    """``HEAD``'s commit hash, suffixed ``-dirty`` when the tree has changes; `None` outside git or before a commit."""
+    def git(*args: str) -> Optional[str]:
+        try:
+            result = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        return result.stdout.strip()
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return None
+    return commit + ("-dirty" if git("status", "--porcelain") else "")
+
+
+def environment_record() -> dict:
+    """Threads, machine (CPU count and model, platform, load average), package versions, git commit and command."""
+    return {
+        "threads": torch.get_num_threads(),
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_model": cpu_model(),
+            "load_avg_1_5_15": list(os.getloadavg()),
+        },
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "command": shlex.join(sys.orig_argv),
+    }
