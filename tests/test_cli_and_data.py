@@ -72,3 +72,25 @@ def test_sst2_errors_name_file_line_and_field(content, message, tmp_path, monkey
 def test_sst2_unknown_split():
     with pytest.raises(ValueError, match="split must be one of train, dev, test, got 'val'"):
         read_sst2("val")
+
+
+def test_data_convert_stats_and_show(tmp_path, capsys):
+    trees = tmp_path / "trees.jsonl"
+    assert main(["data", "convert", "probtree_2wiki", "--limit", "3", "--out", str(trees)]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote 3 trees to {trees} (probtree_2wiki, split dev)")
+    assert main(["data", "stats", str(trees), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["trees"], stats["skipped"]) == (3, 0)
+    assert main(["data", "show", str(trees), "--n", "1", "--plain"]) == 0
+    out = capsys.readouterr().out
+    assert "1 trees -> 3 rows" in out  # root episode + one No-episode per leaf, padded
+    assert "Question: Who is the father-in-law of Queen Hyojeong?\n[[Are follow up questions needed here: Yes." in out
+    assert "[[Are follow up questions needed here: No.\nSo the final answer is: King Heonjong of Joseon<|im_end|>]]" in out
+
+
+def test_data_show_bad_file_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "a?", "answer": "b"}\n{"question": "trunc\n')
+    assert main(["data", "show", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2: invalid JSON" in err and err.count("\n") == 1
