@@ -230,3 +230,39 @@ def test_packing_never_mixes_episodes(smollm2_tokenizer, batch_trees, max_length
     episode_pieces = sorted(p for p in pieces if p in set(expected))
     assert episode_pieces == expected
     assert all(set(p) == {smollm2_tokenizer.pad_token_id} for p in pieces if p not in set(expected))
+
+
+def test_trl_sft_trainer(smollm2_tokenizer, tmp_path):
+    """TRL's SFTTrainer takes the collator as it is, on a data set of trees, without preparing the data itself."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    class TinyVocab:  # the tiny Llama has 128 token ids: fold SmolLM2's ids into them
+        def __init__(self, collator):
+            self.collator = collator
+
+        def __call__(self, features):
+            batch = self.collator(features)
+            batch["input_ids"] = batch["input_ids"] % TINY_VOCAB
+            batch["labels"] = torch.where(batch["labels"] == IGNORE_INDEX, IGNORE_INDEX, batch["labels"] % TINY_VOCAB)
+            return batch
+
+    collator = SelfAskCollator(smollm2_tokenizer, max_length=128, packing=True)
+    trees = [golden_tree().to_dict()] * 4
+    dataset = Dataset.from_list(trees)  # Arrow fills missing fields with None: the collator drops them again
+    model = tiny_llama()
+    model.config.use_cache = False
+    config = SFTConfig(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+        save_strategy="no", learning_rate=1e-2, remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=smollm2_tokenizer,
+        data_collator=TinyVocab(collator),
+    )
+    before = model.lm_head.weight.clone()
+    trainer.train()
+    assert not torch.equal(before, model.lm_head.weight)
+    assert collator.counts["rows"] == 2 * 5  # 2 steps, each 2 trees = 10 episodes packed into 5 rows
+    assert dataset[0]["children"][1]["children"] is None and len(collator.encoder.encode_tree(dataset[0])) == 5

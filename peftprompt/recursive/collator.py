@@ -115,7 +115,7 @@ class EpisodeEncoder:
 
     def encode_tree(self, tree: Union[Node, Mapping[str, Any]]) -> list[EncodedEpisode]:
         """Unroll and encode `tree` (a `Node` or its dict), tokenising each distinct tree only once."""
-        node = tree if isinstance(tree, Node) else Node.from_dict(dict(tree))
+        node = tree if isinstance(tree, Node) else Node.from_dict(without_nulls(tree))
         key = hashlib.sha1(json.dumps(node.to_dict(), sort_keys=True).encode()).hexdigest()
         if key not in self._cache:
             encoded = (self.encode(e) for e in self.unroller(node))
@@ -124,6 +124,20 @@ class EpisodeEncoder:
 
     def encode_all(self, trees: Iterable[Union[Node, Mapping[str, Any]]]) -> list[EncodedEpisode]:
         return [e for tree in trees for e in self.encode_tree(tree)]
+
+
+def without_nulls(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A tree dict without the `None` fields that a `datasets.Dataset` adds when it stores trees of mixed shapes
+    (Arrow gives every row every field of the schema, e.g. ``children=None`` on leaves)."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: clean(v) for k, v in value.items() if v is not None}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return clean(record)
 
 
 def pack_episodes(lengths: Sequence[int], max_length: int) -> list[list[int]]:
