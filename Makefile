@@ -32,6 +32,7 @@ demo: models
 
 bench: models
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/methods_overview.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/collator.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
