@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments, set_seed
+from transformers.utils import logging as transformers_logging
 
 from peftprompt import METHODS, ParameterReport, attach, load_backbone, parameter_report, save_adapter
 from peftprompt.adapters import directory_bytes
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--methods", nargs="+", choices=sorted(LEARNING_RATES), default=["lora", "bitfit"])
     args = parser.parse_args()
+    transformers_logging.set_verbosity_error()  # no load report for each freshly initialised head
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
 
