@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 from transformers import BertConfig, BertForTokenClassification, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as transformers_logging
 
@@ -74,6 +75,14 @@ def make_batch(task: str, seed: int = 0) -> dict[str, torch.Tensor]:
     else:
         labels = input_ids.masked_fill(attention_mask == 0, -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Leave no Accelerate singleton state (e.g. bf16 picked by `auto`, or by TRL's SFTConfig) to later tests."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 @pytest.fixture

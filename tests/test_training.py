@@ -1,0 +1,575 @@
+"""The training engine: config loading and validation, mixed-precision choice, and `train()` on tiny models
+(loss goes down, logs, adapter reload, gradient accumulation, resume, early stopping, checkpoints, atomic saves,
+two real processes under `accelerate launch`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+import peftprompt
+from conftest import TINY_VOCAB, tiny_bert_token_cls, tiny_llama
+from peftprompt.backbones import smollm2_path
+from peftprompt.recursive import SelfAskCollator
+from peftprompt.training import (
+    TrainConfig,
+    build_model,
+    cpu_bf16_flags,
+    latest_checkpoint,
+    list_checkpoints,
+    load_config,
+    resolve_mixed_precision,
+    train,
+)
+from peftprompt.training import config as config_module
+from peftprompt.training import loop
+from test_unroll import golden_tree
+
+
+# ------------------------------------------------------------------------------------------------------------ config
+
+
+def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+def test_yaml_and_overrides_round_trip(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        model: smollm2-135m
+        task: causal_lm
+        method: lora
+        method_args: {r: 4, target_modules: [q_proj, v_proj]}
+        learning_rate: 1e-4          # PyYAML reads this as a string: accepted for a float field
+        warmup_ratio: 0              # an int for a float field
+        max_steps: 100
+        data: {sources: [musique]}
+        """,
+    )
+    config = load_config(
+        path,
+        ["method_args.r=16", "data.sources=[probtree_2wiki, probtree_hotpotqa]", "data.packing.enabled=true",
+         "learning_rate=5e-4", "resume_from=latest", "max_grad_norm="],
+    )
+    assert config.learning_rate == 5e-4 and isinstance(config.warmup_ratio, float)
+    assert config.method_args == {"r": 16, "target_modules": ["q_proj", "v_proj"]}
+    assert config.data == {"sources": ["probtree_2wiki", "probtree_hotpotqa"], "packing": {"enabled": True}}
+    assert config.resume_from == "latest" and config.max_grad_norm is None and config.max_steps == 100
+    assert load_config(path).learning_rate == 1e-4
+    saved = config.save(tmp_path / "saved.yaml")
+    assert load_config(saved) == config
+    assert yaml.safe_load(config.to_yaml()) == config.as_dict()
+
+
+def test_unknown_key_names_file_line_and_closest_key(tmp_path):
+    path = write(tmp_path, "task: causal_lm\nmethod: lora\nlearning_rat: 0.001\n")
+    with pytest.raises(ValueError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}:3: unknown key 'learning_rat' (did you mean 'learning_rate'?)"
+    with pytest.raises(ValueError) as err:
+        load_config(None, ["task=causal_lm", "learning_rat=1"])
+    assert str(err.value) == "override 'learning_rat=1': unknown key (did you mean 'learning_rate'?)"
+    with pytest.raises(ValueError, match=r"run.yaml:2: duplicate key 'task' \(first at .*run.yaml:1\)"):
+        load_config(write(tmp_path, "task: causal_lm\ntask: seq_cls\n"))
+
+
+def test_wrong_types_name_field_and_place(tmp_path):
+    path = write(tmp_path, "task: causal_lm\nlearning_rate: abc\n")
+    with pytest.raises(ValueError) as err:
+        load_config(path)
+    assert str(err.value) == f"field 'learning_rate' expects float, got 'abc' ({path}:2)"
+    with pytest.raises(ValueError) as err:
+        load_config(None, ["task=causal_lm", "max_steps=ten"])
+    assert str(err.value) == "field 'max_steps' expects int or null, got 'ten' (override 'max_steps=ten')"
+    with pytest.raises(ValueError, match=r"field 'load_in_8bit' expects bool, got 3 \(.*run.yaml:2\)"):
+        load_config(write(tmp_path, "task: causal_lm\nload_in_8bit: 3\n"))
+    with pytest.raises(ValueError, match=r"field 'method_args' expects a mapping, got \[1, 2\]"):
+        load_config(None, ["task=causal_lm", "method_args=[1, 2]"])
+    with pytest.raises(ValueError, match=r"field 'warmup_ratio' must be in \[0, 1\), got 1.5 \(override"):
+        load_config(None, ["task=causal_lm", "warmup_ratio=1.5"])
+    with pytest.raises(ValueError, match=r"'learning_rate' is not a mapping"):
+        load_config(None, ["task=causal_lm", "learning_rate.x=1"])
+    with pytest.raises(ValueError, match="expected key=value"):
+        load_config(None, ["learning_rate"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "hint"),
+    [
+        ("method", "lorra", " (did you mean 'lora'?)"),
+        ("task", "seq-cls", " (did you mean 'seq_cls'?)"),
+        ("mixed_precision", "half", ""),
+        ("optimizer", "adam8bit", " (did you mean 'adamw8bit'?)"),
+        ("lr_scheduler", "cosin", " (did you mean 'cosine'?)"),
+    ],
+)
+def test_bad_choices(tmp_path, field, value, hint):
+    first = "method: lora" if field == "task" else "task: causal_lm"
+    path = write(tmp_path, f"{first}\n{field}: {value}\n")
+    with pytest.raises(ValueError) as err:
+        load_config(path)
+    choices = ", ".join(config_module.CHOICES[field])
+    assert str(err.value) == f"field {field!r} must be one of {choices}, got {value!r}{hint} ({path}:2)"
+
+
+@pytest.mark.parametrize("task", ["seq_cls", "token_cls"])
+def test_num_labels_required_for_classification(tmp_path, task):
+    path = write(tmp_path, f"task: {task}\n")
+    with pytest.raises(ValueError, match=rf"num_labels is required for task '{task}'.*\({path}\)"):
+        load_config(path)
+    assert load_config(path, ["num_labels=3"]).num_labels == 3
+    with pytest.raises(ValueError, match="num_labels is required"):
+        TrainConfig(task=task)
+    assert load_config(None, ["task=causal_lm"]).num_labels is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU rules")
+def test_resolve_mixed_precision_on_this_cpu(tmp_path, monkeypatch):
+    flags = cpu_bf16_flags()
+    mode, reason = resolve_mixed_precision("auto")
+    if flags:  # e.g. this project's AMD EPYC has avx512_bf16: bf16 autocast is faster there, not slower
+        assert mode == "bf16" and all(f in reason for f in flags)
+    else:
+        assert (mode, reason) == ("no", config_module.CPU_NO_BF16_REASON)
+    assert resolve_mixed_precision("no")[0] == "no"
+    with pytest.raises(ValueError, match="'fp16' needs a CUDA GPU"):
+        resolve_mixed_precision("fp16")
+    # Without the flags (a CPU like the one DESIGN.md section 4 measured 18x slower on), auto means no.
+    monkeypatch.setattr(config_module, "cpu_bf16_flags", lambda: set())
+    assert resolve_mixed_precision("auto") == ("no", config_module.CPU_NO_BF16_REASON)
+    assert "18x" in resolve_mixed_precision("bf16")[1]
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n")
+    assert cpu_bf16_flags(cpuinfo) == set()
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16\n")
+    assert cpu_bf16_flags(cpuinfo) == {"avx512_bf16", "amx_bf16"}
+
+
+# -------------------------------------------------------------------------------------------------------- train: data
+
+
+class IdTokenizer:
+    """Just what SelfAskCollator needs to batch rows that are already token ids."""
+
+    pad_token_id, eos_token_id, is_fast = 0, 1, True
+
+
+def token_rows(n: int = 16, seed: int = 0) -> list[dict]:
+    """Rows of 8-12 random tokens whose first 3 are context (no loss), so rows hold different numbers of items."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(5, TINY_VOCAB, (8 + i % 5,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * (3 + i % 3) + ids[3 + i % 3 :]})
+    return rows
+
+
+def llama_lora(dropout: float = 0.0, seed: int = 0):
+    return peftprompt.attach(tiny_llama(seed), "lora", task="causal_lm", lora_dropout=dropout)
+
+
+def llm_config(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
+    values = dict(
+        model="tiny-llama", task="causal_lm", learning_rate=1e-2, per_device_train_batch_size=4, max_steps=6,
+        log_every=1, mixed_precision="no", output_dir=str(tmp_path / name),
+    )
+    return TrainConfig(**{**values, **overrides})
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def records(result_or_dir, kind: str | None = None) -> list[dict]:
+    path = result_or_dir.log_file if hasattr(result_or_dir, "log_file") else Path(result_or_dir) / "metrics.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in lines if kind is None or r["type"] == kind]
+
+
+# ------------------------------------------------------------------------------------------------------------- train
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    return AutoTokenizer.from_pretrained(smollm2_path())
+
+
+def small_trees() -> list[dict]:
+    """The golden 3-level tree and two hand-made ones."""
+    capital = {
+        "id": "cap", "dataset": "hand", "question": "What is the capital of the country where the Eiffel Tower is?",
+        "answer": "Paris",
+        "children": [
+            {"id": "1", "question": "Where is the Eiffel Tower?", "answer": "France", "answer_source": "gold"},
+            {"id": "2", "question_template": "What is the capital of #1?", "answer": "Paris", "answer_source": "gold"},
+        ],
+    }
+    leaf = {"id": "leaf", "dataset": "hand", "question": "Who wrote Hamlet?", "answer": "William Shakespeare"}
+    return [golden_tree().to_dict(), capital, leaf]
+
+
+class CompactIds:
+    """Wrap a collator to renumber SmolLM2 token ids into a small vocabulary (the tokens of the given trees), so
+    a tiny Llama can learn them in a few steps on the CPU."""
+
+    def __init__(self, collator: SelfAskCollator, trees: list[dict]) -> None:
+        encoder = collator.encoder
+        ids = {i for tree in trees for episode in encoder.encode_tree(tree) for i in episode.input_ids}
+        self.ids = {t: i for i, t in enumerate(sorted(ids | {collator.pad_token_id}))}
+        self.collator = collator
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        batch["input_ids"] = batch["input_ids"].apply_(self.ids.__getitem__)
+        batch["labels"] = batch["labels"].apply_(lambda t: t if t == -100 else self.ids[t])
+        return batch
+
+
+@pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`")
+def test_train_selfask_loss_decreases_logs_and_adapter_reloads(tmp_path, smollm2_tokenizer):
+    tokenizer = smollm2_tokenizer
+    collator = CompactIds(SelfAskCollator(tokenizer, max_length=256, packing=True), small_trees())
+
+    def base():
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=len(collator.ids), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             pad_token_id=collator.ids[tokenizer.pad_token_id])
+        return LlamaForCausalLM(config).eval()
+
+    # The frozen random lm_head of a 32-wide model caps how far the loss can fall: adapt it too.
+    model = peftprompt.attach(base(), "lora", task="causal_lm", target_modules=["q_proj", "v_proj", "lm_head"])
+    config = llm_config(tmp_path, learning_rate=3e-2, per_device_train_batch_size=2, max_steps=20, log_every=5,
+                        eval_every=10, warmup_ratio=0.0)
+    result = train(config, model, tokenizer, small_trees() * 2, collator, eval_dataset=small_trees())
+
+    train_records = records(result, "train")
+    assert [r["step"] for r in train_records] == [5, 10, 15, 20]
+    assert train_records[-1]["loss"] < 0.7 * train_records[0]["loss"]
+    for r in train_records:
+        assert {"step", "epoch", "loss", "lr", "tokens_per_s", "tokens", "peak_memory_mb"} <= set(r)
+        assert r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0
+    evals = records(result, "eval")
+    assert [r["step"] for r in evals] == [10, 20] and evals[1]["loss"] < evals[0]["loss"]
+    assert result.metrics["loss"] == evals[1]["loss"] and result.best_step == 20
+    assert records(result, "start")[0]["world_size"] == 1 and len(records(result, "final")) == 1
+    assert result.parameters.trainable_params == sum(p.numel() for p in trainable(model).values())
+    assert result.parameters.adapter_bytes > 0 and result.command
+    assert model.config.use_cache is True  # off while training (packed rows), restored afterwards
+    assert load_config(tmp_path / "run" / "train_config.yaml") == config
+
+    batch = collator(small_trees())
+    batch.pop("labels")
+    reloaded = peftprompt.load_adapter(base(), result.adapter_dir).eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
+
+
+def test_gradient_accumulation_matches_the_larger_batch(tmp_path, monkeypatch):
+    """Accumulation 2 x batch 2 = batch 4: the loss is the mean over every trained token of the window.
+
+    The rows hold different numbers of trained tokens, so the mean of the two micro-batch means (what a plain
+    ``loss / accumulation_steps`` gives) is a different loss: checked below by counting every micro-batch as one
+    item, which turns the normalisation into exactly that.
+    """
+
+    def run(name, batch, accumulation):
+        model = llama_lora()
+        config = llm_config(tmp_path, name, per_device_train_batch_size=batch,
+                            gradient_accumulation_steps=accumulation, max_steps=3)
+        train(config, model, None, token_rows(), SelfAskCollator(IdTokenizer(), max_length=64))
+        return trainable(model)
+
+    big = run("batch4", 4, 1)
+    accumulated = run("batch2x2", 2, 2)
+    assert max((big[k] - accumulated[k]).abs().max().item() for k in big) < 1e-6
+    monkeypatch.setattr(loop, "count_loss_items", lambda labels, task, w=None: torch.tensor(1.0, dtype=torch.float64))
+    mean_of_means = run("naive2x2", 2, 2)
+    assert max((big[k] - mean_of_means[k]).abs().max().item() for k in big) > 1e-4
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resume_gives_the_same_run(tmp_path, monkeypatch, accumulation):
+    """6 steps straight == 3 steps, a crash, and resume_from=latest to 6 (bit for bit, dropout on, mid-epoch)."""
+
+    def run(name, resume_from=None):
+        model = llama_lora(dropout=0.1)
+        config = llm_config(tmp_path, name, per_device_train_batch_size=4 // accumulation,
+                            gradient_accumulation_steps=accumulation, eval_every=3, resume_from=resume_from)
+        result = train(config, model, None, token_rows(), SelfAskCollator(IdTokenizer(), max_length=64),
+                       eval_dataset=token_rows(5, seed=1))
+        return result, trainable(model)
+
+    straight, straight_params = run("straight")
+
+    def crash_after_saving(*args):
+        raise Crash("killed right after the first checkpoint")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "_prune_checkpoints", crash_after_saving)
+        with pytest.raises(Crash):
+            run("resumed")
+    assert [step for step, _ in list_checkpoints(tmp_path / "resumed")] == [3]
+    resumed, resumed_params = run("resumed", resume_from="latest")
+
+    assert resumed.resumed_from.endswith("step-3") and resumed.global_step == 6
+    assert all(torch.equal(straight_params[k], resumed_params[k]) for k in straight_params)
+    assert resumed.metrics == straight.metrics and resumed.best_metric == straight.best_metric
+    assert [r["loss"] for r in records(resumed, "train")] == [r["loss"] for r in records(straight, "train")]
+    assert [r["step"] for r in records(resumed, "resume")] == [3]
+    with pytest.raises(ValueError, match="already holds checkpoints of an earlier run"):
+        run("resumed")  # a fresh start must not mix with an earlier run's checkpoints
+
+
+def test_early_stopping_and_token_classification_metrics(tmp_path):
+    torch.manual_seed(0)
+    model = peftprompt.attach(tiny_bert_token_cls(3), "lora", task="token_cls", target_modules=["query", "value"])
+    generator = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(5, TINY_VOCAB, (10,), generator=generator).tolist(),
+             "labels": torch.randint(0, 3, (10,), generator=generator).tolist()} for _ in range(12)]
+    seen = []
+
+    def compute_metrics(records_, accelerator):
+        seen.append(len(records_))
+        return {"constant": 1.0}  # never improves after the first evaluation
+
+    config = TrainConfig(task="token_cls", num_labels=3, model="tiny-bert", per_device_train_batch_size=4,
+                         max_steps=50, eval_every=1, metric_for_best="constant", early_stopping_patience=2,
+                         keep_checkpoints=1, mixed_precision="no", output_dir=str(tmp_path / "run"))
+    result = train(config, model, None, rows, SelfAskCollator(IdTokenizer(), max_length=32), eval_dataset=rows[:5],
+                   compute_metrics=compute_metrics)
+    assert result.stopped_early and result.global_step == 3
+    assert (result.best_metric, result.best_step) == (1.0, 1)
+    assert seen == [5, 5, 5]  # one record per evaluation row, none counted twice
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [3]
+    default = train(TrainConfig(**{**config.as_dict(), "output_dir": str(tmp_path / "default"), "max_steps": 1,
+                                   "metric_for_best": None}),
+                    model, None, rows, SelfAskCollator(IdTokenizer(), max_length=32), eval_dataset=rows[:5])
+    assert 0 <= default.metrics["token_accuracy"] <= 1 and default.metrics["items"] == 50
+
+
+def test_keep_checkpoints_and_sequence_classification(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(BertConfig(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=2, num_attention_heads=4, num_labels=2))
+    model = peftprompt.attach(bert, "bitfit", task="seq_cls")
+    generator = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(5, TINY_VOCAB, (6,), generator=generator), "labels": torch.tensor(i % 2)}
+            for i in range(8)]
+
+    def collate(features):
+        return {"input_ids": torch.stack([f["input_ids"] for f in features]),
+                "attention_mask": torch.ones(len(features), 6, dtype=torch.long),
+                "labels": torch.stack([f["labels"] for f in features])}
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # as accelerate's single-process launcher leaves it
+    config = TrainConfig(task="seq_cls", num_labels=2, model="tiny-bert", per_device_train_batch_size=4, max_steps=5,
+                         save_every=1, keep_checkpoints=2, mixed_precision="no", output_dir=str(tmp_path / "run"))
+    result = train(config, model, None, rows, collate, eval_dataset=rows)
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [4, 5]
+    assert latest_checkpoint(tmp_path / "run").name == "step-5"
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
+    state = json.loads((latest_checkpoint(tmp_path / "run") / "trainer_state.json").read_text())
+    assert state["global_step"] == 5 and state["best_step"] in (2, 4, 5)
+    # eval_every=0: at each epoch end (2 steps per epoch) and at the end
+    assert [r["step"] for r in records(result, "eval")] == [2, 4, 5]
+    assert 0 <= result.metrics["accuracy"] <= 1 and result.metrics["items"] == 8
+    assert "ONE process" in capsys.readouterr().out
+
+
+class FailingTokenizer:
+    def save_pretrained(self, path):
+        (Path(path) / "tokenizer.json").write_text("{")  # half-written
+        raise OSError("disk full")
+
+
+def test_interrupted_saves_leave_the_previous_adapter_and_checkpoint_intact(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    first = train(llm_config(tmp_path, max_steps=2), llama_lora(), None, token_rows(), SelfAskCollator(IdTokenizer()))
+    saved = load_file(first.adapter_dir / "adapter_model.safetensors")
+
+    # The adapter writer fails half-way (after the weights, at the tokenizer): the old adapter stays in place.
+    with pytest.raises(OSError, match="disk full"):
+        train(llm_config(tmp_path, max_steps=4, resume_from="latest"), llama_lora(), FailingTokenizer(), token_rows(),
+              SelfAskCollator(IdTokenizer()))
+    assert all(torch.equal(v, saved[k]) for k, v in load_file(first.adapter_dir / "adapter_model.safetensors").items())
+    peftprompt.load_adapter(tiny_llama(), first.adapter_dir)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+    # save_state fails half-way: no step-6 directory, step-4 is still the latest complete checkpoint.
+    def failing_save_state(self, output_dir=None, **kwargs):
+        (Path(output_dir) / "model.safetensors").write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(loop.Accelerator, "save_state", failing_save_state)
+    with pytest.raises(OSError, match="disk full"):
+        train(llm_config(tmp_path, max_steps=6, resume_from="latest"), llama_lora(), None, token_rows(),
+              SelfAskCollator(IdTokenizer()))
+    assert [step for step, _ in list_checkpoints(out)] == [2, 4]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    monkeypatch.undo()
+    resumed = train(llm_config(tmp_path, max_steps=6, resume_from="latest"), llama_lora(), None, token_rows(),
+                    SelfAskCollator(IdTokenizer()))
+    assert resumed.resumed_from.endswith("step-4") and resumed.global_step == 6
+
+
+def test_auto_mixed_precision_trains(tmp_path):
+    """``auto`` as resolved on this machine (bf16 on a CPU with avx512_bf16 / amx_bf16), after runs in fp32 in
+    the same process (train() resets Accelerate's state when the precision changes)."""
+    mode, _ = resolve_mixed_precision("auto")
+    result = train(llm_config(tmp_path, mixed_precision="auto", max_steps=3, eval_every=3), llama_lora(), None,
+                   token_rows(), SelfAskCollator(IdTokenizer()), eval_dataset=token_rows(4, seed=1))
+    assert records(result, "start")[0]["mixed_precision"] == mode == result.mixed_precision
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records(result, "train"))
+    assert 0 < result.metrics["loss"] < 10
+
+
+def test_prepare_backbone_kbit_checkpointing_and_prefix_refusal(tmp_path):
+    base = tmp_path / "tiny-llama"
+    tiny_llama().save_pretrained(base)
+    AutoTokenizer.from_pretrained(smollm2_path()).save_pretrained(base)
+    config = llm_config(tmp_path, model=str(base), load_in_8bit=True, gradient_checkpointing=True,
+                        optimizer="adamw8bit", max_steps=2)
+    model, tokenizer = build_model(config)
+    assert model.base_model.model.is_gradient_checkpointing
+    result = train(config, model, tokenizer, token_rows(8), SelfAskCollator(IdTokenizer()))
+    assert result.global_step == 2 and (result.adapter_dir / "adapter_model.safetensors").is_file()
+    with pytest.raises(ValueError, match="prefix tuning cannot be combined with gradient checkpointing"):
+        build_model(llm_config(tmp_path, model=str(base), method="prefix", gradient_checkpointing=True))
+
+
+# ------------------------------------------------------------------------------------------ two real processes
+
+TWO_PROCESS_SCRIPT = '''
+import sys
+import torch
+from accelerate import PartialState
+from transformers import LlamaConfig, LlamaForCausalLM
+import peftprompt
+from peftprompt.recursive import SelfAskCollator
+from peftprompt.training import TrainConfig, train
+
+class IdTokenizer:
+    pad_token_id, eos_token_id, is_fast = 0, 1, True
+
+rows = {rows!r}
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                     pad_token_id=0))
+model = peftprompt.attach(model, "lora", task="causal_lm", lora_dropout=0.0)
+config = TrainConfig(model="tiny-llama", task="causal_lm", learning_rate=1e-2, per_device_train_batch_size=2,
+                     max_steps=4, eval_every=2, log_every=1, mixed_precision="no", output_dir=sys.argv[1])
+result = train(config, model, None, rows, SelfAskCollator(IdTokenizer(), max_length=64), eval_dataset=rows[:5])
+state = PartialState()
+sys.stdout.write(f"RESULT rank={{state.process_index}} world={{result.world_size}}\\n")  # one write: lines stay whole
+sys.stdout.flush()
+state.destroy_process_group()
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp_path: Path, config_text: str, script: str, *args: str, env: dict | None = None):
+    config_file = write(tmp_path, config_text, "accelerate.yaml")
+    script_file = tmp_path / "script.py"
+    script_file.write_text(script)
+    accelerate = Path(sys.executable).parent / "accelerate"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    command = [str(accelerate), "launch", "--config_file", str(config_file), "--main_process_port", str(free_port()),
+               str(script_file), *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.slow
+def test_two_real_processes_under_accelerate_launch(tmp_path):
+    """2 gloo processes x batch 2: world size 2 in the log, one adapter, the same training as 1 process x batch 4.
+
+    The config says MULTI_GPU with use_cpu: accelerate's MULTI_CPU config starts ONE process (next test). On a
+    CPU-only machine train()'s cpu=True is enough; ACCELERATE_USE_CPU=1 keeps the two processes on the CPU (gloo)
+    on a machine with a GPU too.
+    """
+    rows = token_rows()
+    out = tmp_path / "out"
+    done = launch(
+        tmp_path,
+        """
+        compute_environment: LOCAL_MACHINE
+        distributed_type: MULTI_GPU
+        num_processes: 2
+        num_machines: 1
+        use_cpu: true
+        mixed_precision: "no"
+        """,
+        TWO_PROCESS_SCRIPT.format(rows=rows),
+        str(out),
+        env={"ACCELERATE_USE_CPU": "1"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(re.findall(r"RESULT rank=(\d) world=(\d)", done.stdout)) == [("0", "2"), ("1", "2")]
+    start, final = records(out, "start"), records(out, "final")
+    assert len(start) == len(final) == 1 and start[0]["world_size"] == 2
+    assert start[0]["distributed_type"] == "MULTI_CPU"
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "metrics.jsonl", "train_config.yaml"]
+    assert [r["step"] for r in records(out, "eval")] == [2, 4]
+
+    model = llama_lora()
+    single = train(llm_config(tmp_path, "single", max_steps=4, eval_every=2), model, None, rows,
+                   SelfAskCollator(IdTokenizer(), max_length=64), eval_dataset=rows[:5])
+    two = load_file(out / "adapter" / "adapter_model.safetensors")
+    one = load_file(single.adapter_dir / "adapter_model.safetensors")
+    assert max((two[k] - one[k]).abs().max().item() for k in one) < 1e-5
+    assert abs(single.metrics["loss"] - final[0]["metrics"]["loss"]) < 1e-5
+    assert [r["tokens"] for r in records(out, "train")] == [r["tokens"] for r in records(single, "train")]
+
+
+@pytest.mark.slow
+def test_multi_cpu_config_starts_one_process(tmp_path):
+    """Measured trap: `distributed_type: MULTI_CPU` with 2 processes (no mpirun) runs the script ONCE."""
+    script = (
+        "import torch\nfrom accelerate import Accelerator\n"
+        "a = Accelerator(cpu=True)\nprint(f'WORLD {a.num_processes}', flush=True)\n"
+    )
+    done = launch(
+        tmp_path,
+        """
+        compute_environment: LOCAL_MACHINE
+        distributed_type: MULTI_CPU
+        num_processes: 2
+        num_machines: 1
+        use_cpu: true
+        mixed_precision: "no"
+        """,
+        script,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.findall(r"WORLD (\d)", done.stdout) == ["1"]
+
+
+def test_unquoted_yaml_no_means_no(tmp_path):
+    config = load_config(write(tmp_path, "task: causal_lm\nmixed_precision: no\n"), ["mixed_precision=no"])
+    assert config.mixed_precision == "no"
