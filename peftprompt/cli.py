@@ -6,6 +6,7 @@
     peftprompt data convert musique --out trees.jsonl    a data set as decomposition trees (decomp-tree/v1 JSONL)
     peftprompt data stats trees.jsonl                    counts, depth histogram and answer sources of a tree file
     peftprompt data show trees.jsonl --n 3               the collated training rows, trained tokens highlighted
+    peftprompt export --adapter out/lora --out merged --merge   a plain transformers model with the adapter merged in
 """
 
 from __future__ import annotations
@@ -156,6 +157,37 @@ def _add_data_group(commands: argparse._SubParsersAction) -> argparse._SubParser
     return data_commands
 
 
+def _export(args: argparse.Namespace) -> None:
+    from .training.shipping import export_adapter, export_merged
+
+    if not args.merge:
+        for name in ("base_model", "task", "num_labels"):
+            if getattr(args, name) is not None:
+                raise ValueError(f"--{name.replace('_', '-')} only applies with --merge")
+        out, copied = export_adapter(args.adapter, args.out)
+        print(f"copied adapter {args.adapter} to {out} ({', '.join(copied)})")
+        return
+    out = export_merged(args.adapter, args.out, base_model=args.base_model, task=args.task, num_labels=args.num_labels)
+    print(f"merged adapter {args.adapter} into its base model: {out} (a plain transformers checkpoint)")
+
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export",
+        help="ship an adapter: a checked copy, or with --merge a plain transformers model with the adapter merged in",
+    )
+    export.add_argument("--adapter", required=True, help="a saved adapter directory")
+    export.add_argument("--out", required=True, help="output directory (written atomically)")
+    export.add_argument("--merge", action="store_true", help="merge the adapter into its base model (lora, ia3, "
+                        "bitfit); without it, copy the adapter's config, weights, tokenizer and model card")
+    export.add_argument("--base-model", default=None, help="with --merge: the backbone (default: from the adapter)")
+    export.add_argument("--task", default=None, choices=["seq_cls", "token_cls", "causal_lm", "feature"],
+                        help="with --merge: the task head (default: the adapter's task_type)")
+    export.add_argument("--num-labels", type=int, default=None,
+                        help="with --merge: classes of the head (default: read from the saved head)")
+    export.set_defaults(run=_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftprompt", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.set_defaults(run=_fetch)
 
     _add_data_group(commands)
+    _add_export(commands)
     return parser
 
 

@@ -1,0 +1,557 @@
+"""Ship a trained adapter: save it safely from distributed runs, write its model card, export a merged model.
+
+- `save_trained_adapter(model, accelerator, output_dir, tokenizer)`: the save to call at the end of an
+  ``accelerate launch`` run, on EVERY process. Under DeepSpeed ZeRO-3 each process holds only a shard of every
+  weight (``param.data`` is an empty tensor), so ``model.save_pretrained(dir)`` writes an adapter whose tensors
+  are empty: PEFT's known trap. ``accelerator.get_state_dict(model)`` instead gathers the full weights onto the
+  main process (ZeRO-3 needs ``zero3_save_16bit_model: true`` in the accelerate config; FSDP gathers a
+  ``FULL_STATE_DICT``), and the main process saves that state dict with
+  ``save_pretrained(tmp, state_dict=..., safe_serialization=True)`` into a directory written atomically
+  (`peftprompt.atomic.write_dir_atomically`, as `peftprompt.adapters.save_adapter` does). An adapter whose weights
+  would be empty is refused on every process with `EmptyAdapterError`, and the previous contents of `output_dir`
+  are kept.
+- `write_model_card(output_dir, ...)`: a Hugging Face style ``README.md`` (YAML front matter with
+  ``library_name: peft``, ``base_model``, ``tags``; description, how to load, training command and
+  hyper-parameters, results, trainable parameters and adapter size), written atomically.
+- `export_merged(adapter_dir, output_dir)`: fold a LoRA / IA3 / BitFit adapter into its base model
+  (``merge_and_unload``) and save a plain transformers checkpoint with its tokenizer, which loads with
+  ``AutoModelFor...from_pretrained`` and no peftprompt or peft installed. Prompt-learning adapters (prefix,
+  prompt, P-tuning) have no weights to fold into and are refused.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import yaml
+from peft import PeftConfig, PeftModel
+from safetensors import safe_open
+
+from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_dir, load_adapter
+from ..atomic import write_dir_atomically
+from ..backbones import EMBEDDED_ALIASES, MINILM_PACKAGE, SMOLLM2_CACHE_NAME, load_backbone
+from ..report import format_bytes
+
+# Embedded backbones by their short name (what `load_backbone` takes) and their Hugging Face Hub id.
+EMBEDDED_HUB_IDS = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+# Parts of the local path an embedded backbone is loaded from (recorded as `base_model_name_or_path`).
+EMBEDDED_PATH_MARKERS = {MINILM_PACKAGE: "minilm", SMOLLM2_CACHE_NAME: "smollm2-135m"}
+
+PEFT_TASK_TO_TASK = {
+    "SEQ_CLS": "seq_cls",
+    "TOKEN_CLS": "token_cls",
+    "CAUSAL_LM": "causal_lm",
+    "FEATURE_EXTRACTION": "feature",
+}
+TASK_TO_PIPELINE_TAG = {
+    "seq_cls": "text-classification",
+    "token_cls": "token-classification",
+    "causal_lm": "text-generation",
+    "feature": "feature-extraction",
+}
+TASK_TO_AUTO_CLASS_NAME = {
+    "seq_cls": "AutoModelForSequenceClassification",
+    "token_cls": "AutoModelForTokenClassification",
+    "causal_lm": "AutoModelForCausalLM",
+    "feature": "AutoModel",
+}
+METHOD_DESCRIPTIONS = {
+    "lora": "LoRA (low-rank updates of the attention projections)",
+    "prefix": "prefix tuning (trained key/value prefixes in every layer)",
+    "prompt": "prompt tuning (trained virtual input-token embeddings)",
+    "ptuning": "P-tuning (virtual tokens produced by a small prompt encoder)",
+    "ia3": "IA3 (rescaling vectors on keys, values and feed-forward activations)",
+    "bitfit": "BitFit (a trained delta on every bias term; registered with PEFT by `import peftprompt`)",
+    "full": "full fine-tuning (every weight)",
+}
+MERGEABLE_METHODS = ("lora", "ia3", "bitfit")
+HEAD_WEIGHT_SUFFIXES = ("classifier.weight", "score.weight")
+MODEL_CARD = "README.md"
+
+ZERO3_HINT = (
+    "ZeRO-3 / FSDP gathering failed: the weights were still sharded when saved. With DeepSpeed ZeRO-3 set "
+    "`zero3_save_16bit_model: true` in the accelerate config (stage3_gather_16bit_weights_on_model_save); with FSDP "
+    "use `fsdp_state_dict_type: FULL_STATE_DICT`; and call save_trained_adapter on every process"
+)
+
+
+class EmptyAdapterError(RuntimeError):
+    """The weights about to be saved are empty (sharded ZeRO-3 / FSDP parameters that were not gathered)."""
+
+
+# Saving from a distributed run --------------------------------------------------------------------------------------
+
+
+def _empty_tensors(state_dict: dict) -> list[str]:
+    return [name for name, value in state_dict.items() if isinstance(value, torch.Tensor) and value.numel() == 0]
+
+
+def _refuse_empty(state_dict: dict, what: str) -> None:
+    if not state_dict:
+        raise EmptyAdapterError(f"{what} has no tensors: {ZERO3_HINT}")
+    empty = _empty_tensors(state_dict)
+    if empty:
+        raise EmptyAdapterError(
+            f"{what}: {len(empty)} of {len(state_dict)} tensors are empty (e.g. {empty[0]!r}): {ZERO3_HINT}"
+        )
+
+
+def adapter_state_for_saving(model, accelerator, state_dict: Optional[dict] = None) -> Optional[dict]:
+    """The adapter weights `save_trained_adapter` writes, gathered through ``accelerator.get_state_dict``.
+
+    Call it on every process (under ZeRO-3 / FSDP gathering is a collective operation). Returns the adapter's
+    state dict (keys as in ``adapter_model.safetensors``; the whole model for method ``"full"``) on the main process
+    and `None` on the others.
+
+    Args:
+        model: The model returned by ``accelerator.prepare`` (a `PeftModel` or a plain model, possibly wrapped).
+        accelerator (`accelerate.Accelerator`): The run's accelerator.
+        state_dict (`dict`, *optional*): An already gathered ``accelerator.get_state_dict(model)``.
+    """
+    if state_dict is None:
+        state_dict = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    unwrapped = accelerator.unwrap_model(model)
+    if isinstance(unwrapped, PeftModel):
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(unwrapped, state_dict=state_dict, adapter_name=unwrapped.active_adapter)
+    return state_dict
+
+
+def _check_saved_weights(directory: Path) -> None:
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise EmptyAdapterError(f"no weights file was written: {ZERO3_HINT}")
+    for path in files:
+        with safe_open(path, framework="pt") as weights:
+            shapes = {key: weights.get_slice(key).get_shape() for key in weights.keys()}
+        empty = [key for key, shape in shapes.items() if 0 in shape]
+        if not shapes or empty:
+            detail = f"(e.g. {empty[0]!r})" if empty else "(no tensors)"
+            raise EmptyAdapterError(f"{path.name} would hold {len(empty)} empty tensors {detail}: {ZERO3_HINT}")
+
+
+def save_trained_adapter(model, accelerator, output_dir: Union[str, Path], tokenizer=None) -> Path:
+    """Save the trained adapter (or full model) of a run launched with ``accelerate launch``; call on every process.
+
+    (a) Gathers the full state dict with ``accelerator.get_state_dict(model)`` (ZeRO-3 / FSDP shards are gathered
+    onto the main process), (b) unwraps the model, (c) on the main process saves with
+    ``save_pretrained(tmp, state_dict=..., safe_serialization=True)`` plus the tokenizer into a directory renamed
+    into place only when complete, (d) refuses (`EmptyAdapterError`, raised on every process) to write weights that
+    are empty, keeping whatever `output_dir` held before. All processes wait for the save before returning.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    output_dir = Path(output_dir)
+    state_dict = accelerator.get_state_dict(model)  # every process: a collective under ZeRO-3 / FSDP
+    error: list[Optional[str]] = [None]
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+
+        def write(tmp: Path) -> None:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            _check_saved_weights(tmp)
+
+        try:
+            _refuse_empty(adapter_state_for_saving(model, accelerator, state_dict), f"the adapter for {output_dir}")
+            write_dir_atomically(output_dir, write)
+        except EmptyAdapterError as err:
+            error[0] = f"refusing to save {output_dir}: {err}"
+    broadcast_object_list(error)  # every process raises the same error instead of waiting on the main one
+    accelerator.wait_for_everyone()
+    if error[0] is not None:
+        raise EmptyAdapterError(error[0])
+    return output_dir
+
+
+# Model card --------------------------------------------------------------------------------------------------------
+
+
+def _write_text_atomically(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def embedded_name(base_model: str) -> Optional[str]:
+    """The embedded backbone (``"minilm"``, ``"smollm2-135m"``) that `base_model` names or was loaded from, if any."""
+    name = str(base_model)
+    if name.lower() in EMBEDDED_ALIASES:
+        return EMBEDDED_ALIASES[name.lower()]
+    parts = Path(name).parts
+    for marker, embedded in EMBEDDED_PATH_MARKERS.items():
+        if marker in parts:
+            return embedded
+    return None
+
+
+def hub_id(base_model: str) -> str:
+    """The Hub id to name in a model card: the embedded backbones' public ids, anything else unchanged."""
+    embedded = embedded_name(base_model)
+    return EMBEDDED_HUB_IDS[embedded] if embedded else str(base_model)
+
+
+def head_num_labels(adapter_dir: Union[str, Path]) -> Optional[int]:
+    """Number of classes of the task head saved with an adapter (``classifier`` / ``score``), if it has one."""
+    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        return None
+    with safe_open(weights, framework="pt") as f:
+        for key in f.keys():
+            if key.endswith(HEAD_WEIGHT_SUFFIXES):
+                return int(f.get_slice(key).get_shape()[0])
+    return None
+
+
+def _flatten(mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows.extend(_flatten(value, f"{name}."))
+        else:
+            rows.append((name, value))
+    return rows
+
+
+def _cell(value: Any, exact: bool = False) -> str:
+    if isinstance(value, bool) or value is None:
+        text = str(value)
+    elif isinstance(value, int):
+        text = f"{value:,}"
+    elif isinstance(value, float) and exact:  # hyper-parameters: 2e-05 stays 2e-05
+        text = f"{value:g}"
+    elif isinstance(value, float):  # results: four decimals
+        text = f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"
+    elif isinstance(value, (list, tuple, set)):
+        text = ", ".join(str(v) for v in value)
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: tuple[str, str], rows: list[tuple[str, Any]], right: bool = True, exact: bool = False) -> str:
+    lines = [f"| {header[0]} | {header[1]} |", f"|---|{'---:' if right else '---'}|"]
+    lines += [f"| {_cell(name)} | {_cell(value, exact)} |" for name, value in rows]
+    return "\n".join(lines)
+
+
+def _framework_versions() -> list[tuple[str, str]]:
+    import peft
+    import transformers
+
+    from .. import __version__
+
+    return [("peftprompt", __version__), ("peft", peft.__version__), ("transformers", transformers.__version__),
+            ("torch", torch.__version__)]
+
+
+def write_model_card(
+    output_dir: Union[str, Path],
+    *,
+    base_model: str,
+    method: str,
+    task: str,
+    trainable_params: int,
+    total_params: int,
+    adapter_bytes: int,
+    metrics: dict,
+    command: str,
+    config: Optional[dict] = None,
+    datasets: Optional[list[str]] = None,
+) -> Path:
+    """Write ``output_dir/README.md``, a Hugging Face style model card for a saved adapter, atomically.
+
+    Args:
+        output_dir: The adapter directory (the card replaces the stub README that PEFT writes).
+        base_model (`str`): Embedded name, hub id or path of the backbone; embedded backbones are named by their
+            Hub id in the front matter and by their short name in the loading code.
+        method (`str`): ``lora``, ``prefix``, ``prompt``, ``ptuning``, ``ia3``, ``bitfit`` or ``full``.
+        task (`str`): ``seq_cls``, ``token_cls``, ``causal_lm`` or ``feature``.
+        trainable_params / total_params (`int`): From `peftprompt.parameter_report`.
+        adapter_bytes (`int`): Size of the saved weights (`peftprompt.adapters.directory_bytes`).
+        metrics (`dict`): Results, e.g. ``{"sst2 test accuracy": 0.8195}`` (nested dicts are flattened with dots).
+        command (`str`): The command that trained it.
+        config (`dict`, *optional*): Hyper-parameters (nested dicts are flattened with dots); ``num_labels`` is
+            used in the loading code (else it is read from the saved head).
+        datasets (`list[str]`, *optional*): Data sets it was trained on.
+    """
+    if method not in METHOD_DESCRIPTIONS:
+        raise ValueError(f"unknown adapter method {method!r}; choose one of {', '.join(METHOD_DESCRIPTIONS)}")
+    if task not in TASK_TO_PIPELINE_TAG:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASK_TO_PIPELINE_TAG)}")
+    if total_params <= 0 or not 0 <= trainable_params <= total_params:
+        raise ValueError(f"trainable_params ({trainable_params}) must be within 0..total_params ({total_params})")
+    output_dir = Path(output_dir)
+    config = dict(config or {})
+    repo = hub_id(base_model)
+    front: dict[str, Any] = {
+        "library_name": "transformers" if method == "full" else "peft",
+        "base_model": repo,
+        "pipeline_tag": TASK_TO_PIPELINE_TAG[task],
+        "tags": ["peftprompt", method],
+    }
+    if datasets:
+        front["datasets"] = list(datasets)
+    load_name = embedded_name(base_model) or str(base_model)
+    num_labels = config.get("num_labels") or head_num_labels(output_dir)
+    load_args, preamble = f"{load_name!r}, task={task!r}", ""
+    if task in ("seq_cls", "token_cls"):
+        load_args += f", num_labels={num_labels if num_labels else 'num_labels'}"
+        if not num_labels:
+            preamble = "num_labels = ...  # the number of classes it was trained with\n"
+    if method == "full":
+        load_code = (
+            f"from transformers import {TASK_TO_AUTO_CLASS_NAME[task]}, AutoTokenizer\n\n"
+            f'model = {TASK_TO_AUTO_CLASS_NAME[task]}.from_pretrained("path/to/{output_dir.name}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("path/to/{output_dir.name}")\n'
+        )
+    else:
+        load_code = (
+            "import peftprompt  # registers BitFit with PEFT (needed for bitfit adapters, harmless otherwise)\n"
+            "from peft import PeftModel\n\n"
+            f"{preamble}base, tokenizer = peftprompt.load_backbone({load_args})\n"
+            f'model = PeftModel.from_pretrained(base, "path/to/{output_dir.name}")\n'
+        )
+    merge_note = (
+        f"It merges into the base model: `peftprompt export --adapter {output_dir.name} --out merged --merge` writes "
+        f"a plain transformers checkpoint (`{TASK_TO_AUTO_CLASS_NAME[task]}.from_pretrained(\"merged\")`, no PEFT "
+        "needed) that runs at the base model's speed."
+        if method in MERGEABLE_METHODS
+        else "It does not merge into the base model: ship this directory and load it as above."
+        if method != "full"
+        else "This is a full checkpoint: it loads with plain transformers."
+    )
+    pct = 100.0 * trainable_params / total_params
+    hyper_parameters = (
+        _table(("hyper-parameter", "value"), _flatten(config), right=False, exact=True) if config else "(none given)"
+    )
+    sections = [
+        "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---",
+        f"# {output_dir.name}: {method} on {repo}",
+        "## Model description\n\n"
+        f"A {METHOD_DESCRIPTIONS[method]} adapter for `{repo}` ({TASK_TO_PIPELINE_TAG[task]}), trained with "
+        "peftprompt (plugins on Hugging Face PEFT) on a frozen backbone"
+        + (f" on {', '.join(datasets)}" if datasets else "")
+        + ". The task head, where the task has one, is trained and saved with the adapter.",
+        f"## How to load\n\n```python\n{load_code}```\n\n{merge_note}",
+        "## Training\n\n```bash\n" + command.strip() + "\n```\n\n" + hyper_parameters,
+        "## Results\n\n" + (_table(("metric", "value"), _flatten(metrics)) if metrics else "(no results given)"),
+        "## Trainable parameters and adapter size\n\n"
+        + _table(
+            ("", "value"),
+            [
+                ("trainable parameters", trainable_params),
+                ("total parameters", total_params),
+                ("trainable %", f"{pct:.3f}"),
+                ("adapter size on disk", f"{format_bytes(adapter_bytes)} ({adapter_bytes:,} bytes)"),
+            ],
+        ),
+        "## Framework versions\n\n" + "\n".join(f"- {name} {version}" for name, version in _framework_versions()),
+    ]
+    return _write_text_atomically(output_dir / MODEL_CARD, "\n\n".join(sections) + "\n")
+
+
+# Merged export -----------------------------------------------------------------------------------------------------
+
+
+def _method_name(peft_type: str) -> str:
+    names = {"LORA": "lora", "IA3": "ia3", "BITFIT": "bitfit", "PREFIX_TUNING": "prefix",
+             "PROMPT_TUNING": "prompt", "P_TUNING": "ptuning"}
+    return names.get(str(peft_type), str(peft_type).lower())
+
+
+def _base_model_from_config(config: dict, adapter_dir: Path) -> str:
+    recorded = config.get("base_model_name_or_path")
+    if not recorded:
+        raise ValueError(f"{adapter_dir / ADAPTER_CONFIG}: field 'base_model_name_or_path' is empty: pass base_model")
+    embedded = embedded_name(recorded)
+    if embedded:  # an embedded backbone's site-packages / cache path: valid on any machine that installs it
+        return embedded
+    if str(recorded).startswith(("/", ".", "~")) and not Path(recorded).expanduser().exists():
+        raise ValueError(
+            f"{adapter_dir / ADAPTER_CONFIG}: field 'base_model_name_or_path' is {recorded!r}, which does not exist "
+            "on this machine: pass base_model (--base-model) naming the backbone"
+        )
+    return str(recorded)
+
+
+def _fresh_keys(model_cls, config) -> set[str]:
+    with torch.device("meta"):
+        return set(model_cls(config).state_dict())
+
+
+def _make_plain(merged) -> None:
+    """Check that `merged` saves as a checkpoint its class rebuilds exactly; turn on bias flags BitFit needs."""
+    keys = set(merged.state_dict())
+    config = merged.config
+    if keys == _fresh_keys(type(merged), config):
+        return
+    # BitFit on a bias-free (Llama-style) model adds biases to its projections: configs that can declare them.
+    extra = keys - _fresh_keys(type(merged), config)
+    for flag, part in (("attention_bias", "self_attn."), ("mlp_bias", "mlp.")):
+        if hasattr(config, flag) and any(part in key and key.endswith(".bias") for key in extra):
+            setattr(config, flag, True)
+    fresh = _fresh_keys(type(merged), config)
+    if keys != fresh:
+        added, missing = sorted(keys - fresh), sorted(fresh - keys)
+        example = f"the merged model has {added[0]!r}" if added else f"the checkpoint would lack {missing[0]!r}"
+        raise ValueError(
+            f"the merged model is not a plain {type(merged).__name__} checkpoint ({example}): transformers would drop "
+            "or re-initialise those weights when loading it; ship the adapter instead (export without --merge)"
+        )
+
+
+def export_merged(
+    adapter_dir: Union[str, Path],
+    output_dir: Union[str, Path],
+    base_model: Optional[str] = None,
+    task: Optional[str] = None,
+    num_labels: Optional[int] = None,
+) -> Path:
+    """Merge a saved LoRA / IA3 / BitFit adapter into its base model and save a plain transformers checkpoint.
+
+    Args:
+        adapter_dir: A directory written by `peftprompt.save_adapter` / `save_trained_adapter`.
+        output_dir: Where the merged model and tokenizer go (written atomically).
+        base_model (`str`, *optional*): The backbone; by default the adapter config's ``base_model_name_or_path``
+            (the local path of an embedded backbone is mapped back to its name, so adapters move between machines).
+        task (`str`, *optional*): ``seq_cls``, ``token_cls``, ``causal_lm`` or ``feature``; by default from the
+            adapter config's ``task_type``.
+        num_labels (`int`, *optional*): Classes of the head; by default read from the head saved with the adapter.
+
+    Raises:
+        `ValueError`: for prompt-learning adapters (prefix, prompt, P-tuning), which cannot merge, and for an
+            unknown base model or task. `FileNotFoundError`: for a missing or incomplete adapter directory.
+    """
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / ADAPTER_CONFIG).is_file() and (adapter_dir / "config.json").is_file():
+        raise ValueError(f"{adapter_dir} is a full model checkpoint (method 'full'), not an adapter: nothing to merge")
+    config = check_adapter_dir(adapter_dir)
+    peft_config = PeftConfig.from_pretrained(str(adapter_dir))
+    method = _method_name(config["peft_type"])
+    if peft_config.is_prompt_learning:
+        raise ValueError(
+            f"{adapter_dir}: {method} adapters ({config['peft_type']}) cannot be merged: prompt-learning methods "
+            "(prefix, prompt, ptuning) add virtual tokens or key/value prefixes at run time and change no weight; "
+            "ship the adapter directory (peftprompt export without --merge) and load it with PeftModel.from_pretrained"
+        )
+    if task is None:
+        task_type = config.get("task_type")
+        if task_type not in PEFT_TASK_TO_TASK:
+            raise ValueError(
+                f"{adapter_dir / ADAPTER_CONFIG}: field 'task_type' is {task_type!r}: pass task "
+                f"({', '.join(PEFT_TASK_TO_TASK.values())})"
+            )
+        task = PEFT_TASK_TO_TASK[task_type]
+    if base_model is None:
+        base_model = _base_model_from_config(config, adapter_dir)
+    if task in ("seq_cls", "token_cls") and num_labels is None:
+        num_labels = head_num_labels(adapter_dir)
+        if num_labels is None:
+            raise ValueError(f"{adapter_dir}: no task head saved with the adapter: pass num_labels (--num-labels)")
+    model, tokenizer = load_backbone(base_model, task=task, num_labels=num_labels)
+    peft_model = load_adapter(model, adapter_dir)
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    _make_plain(merged)
+    if (adapter_dir / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    card = (
+        "---\n" + yaml.safe_dump({"library_name": "transformers", "base_model": hub_id(base_model),
+                                  "pipeline_tag": TASK_TO_PIPELINE_TAG[task],
+                                  "tags": ["peftprompt", method, "merged"]}, sort_keys=False) + "---\n\n"
+        f"# {Path(output_dir).name}: {hub_id(base_model)} with a {method} adapter merged in\n\n"
+        f"The {method} adapter `{adapter_dir.name}` folded into its base model with PEFT's `merge_and_unload()`. "
+        "It is a plain transformers checkpoint:\n\n"
+        f"```python\nfrom transformers import {TASK_TO_AUTO_CLASS_NAME[task]}, AutoTokenizer\n\n"
+        f'model = {TASK_TO_AUTO_CLASS_NAME[task]}.from_pretrained("path/to/{Path(output_dir).name}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("path/to/{Path(output_dir).name}")\n```\n'
+    )
+    adapter_card = adapter_dir / MODEL_CARD
+
+    def write(tmp: Path) -> None:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        text = card
+        if adapter_card.is_file():  # carry over the training and results sections of the adapter's card
+            sections = _card_sections(adapter_card.read_text(encoding="utf-8"), CARRIED_SECTIONS)
+            text += "".join(f"\n{section}\n" for section in sections)
+        (tmp / MODEL_CARD).write_text(text, encoding="utf-8")
+
+    return write_dir_atomically(Path(output_dir), write)
+
+
+CARRIED_SECTIONS = ("## Training", "## Results", "## Trainable parameters and adapter size")
+
+
+def _card_sections(text: str, headings: tuple[str, ...]) -> list[str]:
+    """The ``## `` sections of a model card whose heading is one of `headings`, in the card's order."""
+    sections = ["## " + part for part in text.split("\n## ")[1:]]
+    return [s.strip() for s in sections if s.splitlines()[0].strip() in headings]
+
+
+# Export without merging: a checked copy of the adapter ----------------------------------------------------------
+
+# Files of a training output directory that are not part of the adapter (checkpoints, optimizer and RNG states).
+NOT_SHIPPED = ("optimizer*", "scheduler*", "rng_state*", "trainer_state.json", "training_args.bin", "*.pt", "*.pth")
+
+
+def export_adapter(adapter_dir: Union[str, Path], output_dir: Union[str, Path]) -> tuple[Path, list[str]]:
+    """Copy a saved adapter to `output_dir` for shipping, after checking it is complete and readable.
+
+    Copies the adapter config and weights, the tokenizer and the model card (top-level files), leaving out training
+    state (`NOT_SHIPPED`) and subdirectories (checkpoints). Returns `(output_dir, copied file names)`.
+    """
+    adapter_dir = Path(adapter_dir)
+    check_adapter_dir(adapter_dir)
+    copied = sorted(
+        p.name
+        for p in adapter_dir.iterdir()
+        if p.is_file() and not p.name.startswith(".") and not any(p.match(pattern) for pattern in NOT_SHIPPED)
+    )
+
+    def write(tmp: Path) -> None:
+        for name in copied:
+            shutil.copy2(adapter_dir / name, tmp / name)
+        check_adapter_dir(tmp)
+
+    return write_dir_atomically(Path(output_dir), write), copied
+
+
+__all__ = [
+    "EmptyAdapterError",
+    "adapter_state_for_saving",
+    "export_adapter",
+    "export_merged",
+    "head_num_labels",
+    "hub_id",
+    "save_trained_adapter",
+    "write_model_card",
+]
