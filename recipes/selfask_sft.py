@@ -1,0 +1,56 @@
+"""Self-ask supervised fine-tuning of SmolLM2-135M on decomposition trees, with the recursive collator.
+
+    accelerate launch recipes/selfask_sft.py --config recipes/configs/smollm2/selfask_lora.yaml [key=value ...]
+
+Training trees come from ``data.sources`` (default: MuSiQue's gold decompositions and the ProbTree trees of
+HotpotQA and MuSiQue); evaluation-only sets (Compositional Celebrities, Bamboogle) are refused. The ProbTree
+2WikiMultiHopQA trees (``data.eval_sources``) are held out and scored by loss. Episodes are unrolled
+(``data.mode``: recursive or flat), tokenised once and packed over the data set into rows of ``max_length``.
+"""
+
+from __future__ import annotations
+
+import random
+
+from peftprompt.recursive import EpisodeEncoder, SelfAskCollator, Unroller, check_trainable, convert, pack_rows
+from peftprompt.training import build_model, train
+from peftprompt.training.recipe import parse_recipe_args, ship
+
+DEFAULT_SOURCES = ["musique", "probtree_hotpotqa", "probtree_musique"]
+DEFAULT_EVAL_SOURCES = ["probtree_2wiki"]
+DATA_KEYS = {"sources", "eval_sources", "mode", "allow_evaluation_only"}
+
+
+def packed_rows(trees, tokenizer, config, unroller: Unroller) -> list[dict]:
+    """Episodes of `trees`, tokenised and packed (first-fit decreasing) into rows of ``config.max_length``."""
+    encoder = EpisodeEncoder(tokenizer, max_length=config.max_length, unroller=unroller)
+    episodes = [e.as_features() for e in encoder.encode_all(trees)]
+    random.Random(config.seed).shuffle(episodes)
+    return pack_rows(episodes, config.max_length)
+
+
+def main(argv=None) -> None:
+    config = parse_recipe_args(__doc__, argv)
+    unknown = set(config.data) - DATA_KEYS
+    if unknown:
+        raise SystemExit(f"selfask_sft: unknown data option(s) {sorted(unknown)}; known: {sorted(DATA_KEYS)}")
+    sources = config.data.get("sources", DEFAULT_SOURCES)
+    eval_sources = config.data.get("eval_sources", DEFAULT_EVAL_SOURCES)
+    train_trees = [tree for source in sources for tree in convert(source)]
+    check_trainable(train_trees, allow_evaluation_only=config.data.get("allow_evaluation_only", False))
+    random.Random(config.seed).shuffle(train_trees)
+    train_trees = train_trees[: config.max_train_samples]
+    eval_trees = [tree for source in eval_sources for tree in convert(source)][: config.max_eval_samples]
+
+    model, tokenizer = build_model(config)
+    unroller = Unroller(mode=config.data.get("mode", "recursive"))
+    train_rows = packed_rows(train_trees, tokenizer, config, unroller)
+    eval_rows = packed_rows(eval_trees, tokenizer, config, unroller)
+    collator = SelfAskCollator(tokenizer, max_length=config.max_length)
+    result = train(config, model, tokenizer, train_rows, collator, eval_rows)
+    metrics = {"eval_loss": result.metrics["loss"], "eval_perplexity": result.metrics.get("perplexity")}
+    ship(result, metrics, sources)
+
+
+if __name__ == "__main__":
+    main()

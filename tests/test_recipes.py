@@ -1,0 +1,133 @@
+"""Each recipe end to end under `accelerate launch` with 2 CPU processes, on tiny random models and a few steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel, LlamaConfig, LlamaForCausalLM
+
+from peftprompt import load_adapter
+from peftprompt.backbones import minilm_path, smollm2_path
+
+REPO = Path(__file__).resolve().parents[1]
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer BERT encoder (no head: each recipe adds its own) with MiniLM's vocabulary and tokenizer."""
+    path = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    BertModel(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_smollm(tmp_path_factory) -> Path:
+    """A 2-layer Llama with SmolLM2's vocabulary and tokenizer, randomly initialised."""
+    path = tmp_path_factory.mktemp("tiny_smollm")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def launch(recipe: str, config: str, overrides: list[str], output_dir: Path) -> list[dict]:
+    """Run a recipe with the 2-process CPU accelerate config; return its metrics.jsonl records."""
+    command = [
+        str(ACCELERATE), "launch", "--config_file", str(REPO / "recipes/accelerate/cpu_2proc.yaml"),
+        str(REPO / "recipes" / recipe), "--config", str(REPO / config), *overrides,
+        f"output_dir={output_dir}", "mixed_precision=no", "log_every=1",
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def check_run(records: list[dict], output_dir: Path, metric: str) -> dict:
+    """2 processes, 4 logged steps, results.json, a model card naming `metric`, a non-empty adapter."""
+    start = next(r for r in records if r["type"] == "start")
+    assert start["world_size"] == 2
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4]
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["world_size"] == 2 and results["global_step"] == 4
+    assert results["trainable_params"] > 0 and results["adapter_bytes"] > 0
+    card = (output_dir / "adapter" / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: peft" in card and metric in card
+    assert (output_dir / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+    return results
+
+
+def test_sst2_recipe(tiny_bert, tmp_path):
+    out = tmp_path / "sst2"
+    records = launch(
+        "sst2_classification.py", "recipes/configs/minilm/sst2_bitfit.yaml",
+        [f"model={tiny_bert}", "max_steps=4", "eval_every=2", "max_train_samples=64", "max_eval_samples=48",
+         "per_device_train_batch_size=4"], out,
+    )
+    results = check_run(records, out, "accuracy")
+    assert 0.0 <= results["accuracy"] <= 1.0
+    assert [r["step"] for r in records if r["type"] == "eval"] == [2, 4]
+    base = BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    model = load_adapter(base, out / "adapter")
+    assert model.peft_config["default"].peft_type == "BITFIT"
+
+
+def test_conll03_recipe(tiny_bert, tmp_path):
+    out = tmp_path / "conll"
+    records = launch(
+        "conll03_ner.py", "recipes/configs/minilm/conll03_lora.yaml",
+        [f"model={tiny_bert}", "max_steps=4", "max_train_samples=32", "max_eval_samples=40",
+         "per_device_train_batch_size=4"], out,
+    )
+    results = check_run(records, out, "entity_f1")
+    assert 0.0 <= results["entity_f1"] <= 1.0
+    final = [r for r in records if r["type"] == "eval"][-1]
+    assert {"entity_f1", "entity_precision", "entity_recall", "loss"} <= set(final)
+
+
+def test_selfask_recipe(tiny_smollm, tmp_path):
+    out = tmp_path / "selfask"
+    records = launch(
+        "selfask_sft.py", "recipes/configs/smollm2/selfask_lora.yaml",
+        [f"model={tiny_smollm}", "max_steps=4", "max_train_samples=40", "max_eval_samples=8",
+         "per_device_train_batch_size=1", "gradient_accumulation_steps=1", "max_length=256"], out,
+    )
+    results = check_run(records, out, "eval_loss")
+    assert results["eval_loss"] > 0
+
+
+def test_selfask_recipe_refuses_evaluation_only_sources(tiny_smollm, tmp_path):
+    command = [
+        sys.executable, str(REPO / "recipes/selfask_sft.py"), "--config",
+        str(REPO / "recipes/configs/smollm2/selfask_lora.yaml"), f"model={tiny_smollm}",
+        "data.sources=[compositional_celebrities]", f"output_dir={tmp_path}",
+    ]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode != 0
+    assert "compositional_celebrities" in done.stderr and "evaluation" in done.stderr
+
+
+def test_recipe_config_error_is_one_line(tmp_path):
+    command = [sys.executable, str(REPO / "recipes/sst2_classification.py"), "--config",
+               str(REPO / "recipes/configs/minilm/sst2_lora.yaml"), "learning_rat=1e-3"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "unknown key" in done.stderr and "learning_rate" in done.stderr
+    assert "Traceback" not in done.stderr
