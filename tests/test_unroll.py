@@ -250,3 +250,12 @@ def test_episodes_parse_back_into_the_same_tree(tree):
     assert shape(tree_from_episodes(episodes)) == shape(tree)
     for episode in episodes:
         assert "".join(episode.text[s.start : s.end] for s in episode.spans) == episode.text
+
+
+def test_equal_sibling_questions_keep_their_places():
+    """Found by hypothesis: two siblings asking the same question, only the second decomposed further."""
+    tree = Node(question="q", answer="a", children=[
+        Node(id="1", question="same", answer="x"),
+        Node(id="2", question="same", answer="y", children=[Node(id="1", question="deeper", answer="y")]),
+    ])
+    assert shape(tree_from_episodes(Unroller()(tree))) == shape(tree)

@@ -338,10 +338,13 @@ def tree_from_episodes(episodes: list[Episode], template: Template = SELF_ASK) -
     def build(path: str, question: str, answer: str) -> Node:
         node = Node(question=question, answer=answer)
         if path in parsed:
-            episode = parsed[path]
-            known = {parsed[p].question: p for p in child_paths.get(path, [])}
-            for position, (q, a) in enumerate(episode.follow_ups, start=1):
-                child_path = known.get(q, f"{path}/{position}")
+            # Follow-ups match the child episodes in order (pre-order keeps siblings in order); a follow-up without
+            # an episode of its own (leaf_episodes=False) is matched to none, so equal questions never swap places.
+            remaining = child_paths.get(path, [])
+            for position, (q, a) in enumerate(parsed[path].follow_ups, start=1):
+                match = next((i for i, p in enumerate(remaining) if parsed[p].question == q), None)
+                child_path = remaining[match] if match is not None else f"{path}/{position}"
+                remaining = remaining[match + 1 :] if match is not None else remaining
                 child = build(child_path, q, a)
                 child.id = child_path.rsplit("/", 1)[1]
                 node.children.append(child)
