@@ -38,6 +38,7 @@ def run_methods(task: str, methods: list[str], steps: int, parallel: int, run_di
     recipe, _, _ = TASKS[task]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     pending, running, results = list(methods), {}, {}
+    run_dir.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(methods), desc=f"{task} methods", unit="run") as bar:
         while pending or running:
             while pending and len(running) < parallel:
