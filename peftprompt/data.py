@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
@@ -25,6 +25,16 @@ def data_root() -> Path:
     return root
 
 
+def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a UTF-8 text file, line endings stripped; bad UTF-8 names the file and line."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                yield lineno, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
+
+
 def read_sst2(split: str, limit: Optional[int] = None) -> list[tuple[str, int]]:
     """Read ``sst2/{split}.tsv`` (header ``sentence<TAB>label``) as `(sentence, label)` pairs.
 
@@ -42,29 +52,24 @@ def read_sst2(split: str, limit: Optional[int] = None) -> list[tuple[str, int]]:
         raise ValueError(f"limit must be >= 0, got {limit}")
     path = data_root() / "sst2" / f"{split}.tsv"
     rows: list[tuple[str, int]] = []
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if limit is not None and len(rows) >= limit:
-                break
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
-            fields = line.split("\t")
-            if lineno == 1:
-                if fields != SST2_HEADER:
-                    raise ValueError(f"{path}:1: header must be 'sentence<TAB>label', got {line!r}")
-                continue
-            if not line:
-                continue
-            if len(fields) != 2:
-                raise ValueError(f"{path}:{lineno}: expected 2 fields (sentence<TAB>label), got {len(fields)}")
-            sentence, label = fields[0].strip(), fields[1].strip()
-            if not sentence:
-                raise ValueError(f"{path}:{lineno}: field 'sentence' is empty")
-            if label not in ("0", "1"):
-                raise ValueError(f"{path}:{lineno}: field 'label' must be 0 or 1, got {fields[1]!r}")
-            rows.append((sentence, int(label)))
+    for lineno, line in numbered_lines(path):
+        if limit is not None and len(rows) >= limit:
+            break
+        fields = line.split("\t")
+        if lineno == 1:
+            if fields != SST2_HEADER:
+                raise ValueError(f"{path}:1: header must be 'sentence<TAB>label', got {line!r}")
+            continue
+        if not line:
+            continue
+        if len(fields) != 2:
+            raise ValueError(f"{path}:{lineno}: expected 2 fields (sentence<TAB>label), got {len(fields)}")
+        sentence, label = fields[0].strip(), fields[1].strip()
+        if not sentence:
+            raise ValueError(f"{path}:{lineno}: field 'sentence' is empty")
+        if label not in ("0", "1"):
+            raise ValueError(f"{path}:{lineno}: field 'label' must be 0 or 1, got {fields[1]!r}")
+        rows.append((sentence, int(label)))
     if not rows and limit != 0:
         raise ValueError(f"{path}: no rows after the header")
     return rows
@@ -141,32 +146,27 @@ def read_conll03(split: str, limit: Optional[int] = None) -> list[tuple[list[str
             words.clear()
             tags.clear()
 
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if limit is not None and len(sentences) >= limit:
-                break
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
-            fields = line.split()
-            if not fields:
-                close_sentence()
-                continue
-            if fields[0] == "-DOCSTART-":
-                close_sentence()
-                continue
-            if len(fields) != len(CONLL03_FIELDS):
-                raise ValueError(
-                    f"{path}:{lineno}: expected {len(CONLL03_FIELDS)} space-separated fields "
-                    f"({' '.join(CONLL03_FIELDS)}), got {len(fields)}"
-                )
-            if fields[3] not in CONLL03_LABELS:
-                raise ValueError(
-                    f"{path}:{lineno}: field 'ner' must be one of {', '.join(CONLL03_LABELS)}, got {fields[3]!r}"
-                )
-            words.append(fields[0])
-            tags.append(fields[3])
+    for lineno, line in numbered_lines(path):
+        if limit is not None and len(sentences) >= limit:
+            break
+        fields = line.split()
+        if not fields:
+            close_sentence()
+            continue
+        if fields[0] == "-DOCSTART-":
+            close_sentence()
+            continue
+        if len(fields) != len(CONLL03_FIELDS):
+            raise ValueError(
+                f"{path}:{lineno}: expected {len(CONLL03_FIELDS)} space-separated fields "
+                f"({' '.join(CONLL03_FIELDS)}), got {len(fields)}"
+            )
+        if fields[3] not in CONLL03_LABELS:
+            raise ValueError(
+                f"{path}:{lineno}: field 'ner' must be one of {', '.join(CONLL03_LABELS)}, got {fields[3]!r}"
+            )
+        words.append(fields[0])
+        tags.append(fields[3])
     if limit is None or len(sentences) < limit:
         close_sentence()
     if not sentences and limit != 0:

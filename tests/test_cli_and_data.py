@@ -94,3 +94,11 @@ def test_data_show_bad_file_is_one_line(tmp_path, capsys):
     assert main(["data", "show", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:2: invalid JSON" in err and err.count("\n") == 1
+
+
+def test_sst2_invalid_utf8_names_the_line(tmp_path, monkeypatch):
+    (tmp_path / "sst2").mkdir()
+    (tmp_path / "sst2" / "train.tsv").write_bytes(b"sentence\tlabel\ngood\t1\nbad \xff\t0\n")
+    monkeypatch.setenv("PEFTPROMPT_DATA", str(tmp_path))
+    with pytest.raises(ValueError, match=r"train.tsv:3: not valid UTF-8"):
+        read_sst2("train")
