@@ -1,0 +1,28 @@
+"""Recursive self-ask inference: the runner, and the answerers of its follow-up questions."""
+
+from .answerers import Answer, Answerer, ModelAnswerer, RetrieverAnswerer, ToolAnswerer, as_answerer
+from .runner import (
+    FEW_SHOT_DIRECT,
+    FEW_SHOT_SELF_ASK,
+    Continuation,
+    SelfAskResult,
+    SelfAskRunner,
+    format_episode,
+    normalise_question,
+)
+
+__all__ = [
+    "FEW_SHOT_DIRECT",
+    "FEW_SHOT_SELF_ASK",
+    "Answer",
+    "Answerer",
+    "Continuation",
+    "ModelAnswerer",
+    "RetrieverAnswerer",
+    "SelfAskResult",
+    "SelfAskRunner",
+    "ToolAnswerer",
+    "as_answerer",
+    "format_episode",
+    "normalise_question",
+]

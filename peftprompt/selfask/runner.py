@@ -1,0 +1,449 @@
+"""The recursive self-ask runner: a causal LM writes follow-up questions, an answerer answers them, and the model
+writes the final answer, in exactly the text format of the training episodes (`peftprompt.recursive.unroll`).
+
+```
+Question: {question}                              written by the runner (after an optional few-shot prefix)
+Are follow up questions needed here: Yes.         generated
+Follow up: {follow-up}                            generated; generation stops after
+Intermediate answer:                              this marker
+ {answer}                                         written by the runner: the answerer's answer
+So the final answer is: {answer}                  generated; stops at the end of the line or at EOS
+```
+
+Generation is batched over the questions still running (left padding, KV cache on) and stops at the intermediate
+answer marker, at the end of the final answer's line (newline or EOS), or at `max_new_tokens`. Follow-ups go to the
+answerer (`answerers.py`): the default `ModelAnswerer` self-asks them with this runner one level deeper, down to
+`max_depth`, where it answers directly (``... here: No.`` then the final answer); a `RetrieverAnswerer` or any
+callable ``(question) -> str`` (a tool) can answer them instead.
+
+Malformed output, and what the runner does (each case is recorded in `SelfAskResult.issues`):
+
+- ``"empty follow-up"``: the marker with no question before it;
+  ``"follow-up repeats the question"``: the follow-up equals the question (lower-cased, punctuation and spaces
+  normalised); ``"repeated follow-up"``: it equals an earlier follow-up;
+  ``"too many follow-ups"``: a follow-up after `max_follow_ups` of them;
+  ``"empty final answer"``: ``So the final answer is:`` with nothing after it on its line;
+  ``"no follow-up or final answer"``: a continuation (stopped by EOS or `max_new_tokens`) with neither;
+  ``"token budget exhausted"``: the question's generated tokens reached `max_total_tokens` minus the tokens kept
+  for the final answer (`final_answer_tokens`), before a step or cutting a step short.
+  In every case the offending continuation is dropped and the final answer is **forced**: the runner appends
+  ``So the final answer is:`` (after ``... here: No.`` if no follow-up was accepted, so the transcript stays in
+  the template) and generates the answer only, once.
+- ``"no final answer"``: the forced answer is empty too: the answer is ``""``.
+- ``"transcript does not follow the template"``: the final transcript does not parse back with
+  `peftprompt.recursive.unroll.parse_episode` (e.g. garbage before the final answer).
+
+`well_formed` is true when the model reached a non-empty final answer on its own, with no issue. Every question
+ends: each step either accepts a follow-up (at most `max_follow_ups`), ends the question, or starts the single
+forced answer, and no question generates more than `max_total_tokens` tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, Union
+
+from ..recursive.tree import Node
+from ..recursive.unroll import SELF_ASK, Template, clean_text, parse_episode
+from .answerers import UNKNOWN, Answer, Answerer, ModelAnswerer, as_answerer
+
+
+def format_episode(
+    question: str, follow_ups: Sequence[tuple[str, str]], answer: str, template: Template = SELF_ASK
+) -> str:
+    """One self-ask example in `template`'s exact format (as the unroller writes it, without EOS)."""
+    t = template
+    parts = [t.question.format(question=question), t.follow_ups_needed if follow_ups else t.no_follow_ups]
+    for follow_up, intermediate in follow_ups:
+        parts += [t.follow_up.format(question=follow_up), t.intermediate_answer.format(answer=intermediate)]
+    parts.append(t.final_answer.format(answer=answer))
+    return "".join(parts)
+
+
+# The 4-shot self-ask prompt of Press et al. (2022), "Measuring and Narrowing the Compositionality Gap".
+_PRESS_EXAMPLES = [
+    ("Who lived longer, Muhammad Ali or Alan Turing?",
+     [("How old was Muhammad Ali when he died?", "Muhammad Ali was 74 years old when he died."),
+      ("How old was Alan Turing when he died?", "Alan Turing was 41 years old when he died.")],
+     "Muhammad Ali"),
+    ("When was the founder of craigslist born?",
+     [("Who was the founder of craigslist?", "Craigslist was founded by Craig Newmark."),
+      ("When was Craig Newmark born?", "Craig Newmark was born on December 6, 1952.")],
+     "December 6, 1952"),
+    ("Who was the maternal grandfather of George Washington?",
+     [("Who was the mother of George Washington?", "The mother of George Washington was Mary Ball Washington."),
+      ("Who was the father of Mary Ball Washington?", "The father of Mary Ball Washington was Joseph Ball.")],
+     "Joseph Ball"),
+    ("Are both the directors of Jaws and Casino Royale from the same country?",
+     [("Who is the director of Jaws?", "The director of Jaws is Steven Spielberg."),
+      ("Where is Steven Spielberg from?", "The United States."),
+      ("Who is the director of Casino Royale?", "The director of Casino Royale is Martin Campbell."),
+      ("Where is Martin Campbell from?", "New Zealand.")],
+     "No"),
+]
+
+FEW_SHOT_SELF_ASK = "".join(format_episode(q, f, a) + "\n\n" for q, f, a in _PRESS_EXAMPLES)
+"""The 4-shot self-ask prompt of Press et al. (2022) in `SELF_ASK`'s format, examples separated by a blank line."""
+
+FEW_SHOT_DIRECT = "".join(format_episode(q, [], a) + "\n\n" for q, _, a in _PRESS_EXAMPLES)
+"""The same 4 questions answered directly, in the format the runner's direct prompt uses (the ``No.`` branch of
+`SELF_ASK`, as a fine-tuned model saw leaves in training)."""
+
+_NORMALISE = re.compile(r"[^\w]+")
+
+
+def normalise_question(text: str) -> str:
+    """Lower-cased words only: how follow-ups are compared for repeats."""
+    return _NORMALISE.sub(" ", text.lower()).strip()
+
+
+@dataclass
+class Continuation:
+    """What one generation step wrote: its `text`, how many `tokens` it took, and whether it ended with EOS."""
+
+    text: str
+    tokens: int
+    eos: bool = False
+
+
+@dataclass
+class SelfAskResult:
+    """The outcome of self-asking one question.
+
+    Attributes:
+        question, answer (`str`): The question and the final answer (``""`` when none could be had).
+        well_formed (`bool`): The model reached a non-empty final answer on its own, with no issue.
+        follow_ups (`int`): Follow-ups accepted (and answered).
+        generated_tokens (`int`): Tokens generated for this question, deeper model runs included.
+        issues (`list[str]`): Malformed output met (see the module docstring), in order.
+        text (`str`): The transcript, from the question line to the final answer (no few-shot prefix).
+        trace (`Node`): A ``decomp-tree/v1`` tree: the question with its final answer (``answer_source="model"``),
+            its follow-ups as children ``"1"``, ``"2"``, ... with their answers and sources; a follow-up the model
+            self-asked has that run's follow-ups as its own children.
+        forced (`bool`): The final answer was forced.
+    """
+
+    question: str
+    answer: str
+    well_formed: bool
+    follow_ups: int
+    generated_tokens: int
+    issues: list[str]
+    text: str
+    trace: Node
+    forced: bool = False
+
+
+@dataclass
+class _State:
+    question: str
+    text: str
+    tokens: int = 0  # generated at this level
+    deeper_tokens: int = 0
+    follow_ups: list[tuple[str, Answer]] = field(default_factory=list)
+    issues: list[str] = field(default_factory=list)
+    forcing: bool = False
+    forced: bool = False
+    done: bool = False
+    answer: str = ""
+
+
+GenerateFn = Callable[[list[str], list[int]], list[Union[str, Continuation]]]
+
+
+class SelfAskRunner:
+    """Self-ask a causal LM, recursively.
+
+    Args:
+        model, tokenizer: A `transformers` causal LM and its tokenizer (either may be `None` with `generate_fn`).
+        answerer (`Answerer` or callable, *optional*): Answers follow-ups; defaults to `ModelAnswerer(self)`. A
+            callable ``(question) -> str`` is used as a tool.
+        template (`Template`, defaults to `SELF_ASK`): The wording; must be the one the model was trained with.
+        max_follow_ups (`int`, defaults to 4): Follow-ups accepted per question.
+        max_depth (`int`, defaults to 2): Depth at which `ModelAnswerer` answers directly (the question is depth 0,
+            its follow-ups depth 1, ...).
+        max_new_tokens (`int`, defaults to 64): Tokens per generation step.
+        max_total_tokens (`int`, defaults to 384): Tokens generated per question at most, over all its steps.
+        batch_size (`int`, defaults to 8): Prompts per `model.generate` call.
+        few_shot (`str`, defaults to ``""``): Prefix of every self-ask prompt (e.g. `FEW_SHOT_SELF_ASK`).
+        few_shot_direct (`str`, defaults to ``""``): Prefix of every direct prompt (e.g. `FEW_SHOT_DIRECT`).
+        final_answer_tokens (`int`, defaults to 16): Tokens of `max_total_tokens` kept for a forced final answer.
+        generate_fn (callable, *optional*): ``(prompts, max_new_tokens) -> continuations`` replacing
+            `model.generate` (a scripted model in tests); a `str` continuation counts its whitespace words as tokens
+            (its tokenizer's tokens with a tokenizer). It must stop as `_generate` documents.
+    """
+
+    def __init__(
+        self,
+        model=None,
+        tokenizer=None,
+        answerer: Optional[Union[Answerer, Callable[[str], Any]]] = None,
+        template: Template = SELF_ASK,
+        max_follow_ups: int = 4,
+        max_depth: int = 2,
+        max_new_tokens: int = 64,
+        max_total_tokens: int = 384,
+        batch_size: int = 8,
+        few_shot: str = "",
+        few_shot_direct: str = "",
+        final_answer_tokens: int = 16,
+        generate_fn: Optional[GenerateFn] = None,
+    ):
+        if model is None and generate_fn is None:
+            raise ValueError("SelfAskRunner needs a model (and tokenizer) or a generate_fn")
+        if model is not None and tokenizer is None and generate_fn is None:
+            raise ValueError("SelfAskRunner needs the model's tokenizer")
+        for name, value in (("max_new_tokens", max_new_tokens), ("max_total_tokens", max_total_tokens),
+                            ("batch_size", batch_size), ("final_answer_tokens", final_answer_tokens)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if max_follow_ups < 0 or max_depth < 0:
+            raise ValueError("max_follow_ups and max_depth must be >= 0")
+        if final_answer_tokens >= max_total_tokens:
+            raise ValueError(
+                f"final_answer_tokens ({final_answer_tokens}) must be < max_total_tokens ({max_total_tokens})"
+            )
+        self.model, self.tokenizer = model, tokenizer
+        self.template = template
+        self.answerer = ModelAnswerer(self) if answerer is None else as_answerer(answerer)
+        self.max_follow_ups, self.max_depth = max_follow_ups, max_depth
+        self.max_new_tokens, self.max_total_tokens = max_new_tokens, max_total_tokens
+        self.batch_size, self.final_answer_tokens = batch_size, final_answer_tokens
+        self.few_shot, self.few_shot_direct = few_shot, few_shot_direct
+        self.generate_fn = generate_fn
+        head, tail = template.follow_up.split("{question}")
+        self.follow_up_prefix = head.strip()  # "Follow up:"
+        self.marker = tail  # "\nIntermediate answer:"
+        self.final_prefix = template.final_answer.split("{answer}")[0].rstrip()  # "So the final answer is:"
+
+    # ------------------------------------------------------------------ public API
+    def run(self, question: str, depth: int = 0) -> SelfAskResult:
+        """Self-ask one question."""
+        return self.run_batch([question], depth=depth)[0]
+
+    def run_batch(self, questions: Sequence[str], depth: int = 0) -> list[SelfAskResult]:
+        """Self-ask several questions, generating for all of those still running at once."""
+        questions = [clean_text(q) for q in questions]
+        if any(not q for q in questions):
+            raise ValueError("SelfAskRunner: empty question")
+        states = [_State(q, self.template.question.format(question=q)) for q in questions]
+        while True:
+            active = [s for s in states if not s.done]
+            if not active:
+                break
+            limits = []
+            for s in active:
+                limit = self._limit(s)
+                if limit <= 0 and not s.forcing:
+                    s.issues.append("token budget exhausted")
+                    self._begin_force(s)
+                    limit = self._limit(s)
+                limits.append(limit)
+            stepping = [(s, n) for s, n in zip(active, limits) if n > 0]
+            for s, n in zip(active, limits):
+                if n <= 0:
+                    self._finish(s, "")
+            if not stepping:
+                continue
+            outputs = self._step([self.few_shot + s.text for s, _ in stepping], [n for _, n in stepping])
+            pending: list[tuple[_State, str]] = []
+            for (s, n), out in zip(stepping, outputs):
+                s.tokens += out.tokens
+                follow_up = self._advance(s, out, budget_cut=n < self.max_new_tokens and out.tokens >= n)
+                if follow_up is not None:
+                    pending.append((s, follow_up))
+            if pending:
+                answers = self.answerer.answer_batch([q for _, q in pending], depth + 1)
+                for (s, q), answer in zip(pending, answers):
+                    text = clean_text(answer.text) or UNKNOWN
+                    s.follow_ups.append((q, Answer(text, answer.source, answer.trace)))
+                    s.deeper_tokens += answer.generated_tokens
+                    s.text += self.template.intermediate_answer.format(answer=text)
+        return [self._result(s) for s in states]
+
+    def answer_directly(self, questions: Sequence[str]) -> list[SelfAskResult]:
+        """Answer without follow-ups: ``Question: ...`` + ``... here: No.`` + ``So the final answer is:``."""
+        questions = [clean_text(q) for q in questions]
+        t = self.template
+        states = [_State(q, t.question.format(question=q) + t.no_follow_ups) for q in questions]
+        for s in states:
+            s.text += self.final_prefix
+            s.forcing = True
+        limit = min(self.max_new_tokens, self.max_total_tokens)
+        outputs = self._step([self.few_shot_direct + s.text for s in states], [limit] * len(states))
+        results = []
+        for s, out in zip(states, outputs):
+            s.tokens += out.tokens
+            answer = clean_text(out.text.split("\n")[0])
+            if not answer:
+                s.issues.append("no final answer")
+            s.text = s.text[: -len(self.final_prefix)]
+            s.done, s.answer = True, answer
+            s.text += self.template.final_answer.format(answer=answer) if answer else ""
+            results.append(self._result(s))
+        return results
+
+    # ------------------------------------------------------------------ one question's steps
+    def _limit(self, s: _State) -> int:
+        if s.forcing:
+            return min(self.max_new_tokens, self.max_total_tokens - s.tokens)
+        return min(self.max_new_tokens, self.max_total_tokens - self.final_answer_tokens - s.tokens)
+
+    def _begin_force(self, s: _State) -> None:
+        if not s.follow_ups:
+            s.text = self.template.question.format(question=s.question) + self.template.no_follow_ups
+        s.text += self.final_prefix
+        s.forcing = s.forced = True
+
+    def _finish(self, s: _State, answer: str) -> None:
+        if s.forcing:
+            s.text = s.text[: -len(self.final_prefix)]
+            if not answer:
+                s.issues.append("no final answer")
+        if answer:
+            s.text += self.template.final_answer.format(answer=answer)
+        s.answer, s.done, s.forcing = answer, True, False
+
+    def _advance(self, s: _State, out: Continuation, budget_cut: bool = False) -> Optional[str]:
+        """Apply one continuation to `s`; return the follow-up to answer, if any."""
+        text = out.text
+        if s.forcing:
+            self._finish(s, clean_text(text.split("\n")[0]))
+            return None
+        i_marker, i_final = text.find(self.marker), text.find(self.final_prefix)
+        if i_final >= 0 and (i_marker < 0 or i_final < i_marker):
+            answer = clean_text(text[i_final + len(self.final_prefix):].split("\n")[0])
+            if not answer:
+                s.issues.append("empty final answer")
+                self._begin_force(s)
+                return None
+            s.text += text[:i_final]
+            self._finish(s, answer)
+            return None
+        if i_marker < 0:
+            s.issues.append("token budget exhausted" if budget_cut else "no follow-up or final answer")
+            self._begin_force(s)
+            return None
+        head = text[:i_marker]
+        j = head.rfind(self.follow_up_prefix)
+        follow_up = clean_text(head[j + len(self.follow_up_prefix):]) if j >= 0 else ""
+        key = normalise_question(follow_up)
+        if not key:
+            issue = "empty follow-up"
+        elif key == normalise_question(s.question):
+            issue = "follow-up repeats the question"
+        elif any(key == normalise_question(q) for q, _ in s.follow_ups):
+            issue = "repeated follow-up"
+        elif len(s.follow_ups) >= self.max_follow_ups:
+            issue = "too many follow-ups"
+        else:
+            s.text += head[:j] + self.template.follow_up.format(question=follow_up)
+            return follow_up
+        s.issues.append(issue)
+        self._begin_force(s)
+        return None
+
+    def _result(self, s: _State) -> SelfAskResult:
+        children = []
+        for k, (q, answer) in enumerate(s.follow_ups, start=1):
+            grandchildren = list(answer.trace.children) if answer.trace is not None else []
+            children.append(Node(question=q, answer=answer.text, answer_source=answer.source, id=str(k),
+                                 children=grandchildren))
+        trace = Node(question=s.question, answer=s.answer or None, answer_source="model" if s.answer else "none",
+                     children=children)
+        if s.answer:
+            try:
+                parse_episode(s.text, self.template)
+            except ValueError:
+                s.issues.append("transcript does not follow the template")
+        return SelfAskResult(
+            question=s.question, answer=s.answer, well_formed=bool(s.answer) and not s.issues,
+            follow_ups=len(s.follow_ups), generated_tokens=s.tokens + s.deeper_tokens, issues=list(s.issues),
+            text=s.text, trace=trace, forced=s.forced,
+        )
+
+    # ------------------------------------------------------------------ generation
+    def stop_index(self, text: str, answer_only: bool) -> Optional[int]:
+        """Where a continuation ends (characters kept), or `None` while it should go on: after the intermediate
+        answer marker, or at the newline ending the final answer's line (any newline when `answer_only`)."""
+        if answer_only:
+            i = text.find("\n")
+            return i if i >= 0 else None
+        i_marker, i_final = text.find(self.marker), text.find(self.final_prefix)
+        if i_final >= 0 and (i_marker < 0 or i_final < i_marker):
+            i = text.find("\n", i_final)
+            return i if i >= 0 else None
+        return i_marker + len(self.marker) if i_marker >= 0 else None
+
+    def _step(self, prompts: list[str], limits: list[int]) -> list[Continuation]:
+        generate = self.generate_fn if self.generate_fn is not None else self._generate
+        outputs = generate(prompts, limits)
+        if len(outputs) != len(prompts):
+            raise RuntimeError(f"generation returned {len(outputs)} continuations for {len(prompts)} prompts")
+        results = []
+        for prompt, out, limit in zip(prompts, outputs, limits):
+            raw = out if isinstance(out, str) else out.text
+            stop = self.stop_index(raw, prompt.endswith(self.final_prefix))
+            text = raw if stop is None else raw[:stop]
+            tokens = self._count_tokens(text) if isinstance(out, str) else out.tokens
+            results.append(Continuation(text, min(tokens, limit), getattr(out, "eos", False)))
+        return results
+
+    def _count_tokens(self, text: str) -> int:
+        if self.tokenizer is not None:
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(text.split())
+
+    def _generate(self, prompts: list[str], max_new_tokens: list[int]) -> list[Continuation]:
+        """Greedy `model.generate` on `prompts` in batches of `batch_size` (left padding, KV cache on); row i
+        stops at `stop_index`, at EOS or after ``max_new_tokens[i]`` tokens."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        tokenizer, runner = self.tokenizer, self
+        if tokenizer.pad_token is None:  # as load_backbone does: pad with EOS (left padding, masked)
+            tokenizer.pad_token = tokenizer.eos_token
+        eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        results: list[Continuation] = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk, limits = prompts[start : start + self.batch_size], max_new_tokens[start : start + self.batch_size]
+            answer_only = [p.endswith(self.final_prefix) for p in chunk]
+            side = tokenizer.padding_side
+            tokenizer.padding_side = "left"
+            try:
+                batch = tokenizer(chunk, return_tensors="pt", padding=True)
+            finally:
+                tokenizer.padding_side = side
+            width = batch["input_ids"].shape[1]
+            stopped_at = [None] * len(chunk)
+
+            class _Stop(StoppingCriteria):
+                def __call__(self, input_ids, scores, **kwargs):
+                    new = input_ids[:, width:]
+                    done = []
+                    for row, ids in enumerate(new.tolist()):
+                        if stopped_at[row] is None:
+                            if len(ids) >= limits[row] or (eos is not None and eos in ids):
+                                stopped_at[row] = len(ids)
+                            elif runner.stop_index(tokenizer.decode(ids, skip_special_tokens=True),
+                                                   answer_only[row]) is not None:
+                                stopped_at[row] = len(ids)
+                        done.append(stopped_at[row] is not None)
+                    return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+            device = next(self.model.parameters()).device
+            with torch.no_grad():
+                out = self.model.generate(
+                    **{k: v.to(device) for k, v in batch.items()}, max_new_tokens=max(limits), do_sample=False,
+                    stopping_criteria=StoppingCriteriaList([_Stop()]), pad_token_id=pad, eos_token_id=eos,
+                )
+            for row, ids in enumerate(out[:, width:].tolist()):
+                n = min(len(ids), limits[row], stopped_at[row] if stopped_at[row] is not None else len(ids))
+                ids = ids[:n]
+                hit_eos = eos is not None and eos in ids
+                if hit_eos:
+                    ids = ids[: ids.index(eos) + 1]
+                results.append(Continuation(tokenizer.decode(ids, skip_special_tokens=True), len(ids), hit_eos))
+        return results

@@ -1,0 +1,396 @@
+"""The recursive self-ask runner, on a scripted model (exact transcripts and traces), the real MiniLM retriever,
+and one real `model.generate` on a tiny random Llama with SmolLM2's tokenizer."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from peftprompt.recursive import SELF_ASK, Node, Unroller, parse_episode, validate
+from peftprompt.selfask import (
+    FEW_SHOT_DIRECT,
+    FEW_SHOT_SELF_ASK,
+    Answerer,
+    RetrieverAnswerer,
+    SelfAskRunner,
+    ToolAnswerer,
+)
+
+FINAL = "So the final answer is:"
+PIECES = re.compile(r"\S+\s*|\s+")
+
+
+class Scripted:
+    """A fake model: the continuation of a prompt is chosen by its last question and how many intermediate answers
+    follow it (`scripts[question][step]`, the last entry repeating); prompts ending with ``So the final answer is:``
+    get `forced.get(question, default_forced)`. Continuations are cut to `max_new_tokens` whitespace words."""
+
+    def __init__(self, scripts, forced=None, default_forced=" forced\n"):
+        self.scripts, self.forced, self.default_forced = scripts, forced or {}, default_forced
+        self.calls: list[list[str]] = []
+
+    def __call__(self, prompts, max_new_tokens):
+        self.calls.append(list(prompts))
+        outs = []
+        for prompt, limit in zip(prompts, max_new_tokens):
+            episode = prompt.rsplit("Question: ", 1)[1]
+            question = episode.split("\n", 1)[0]
+            if prompt.endswith(FINAL):
+                out = self.forced.get(question, self.default_forced)
+            else:
+                script = self.scripts[question]
+                step = episode.count("Intermediate answer:")
+                out = script[min(step, len(script) - 1)]
+                out = out(step) if callable(out) else out
+            pieces = PIECES.findall(out)
+            kept, words = [], 0
+            for piece in pieces:
+                words += bool(piece.strip())
+                if words > limit:
+                    break
+                kept.append(piece)
+            outs.append("".join(kept))
+        return outs
+
+
+def tool(facts):
+    return ToolAnswerer(lambda q: facts.get(q, "unknown"))
+
+
+def check_trace(result):
+    """The trace validates as decomp-tree/v1 and unrolls back into the transcript."""
+    tree = Node.from_dict(result.trace.to_dict())
+    validate(tree)
+    episodes = Unroller()(tree)
+    assert episodes[0].text == result.text
+    return episodes
+
+
+QUESTION = "Who is the father-in-law of Queen Hyojeong?"
+TWO_STEPS = [
+    "Are follow up questions needed here: Yes.\nFollow up: Who is Queen Hyojeong married to?\nIntermediate answer:"
+    " this is never read",
+    "Follow up: Who is the father of King Heonjong of Joseon?\nIntermediate answer: ignored",
+    "So the final answer is: Crown Prince Hyomyeong\n\nQuestion: next example",
+]
+FACTS = {
+    "Who is Queen Hyojeong married to?": "King Heonjong of Joseon",
+    "Who is the father of King Heonjong of Joseon?": "Crown Prince Hyomyeong",
+}
+
+
+def test_two_follow_ups_then_the_final_answer():
+    model = Scripted({QUESTION: TWO_STEPS})
+    result = SelfAskRunner(generate_fn=model, answerer=tool(FACTS)).run(QUESTION)
+    assert result.answer == "Crown Prince Hyomyeong"
+    assert result.well_formed and not result.forced and result.issues == []
+    assert result.follow_ups == 2
+    assert result.text == (
+        "Question: Who is the father-in-law of Queen Hyojeong?\n"
+        "Are follow up questions needed here: Yes.\n"
+        "Follow up: Who is Queen Hyojeong married to?\n"
+        "Intermediate answer: King Heonjong of Joseon\n"
+        "Follow up: Who is the father of King Heonjong of Joseon?\n"
+        "Intermediate answer: Crown Prince Hyomyeong\n"
+        "So the final answer is: Crown Prince Hyomyeong"
+    )
+    assert result.trace.to_dict() == {
+        "schema": "decomp-tree/v1",
+        "question": QUESTION,
+        "answer": "Crown Prince Hyomyeong",
+        "answer_source": "model",
+        "children": [
+            {"id": "1", "question": "Who is Queen Hyojeong married to?", "answer": "King Heonjong of Joseon",
+             "answer_source": "tool"},
+            {"id": "2", "question": "Who is the father of King Heonjong of Joseon?",
+             "answer": "Crown Prince Hyomyeong", "answer_source": "tool"},
+        ],
+    }
+    check_trace(result)
+    assert parse_episode(result.text).follow_ups[1] == (
+        "Who is the father of King Heonjong of Joseon?", "Crown Prince Hyomyeong")
+    # The prompts are the transcript so far; three generation steps.
+    assert [calls[0] for calls in model.calls] == [
+        "Question: Who is the father-in-law of Queen Hyojeong?\n",
+        result.text.split("Follow up: Who is the father")[0],
+        result.text.split("So the final")[0],
+    ]
+    assert result.generated_tokens > 0
+
+
+def test_few_shot_prompts_follow_the_template_and_prefix_every_prompt():
+    for block in FEW_SHOT_SELF_ASK.strip().split("\n\n"):
+        parse_episode(block, SELF_ASK)
+    assert FEW_SHOT_SELF_ASK.count("Question: ") == 4 and FEW_SHOT_SELF_ASK.endswith("So the final answer is: No\n\n")
+    assert "Follow up: Who was the founder of craigslist?\nIntermediate answer: Craigslist was founded by Craig " \
+           "Newmark.\n" in FEW_SHOT_SELF_ASK
+    for block in FEW_SHOT_DIRECT.strip().split("\n\n"):
+        assert parse_episode(block).follow_ups == ()
+    model = Scripted({QUESTION: TWO_STEPS})
+    result = SelfAskRunner(generate_fn=model, answerer=tool(FACTS), few_shot=FEW_SHOT_SELF_ASK).run(QUESTION)
+    assert result.well_formed and all(calls[0].startswith(FEW_SHOT_SELF_ASK) for calls in model.calls)
+    assert not result.text.startswith(FEW_SHOT_SELF_ASK)
+
+
+def test_batch_generates_all_running_questions_together():
+    other = "What is the capital of France?"
+    model = Scripted({QUESTION: TWO_STEPS,
+                      other: ["Are follow up questions needed here: No.\nSo the final answer is: Paris"]})
+    results = SelfAskRunner(generate_fn=model, answerer=tool(FACTS)).run_batch([QUESTION, other])
+    assert [r.answer for r in results] == ["Crown Prince Hyomyeong", "Paris"]
+    assert all(r.well_formed for r in results)
+    assert [len(calls) for calls in model.calls] == [2, 1, 1]
+    assert results[1].trace.to_dict() == {"schema": "decomp-tree/v1", "question": other, "answer": "Paris",
+                                          "answer_source": "model"}
+    check_trace(results[1])
+
+
+def test_model_answerer_recurses_to_max_depth():
+    root, a, b = "Q root?", "Q a?", "Q b?"
+    a1 = "Q a1?"
+    model = Scripted(
+        {
+            root: ["Are follow up questions needed here: Yes.\nFollow up: Q a?\nIntermediate answer:",
+                   "Follow up: Q b?\nIntermediate answer:", "So the final answer is: R\n"],
+            a: ["Are follow up questions needed here: Yes.\nFollow up: Q a1?\nIntermediate answer:",
+                "So the final answer is: A\n"],
+            b: ["Are follow up questions needed here: No.\nSo the final answer is: B\n"],
+        },
+        forced={a1: " A1\nQuestion: more"},  # depth 2 = max_depth: answered directly
+    )
+    result = SelfAskRunner(generate_fn=model, max_depth=2).run(root)
+    assert result.answer == "R" and result.well_formed and result.follow_ups == 2
+    assert result.trace.to_dict() == {
+        "schema": "decomp-tree/v1", "question": root, "answer": "R", "answer_source": "model",
+        "children": [
+            {"id": "1", "question": a, "answer": "A", "answer_source": "model",
+             "children": [{"id": "1", "question": a1, "answer": "A1", "answer_source": "model"}]},
+            {"id": "2", "question": b, "answer": "B", "answer_source": "model"},
+        ],
+    }
+    episodes = check_trace(result)
+    assert [e.path for e in episodes] == ["root", "root/1", "root/1/1", "root/2"]
+    assert episodes[1].text == ("Question: Q a?\nAre follow up questions needed here: Yes.\nFollow up: Q a1?\n"
+                                "Intermediate answer: A1\nSo the final answer is: A")
+    # the direct prompt is the No. branch, as leaves are trained
+    direct = [p for calls in model.calls for p in calls if p.startswith("Question: Q a1?")]
+    assert direct == ["Question: Q a1?\nAre follow up questions needed here: No.\nSo the final answer is:"]
+    # tokens of the deeper runs are counted in the root's
+    assert result.generated_tokens > sum(len(s.split()) for s in model.scripts[root])
+
+    # max_depth=1: follow-ups of the root are answered directly, no grandchildren
+    flat = SelfAskRunner(generate_fn=Scripted(model.scripts, default_forced=" direct\n"), max_depth=1).run(root)
+    assert [c.answer for c in flat.trace.children] == ["direct", "direct"]
+    assert all(not c.children for c in flat.trace.children)
+
+
+def test_model_that_never_stops_is_bounded():
+    babble = "and so on " * 1000
+    model = Scripted({"Q?": [babble]}, default_forced=babble)
+    runner = SelfAskRunner(generate_fn=model, answerer=tool({}), max_new_tokens=20, max_total_tokens=50,
+                           final_answer_tokens=10)
+    result = runner.run("Q?")
+    assert result.issues == ["no follow-up or final answer"]
+    assert result.forced and not result.well_formed
+    assert result.generated_tokens <= 50 and len(model.calls) == 2
+    assert result.text.startswith(
+        "Question: Q?\nAre follow up questions needed here: No.\nSo the final answer is: and")
+    check_trace(result)
+
+    # a model that writes nothing at all: the forced answer is empty too
+    silent = SelfAskRunner(generate_fn=Scripted({"Q?": [""]}, default_forced=""), answerer=tool({})).run("Q?")
+    assert silent.answer == "" and not silent.well_formed
+    assert silent.issues == ["no follow-up or final answer", "no final answer"]
+    validate(Node.from_dict(silent.trace.to_dict()))
+    assert silent.trace.answer is None and silent.trace.answer_source == "none"
+
+
+def test_endless_new_follow_ups_stop_at_max_follow_ups_and_the_token_budget():
+    yes = "Are follow up questions needed here: Yes.\n"
+    model = Scripted(
+        {"Q?": [lambda step: yes * (step == 0) + f"Follow up: sub question {step}?\nIntermediate answer:"]})
+    result = SelfAskRunner(generate_fn=model, answerer=tool({}), max_follow_ups=3).run("Q?")
+    assert result.follow_ups == 3 and result.issues == ["too many follow-ups"]
+    assert result.answer == "forced" and result.forced and not result.well_formed
+    assert [c.answer_source for c in result.trace.children] == ["tool"] * 3
+    validate(Node.from_dict(result.trace.to_dict()))
+
+    wordy = Scripted({"Q?": [lambda step: yes * (step == 0) + f"Follow up: sub question {step} " + "very " * 10
+                             + "long?\nIntermediate answer:"]})
+    runner = SelfAskRunner(generate_fn=wordy, answerer=tool({}), max_follow_ups=100, max_total_tokens=60,
+                           final_answer_tokens=5)
+    result = runner.run("Q?")
+    assert result.issues == ["token budget exhausted"] and result.answer == "forced"
+    assert result.generated_tokens <= 60 and result.follow_ups == 2  # 23 + 18 words, then 14 left: cut short
+
+
+@pytest.mark.parametrize(
+    "second, issue",
+    [
+        ("Follow up: who is queen hyojeong MARRIED to\nIntermediate answer:", "repeated follow-up"),
+        ("Follow up: Who is the father-in-law of Queen Hyojeong?\nIntermediate answer:",
+         "follow-up repeats the question"),
+        ("Follow up: \nIntermediate answer:", "empty follow-up"),
+        ("So the final answer is:\n", "empty final answer"),
+    ],
+)
+def test_repeated_or_empty_output_forces_the_final_answer(second, issue):
+    model = Scripted({QUESTION: [TWO_STEPS[0], second]}, forced={QUESTION: " King Heonjong's father\nmore"})
+    result = SelfAskRunner(generate_fn=model, answerer=tool(FACTS)).run(QUESTION)
+    assert result.issues == [issue] and result.forced and not result.well_formed
+    assert result.answer == "King Heonjong's father" and result.follow_ups == 1
+    assert result.text.endswith(
+        "Intermediate answer: King Heonjong of Joseon\nSo the final answer is: King Heonjong's father")
+    assert len(model.calls) == 3
+    check_trace(result)
+
+
+def test_repeated_question_as_first_follow_up_keeps_the_transcript_in_the_template():
+    model = Scripted({QUESTION: ["Are follow up questions needed here: Yes.\nFollow up: " + QUESTION
+                                 + "\nIntermediate answer:"]})
+    result = SelfAskRunner(generate_fn=model, answerer=tool(FACTS)).run(QUESTION)
+    assert result.issues == ["follow-up repeats the question"]
+    assert result.text == (
+        f"Question: {QUESTION}\nAre follow up questions needed here: No.\nSo the final answer is: forced")
+    check_trace(result)
+
+
+def test_callable_is_a_tool_and_custom_answerers_batch():
+    class Upper(Answerer):
+        def answer_batch(self, questions, depth):
+            self.seen = (list(questions), depth)
+            from peftprompt.selfask import Answer
+            return [Answer(q.upper(), "tool") for q in questions]
+
+    model = Scripted({QUESTION: TWO_STEPS})
+    result = SelfAskRunner(generate_fn=model, answerer=lambda q: f"  answer\nto {q}  ").run(QUESTION)
+    assert result.trace.children[0].answer == "answer to Who is Queen Hyojeong married to?"
+    assert result.trace.children[0].answer_source == "tool"
+    upper = Upper()
+    SelfAskRunner(generate_fn=Scripted({QUESTION: TWO_STEPS}), answerer=upper).run(QUESTION, depth=1)
+    assert upper.seen == (["Who is the father of King Heonjong of Joseon?"], 2)
+
+
+@pytest.fixture(scope="module")
+def retriever():
+    facts = [("Who is Queen Hyojeong married to?", "King Heonjong of Joseon"),
+             ("When was Craig Newmark born?", "December 6, 1952"),
+             ("What is the capital of France?", "Paris")]
+    return RetrieverAnswerer(facts, threshold=0.8)
+
+
+def test_retriever_nearest_neighbour_above_and_below_threshold(retriever):
+    answers = retriever.answer_batch(
+        ["Who was Queen Hyojeong married to?", "what is the capital city of France?", "How tall is Mount Everest?"])
+    assert [(a.text, a.source) for a in answers] == [
+        ("King Heonjong of Joseon", "tool"), ("Paris", "tool"), ("unknown", "none")]
+    scores = retriever.last_scores
+    assert scores[0] >= 0.8 and scores[1] >= 0.8 and scores[2] < 0.8
+    assert retriever("When was Craig Newmark born?", 1).text == "December 6, 1952"
+    assert retriever.last_scores[0] == pytest.approx(1.0, abs=1e-4)
+
+    model = Scripted({QUESTION: TWO_STEPS})
+    result = SelfAskRunner(generate_fn=model, answerer=retriever).run(QUESTION)
+    assert [(c.answer, c.answer_source) for c in result.trace.children] == [
+        ("King Heonjong of Joseon", "tool"), ("unknown", "none")]
+    check_trace(result)
+
+
+def test_retriever_from_jsonl_names_file_and_line(tmp_path, retriever):
+    good = tmp_path / "kb.jsonl"
+    good.write_text('{"question": "What is the capital of France?", "answer": "Paris"}\n\n')
+    kb = RetrieverAnswerer.from_jsonl(good, model=retriever.model, tokenizer=retriever.tokenizer)
+    assert kb.facts == [("What is the capital of France?", "Paris")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "a?", "answer": "b"}\n{"question": "c?"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: field 'answer'"):
+        RetrieverAnswerer.from_jsonl(bad, model=retriever.model, tokenizer=retriever.tokenizer)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"broken\.jsonl:1: invalid JSON"):
+        RetrieverAnswerer.from_jsonl(broken, model=retriever.model, tokenizer=retriever.tokenizer)
+
+
+def test_real_generate_on_a_tiny_llama_terminates_within_budget():
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from peftprompt.backbones import smollm2_path
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config).eval()
+    runner = SelfAskRunner(model, tokenizer, answerer=lambda q: "unknown", max_new_tokens=8, max_total_tokens=24,
+                           final_answer_tokens=4)
+    side = tokenizer.padding_side
+    results = runner.run_batch(["Who is the father-in-law of Queen Hyojeong?", "Why?"])
+    assert tokenizer.padding_side == side
+    for result in results:
+        assert 0 < result.generated_tokens <= 24
+        validate(Node.from_dict(result.trace.to_dict()))
+        assert result.text.startswith(f"Question: {result.question}\n")
+    # the direct path (max_depth answers) on the real model
+    direct = runner.answer_directly(["Why?"])[0]
+    assert direct.generated_tokens <= 8 and direct.follow_ups == 0
+
+
+def test_real_generate_stops_per_row_at_the_markers():
+    """A Llama whose logits spell a fixed text per row: `model.generate` with the runner's stopping criteria stops
+    row 0 after the intermediate answer marker and row 1 at the end of the final answer line, with left padding."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from peftprompt.backbones import smollm2_path
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    targets = [
+        "Are follow up questions needed here: Yes.\nFollow up: Who is X?\nIntermediate answer: never seen text",
+        "Are follow up questions needed here: No.\nSo the final answer is: Paris\nQuestion: never seen",
+    ]
+    target_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in targets]
+
+    class Spelling(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, past_key_values=None, **kwargs):
+            past = 0 if past_key_values is None else past_key_values.get_seq_length()
+            if past == 0:  # prefill: each row spells the target of its question
+                self.width = input_ids.shape[1]
+                self.rows = [target_ids["Capital?" in tokenizer.decode(ids)] for ids in input_ids.tolist()]
+            step = past + input_ids.shape[1] - self.width
+            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+                                  **kwargs)
+            logits = torch.full_like(out.logits[:, -1:], -1e4)
+            for row, ids in enumerate(self.rows):
+                logits[row, 0, ids[step] if step < len(ids) else tokenizer.eos_token_id] = 1e4
+            out.logits = logits
+            return out
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    runner = SelfAskRunner(Spelling(config).eval(), tokenizer, answerer=lambda q: "Y")
+    prompts = ["Question: Who is the father-in-law of Queen Hyojeong?\n", "Question: Capital?\n"]
+    outs = runner._step(prompts, [60, 60])
+    assert outs[0].text == "Are follow up questions needed here: Yes.\nFollow up: Who is X?\nIntermediate answer:"
+    assert outs[1].text == "Are follow up questions needed here: No.\nSo the final answer is: Paris"
+    for out, target, ids in zip(outs, targets, target_ids):
+        assert not out.eos
+        used = len(tokenizer(out.text, add_special_tokens=False)["input_ids"])
+        assert used <= out.tokens <= used + 2 < len(ids)  # stopped within a token or two of the marker
+    # max_new_tokens per row: row 1 is cut at 5 tokens while row 0 goes on
+    outs = runner._step(prompts, [60, 5])
+    assert outs[1].tokens == 5 and outs[0].text.endswith("Intermediate answer:")
+    # the whole run: row 1 answers Paris; row 0 repeats its follow-up, so its answer is forced (one line)
+    results = runner.run_batch(prompts[0:1] + ["Capital?"])
+    assert results[1].answer == "Paris" and results[1].well_formed
+    assert results[0].issues == ["repeated follow-up"] and results[0].follow_ups == 1
