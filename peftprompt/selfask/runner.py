@@ -24,6 +24,8 @@ Malformed output, and what the runner does (each case is recorded in `SelfAskRes
   ``"too many follow-ups"``: a follow-up after `max_follow_ups` of them;
   ``"empty final answer"``: ``So the final answer is:`` with nothing after it on its line;
   ``"no follow-up or final answer"``: a continuation (stopped by EOS or `max_new_tokens`) with neither;
+  ``"text outside the template"``: anything but the decision line (first step) or nothing (after an
+  intermediate answer) before the follow-up or the final answer, e.g. the model starting a new ``Question:``;
   ``"token budget exhausted"``: the question's generated tokens reached `max_total_tokens` minus the tokens kept
   for the final answer (`final_answer_tokens`), before a step or cutting a step short.
   In every case the offending continuation is dropped and the final answer is **forced**: the runner appends
@@ -290,6 +292,15 @@ class SelfAskRunner:
             return min(self.max_new_tokens, self.max_total_tokens - s.tokens)
         return min(self.max_new_tokens, self.max_total_tokens - self.final_answer_tokens - s.tokens)
 
+    def _in_template(self, s: _State, before: str, final: bool) -> bool:
+        """Whether the text generated before a follow-up or the final answer is what the template puts there:
+        nothing after an intermediate answer, else the decision line (``Yes.`` before a follow-up, ``No.`` before
+        a final answer without follow-ups)."""
+        if s.follow_ups:
+            return not before.strip()
+        decision = self.template.no_follow_ups if final else self.template.follow_ups_needed
+        return before.strip() == decision.strip()
+
     def _begin_force(self, s: _State) -> None:
         if not s.follow_ups:
             s.text = self.template.question.format(question=s.question) + self.template.no_follow_ups
@@ -314,8 +325,9 @@ class SelfAskRunner:
         i_marker, i_final = text.find(self.marker), text.find(self.final_prefix)
         if i_final >= 0 and (i_marker < 0 or i_final < i_marker):
             answer = clean_text(text[i_final + len(self.final_prefix):].split("\n")[0])
-            if not answer:
-                s.issues.append("empty final answer")
+            issue = None if self._in_template(s, text[:i_final], final=True) else "text outside the template"
+            if issue or not answer:
+                s.issues.append(issue or "empty final answer")
                 self._begin_force(s)
                 return None
             s.text += text[:i_final]
@@ -329,7 +341,9 @@ class SelfAskRunner:
         j = head.rfind(self.follow_up_prefix)
         follow_up = clean_text(head[j + len(self.follow_up_prefix):]) if j >= 0 else ""
         key = normalise_question(follow_up)
-        if not key:
+        if j < 0 or not self._in_template(s, head[:j], final=False):
+            issue = "text outside the template"
+        elif not key:
             issue = "empty follow-up"
         elif key == normalise_question(s.question):
             issue = "follow-up repeats the question"
