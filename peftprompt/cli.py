@@ -6,6 +6,7 @@
     peftprompt data convert musique --out trees.jsonl    a data set as decomposition trees (decomp-tree/v1 JSONL)
     peftprompt data stats trees.jsonl                    counts, depth histogram and answer sources of a tree file
     peftprompt data show trees.jsonl --n 3               the collated training rows, trained tokens highlighted
+    peftprompt ask "question" --kb facts.jsonl --show    recursive self-ask with a trace tree
     peftprompt export --adapter out/lora --out merged --merge   a plain transformers model with the adapter merged in
 """
 
@@ -188,6 +189,58 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     export.set_defaults(run=_export)
 
 
+def _ask(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.tree import Tree
+
+    from .adapters import load_adapter
+    from .backbones import load_backbone
+    from .recursive import write_trees
+    from .selfask import FEW_SHOT_SELF_ASK, RetrieverAnswerer, SelfAskRunner
+
+    model, tokenizer = load_backbone(args.model, task="causal_lm")
+    if args.adapter:
+        model = load_adapter(model, args.adapter)
+    answerer = RetrieverAnswerer.from_jsonl(args.kb, threshold=args.threshold) if args.kb else None
+    runner = SelfAskRunner(
+        model.eval(), tokenizer, answerer=answerer, max_depth=args.max_depth,
+        few_shot=FEW_SHOT_SELF_ASK if args.few_shot else "",
+    )
+    results = runner.run_batch(args.questions)
+    console = Console(soft_wrap=True, highlight=False)
+    for result in results:
+        if args.show:
+            console.print(result.text, style="dim")
+            tree = Tree(f"[bold]{result.question}[/] -> {result.answer or '(no answer)'}")
+            stack = [(tree, result.trace)]
+            while stack:
+                branch, node = stack.pop()
+                for child in node.children:
+                    leaf = branch.add(f"{child.question} -> {child.answer} [dim]({child.answer_source})[/]")
+                    stack.append((leaf, child))
+            console.print(tree)
+        issues = f"; issues: {', '.join(result.issues)}" if result.issues else ""
+        console.print(f"{result.answer or '(no answer)'}  [dim]({result.follow_ups} follow-ups, "
+                      f"{result.generated_tokens} tokens{issues})[/]")
+    if args.trace_out:
+        write_trees(args.trace_out, [r.trace for r in results])
+
+
+def _add_ask(commands: argparse._SubParsersAction) -> None:
+    ask = commands.add_parser("ask", help="answer questions by recursive self-ask, with traces")
+    ask.add_argument("questions", nargs="+", metavar="QUESTION")
+    ask.add_argument("--model", default="smollm2-135m", help="embedded name, hub id or path of a causal LM")
+    ask.add_argument("--adapter", default=None, help="a saved adapter directory (e.g. from recipes/selfask_sft.py)")
+    ask.add_argument("--kb", default=None, help="facts JSONL ({question, answer} per line) answering follow-ups; "
+                     "without it the model answers them itself, one level deeper")
+    ask.add_argument("--threshold", type=float, default=0.8, help="retriever similarity needed to answer")
+    ask.add_argument("--max-depth", type=int, default=2, help="recursion depth of model-answered follow-ups")
+    ask.add_argument("--few-shot", action="store_true", help="prefix the 4-shot self-ask prompt (for base models)")
+    ask.add_argument("--show", action="store_true", help="print each transcript and its trace tree")
+    ask.add_argument("--trace-out", default=None, help="write the traces as decomp-tree/v1 JSONL")
+    ask.set_defaults(run=_ask)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftprompt", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_data_group(commands)
     _add_export(commands)
+    _add_ask(commands)
     return parser
 
 
