@@ -8,6 +8,8 @@
     peftprompt data show trees.jsonl --n 3               the collated training rows, trained tokens highlighted
     peftprompt ask "question" --kb facts.jsonl --show    recursive self-ask with a trace tree
     peftprompt export --adapter out/lora --out merged --merge   a plain transformers model with the adapter merged in
+    peftprompt eval selfask --source compositional_celebrities --n 100 --out results.json
+                                                         direct vs few-shot vs fine-tuned self-ask, side by side
 """
 
 from __future__ import annotations
@@ -241,6 +243,101 @@ def _add_ask(commands: argparse._SubParsersAction) -> None:
     ask.set_defaults(run=_ask)
 
 
+def _eval_selfask(args: argparse.Namespace) -> None:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from .recursive import convert, read_trees
+    from .selfask.evaluate import APPROACHES, compare_approaches, format_table
+
+    if args.n is not None and args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    approaches = args.approaches or [a for a in APPROACHES if a != "fine_tuned_self_ask" or args.adapter]
+    unknown = [a for a in approaches if a not in APPROACHES]
+    if unknown:
+        raise ValueError(f"unknown approach {unknown[0]!r}; choose from {', '.join(APPROACHES)}")
+    if "fine_tuned_self_ask" in approaches and not args.adapter:
+        raise ValueError("approach 'fine_tuned_self_ask' needs --adapter")
+    if args.trees:
+        trees = read_trees(args.trees)[: args.n]
+    else:
+        trees = convert(args.source, split=args.split, limit=args.n)
+    if not trees:
+        raise ValueError(f"no trees to evaluate from {args.trees or args.source}")
+
+    from .adapters import load_adapter
+    from .backbones import load_backbone
+
+    model, tokenizer = load_backbone(args.model, task="causal_lm")
+    adapter_model = None
+    if "fine_tuned_self_ask" in approaches:
+        base, _ = load_backbone(args.model, task="causal_lm")
+        adapter_model = load_adapter(base, args.adapter).eval()
+    runner_kwargs = {"max_depth": args.max_depth}
+    results = compare_approaches(
+        trees, model.eval(), tokenizer, adapter_model=adapter_model, kb=not args.no_kb, approaches=approaches,
+        sub_question_check=not args.no_sub_question_check, runner_kwargs=runner_kwargs,
+        threshold=args.threshold,
+    )
+    results["config"] = {"source": None if args.trees else args.source, "trees": args.trees, "split": args.split,
+                         "model": args.model, "adapter": args.adapter, "kb": not args.no_kb,
+                         "threshold": args.threshold, "max_depth": args.max_depth, "approaches": list(approaches)}
+    print(f"{results['n']} questions ({args.trees or args.source}, model {args.model}"
+          f"{', adapter ' + args.adapter if args.adapter else ''}; follow-ups answered by "
+          f"{'the model' if args.no_kb else 'a retriever over the gold sub-question facts'})")
+    print(format_table(results))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(results, f, indent=2, ensure_ascii=False)
+                f.write("\n")
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        print(f"wrote {out}")
+
+
+def _add_eval_selfask(eval_commands: argparse._SubParsersAction) -> None:
+    from .selfask.evaluate import APPROACHES
+
+    selfask = eval_commands.add_parser("selfask", help="direct answers vs few-shot vs fine-tuned self-ask: EM, F1, "
+                                       "well-formed rate, follow-ups and the compositionality gap")
+    selfask.add_argument("--source", default="compositional_celebrities",
+                         help="a key of peftprompt.recursive.SOURCES with gold answers (default: %(default)s)")
+    selfask.add_argument("--split", default=None, help="split to read (default: the source's only split)")
+    selfask.add_argument("--trees", default=None, help="a decomp-tree/v1 JSONL file instead of --source")
+    selfask.add_argument("--n", type=int, default=100, help="evaluate the first N questions (default: %(default)s)")
+    selfask.add_argument("--model", default="smollm2-135m", help="embedded name, hub id or path of a causal LM")
+    selfask.add_argument("--adapter", default=None, help="a fine-tuned self-ask adapter (fine_tuned_self_ask)")
+    selfask.add_argument("--approaches", nargs="+", default=None, metavar="APPROACH",
+                         help=f"any of {', '.join(APPROACHES)} (default: all that apply)")
+    selfask.add_argument("--no-kb", action="store_true", help="the model answers follow-ups itself instead of a "
+                         "retriever over the gold sub-question facts")
+    selfask.add_argument("--threshold", type=float, default=0.8, help="retriever similarity needed to answer")
+    selfask.add_argument("--max-depth", type=int, default=2, help="recursion depth of model-answered follow-ups")
+    selfask.add_argument("--no-sub-question-check", action="store_true",
+                         help="skip asking the gold sub-questions (no compositionality gap)")
+    selfask.add_argument("--out", default=None, help="write the results as JSON (atomically)")
+    selfask.set_defaults(run=_eval_selfask)
+
+
+# `peftprompt eval SUBCOMMAND`: to add one, write `_add_eval_<name>(eval_commands)` and list it here.
+EVAL_SUBCOMMANDS = [_add_eval_selfask]
+
+
+def _add_eval_group(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    evaluate = commands.add_parser("eval", help="evaluate models (self-ask: direct vs few-shot vs fine-tuned)")
+    eval_commands = evaluate.add_subparsers(dest="eval_command", required=True, metavar="SUBCOMMAND")
+    for add in EVAL_SUBCOMMANDS:
+        add(eval_commands)
+    return eval_commands
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftprompt", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -260,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_group(commands)
     _add_export(commands)
     _add_ask(commands)
+    _add_eval_group(commands)
     return parser
 
 
