@@ -77,6 +77,26 @@ def make_batch(task: str, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+@pytest.fixture(scope="session")
+def tiny_smollm(tmp_path_factory):
+    """A saved 2-layer Llama with SmolLM2's vocabulary and tokenizer, randomly initialised (for generation and recipes)."""
+    from transformers import AutoTokenizer
+
+    from peftprompt.backbones import smollm2_path
+
+    path = tmp_path_factory.mktemp("tiny_smollm")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Leave no Accelerate singleton state (e.g. bf16 picked by `auto`, or by TRL's SFTConfig) to later tests."""

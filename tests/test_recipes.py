@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
 
 from peftprompt import load_adapter
-from peftprompt.backbones import minilm_path, smollm2_path
+from peftprompt.backbones import minilm_path
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -27,22 +27,6 @@ def tiny_bert(tmp_path_factory) -> Path:
     config = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     BertModel(config).save_pretrained(path)
     AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_smollm(tmp_path_factory) -> Path:
-    """A 2-layer Llama with SmolLM2's vocabulary and tokenizer, randomly initialised."""
-    path = tmp_path_factory.mktemp("tiny_smollm")
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
     return path
 
 

@@ -399,27 +399,15 @@ def test_real_generate_stops_per_row_at_the_markers():
     assert results[0].issues == ["text outside the template"] and results[0].follow_ups == 1
 
 
-def test_ask_command_writes_valid_traces(tmp_path, capsys):
+def test_ask_command_writes_valid_traces(tiny_smollm, tmp_path, capsys):
     """`peftprompt ask` end to end on a tiny random Llama with SmolLM2's tokenizer and a retriever knowledge base."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from peftprompt.backbones import smollm2_path
     from peftprompt.cli import main
     from peftprompt.recursive import read_trees
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
     kb = tmp_path / "kb.jsonl"
     kb.write_text('{"question": "Where was Rumi born?", "answer": "Afghanistan"}\n')
     out = tmp_path / "traces.jsonl"
-    argv = ["ask", "Where was Rumi born?", "What is the capital of France?", "--model", str(tmp_path / "model"),
+    argv = ["ask", "Where was Rumi born?", "What is the capital of France?", "--model", str(tiny_smollm),
             "--kb", str(kb), "--show", "--trace-out", str(out)]
     assert main(argv) == 0
     traces = read_trees(out)

@@ -195,25 +195,13 @@ def test_compare_approaches_side_by_side():
         compare_approaches(TREES, answerer=tool, runner_kwargs={"generate_fn": model}, approaches=["cot"])
 
 
-def test_eval_command_writes_json(tmp_path, capsys):
+def test_eval_command_writes_json(tiny_smollm, tmp_path, capsys):
     """`peftprompt eval selfask` end to end on a tiny random Llama with SmolLM2's tokenizer (retriever kb)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from peftprompt.backbones import smollm2_path
     from peftprompt.cli import main
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
     out = tmp_path / "results.json"
     argv = ["eval", "selfask", "--source", "compositional_celebrities", "--n", "2", "--model",
-            str(tmp_path / "model"), "--out", str(out)]
+            str(tiny_smollm), "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "direct" in printed and "few_shot_self_ask" in printed and "EM" in printed
