@@ -4,46 +4,13 @@ comparison, and `peftprompt eval selfask` on a tiny random Llama."""
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 
 from peftprompt.recursive import Node
 from peftprompt.selfask import FEW_SHOT_DIRECT, FEW_SHOT_SELF_ASK, SelfAskRunner, ToolAnswerer
 from peftprompt.selfask.evaluate import compare_approaches, evaluate_selfask, format_table, knowledge_base
-
-FINAL = "So the final answer is:"
-PIECES = re.compile(r"\S+\s*|\s+")
-
-
-class Scripted:
-    """A fake model (as in test_selfask.py): a prompt's continuation is chosen by its last question and how many
-    intermediate answers follow it; prompts ending with ``So the final answer is:`` get `forced[question]`."""
-
-    def __init__(self, scripts, forced=None, default_forced=" forced\n"):
-        self.scripts, self.forced, self.default_forced = scripts, forced or {}, default_forced
-        self.calls: list[list[str]] = []
-
-    def __call__(self, prompts, max_new_tokens):
-        self.calls.append(list(prompts))
-        outs = []
-        for prompt, limit in zip(prompts, max_new_tokens):
-            episode = prompt.rsplit("Question: ", 1)[1]
-            question = episode.split("\n", 1)[0]
-            if prompt.endswith(FINAL):
-                out = self.forced.get(question, self.default_forced)
-            else:
-                script = self.scripts[question]
-                out = script[min(episode.count("Intermediate answer:"), len(script) - 1)]
-            kept, words = [], 0
-            for piece in PIECES.findall(out):
-                words += bool(piece.strip())
-                if words > limit:
-                    break
-                kept.append(piece)
-            outs.append("".join(kept))
-        return outs
-
+from test_selfask import Scripted
 
 def tree(question, answer, subs, aliases=()):
     return Node(question=question, answer=answer, aliases=list(aliases), children=[
