@@ -4,8 +4,11 @@
 
 Training trees come from ``data.sources`` (default: MuSiQue's gold decompositions and the ProbTree trees of
 HotpotQA and MuSiQue); evaluation-only sets (Compositional Celebrities, Bamboogle) are refused. The ProbTree
-2WikiMultiHopQA trees (``data.eval_sources``) are held out and scored by loss. Episodes are unrolled
-(``data.mode``: recursive or flat), tokenised once and packed over the data set into rows of ``max_length``.
+2WikiMultiHopQA trees (``data.eval_sources``) are held out and scored by loss, and with ``data.generate_eval=N``
+also by generation: the first N held-out questions are answered by recursive self-ask (follow-ups answered from
+their trees' own sub-answers by the MiniLM retriever) and scored by exact match, token F1 and well-formed rate.
+Episodes are unrolled (``data.mode``: recursive or flat), tokenised once and packed over the data set into rows of
+``max_length``.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ from __future__ import annotations
 import random
 
 from peftprompt.recursive import EpisodeEncoder, SelfAskCollator, Unroller, check_trainable, convert, pack_rows
+from peftprompt.selfask import RetrieverAnswerer, SelfAskRunner
+from peftprompt.selfask.evaluate import evaluate_selfask, knowledge_base
 from peftprompt.training import build_model, train
 from peftprompt.training.recipe import parse_recipe_args, ship
 
 DEFAULT_SOURCES = ["musique", "probtree_hotpotqa", "probtree_musique"]
 DEFAULT_EVAL_SOURCES = ["probtree_2wiki"]
-DATA_KEYS = {"sources", "eval_sources", "mode", "allow_evaluation_only"}
+DATA_KEYS = {"sources", "eval_sources", "mode", "allow_evaluation_only", "generate_eval"}
 
 
 def packed_rows(trees, tokenizer, config, unroller: Unroller) -> list[dict]:
@@ -27,6 +32,22 @@ def packed_rows(trees, tokenizer, config, unroller: Unroller) -> list[dict]:
     episodes = [e.as_features() for e in encoder.encode_all(trees)]
     random.Random(config.seed).shuffle(episodes)
     return pack_rows(episodes, config.max_length)
+
+
+def generation_eval(trees, tokenizer):
+    """An `evaluate_fn` for `train`: self-ask on `trees` with a retriever over their own sub-answers (main process)."""
+    retriever = None
+
+    def evaluate_fn(model, accelerator) -> dict:
+        nonlocal retriever
+        if not accelerator.is_main_process:
+            return {}
+        retriever = retriever or RetrieverAnswerer(knowledge_base(trees))
+        runner = SelfAskRunner(model, tokenizer, answerer=retriever)
+        scores = evaluate_selfask(trees, runner, "self_ask", sub_question_check=False)
+        return {"selfask_em": scores["em"], "selfask_f1": scores["f1"], "selfask_well_formed": scores["well_formed"]}
+
+    return evaluate_fn
 
 
 def main(argv=None) -> None:
@@ -47,8 +68,11 @@ def main(argv=None) -> None:
     train_rows = packed_rows(train_trees, tokenizer, config, unroller)
     eval_rows = packed_rows(eval_trees, tokenizer, config, unroller)
     collator = SelfAskCollator(tokenizer, max_length=config.max_length)
-    result = train(config, model, tokenizer, train_rows, collator, eval_rows)
+    generate_eval = int(config.data.get("generate_eval", 0))
+    evaluate_fn = generation_eval(eval_trees[:generate_eval], tokenizer) if generate_eval else None
+    result = train(config, model, tokenizer, train_rows, collator, eval_rows, evaluate_fn=evaluate_fn)
     metrics = {"eval_loss": result.metrics["loss"], "eval_perplexity": result.metrics.get("perplexity")}
+    metrics.update({k: v for k, v in result.metrics.items() if k.startswith("selfask_")})
     ship(result, metrics, sources)
 
 

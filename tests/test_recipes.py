@@ -90,10 +90,12 @@ def test_selfask_recipe(tiny_smollm, tmp_path):
     records = launch(
         "selfask_sft.py", "recipes/configs/smollm2/selfask_lora.yaml",
         [f"model={tiny_smollm}", "max_steps=4", "max_train_samples=40", "max_eval_samples=8",
-         "per_device_train_batch_size=1", "gradient_accumulation_steps=1", "max_length=256"], out,
+         "per_device_train_batch_size=1", "gradient_accumulation_steps=1", "max_length=256",
+         "data.generate_eval=2"], out,
     )
     results = check_run(records, out, "eval_loss")
     assert results["eval_loss"] > 0
+    assert 0.0 <= results["selfask_em"] <= 1.0 and 0.0 <= results["selfask_well_formed"] <= 1.0
 
 
 def test_selfask_recipe_refuses_evaluation_only_sources(tiny_smollm, tmp_path):
