@@ -1,4 +1,5 @@
-"""Write directories atomically: a crash or a bad input never leaves half a checkpoint or adapter behind."""
+"""Write files and directories atomically: a crash or a bad input never leaves half a checkpoint, adapter or
+result file behind."""
 
 from __future__ import annotations
 
@@ -6,7 +7,36 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TextIO
+
+
+def _permissions(base: int) -> int:
+    """`base` masked by the process umask: what ``open`` / ``mkdir`` would give (``mkstemp`` / ``mkdtemp`` give 0o600 / 0o700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return base & ~umask
+
+
+def write_file_atomically(target: Path, write: Callable[[TextIO], None]) -> Path:
+    """Call ``write(f)`` on a UTF-8 text file next to `target`, then rename it to `target`.
+
+    The previous `target` is replaced only after `write` has returned (and the data reached the disk), so it
+    survives any error raised while writing; the temporary file is removed.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _permissions(0o666))
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
 
 
 def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> Path:
@@ -20,9 +50,7 @@ def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+        os.chmod(tmp, _permissions(0o777))
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -244,10 +244,9 @@ def _add_ask(commands: argparse._SubParsersAction) -> None:
 
 
 def _eval_selfask(args: argparse.Namespace) -> None:
-    import os
-    import tempfile
     from pathlib import Path
 
+    from .atomic import write_file_atomically
     from .recursive import convert, read_trees
     from .selfask.evaluate import APPROACHES, compare_approaches, format_table
 
@@ -288,17 +287,7 @@ def _eval_selfask(args: argparse.Namespace) -> None:
           f"{'the model' if args.no_kb else 'a retriever over the gold sub-question facts'})")
     print(format_table(results))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(results, f, indent=2, ensure_ascii=False)
-                f.write("\n")
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        out = write_file_atomically(Path(args.out), lambda f: f.write(json.dumps(results, indent=2, ensure_ascii=False) + "\n"))
         print(f"wrote {out}")
 
 

@@ -11,11 +11,12 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
+
+from ..atomic import write_file_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -412,25 +413,16 @@ def write_trees(path: PathLike, trees: Iterable[Node]) -> int:
 
     Every tree is validated first (without a depth limit), so a bad tree leaves any existing file untouched.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for tree in trees:
-                validate(tree, max_depth=1_000_000)
-                f.write(json.dumps(tree.to_dict(), ensure_ascii=False) + "\n")
-                count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0o600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def write(f) -> None:
+        nonlocal count
+        for tree in trees:
+            validate(tree, max_depth=1_000_000)
+            f.write(json.dumps(tree.to_dict(), ensure_ascii=False) + "\n")
+            count += 1
+
+    write_file_atomically(Path(path), write)
     return count
 
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..atomic import write_file_atomically
 from .config import TrainConfig, load_config
 from .loop import TrainResult, distributed_state
 from .shipping import write_model_card
@@ -68,7 +69,7 @@ def ship(result: TrainResult, metrics: dict, datasets: Sequence[str]) -> Optiona
         "mixed_precision": result.mixed_precision,
         "command": result.command,
     }
-    path = Path(config.output_dir) / "results.json"
-    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    text = json.dumps(results, indent=2, default=str) + "\n"
+    write_file_atomically(Path(config.output_dir) / "results.json", lambda f: f.write(text))
     print(f"adapter: {result.adapter_dir} ({parameters.adapter_bytes:,} bytes); model card: {card}", file=sys.stderr)
     return card

@@ -21,9 +21,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -33,7 +31,7 @@ from peft import PeftConfig, PeftModel
 from safetensors import safe_open
 
 from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_dir, load_adapter
-from ..atomic import write_dir_atomically
+from ..atomic import write_dir_atomically, write_file_atomically
 from ..backbones import EMBEDDED_ALIASES, MINILM_PACKAGE, SMOLLM2_CACHE_NAME, load_backbone
 from ..report import format_bytes
 
@@ -177,24 +175,6 @@ def save_trained_adapter(model, accelerator, output_dir: Union[str, Path], token
 
 
 # Model card --------------------------------------------------------------------------------------------------------
-
-
-def _write_text_atomically(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def embedded_name(base_model: str) -> Optional[str]:
@@ -373,7 +353,8 @@ def write_model_card(
         ),
         "## Framework versions\n\n" + "\n".join(f"- {name} {version}" for name, version in _framework_versions()),
     ]
-    return _write_text_atomically(output_dir / MODEL_CARD, "\n\n".join(sections) + "\n")
+    text = "\n\n".join(sections) + "\n"
+    return write_file_atomically(output_dir / MODEL_CARD, lambda f: f.write(text))
 
 
 # Merged export -----------------------------------------------------------------------------------------------------
