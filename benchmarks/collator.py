@@ -168,7 +168,7 @@ def write_results(result: dict, out: Path) -> None:
         f"| collation (cold, from trees) / LoRA step | {r['collation_fraction_of_step']:.4f} | < 0.02 |",
         f"| collation (warm, cached) / LoRA step | {r['collation_fraction_of_step_warm']:.5f} | |",
         "",
-        f"Stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in r["timings"].items()) + ". "
+        "Stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in r["timings"].items()) + ". "
         f"LoRA step (SmolLM2-135M, r 8, batch {r['step_batch_shape']}): {r['lora_step_s']:.1f} s, median of "
         f"{len(r['lora_step_s_all']) - 1} after one warm-up; collating that batch: {r['collate_cold_s'] * 1000:.0f} ms "
         f"cold, {r['collate_warm_s'] * 1000:.1f} ms warm.",

@@ -19,7 +19,6 @@ from typing import Literal, Optional
 
 import torch
 from transformers import (
-    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,

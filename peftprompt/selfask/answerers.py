@@ -94,8 +94,6 @@ class RetrieverAnswerer(Answerer):
         tokenizer=None,
         batch_size: int = 32,
     ):
-        import torch  # noqa: F401  (imported lazily: the module stays light for tool-only use)
-
         if model is None or tokenizer is None:
             from ..backbones import load_backbone
 
