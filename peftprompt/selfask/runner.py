@@ -47,20 +47,17 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
 from ..recursive.tree import Node
-from ..recursive.unroll import SELF_ASK, Template, clean_text, parse_episode
+from ..recursive.unroll import SELF_ASK, Template, Unroller, clean_text, parse_episode
 from .answerers import UNKNOWN, Answer, Answerer, ModelAnswerer, as_answerer
 
 
 def format_episode(
     question: str, follow_ups: Sequence[tuple[str, str]], answer: str, template: Template = SELF_ASK
 ) -> str:
-    """One self-ask example in `template`'s exact format (as the unroller writes it, without EOS)."""
-    t = template
-    parts = [t.question.format(question=question), t.follow_ups_needed if follow_ups else t.no_follow_ups]
-    for follow_up, intermediate in follow_ups:
-        parts += [t.follow_up.format(question=follow_up), t.intermediate_answer.format(answer=intermediate)]
-    parts.append(t.final_answer.format(answer=answer))
-    return "".join(parts)
+    """One self-ask example in `template`'s exact format: the unroller's episode of a one-level tree (without EOS)."""
+    children = [Node(question=q, answer=a, id=str(k)) for k, (q, a) in enumerate(follow_ups, start=1)]
+    (episode,) = Unroller(mode="flat", template=template)(Node(question=question, answer=answer, children=children))
+    return episode.text
 
 
 # The 4-shot self-ask prompt of Press et al. (2022), "Measuring and Narrowing the Compositionality Gap".
