@@ -152,12 +152,13 @@ def _add_data_show(data_commands: argparse._SubParsersAction) -> None:
 DATA_SUBCOMMANDS = [_add_data_convert, _add_data_stats, _add_data_show]
 
 
-def _add_data_group(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    data = commands.add_parser("data", help="convert and inspect decomposition-tree data (decomp-tree/v1 JSONL)")
-    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
-    for add in DATA_SUBCOMMANDS:
-        add(data_commands)
-    return data_commands
+def _add_group(commands: argparse._SubParsersAction, name: str, help: str, subcommands: list) -> None:
+    """A command with subcommands (``peftprompt data ...``, ``peftprompt eval ...``): each entry of `subcommands`
+    adds its own parser and handler."""
+    parser = commands.add_parser(name, help=help)
+    group = parser.add_subparsers(dest=f"{name}_command", required=True, metavar="SUBCOMMAND")
+    for add in subcommands:
+        add(group)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -319,14 +320,6 @@ def _add_eval_selfask(eval_commands: argparse._SubParsersAction) -> None:
 EVAL_SUBCOMMANDS = [_add_eval_selfask]
 
 
-def _add_eval_group(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    evaluate = commands.add_parser("eval", help="evaluate models (self-ask: direct vs few-shot vs fine-tuned)")
-    eval_commands = evaluate.add_subparsers(dest="eval_command", required=True, metavar="SUBCOMMAND")
-    for add in EVAL_SUBCOMMANDS:
-        add(eval_commands)
-    return eval_commands
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftprompt", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -343,10 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--force", action="store_true", help="rebuild the cached SmolLM2 checkpoint")
     fetch.set_defaults(run=_fetch)
 
-    _add_data_group(commands)
+    _add_group(commands, "data", "convert and inspect decomposition-tree data (decomp-tree/v1 JSONL)", DATA_SUBCOMMANDS)
     _add_export(commands)
     _add_ask(commands)
-    _add_eval_group(commands)
+    _add_group(commands, "eval", "evaluate models (self-ask: direct vs few-shot vs fine-tuned)", EVAL_SUBCOMMANDS)
     return parser
 
 
