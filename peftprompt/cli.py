@@ -288,7 +288,8 @@ def _eval_selfask(args: argparse.Namespace) -> None:
           f"{'the model' if args.no_kb else 'a retriever over the gold sub-question facts'})")
     print(format_table(results))
     if args.out:
-        out = write_file_atomically(Path(args.out), lambda f: f.write(json.dumps(results, indent=2, ensure_ascii=False) + "\n"))
+        text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
+        out = write_file_atomically(Path(args.out), lambda f: f.write(text))
         print(f"wrote {out}")
 
 
@@ -336,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--force", action="store_true", help="rebuild the cached SmolLM2 checkpoint")
     fetch.set_defaults(run=_fetch)
 
-    _add_group(commands, "data", "convert and inspect decomposition-tree data (decomp-tree/v1 JSONL)", DATA_SUBCOMMANDS)
+    _add_group(
+        commands, "data", "convert and inspect decomposition-tree data (decomp-tree/v1 JSONL)", DATA_SUBCOMMANDS
+    )
     _add_export(commands)
     _add_ask(commands)
     _add_group(commands, "eval", "evaluate models (self-ask: direct vs few-shot vs fine-tuned)", EVAL_SUBCOMMANDS)
