@@ -573,3 +573,47 @@ def test_multi_cpu_config_starts_one_process(tmp_path):
 def test_unquoted_yaml_no_means_no(tmp_path):
     config = load_config(write(tmp_path, "task: causal_lm\nmixed_precision: no\n"), ["mixed_precision=no"])
     assert config.mixed_precision == "no"
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_logits_at_trained_positions_only_give_the_same_loss_and_gradients(method, weighted):
+    """The kept-logits path (lm head and softmax at trained positions only) equals the full-logits path."""
+    from peftprompt import attach
+
+    model = attach(tiny_llama(seed=3), method)
+    assert loop.trains_only_kept_logits(model, "causal_lm")
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(5, TINY_VOCAB, (3, 16), generator=generator)
+    labels = torch.full_like(input_ids, -100)
+    labels[0, 4:9] = input_ids[0, 4:9]  # trained spans differ per row, as in packed self-ask rows
+    labels[1, 10:16] = input_ids[1, 10:16]
+    labels[2, 2:4] = input_ids[2, 2:4]
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    if weighted:
+        batch["loss_weights"] = torch.rand(input_ids.shape, generator=generator) + 0.5
+    assert loop.trained_positions(labels).tolist() == [1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14]
+
+    results = []
+    for kept in (False, True):
+        model.zero_grad()
+        loss, items, tokens = loop._training_loss(model, batch, "causal_lm", kept_logits=kept)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), items, tokens, grads))
+    (full_loss, full_items, full_tokens, full_grads), (kept_loss, kept_items, kept_tokens, kept_grads) = results
+    expected_items = batch["loss_weights"][labels != -100].sum() if weighted else torch.tensor(13.0)
+    # items count the trained next-token targets: labels[:, 1:] set (the label at position 0 is never predicted)
+    assert float(full_items) == pytest.approx(float(kept_items)) == pytest.approx(float(expected_items), rel=1e-5)
+    assert int(full_tokens) == int(kept_tokens) == 48
+    torch.testing.assert_close(kept_loss, full_loss, rtol=1e-5, atol=1e-5)
+    assert full_grads.keys() == kept_grads.keys() and full_grads
+    for name in full_grads:
+        torch.testing.assert_close(kept_grads[name], full_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_prompt_learning_and_classification_keep_the_full_logits():
+    from peftprompt import attach
+
+    assert not loop.trains_only_kept_logits(attach(tiny_llama(), "prompt"), "causal_lm")
+    assert not loop.trains_only_kept_logits(tiny_llama(), "seq_cls")

@@ -44,6 +44,7 @@ What Accelerate does here, and what was measured (accelerate 1.15, torch 2.13 CP
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -245,8 +246,45 @@ def row_losses(
     return loss, torch.ones_like(loss)
 
 
-def _training_loss(model, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(summed loss, loss items, non-pad input tokens) of one micro-batch."""
+def trains_only_kept_logits(model, task: str) -> bool:
+    """Whether `model` can compute causal-LM logits at chosen positions only (``logits_to_keep`` as indices).
+
+    True for causal LMs whose forward takes ``logits_to_keep`` (Llama, Mistral, Qwen, GPT-2, ... in transformers
+    >= 4.50), bare or under a PEFT adapter that does not prepend virtual tokens (not prefix / prompt tuning)."""
+    if task != "causal_lm":
+        return False
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and peft_config.is_prompt_learning:
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def trained_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Sequence positions whose logits predict a trained token in at least one row (``labels[:, t + 1]`` set)."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+
+
+def _kept_logits_loss(model, batch: dict, labels: torch.Tensor, weights: Optional[torch.Tensor]):
+    """(summed loss, loss items) from logits at the trained positions only: the lm-head matmul and the softmax over
+    the vocabulary skip every prompt, padding and packed-in context position. Same loss as the full path."""
+    keep = trained_positions(labels)
+    logits = model(**batch, logits_to_keep=keep).logits  # [batch, len(keep), vocab]
+    targets = labels[:, keep + 1]
+    ce = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(targets.shape)
+    item_weights = (targets != IGNORE_INDEX).float()
+    if weights is not None:
+        item_weights = item_weights * weights[:, keep + 1].float()
+    return (ce * item_weights).sum(), item_weights.sum().to(torch.float64)
+
+
+def _training_loss(
+    model, batch: dict, task: str, kept_logits: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed loss, loss items, non-pad input tokens) of one micro-batch; with `kept_logits` (causal LM) the logits
+    are computed at trained positions only (`trains_only_kept_logits`)."""
     batch = dict(batch)
     weights = batch.pop("loss_weights", None)
     labels = batch.get("labels")
@@ -254,9 +292,13 @@ def _training_loss(model, batch: dict, task: str) -> tuple[torch.Tensor, torch.T
         raise ValueError(f"training batches need 'labels' (the collator gave {sorted(batch)})")
     mask = batch.get("attention_mask")
     tokens = mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel(), device=labels.device)
+    if weights is not None and task != "causal_lm":
+        raise ValueError(f"loss_weights are supported for task causal_lm only, not {task!r}")
+    if kept_logits:
+        del batch["labels"]
+        loss_sum, items = _kept_logits_loss(model, batch, labels, weights)
+        return loss_sum, items, tokens
     if weights is not None:
-        if task != "causal_lm":
-            raise ValueError(f"loss_weights are supported for task causal_lm only, not {task!r}")
         del batch["labels"]
         logits = model(**batch).logits
         row_sum, row_items = row_losses(logits, labels, task, weights)
@@ -579,6 +621,7 @@ def train(
     if use_cache is not None:
         model_config.use_cache = False  # packed rows need it off (README), and training never uses the cache
     model.train()
+    kept_logits = trains_only_kept_logits(model, config.task)
     optimizer = make_optimizer(config, model)
     train_loader = accelerator.prepare(
         DataLoader(
@@ -660,6 +703,7 @@ def train(
         "total_params": n_total,
         "resumed_from": str(resume_dir) if resume_dir else None,
         "global_step": state["global_step"],
+        "logits_at_trained_positions_only": kept_logits,
         "command": command,
     }
     log.record(start_record)
@@ -668,6 +712,7 @@ def train(
         f"{mixed_precision}: {mp_reason}; {total_steps} optimiser steps ({steps_per_epoch}/epoch, batch "
         f"{config.per_device_train_batch_size} x {gas} accumulation x {world_size} processes); trainable "
         f"{n_trainable:,} / {n_total:,} parameters"
+        + ("; logits at trained positions only" if kept_logits else "")
         + (f"; resuming from {resume_dir} at step {state['global_step']}" if resume_dir else "")
     )
     _warn_single_process_launch(accelerator, log)
@@ -755,7 +800,7 @@ def train(
         skip_batches = 0
         for batch in loader:
             with accelerator.accumulate(model):
-                loss_sum, items, tokens = _training_loss(model, batch, config.task)
+                loss_sum, items, tokens = _training_loss(model, batch, config.task, kept_logits)
                 accelerator.backward(loss_sum)
                 accumulated_items += items
                 window += torch.stack([loss_sum.detach().double(), items.double(), tokens.double()])
