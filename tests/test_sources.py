@@ -21,7 +21,7 @@ EXPECTED = {
     "strategyqa": (1831, {}, "train"),
     "break": (7327, {"self reference": 2, "empty question": 1}, "dev"),
     "break_high_level": (2888, {"self reference": 1}, "dev"),
-    "compositional_celebrities": (8193, {}, "test"),
+    "compositional_celebrities": (8188, {"no gold answer": 5}, "test"),  # 5 currency symbols are ""
     "bamboogle": (100, {}, "test"),
 }
 
@@ -190,9 +190,12 @@ def test_compositional_celebrities_example_and_evaluation_only():
         ("What is the capital of Afghanistan?", "Kabul")]
     assert tree.children[1].question_template == "What is the capital of #1?"
     assert tree.meta == {"evaluation_only": True, "category": "birthplace_capital", "person": "Rumi", "person_id": 0}
-    assert sum("#1" in t.children[1].question_template for t in trees) == 8193 - 96  # "Czechia" vs "Czech Republic"
-    with pytest.raises(ValueError, match=r"compositional_celebrities \(8193 trees\)"):
+    assert sum("#1" in t.children[1].question_template for t in trees) == 8188 - 93  # "Czechia" vs "Czech Republic", ...
+    with pytest.raises(ValueError, match=r"compositional_celebrities \(8188 trees\)"):
         check_trainable(trees)
+    latitude = next(t for t in trees if t.meta["category"] == "birthplace_rounded_lat")
+    assert (latitude.question, latitude.answer, latitude.children[1].answer) == (
+        "What is the (rounded down) latitude of the birthplace of Rumi?", "33", "33")  # numbers in the JSON
 
 
 def test_bamboogle_single_nodes_with_bridge_answers():

@@ -24,7 +24,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from .tree import Node, SkipReport, TreeError, resolve_templates, validate
 
@@ -140,9 +140,11 @@ def _finish(trees: Iterable[Node], limit: Optional[int], report: Optional[SkipRe
     return out
 
 
-def _first_rest(values: list[str]) -> tuple[Optional[str], list[str]]:
-    """First answer and the other distinct ones (as aliases)."""
-    cleaned = [v.strip() for v in values if isinstance(v, str) and v.strip()]
+def _first_rest(values: list) -> tuple[Optional[str], list[str]]:
+    """First answer and the other distinct ones (as aliases); numbers (Compositional Celebrities' rounded
+    latitudes) become their text, empty strings are dropped."""
+    texts = [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in values]
+    cleaned = [v.strip() for v in texts if isinstance(v, str) and v.strip()]
     if not cleaned:
         return None, []
     rest = [v for i, v in enumerate(cleaned) if v != cleaned[0] and v not in cleaned[:i]]
@@ -405,7 +407,16 @@ def compositional_celebrities(split: Optional[str] = None, limit: Optional[int] 
                   "person_id": row.get("person_id")},
         )
 
-    return _finish((build(row) for row in rows), limit, report)
+    report = report if report is not None else SkipReport()
+
+    def answered(rows: Iterable[dict]) -> Iterator[dict]:
+        for row in rows:
+            if _first_rest(row["Answer"])[0] is None:  # e.g. Bosnia's currency symbol: the data set's answer is ""
+                report.add("no gold answer", f"compositional_celebrities: {row['Question']!r} has no answer")
+                continue
+            yield row
+
+    return _finish((build(row) for row in answered(rows)), limit, report)
 
 
 # -------------------------------------------------------------------------------------------------- Bamboogle ---
