@@ -194,12 +194,13 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
 
 def _ask(args: argparse.Namespace) -> None:
     from rich.console import Console
-    from rich.tree import Tree
+    from rich.markup import escape
 
     from .adapters import load_adapter
     from .backbones import load_backbone
     from .recursive import write_trees
     from .selfask import FEW_SHOT_SELF_ASK, RetrieverAnswerer, SelfAskRunner
+    from .selfask.show import print_run
 
     model, tokenizer = load_backbone(args.model, task="causal_lm")
     if args.adapter:
@@ -212,19 +213,12 @@ def _ask(args: argparse.Namespace) -> None:
     results = runner.run_batch(args.questions)
     console = Console(soft_wrap=True, highlight=False)
     for result in results:
-        if args.show:
-            console.print(result.text, style="dim")
-            tree = Tree(f"[bold]{result.question}[/] -> {result.answer or '(no answer)'}")
-            stack = [(tree, result.trace)]
-            while stack:
-                branch, node = stack.pop()
-                for child in node.children:
-                    leaf = branch.add(f"{child.question} -> {child.answer} [dim]({child.answer_source})[/]")
-                    stack.append((leaf, child))
-            console.print(tree)
         issues = f"; issues: {', '.join(result.issues)}" if result.issues else ""
-        console.print(f"{result.answer or '(no answer)'}  [dim]({result.follow_ups} follow-ups, "
-                      f"{result.generated_tokens} tokens{issues})[/]")
+        note = f"{result.follow_ups} follow-ups, {result.generated_tokens} tokens{issues}"
+        if args.show:
+            print_run(console, result.trace, result.answer, result.text, note)
+        else:
+            console.print(f"{escape(result.answer or '(no answer)')}  [dim]({escape(note)})[/]")
     if args.trace_out:
         write_trees(args.trace_out, [r.trace for r in results])
 
@@ -249,7 +243,7 @@ def _eval_selfask(args: argparse.Namespace) -> None:
 
     from .atomic import write_file_atomically
     from .recursive import convert, read_trees
-    from .selfask.evaluate import APPROACHES, compare_approaches, format_table
+    from .selfask.evaluate import APPROACHES, compare_approaches, format_table, sample_trees
 
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
@@ -260,9 +254,10 @@ def _eval_selfask(args: argparse.Namespace) -> None:
     if "fine_tuned_self_ask" in approaches and not args.adapter:
         raise ValueError("approach 'fine_tuned_self_ask' needs --adapter")
     if args.trees:
-        trees = read_trees(args.trees)[: args.n]
+        trees = read_trees(args.trees)
     else:
-        trees = convert(args.source, split=args.split, limit=args.n)
+        trees = convert(args.source, split=args.split, limit=None if args.sample_seed is not None else args.n)
+    trees = sample_trees(trees, args.n, args.sample_seed)
     if not trees:
         raise ValueError(f"no trees to evaluate from {args.trees or args.source}")
 
@@ -278,9 +273,10 @@ def _eval_selfask(args: argparse.Namespace) -> None:
     results = compare_approaches(
         trees, model.eval(), tokenizer, adapter_model=adapter_model, kb=not args.no_kb, approaches=approaches,
         sub_question_check=not args.no_sub_question_check, runner_kwargs=runner_kwargs,
-        threshold=args.threshold,
+        threshold=args.threshold, progress=True,
     )
     results["config"] = {"source": None if args.trees else args.source, "trees": args.trees, "split": args.split,
+                         "sample_seed": args.sample_seed,
                          "model": args.model, "adapter": args.adapter, "kb": not args.no_kb,
                          "threshold": args.threshold, "max_depth": args.max_depth, "approaches": list(approaches)}
     print(f"{results['n']} questions ({args.trees or args.source}, model {args.model}"
@@ -303,6 +299,9 @@ def _add_eval_selfask(eval_commands: argparse._SubParsersAction) -> None:
     selfask.add_argument("--split", default=None, help="split to read (default: the source's only split)")
     selfask.add_argument("--trees", default=None, help="a decomp-tree/v1 JSONL file instead of --source")
     selfask.add_argument("--n", type=int, default=100, help="evaluate the first N questions (default: %(default)s)")
+    selfask.add_argument("--sample-seed", type=int, default=None, metavar="SEED",
+                         help="evaluate N questions drawn at random with this seed instead of the first N (files "
+                              "grouped by category, like Compositional Celebrities, need it)")
     selfask.add_argument("--model", default="smollm2-135m", help="embedded name, hub id or path of a causal LM")
     selfask.add_argument("--adapter", default=None, help="a fine-tuned self-ask adapter (fine_tuned_self_ask)")
     selfask.add_argument("--approaches", nargs="+", default=None, metavar="APPROACH",

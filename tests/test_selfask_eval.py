@@ -7,9 +7,15 @@ import json
 
 import pytest
 
-from peftprompt.recursive import Node
+from peftprompt.recursive import Node, convert
 from peftprompt.selfask import FEW_SHOT_DIRECT, FEW_SHOT_SELF_ASK, SelfAskRunner, ToolAnswerer
-from peftprompt.selfask.evaluate import compare_approaches, evaluate_selfask, format_table, knowledge_base
+from peftprompt.selfask.evaluate import (
+    compare_approaches,
+    evaluate_selfask,
+    format_table,
+    knowledge_base,
+    sample_trees,
+)
 from test_selfask import Scripted
 
 def tree(question, answer, subs, aliases=()):
@@ -167,18 +173,34 @@ def test_eval_command_writes_json(tiny_smollm, tmp_path, capsys):
     from peftprompt.cli import main
 
     out = tmp_path / "results.json"
-    argv = ["eval", "selfask", "--source", "compositional_celebrities", "--n", "2", "--model",
+    argv = ["eval", "selfask", "--source", "compositional_celebrities", "--n", "2", "--sample-seed", "0", "--model",
             str(tiny_smollm), "--out", str(out)]
     assert main(argv) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "direct" in printed and "few_shot_self_ask" in printed and "EM" in printed
+    assert "few_shot_self_ask: 100%" in captured.err  # the progress bar
     results = json.loads(out.read_text())
     assert results["n"] == 2 and set(results) == {"n", "direct", "few_shot_self_ask", "config"}
+    assert results["config"]["sample_seed"] == 0
+    expected = [t.question for t in sample_trees(convert("compositional_celebrities"), 2, seed=0)]
+    assert [e["question"] for e in results["direct"]["examples"]] == expected
     for approach in ("direct", "few_shot_self_ask"):
         r = results[approach]
         assert {"n", "em", "f1", "well_formed", "mean_follow_ups", "mean_generated_tokens", "compositionality_gap",
                 "sub_questions_correct", "issues", "examples"} <= set(r)
         assert r["n"] == 2 and len(r["examples"]) == 2 and 0 <= r["em"] <= 1 and 0 <= r["well_formed"] <= 1
+        assert r["seconds"] > 0
+
+
+def test_sample_trees_is_seeded_spread_and_in_file_order():
+    trees = [Node(question=f"q{i}?", answer=str(i)) for i in range(100)]
+    first = sample_trees(trees, 10, seed=0)
+    assert first == sample_trees(trees, 10, seed=0) and first != sample_trees(trees, 10, seed=1)
+    indices = [int(t.answer) for t in first]
+    assert indices == sorted(indices) and len(set(indices)) == 10 and max(indices) >= 50
+    assert sample_trees(trees, 3) == trees[:3]
+    assert sample_trees(trees, 500, seed=0) == trees and sample_trees(trees, None) == trees
 
 
 @pytest.mark.parametrize("argv, message", [

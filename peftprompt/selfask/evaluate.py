@@ -29,6 +29,8 @@ Metrics (each a rate in [0, 1] over the ``n`` questions unless said otherwise):
 
 from __future__ import annotations
 
+import random
+import time
 from collections import Counter
 from typing import Any, Optional, Sequence
 
@@ -66,6 +68,18 @@ def knowledge_base(trees: Sequence[Node]) -> list[tuple[str, str]]:
             seen.add(key)
             facts.append((node.question, node.answer))
     return facts
+
+
+def sample_trees(trees: Sequence[Node], n: Optional[int], seed: Optional[int] = None) -> list[Node]:
+    """The first `n` trees, or with `seed` `n` trees drawn at random (in their file order), the same for the same
+    seed and file. `n` None keeps them all."""
+    trees = list(trees)
+    if n is None or n >= len(trees):
+        return trees
+    if seed is None:
+        return trees[:n]
+    keep = sorted(random.Random(seed).sample(range(len(trees)), n))
+    return [trees[i] for i in keep]
 
 
 def _sub_questions(tree: Node) -> list[Node]:
@@ -131,7 +145,7 @@ def evaluate_selfask(
             "id": tree.id, "question": tree.question, "gold": gold, "answer": result.answer, "em": em,
             "f1": token_f1(result.answer, gold), "correct": bool(em), "well_formed": result.well_formed,
             "follow_ups": result.follow_ups, "generated_tokens": result.generated_tokens,
-            "issues": list(result.issues), "trace": result.trace.to_dict(),
+            "issues": list(result.issues), "text": result.text, "trace": result.trace.to_dict(),
         }
         issues.update(result.issues)
         if sub_answers is not None:
@@ -183,6 +197,7 @@ def compare_approaches(
     runner_kwargs: Optional[dict] = None,
     adapter_runner_kwargs: Optional[dict] = None,
     threshold: float = 0.8,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Direct answering vs few-shot self-ask vs fine-tuned (zero-shot) self-ask, side by side.
 
@@ -199,10 +214,12 @@ def compare_approaches(
         runner_kwargs, adapter_runner_kwargs (`dict`, *optional*): More `SelfAskRunner` arguments for the base /
             adapter model's runners (e.g. ``max_depth``, ``generate_fn``).
         threshold (`float`, defaults to 0.8): The retriever's similarity threshold.
+        progress (`bool`, defaults to `False`): A progress bar per approach (questions finished).
 
     Returns:
         ``{"n": ..., "direct": {...}, "few_shot_self_ask": {...}, "fine_tuned_self_ask": {...}}`` with the
-        `evaluate_selfask` summaries of the approaches run.
+        `evaluate_selfask` summaries of the approaches run, each with its wall-clock ``"seconds"`` (the base
+        model's sub-question check counts for the first base approach).
     """
     trees = list(trees)
     if approaches is None:
@@ -221,19 +238,26 @@ def compare_approaches(
 
         answerer = RetrieverAnswerer(knowledge_base(trees), threshold=threshold)
     base = dict(runner_kwargs or {})
+
+    def bar(approach: str) -> Optional[str]:
+        return approach if progress else None
+
     out: dict[str, Any] = {"n": len(trees)}
     shared_subs = None  # the base model's direct sub-question answers: same prompts for both base approaches
     for approach in approaches:
+        started = time.perf_counter()
         if approach == "fine_tuned_self_ask":
-            runner = SelfAskRunner(adapter_model, tokenizer, answerer=answerer, **(adapter_runner_kwargs or base))
+            runner = SelfAskRunner(adapter_model, tokenizer, answerer=answerer,
+                                   **{**(adapter_runner_kwargs or base), "progress": bar(approach)})
             out[approach] = evaluate_selfask(trees, runner, "self_ask", sub_question_check)
-            continue
-        runner = SelfAskRunner(model, tokenizer, answerer=answerer, few_shot=FEW_SHOT_SELF_ASK,
-                               few_shot_direct=FEW_SHOT_DIRECT, **base)
-        if sub_question_check and shared_subs is None:
-            shared_subs = sub_question_answers(trees, runner)
-        kind = "direct" if approach == "direct" else "self_ask"
-        out[approach] = evaluate_selfask(trees, runner, kind, sub_question_check, sub_answers=shared_subs)
+        else:
+            runner = SelfAskRunner(model, tokenizer, answerer=answerer, few_shot=FEW_SHOT_SELF_ASK,
+                                   few_shot_direct=FEW_SHOT_DIRECT, **{**base, "progress": bar(approach)})
+            if sub_question_check and shared_subs is None:
+                shared_subs = sub_question_answers(trees, runner)
+            kind = "direct" if approach == "direct" else "self_ask"
+            out[approach] = evaluate_selfask(trees, runner, kind, sub_question_check, sub_answers=shared_subs)
+        out[approach]["seconds"] = time.perf_counter() - started
     return out
 
 
@@ -254,4 +278,4 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 __all__ = ["APPROACHES", "compare_approaches", "evaluate_selfask", "format_table", "knowledge_base",
-           "sub_question_answers"]
+           "sample_trees", "sub_question_answers"]

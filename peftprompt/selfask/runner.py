@@ -46,6 +46,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
+from tqdm.auto import tqdm
+
 from ..recursive.tree import Node
 from ..recursive.unroll import SELF_ASK, Template, Unroller, clean_text, parse_episode
 from .answerers import UNKNOWN, Answer, Answerer, ModelAnswerer, as_answerer
@@ -171,6 +173,8 @@ class SelfAskRunner:
         generate_fn (callable, *optional*): ``(prompts, max_new_tokens) -> continuations`` replacing
             `model.generate` (a scripted model in tests); a `str` continuation counts its whitespace words as tokens
             (its tokenizer's tokens with a tokenizer). It must stop as `_generate` documents.
+        progress (`str`, *optional*): Show a tqdm bar with this description over the questions of each top-level
+            `run_batch` (questions finished).
     """
 
     def __init__(
@@ -188,6 +192,7 @@ class SelfAskRunner:
         few_shot_direct: str = "",
         final_answer_tokens: int = 16,
         generate_fn: Optional[GenerateFn] = None,
+        progress: Optional[str] = None,
     ):
         if model is None and generate_fn is None:
             raise ValueError("SelfAskRunner needs a model (and tokenizer) or a generate_fn")
@@ -211,6 +216,7 @@ class SelfAskRunner:
         self.batch_size, self.final_answer_tokens = batch_size, final_answer_tokens
         self.few_shot, self.few_shot_direct = few_shot, few_shot_direct
         self.generate_fn = generate_fn
+        self.progress = progress
         head, tail = template.follow_up.split("{question}")
         self.follow_up_prefix = head.strip()  # "Follow up:"
         self.marker = tail  # "\nIntermediate answer:"
@@ -227,8 +233,10 @@ class SelfAskRunner:
         if any(not q for q in questions):
             raise ValueError("SelfAskRunner: empty question")
         states = [_State(q, self.template.question.format(question=q)) for q in questions]
+        bar = tqdm(total=len(states), desc=self.progress, unit="question", disable=self.progress is None or depth > 0)
         while True:
             active = [s for s in states if not s.done]
+            bar.update(len(states) - len(active) - bar.n)
             if not active:
                 break
             limits = []
@@ -259,6 +267,7 @@ class SelfAskRunner:
                     s.follow_ups.append((q, Answer(text, answer.source, answer.trace)))
                     s.deeper_tokens += answer.generated_tokens
                     s.text += self.template.intermediate_answer.format(answer=text)
+        bar.close()
         return [self._result(s) for s in states]
 
     def answer_directly(self, questions: Sequence[str]) -> list[SelfAskResult]:

@@ -1,0 +1,42 @@
+"""Print a self-ask run for people: the transcript (dimmed) and the trace as a tree, with each answer's source.
+
+```
+What is the capital of the birthplace of Rumi? -> Kabul
+├── What is the birthplace (country only) of Rumi? -> Afghanistan (tool)
+└── What is the capital of Afghanistan? -> Kabul (tool)
+```
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from rich.console import Console
+from rich.markup import escape
+from rich.tree import Tree
+
+from ..recursive.tree import Node
+
+
+def trace_tree(trace: Node, answer: Optional[str] = None) -> Tree:
+    """A `rich.tree.Tree` of `trace`: the question with `answer` (default: the trace's), each follow-up with its
+    answer and ``answer_source``, nested as the follow-ups were asked."""
+    answer = trace.answer if answer is None else answer
+    tree = Tree(f"[bold]{escape(trace.question)}[/] -> {escape(answer or '(no answer)')}")
+    stack = [(tree, trace)]
+    while stack:
+        branch, node = stack.pop()
+        for child in node.children:
+            leaf = branch.add(f"{escape(child.question)} -> {escape(child.answer or '')} "
+                              f"[dim]({child.answer_source})[/]")
+            stack.append((leaf, child))
+    return tree
+
+
+def print_run(console: Console, trace: Node, answer: str, transcript: Optional[str] = None, note: str = "") -> None:
+    """Print one run: its `transcript` (when given, dimmed), its trace tree and a summary line with `note`."""
+    if transcript:
+        console.print(escape(transcript), style="dim")
+    console.print(trace_tree(trace, answer))
+    if note:
+        console.print(f"[dim]{escape(note)}[/]")
