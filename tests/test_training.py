@@ -368,6 +368,29 @@ def test_early_stopping_and_token_classification_metrics(tmp_path):
     assert 0 <= default.metrics["token_accuracy"] <= 1 and default.metrics["items"] == 50
 
 
+def test_test_dataset_is_reported_but_never_selects(tmp_path):
+    """A test set is scored at each evaluation (``test_`` metrics) while the evaluation set alone picks the best step;
+    watching a test metric, or a test set without an evaluation set, is refused."""
+    torch.manual_seed(0)
+    model = peftprompt.attach(tiny_bert_token_cls(3), "lora", task="token_cls", target_modules=["query", "value"])
+    generator = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(5, TINY_VOCAB, (10,), generator=generator).tolist(),
+             "labels": torch.randint(0, 3, (10,), generator=generator).tolist()} for _ in range(12)]
+    collator = SelfAskCollator(IdTokenizer(), max_length=32)
+    config = TrainConfig(task="token_cls", num_labels=3, model="tiny-bert", per_device_train_batch_size=4,
+                         max_steps=2, eval_every=1, mixed_precision="no", output_dir=str(tmp_path / "run"))
+    result = train(config, model, None, rows, collator, eval_dataset=rows[:5], test_dataset=rows[5:8])
+    assert result.metrics["items"] == 50 and result.metrics["test_items"] == 30
+    assert 0 <= result.metrics["test_token_accuracy"] <= 1 and result.metrics["test_loss"] > 0
+    assert result.best_metric == min(e["loss"] for e in result.eval_history)  # the eval loss, not the test loss
+    with pytest.raises(ValueError, match="test set never selects"):
+        train(TrainConfig(**{**config.as_dict(), "metric_for_best": "test_token_accuracy", "output_dir": str(tmp_path)
+                             + "/a"}), model, None, rows, collator, eval_dataset=rows[:5], test_dataset=rows[5:8])
+    with pytest.raises(ValueError, match="pass both"):
+        train(TrainConfig(**{**config.as_dict(), "output_dir": str(tmp_path / "b")}), model, None, rows, collator,
+              test_dataset=rows[5:8])
+
+
 def test_keep_checkpoints_and_sequence_classification(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     bert = BertForSequenceClassification(BertConfig(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64,

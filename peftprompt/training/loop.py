@@ -265,9 +265,9 @@ def trained_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
 
 
-def _kept_logits_loss(model, batch: dict, labels: torch.Tensor, weights: Optional[torch.Tensor]):
-    """(summed loss, loss items) from logits at the trained positions only: the lm-head matmul and the softmax over
-    the vocabulary skip every prompt, padding and packed-in context position. Same loss as the full path."""
+def _kept_logits_loss(model, batch: dict, labels: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """The summed loss from logits at the trained positions only: the lm-head matmul and the softmax over the
+    vocabulary skip every prompt, padding and packed-in context position. Same loss as the full path."""
     keep = trained_positions(labels)
     logits = model(**batch, logits_to_keep=keep).logits  # [batch, len(keep), vocab]
     targets = labels[:, keep + 1]
@@ -277,7 +277,7 @@ def _kept_logits_loss(model, batch: dict, labels: torch.Tensor, weights: Optiona
     item_weights = (targets != IGNORE_INDEX).float()
     if weights is not None:
         item_weights = item_weights * weights[:, keep + 1].float()
-    return (ce * item_weights).sum(), item_weights.sum().to(torch.float64)
+    return (ce * item_weights).sum()
 
 
 def _training_loss(
@@ -296,8 +296,7 @@ def _training_loss(
         raise ValueError(f"loss_weights are supported for task causal_lm only, not {task!r}")
     if kept_logits:
         del batch["labels"]
-        loss_sum, items = _kept_logits_loss(model, batch, labels, weights)
-        return loss_sum, items, tokens
+        return _kept_logits_loss(model, batch, labels, weights), count_loss_items(labels, task, weights), tokens
     if weights is not None:
         del batch["labels"]
         logits = model(**batch).logits
@@ -572,6 +571,7 @@ def train(
     eval_dataset=None,
     compute_metrics: Optional[ComputeMetrics] = None,
     evaluate_fn: Optional[EvaluateFn] = None,
+    test_dataset=None,
 ) -> TrainResult:
     """Train `model` (already adapted with `attach`) on `train_dataset`; evaluate, checkpoint, save the adapter.
 
@@ -588,6 +588,9 @@ def train(
         evaluate_fn: ``(model, accelerator) -> dict``: a recipe's own evaluation (e.g. self-ask exact match),
             called on every process with the unwrapped model in eval mode under ``torch.no_grad()``; it splits its
             work itself (``accelerator.split_between_processes``). The main process's dict is used everywhere.
+        test_dataset: Optional; scored like `eval_dataset` at each evaluation, its metrics prefixed ``test_``
+            (``test_accuracy``, ``test_loss``), and never used to pick the best step or stop early (tune on the
+            evaluation set, report the test set).
 
     Writes under ``config.output_dir``: ``metrics.jsonl`` (records ``start``, ``train``, ``eval``, ``checkpoint``,
     ``resume``, ``final``), ``checkpoints/step-N`` (Accelerate state + ``trainer_state.json``),
@@ -596,6 +599,11 @@ def train(
     `train` owns Accelerate's global state while it runs (it resets an `AcceleratorState` left with another mixed
     precision) and leaves the process group up for the caller.
     """
+    if test_dataset is not None and eval_dataset is None:
+        raise ValueError("a test_dataset is scored next to an eval_dataset (which selects the best step): pass both")
+    if (config.metric_for_best or "").removeprefix("eval_").startswith("test_"):
+        raise ValueError(f"metric_for_best={config.metric_for_best!r}: the test set never selects a step; watch a "
+                         "metric of the evaluation set instead")
     started = time.perf_counter()
     output_dir = Path(config.output_dir)
     mixed_precision, mp_reason = resolve_mixed_precision(config.mixed_precision)
@@ -728,6 +736,9 @@ def train(
                 metrics.update(
                     evaluate_loss(accelerator, unwrapped, eval_dataset, data_collator, config, compute_metrics)
                 )
+            if test_dataset is not None:
+                test = evaluate_loss(accelerator, unwrapped, test_dataset, data_collator, config, compute_metrics)
+                metrics.update((f"test_{k}", v) for k, v in test.items())
             if evaluate_fn is not None:
                 if use_cache is not None:
                     model_config.use_cache = use_cache  # generation in evaluate_fn wants the cache as it was
