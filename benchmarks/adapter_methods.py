@@ -1,10 +1,13 @@
-"""Every adapter method under the same budget on SST-2 (accuracy) or CoNLL-2003 (entity F1), through the recipes.
+"""Every adapter method under the same budget on SST-2 (accuracy) or CoNLL-2003 (entity F1), through the recipes,
+with the learning rate tuned per method on the validation split.
 
-Runs ``recipes/<recipe>.py --config recipes/configs/minilm/<task>_<method>.yaml max_steps=N`` for each method
-(``--parallel`` runs at a time, one thread each), then collects each run's ``results.json`` into
-``<task>.{json,md,png}`` under ``--out``. The learning rate of each method is the one in its config file.
+Runs ``recipes/<recipe>.py --config recipes/configs/minilm/<task>_<method>.yaml max_steps=N learning_rate=LR`` for
+each method and each LR of ``--lr-grid`` (multiples of the config file's rate), ``--parallel`` runs at a time, one
+thread each. Each run scores the validation split (SST-2 ``dev.tsv`` / CoNLL ``eng.testa``, first 1000) and the test
+split; per method the rate with the best validation score is chosen and its test score reported. Writes
+``<task>.{json,md,png}`` under ``--out`` (every run of the sweep is in the JSON and the Markdown).
 
-    .venv/bin/python benchmarks/adapter_methods.py --task sst2 [--steps 600] [--methods lora bitfit] [--parallel 2]
+    .venv/bin/python benchmarks/adapter_methods.py --task sst2 [--steps 600] [--lr-grid 0.3 1 3] [--methods lora bitfit]
 """
 
 from __future__ import annotations
@@ -26,65 +29,86 @@ from _env import environment_record
 from peftprompt.report import format_bytes
 
 REPO = Path(__file__).resolve().parents[1]
-TASKS = {
-    "sst2": ("sst2_classification.py", "accuracy", "SST-2 accuracy (test.tsv, 698 sentences)"),
-    "conll03": ("conll03_ner.py", "entity_f1", "CoNLL-2003 entity F1 (eng.testb)"),
+TASKS = {  # task: (recipe, test metric, validation metric, title)
+    "sst2": ("sst2_classification.py", "accuracy", "dev_accuracy", "SST-2 accuracy (test.tsv, 698 sentences)"),
+    "conll03": ("conll03_ner.py", "entity_f1", "dev_entity_f1", "CoNLL-2003 entity F1 (eng.testb)"),
 }
 METHODS = ("full", "lora", "prefix", "prompt", "ia3", "bitfit")
 
 
-def run_methods(task: str, methods: list[str], steps: int, parallel: int, run_dir: Path) -> dict[str, dict]:
-    """Start the recipe for each method (at most `parallel` at a time) and return ``{method: results.json}``."""
-    recipe, _, _ = TASKS[task]
+def config_learning_rate(task: str, method: str) -> float:
+    config = yaml.safe_load((REPO / f"recipes/configs/minilm/{task}_{method}.yaml").read_text())
+    return float(config["learning_rate"])
+
+
+def run_grid(task: str, jobs: list[tuple[str, float]], steps: int, parallel: int, run_dir: Path) -> list[dict]:
+    """Run the recipe for each ``(method, learning_rate)`` of `jobs` (at most `parallel` at a time); return their
+    ``results.json`` with ``learning_rate`` added, in `jobs` order."""
+    recipe = TASKS[task][0]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    pending, running, results = list(methods), {}, {}
+    pending, running, results = list(enumerate(jobs)), {}, {}
     run_dir.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(methods), desc=f"{task} methods", unit="run") as bar:
+    with tqdm(total=len(jobs), desc=f"{task} runs", unit="run") as bar:
         while pending or running:
             while pending and len(running) < parallel:
-                method = pending.pop(0)
-                out = run_dir / f"{task}_{method}"
-                log = (run_dir / f"{task}_{method}.log").open("w")
+                index, (method, lr) = pending.pop(0)
+                name = f"{task}_{method}_lr{lr:g}"
+                out = run_dir / name
+                log = (run_dir / f"{name}.log").open("w")
                 command = [
                     sys.executable, str(REPO / "recipes" / recipe), "--config",
                     str(REPO / f"recipes/configs/minilm/{task}_{method}.yaml"),
-                    f"max_steps={steps}", f"eval_every={steps}", f"output_dir={out}",
+                    f"max_steps={steps}", f"eval_every={steps}", f"learning_rate={lr:g}", f"output_dir={out}",
                 ]
-                running[method] = (subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log), out, log)
+                process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log)
+                running[index] = (process, out, log, name, lr)
             time.sleep(2)
-            for method, (process, out, log) in list(running.items()):
+            for index, (process, out, log, name, lr) in list(running.items()):
                 if process.poll() is None:
                     continue
                 log.close()
-                del running[method]
+                del running[index]
                 if process.returncode != 0:
-                    raise RuntimeError(f"{task} {method} failed (exit {process.returncode}); see {log.name}")
-                results[method] = json.loads((out / "results.json").read_text())
-                bar.set_postfix_str(method)
+                    raise RuntimeError(f"{name} failed (exit {process.returncode}); see {log.name}")
+                results[index] = {**json.loads((out / "results.json").read_text()), "learning_rate": lr}
+                bar.set_postfix_str(name)
                 bar.update()
-    return results
+    return [results[i] for i in range(len(jobs))]
 
 
-def write_outputs(task: str, rows: list[dict], record: dict, out: Path) -> None:
-    _, metric, title = TASKS[task]
+def choose(task: str, runs: list[dict], methods: list[str]) -> list[dict]:
+    """Per method, the run with the best validation score (ties: the smaller learning rate)."""
+    dev = TASKS[task][2]
+    return [max((r for r in runs if r["method"] == m), key=lambda r: (r[dev], -r["learning_rate"])) for m in methods]
+
+
+def write_outputs(task: str, rows: list[dict], sweep: list[dict], record: dict, out: Path) -> None:
+    _, metric, dev, title = TASKS[task]
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{task}.json").write_text(json.dumps({**record, "results": rows}, indent=2) + "\n")
+    (out / f"{task}.json").write_text(json.dumps({**record, "results": rows, "sweep": sweep}, indent=2) + "\n")
+    grid = ", ".join(f"{m:g}" for m in record["lr_grid"])
     lines = [
         f"# {title}, MiniLM, every method under the same budget",
         "",
-        f"{record['steps']} optimiser steps x batch {record['batch_size']} for every method (learning rates from "
-        "each method's config file, not tuned per method on this budget), linear schedule with 6 % warm-up, "
-        f"mixed precision as `auto` chose ({rows[0]['mixed_precision']}), one thread per run, "
-        f"{record['parallel']} runs at a time.",
+        f"{record['steps']} optimiser steps x batch {record['batch_size']} for every method, linear schedule with 6 % "
+        f"warm-up, mixed precision as `auto` chose ({rows[0]['mixed_precision']}), one thread per run, "
+        f"{record['parallel']} runs at a time. Learning rate per method: the best {dev} (validation split, first "
+        f"1000) over {grid} x the config file's rate; {metric} is on the test split at the last step.",
         "",
-        f"| method | trainable params | trainable % | adapter size | learning rate | {metric} | train seconds |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| method | trainable params | trainable % | adapter size | learning rate | {dev} | {metric} | "
+        "train seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['trainable_params']:,} | {r['trainable_pct']:.3f} | {format_bytes(r['adapter_bytes'])} "
-            f"| {r['learning_rate']:g} | {r[metric]:.4f} | {r['train_seconds']:.0f} |"
+            f"| {r['method']} | {r['trainable_params']:,} | {r['trainable_pct']:.3f} | "
+            f"{format_bytes(r['adapter_bytes'])} | {r['learning_rate']:g} | {r[dev]:.4f} | {r[metric]:.4f} | "
+            f"{r['train_seconds']:.0f} |"
         )
+    if len(sweep) > len(rows):
+        lines += ["", f"Every run of the sweep ({dev} / {metric}):", "",
+                  "| method | learning rate | " + dev + " | " + metric + " |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['method']} | {r['learning_rate']:g} | {r[dev]:.4f} | {r[metric]:.4f} |" for r in sweep]
     env = record["environment"]
     lines += ["", f"Machine: {env['machine']['cpu_model']} ({env['machine']['cpu_count']} CPUs); commit "
               f"{env['git_commit']}; command `{env['command']}`."]
@@ -98,8 +122,9 @@ def write_outputs(task: str, rows: list[dict], record: dict, out: Path) -> None:
         ax.annotate(r["method"], (r["trainable_params"], r[metric]), textcoords="offset points", xytext=(5, 4))
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{title}\n{record['steps']} steps x batch {record['batch_size']}", fontsize=10)
+    ax.set_ylabel(f"{metric} (test)")
+    ax.set_title(f"{title}\n{record['steps']} steps x batch {record['batch_size']}, tuned learning rates",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(out / f"{task}.png", dpi=120)
@@ -109,26 +134,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), required=True)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--steps", type=int, default=600, help="optimiser steps per method")
+    parser.add_argument("--steps", type=int, default=600, help="optimiser steps per run")
+    parser.add_argument("--lr-grid", type=float, nargs="+", default=[0.3, 1.0, 3.0], metavar="MULTIPLE",
+                        help="learning rates tried per method, as multiples of its config file's rate")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--run-dir", type=Path, default=REPO / "outputs" / "bench")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     started = time.perf_counter()
-    results = run_methods(args.task, args.methods, args.steps, args.parallel, args.run_dir)
-    rows = []
-    for method in args.methods:
-        config = yaml.safe_load((REPO / f"recipes/configs/minilm/{args.task}_{method}.yaml").read_text())
-        rows.append({**results[method], "learning_rate": float(config["learning_rate"])})
+    jobs = [(method, float(f"{config_learning_rate(args.task, method) * m:.3g}"))
+            for method in args.methods for m in args.lr_grid]
+    sweep = run_grid(args.task, jobs, args.steps, args.parallel, args.run_dir)
+    rows = choose(args.task, sweep, args.methods)
+    config = yaml.safe_load((REPO / f"recipes/configs/minilm/{args.task}_{args.methods[0]}.yaml").read_text())
     record = {
         "benchmark": args.task,
         "steps": args.steps,
         "batch_size": int(config["per_device_train_batch_size"]),
+        "lr_grid": args.lr_grid,
+        "selection": f"best {TASKS[args.task][2]} per method",
         "parallel": args.parallel,
         "wall_seconds": time.perf_counter() - started,
         "environment": environment_record(),
     }
-    write_outputs(args.task, rows, record, args.out)
+    write_outputs(args.task, rows, sweep, record, args.out)
     print((args.out / f"{args.task}.md").read_text())
 
 

@@ -2,8 +2,11 @@
 
     accelerate launch recipes/conll03_ner.py --config recipes/configs/minilm/conll03_lora.yaml [key=value ...]
 
-Trains on ``conll2003/eng.train``; reports entity-level F1 (seqeval, conlleval scoring) on ``eng.testb`` at each
-evaluation and at the end. Each word's label sits on its first sub-token, and each word is predicted by it.
+Trains on ``conll2003/eng.train``; each evaluation scores entity-level F1 (seqeval, conlleval scoring) on the
+first ``max_eval_samples`` sentences of ``eng.testa`` (validation: best step, early stopping, learning-rate choice)
+and on all of ``eng.testb`` (test, reported, never used to choose). ``results.json`` has ``entity_f1`` (test, at
+the last step) and ``dev_entity_f1``. Each word's label sits on its first sub-token, and each word is predicted by
+it.
 """
 
 from __future__ import annotations
@@ -37,11 +40,15 @@ def main(argv=None) -> None:
         return rows.remove_columns(list(CONLL03_WORD_COLUMNS))
 
     train_set = dataset("train", config.max_train_samples)
-    test_set = dataset("testb", config.max_eval_samples)
+    dev_set = dataset("testa", config.max_eval_samples)
+    test_set = dataset("testb", None)
     collator = DataCollatorForTokenClassification(tokenizer)
-    result = train(config, model, tokenizer, train_set, collator, test_set, compute_metrics=entity_metrics)
-    metrics = {k: result.metrics[k] for k in ("entity_f1", "entity_precision", "entity_recall")}
-    ship(result, {**metrics, "eval_loss": result.metrics["loss"]}, ["conll2003"])
+    result = train(config, model, tokenizer, train_set, collator, dev_set, compute_metrics=entity_metrics,
+                   test_dataset=test_set)
+    scores = result.metrics
+    metrics = {k: scores[f"test_{k}"] for k in ("entity_f1", "entity_precision", "entity_recall")}
+    ship(result, {**metrics, "dev_entity_f1": scores["entity_f1"], "test_loss": scores["test_loss"],
+                  "eval_loss": scores["loss"]}, ["conll2003"])
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
     accelerate launch recipes/sst2_classification.py --config recipes/configs/minilm/sst2_lora.yaml [key=value ...]
 
-Trains on ``sst2/train.tsv`` and reports accuracy on ``sst2/test.tsv`` (698 labelled GLUE-dev sentences) at each
-evaluation and at the end; no model selection on it (the last step's accuracy is the result).
+Trains on ``sst2/train.tsv``; each evaluation scores the first ``max_eval_samples`` sentences of ``sst2/dev.tsv``
+(the validation set: best step, early stopping, learning-rate choice) and all of ``sst2/test.tsv`` (698 labelled
+GLUE-dev sentences, reported, never used to choose). ``results.json`` has ``accuracy`` (test, at the last step)
+and ``dev_accuracy``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ def main(argv=None) -> None:
     config = parse_recipe_args(__doc__, argv)
     model, tokenizer = build_model(config)
     train_set = sst2_dataset(tokenizer, "train", config.max_length, limit=config.max_train_samples)
-    test_set = sst2_dataset(tokenizer, "test", config.max_length, limit=config.max_eval_samples)
-    result = train(config, model, tokenizer, train_set, DataCollatorWithPadding(tokenizer), test_set)
-    ship(result, {"accuracy": result.metrics["accuracy"], "eval_loss": result.metrics["loss"]}, ["sst2"])
+    dev_set = sst2_dataset(tokenizer, "dev", config.max_length, limit=config.max_eval_samples)
+    test_set = sst2_dataset(tokenizer, "test", config.max_length)
+    result = train(config, model, tokenizer, train_set, DataCollatorWithPadding(tokenizer), dev_set,
+                   test_dataset=test_set)
+    metrics = result.metrics
+    ship(result, {"accuracy": metrics["test_accuracy"], "dev_accuracy": metrics["accuracy"],
+                  "test_loss": metrics["test_loss"], "eval_loss": metrics["loss"]}, ["sst2"])
 
 
 if __name__ == "__main__":

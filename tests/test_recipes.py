@@ -65,8 +65,12 @@ def test_sst2_recipe(tiny_bert, tmp_path):
          "per_device_train_batch_size=4"], out,
     )
     results = check_run(records, out, "accuracy")
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4]
+    # dev.tsv (48 rows) is the evaluation set, test.tsv (all 698 rows) is reported next to it
+    assert evals[-1]["items"] == 48 and evals[-1]["test_items"] == 698
+    assert results["accuracy"] == evals[-1]["test_accuracy"] and results["dev_accuracy"] == evals[-1]["accuracy"]
     assert 0.0 <= results["accuracy"] <= 1.0
-    assert [r["step"] for r in records if r["type"] == "eval"] == [2, 4]
     base = BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
     model = load_adapter(base, out / "adapter")
     assert model.peft_config["default"].peft_type == "BITFIT"
@@ -80,9 +84,10 @@ def test_conll03_recipe(tiny_bert, tmp_path):
          "per_device_train_batch_size=4"], out,
     )
     results = check_run(records, out, "entity_f1")
-    assert 0.0 <= results["entity_f1"] <= 1.0
     final = [r for r in records if r["type"] == "eval"][-1]
-    assert {"entity_f1", "entity_precision", "entity_recall", "loss"} <= set(final)
+    assert {"entity_f1", "entity_precision", "entity_recall", "loss", "test_entity_f1", "test_loss"} <= set(final)
+    assert results["entity_f1"] == final["test_entity_f1"] and results["dev_entity_f1"] == final["entity_f1"]
+    assert 0.0 <= results["entity_f1"] <= 1.0
 
 
 def test_selfask_recipe(tiny_smollm, tmp_path):
