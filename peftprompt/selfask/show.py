@@ -37,6 +37,6 @@ def print_run(console: Console, trace: Node, answer: str, transcript: Optional[s
     """Print one run: its `transcript` (when given, dimmed), its trace tree and a summary line with `note`."""
     if transcript:
         console.print(escape(transcript), style="dim")
-    console.print(trace_tree(trace, answer))
+    console.print(trace_tree(trace, answer), soft_wrap=False)  # wrap long lines inside the tree, never crop them
     if note:
         console.print(f"[dim]{escape(note)}[/]")

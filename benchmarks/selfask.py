@@ -1,0 +1,143 @@
+"""Self-ask on SmolLM2-135M-Instruct: direct answering vs few-shot self-ask vs fine-tuned self-ask.
+
+Two evaluation sets, neither ever trained on:
+
+- Compositional Celebrities: ``--n`` questions drawn at random (seed 0) from all its categories;
+- 2WikiMultiHopQA questions that have ProbTree trees (``probtree_2wiki``, held out by the self-ask recipe):
+  ``--n-2wiki`` drawn at random (seed 0).
+
+Follow-ups are answered by the MiniLM retriever over each set's own gold sub-answers (Compositional Celebrities
+``Q1/A1``, ``Q2/A2``; ProbTree leaf answers), so the comparison measures decomposition, not memorised facts. The
+fine-tuned adapter is the one ``make demo`` (``recipes/selfask_sft.py`` with ``recipes/configs/smollm2/
+selfask_lora.yaml``) trains; its training sources and command are read from the run's ``results.json``.
+
+Writes ``selfask.{json,md,png}`` to ``--out``:
+
+    .venv/bin/python benchmarks/selfask.py --adapter outputs/demo_selfask/adapter [--n 300] [--n-2wiki 200] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from transformers.utils import logging as transformers_logging
+
+from _env import environment_record
+from peftprompt import load_adapter, load_backbone
+from peftprompt.recursive import convert
+from peftprompt.selfask.evaluate import APPROACHES, compare_approaches, sample_trees
+
+NAME = "selfask"
+SEED = 0
+DATASETS = {  # result key: (source, title)
+    "compositional_celebrities": ("compositional_celebrities", "Compositional Celebrities"),
+    "2wikimultihopqa": ("probtree_2wiki", "2WikiMultiHopQA (ProbTree trees)"),
+}
+LABELS = {"direct": "direct (4-shot)", "few_shot_self_ask": "few-shot self-ask (4-shot)",
+          "fine_tuned_self_ask": "fine-tuned self-ask (LoRA, 0-shot)"}
+TARGET = "fine-tuned self-ask EM >= few-shot self-ask EM + 0.20 on Compositional Celebrities, well-formed >= 0.98"
+
+
+def training_record(adapter_dir: Path) -> dict:
+    """What the adapter was trained on and how, from its run's ``results.json`` (next to ``adapter/``)."""
+    results = adapter_dir.parent / "results.json"
+    if not results.is_file():
+        return {"adapter": str(adapter_dir), "note": f"no {results} (training record unknown)"}
+    run = json.loads(results.read_text())
+    keys = ("method", "model", "trainable_params", "trainable_pct", "adapter_bytes", "global_step",
+            "train_seconds", "world_size", "mixed_precision", "datasets", "metrics", "command")
+    return {"adapter": str(adapter_dir), **{k: run[k] for k in keys if k in run}}
+
+
+def write_results(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{NAME}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    training = result["training"]
+    lines = ["# Self-ask on SmolLM2-135M-Instruct: direct vs few-shot self-ask vs fine-tuned self-ask", "",
+             "Follow-ups answered by the MiniLM retriever over each set's own gold sub-answers (threshold "
+             f"{result['threshold']}); greedy decoding; questions drawn at random (seed {SEED}). Fine-tuned adapter: "
+             f"LoRA trained on {', '.join(training.get('datasets', ['?']))} ({training.get('global_step', '?')} "
+             f"steps, never on Compositional Celebrities or 2WikiMultiHopQA).", ""]
+    for key, (_, title) in DATASETS.items():
+        if key not in result:
+            continue
+        data = result[key]
+        lines += [f"## {title}, {data['n']} questions", "",
+                  "| approach | EM | F1 | well-formed | follow-ups / question | generated tokens / question "
+                  "| compositionality gap (support) | seconds |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for approach in APPROACHES:
+            r = data.get(approach)
+            if r is None:
+                continue
+            gap = "-" if r["compositionality_gap"] is None else f"{r['compositionality_gap']:.3f} ({r['gap_support']})"
+            lines.append(f"| {LABELS[approach]} | {r['em']:.3f} | {r['f1']:.3f} | {r['well_formed']:.3f} | "
+                         f"{r['mean_follow_ups']:.2f} | {r['mean_generated_tokens']:.1f} | {gap} | "
+                         f"{r['seconds']:.0f} |")
+        lines.append("")
+    target = result["target"]
+    lines += [f"Target: {TARGET}. Measured: EM difference {target['em_gain']:+.3f}, well-formed "
+              f"{target['well_formed']:.3f} ({'met' if target['met'] else 'missed'}).", "",
+              f"Machine: {result['environment']['machine'].get('cpu_model')} "
+              f"({result['environment']['machine']['cpu_count']} CPUs); commit {result['environment']['git_commit']}; "
+              f"command `{result['environment']['command']}`."]
+    (out / f"{NAME}.md").write_text("\n".join(lines) + "\n")
+
+    keys = [k for k in DATASETS if k in result]
+    figure = Figure(figsize=(8, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    width = 0.8 / len(APPROACHES)
+    for i, approach in enumerate(APPROACHES):
+        values = [result[k].get(approach, {}).get("em", 0.0) for k in keys]
+        bars = ax.bar([x + (i - 1) * width for x in range(len(keys))], values, width, label=LABELS[approach])
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks(range(len(keys)), [f"{DATASETS[k][1]}\n(n={result[k]['n']})" for k in keys])
+    ax.set_ylabel("exact match")
+    ax.set_title("SmolLM2-135M-Instruct self-ask, follow-ups answered by a retriever over gold sub-answers")
+    ax.legend(fontsize=8)
+    figure.savefig(out / f"{NAME}.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", type=Path, default=Path("outputs/demo_selfask/adapter"),
+                        help="the fine-tuned self-ask adapter (default: the one `make demo` trains)")
+    parser.add_argument("--model", default="smollm2-135m", help="the base causal LM of the adapter")
+    parser.add_argument("--n", type=int, default=300, help="Compositional Celebrities questions (default 300)")
+    parser.add_argument("--n-2wiki", type=int, default=200, help="2WikiMultiHopQA questions (default 200)")
+    parser.add_argument("--threshold", type=float, default=0.8, help="retriever similarity needed to answer")
+    parser.add_argument("--quick", action="store_true", help="20 questions per set")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    if not (args.adapter / "adapter_config.json").is_file():
+        parser.error(f"no adapter at {args.adapter}: train one first (`make demo`, or `accelerate launch "
+                     "recipes/selfask_sft.py --config recipes/configs/smollm2/selfask_lora.yaml`)")
+    sizes = {"compositional_celebrities": 20 if args.quick else args.n,
+             "2wikimultihopqa": 20 if args.quick else args.n_2wiki}
+    transformers_logging.set_verbosity_error()
+    model, tokenizer = load_backbone(args.model, task="causal_lm")
+    tuned = load_adapter(load_backbone(args.model, task="causal_lm")[0], args.adapter).eval()
+    result: dict = {"benchmark": NAME, "model": args.model, "threshold": args.threshold, "seed": SEED,
+                    "training": training_record(args.adapter)}
+    for key, (source, title) in DATASETS.items():
+        trees = sample_trees(convert(source), sizes[key], seed=SEED)
+        print(f"{title}: {len(trees)} questions")
+        result[key] = compare_approaches(trees, model.eval(), tokenizer, adapter_model=tuned,
+                                         threshold=args.threshold, progress=True)
+    cc = result["compositional_celebrities"]
+    em_gain = cc["fine_tuned_self_ask"]["em"] - cc["few_shot_self_ask"]["em"]
+    well_formed = cc["fine_tuned_self_ask"]["well_formed"]
+    result["target"] = {"text": TARGET, "em_gain": em_gain, "well_formed": well_formed,
+                        "met": em_gain >= 0.20 and well_formed >= 0.98}
+    result["environment"] = environment_record()
+    write_results(result, args.out)
+    print((args.out / f"{NAME}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

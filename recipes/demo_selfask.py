@@ -1,0 +1,109 @@
+"""The main job (`make demo`): fine-tune SmolLM2-135M for recursive self-ask, then watch it decompose questions.
+
+1. Train the self-ask LoRA with ``accelerate launch`` from the shipped configs: ``recipes/selfask_sft.py --config
+   recipes/configs/smollm2/selfask_lora.yaml`` on 2 CPU processes (``recipes/accelerate/cpu_2proc.yaml``; one
+   GPU process with ``single_gpu.yaml`` where CUDA is available). Training trees: MuSiQue and the ProbTree trees of
+   HotpotQA and MuSiQue, never Compositional Celebrities.
+2. Print the adapter's size, then answer five Compositional Celebrities questions with it, showing each trace;
+   follow-ups are answered by the MiniLM retriever over the questions' own gold sub-answers (``Q1/A1``,
+   ``Q2/A2``), so the score measures the decomposition.
+3. Print exact match before (the base model, few-shot self-ask: the 4-shot prompt of Press et al.) and after
+   fine-tuning (zero-shot self-ask with the adapter) on ``--n`` questions drawn at random (seed 0).
+
+    .venv/bin/python recipes/demo_selfask.py [--output_dir outputs/demo_selfask] [--n 100] [key=value ...]
+
+``key=value`` arguments go to the training config (e.g. ``max_steps=20`` for a quick look).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from transformers.utils import logging as transformers_logging
+
+from peftprompt import load_adapter, load_backbone
+from peftprompt.adapters import directory_bytes
+from peftprompt.recursive import Node, convert
+from peftprompt.report import format_bytes
+from peftprompt.selfask import FEW_SHOT_SELF_ASK, RetrieverAnswerer, SelfAskRunner
+from peftprompt.selfask.evaluate import evaluate_selfask, knowledge_base, sample_trees
+from peftprompt.selfask.show import print_run
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "recipes/configs/smollm2/selfask_lora.yaml"
+SOURCE = "compositional_celebrities"
+SHOWN = 5
+
+
+def train_command(output_dir: Path, overrides: list[str]) -> tuple[list[str], dict]:
+    """The ``accelerate launch`` command line of the self-ask recipe and its environment."""
+    if torch.cuda.is_available():
+        launch, env = ["--config_file", str(REPO / "recipes/accelerate/single_gpu.yaml")], {}
+    else:  # see recipes/accelerate/cpu_2proc.yaml: ACCELERATE_USE_CPU makes torchrun's 2 processes use gloo
+        launch = ["--config_file", str(REPO / "recipes/accelerate/cpu_2proc.yaml")]
+        env = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [str(accelerate), "launch", *launch, str(REPO / "recipes/selfask_sft.py"), "--config", str(CONFIG),
+               f"output_dir={output_dir}", *overrides]
+    return command, {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env}
+
+
+def score(runner: SelfAskRunner, trees: list[Node]) -> dict:
+    return evaluate_selfask(trees, runner, "self_ask", sub_question_check=False, return_records=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", type=Path, default=Path("outputs/demo_selfask"))
+    parser.add_argument("--n", type=int, default=100, help="questions scored before and after (default 100)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
+    args = parser.parse_args()
+    if args.n < SHOWN:
+        parser.error(f"--n must be >= {SHOWN}, got {args.n}")
+    console = Console(soft_wrap=True, highlight=False)
+
+    console.rule("1. Fine-tune SmolLM2-135M-Instruct for self-ask (LoRA, accelerate launch)")
+    command, env = train_command(args.output_dir.resolve(), args.overrides)
+    console.print(f"$ {shlex.join(command)}", style="bold")
+    started = time.perf_counter()
+    subprocess.run(command, cwd=REPO, env=env, check=True)
+    train_minutes = (time.perf_counter() - started) / 60
+    adapter_dir = args.output_dir / "adapter"
+    trained = json.loads((args.output_dir / "results.json").read_text())
+    console.print(f"trained in {train_minutes:.1f} min; adapter {adapter_dir}: "
+                  f"{format_bytes(directory_bytes(adapter_dir))} ({trained['trainable_params']:,} trainable "
+                  f"parameters, {trained['trainable_pct']:.2f} % of the model)")
+
+    transformers_logging.set_verbosity_error()
+    trees = sample_trees(convert(SOURCE), args.n, seed=0)
+    retriever = RetrieverAnswerer(knowledge_base(trees))
+    base, tokenizer = load_backbone("smollm2-135m", task="causal_lm")
+    tuned = load_adapter(load_backbone("smollm2-135m", task="causal_lm")[0], adapter_dir).eval()
+
+    console.rule(f"2. Fine-tuned self-ask on {SHOWN} Compositional Celebrities questions (follow-ups: retriever)")
+    after = score(SelfAskRunner(tuned, tokenizer, answerer=retriever, progress="fine-tuned self-ask"), trees)
+    for record in after["records"][:SHOWN]:
+        verdict = "correct" if record["correct"] else f"wrong; gold: {' | '.join(record['gold'])}"
+        print_run(console, Node.from_dict(record["trace"]), record["answer"], record["text"], verdict)
+        console.print()
+
+    console.rule(f"3. Exact match on {len(trees)} Compositional Celebrities questions (random sample, seed 0)")
+    before = score(SelfAskRunner(base.eval(), tokenizer, answerer=retriever, few_shot=FEW_SHOT_SELF_ASK,
+                                 progress="few-shot self-ask (base model)"), trees)
+    for name, result in (("before: base model, few-shot self-ask", before),
+                         ("after:  LoRA adapter, zero-shot self-ask", after)):
+        console.print(f"{name}  EM {result['em']:.3f}  F1 {result['f1']:.3f}  "
+                      f"well-formed {result['well_formed']:.3f}  follow-ups/question {result['mean_follow_ups']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
