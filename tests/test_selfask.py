@@ -444,3 +444,26 @@ def test_real_smollm2_answers_a_compositional_celebrities_question_with_the_retr
     assert 0 < result.generated_tokens <= runner.max_total_tokens
     check_trace(result)
     assert runner.run(tree.question).text == result.text
+
+
+def test_traces_feed_back_into_the_collator_as_training_data(tmp_path):
+    """A run's trace, saved as decomp-tree/v1 JSONL and read back, is a training example: the collator's episode is
+    the run's transcript, with the follow-ups and the final answer trained and the retrieved answers masked."""
+    from transformers import AutoTokenizer
+
+    from peftprompt.backbones import smollm2_path
+    from peftprompt.recursive import SelfAskCollator, read_trees, write_trees
+
+    result = SelfAskRunner(generate_fn=Scripted({QUESTION: TWO_STEPS}), answerer=tool(FACTS)).run(QUESTION)
+    assert write_trees(tmp_path / "traces.jsonl", [result.trace]) == 1
+    (tree,) = read_trees(tmp_path / "traces.jsonl")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    collator = SelfAskCollator(tokenizer, max_length=256, unroller=Unroller(mode="flat"))
+    batch = collator([tree.to_dict()])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    assert text.startswith(result.text)
+    trained = tokenizer.decode(ids[labels != -100], skip_special_tokens=True)
+    assert "Follow up: Who is Queen Hyojeong married to?" in trained
+    assert "So the final answer is: Crown Prince Hyomyeong" in trained
+    assert "Question:" not in trained and "King Heonjong of Joseon\n" not in trained  # question, tool answers masked
