@@ -179,7 +179,7 @@ def test_eval_command_writes_json(tiny_smollm, tmp_path, capsys):
     captured = capsys.readouterr()
     printed = captured.out
     assert "direct" in printed and "few_shot_self_ask" in printed and "EM" in printed
-    assert "few_shot_self_ask: 100%" in captured.err  # the progress bar
+    assert "few_shot_self_ask: 100%" in captured.err and "direct: direct answers: 100%" in captured.err  # progress
     results = json.loads(out.read_text())
     assert results["n"] == 2 and set(results) == {"n", "direct", "few_shot_self_ask", "config"}
     assert results["config"]["sample_seed"] == 0

@@ -174,7 +174,7 @@ class SelfAskRunner:
             `model.generate` (a scripted model in tests); a `str` continuation counts its whitespace words as tokens
             (its tokenizer's tokens with a tokenizer). It must stop as `_generate` documents.
         progress (`str`, *optional*): Show a tqdm bar with this description over the questions of each top-level
-            `run_batch` (questions finished).
+            `run_batch` and each `answer_directly` (questions finished).
     """
 
     def __init__(
@@ -279,7 +279,13 @@ class SelfAskRunner:
             s.text += self.final_prefix
             s.forcing = True
         limit = min(self.max_new_tokens, self.max_total_tokens)
-        outputs = self._step([self.few_shot_direct + s.text for s in states], [limit] * len(states))
+        outputs: list[Continuation] = []
+        with tqdm(total=len(states), desc=f"{self.progress}: direct answers", unit="question",
+                  disable=self.progress is None) as bar:
+            for start in range(0, len(states), self.batch_size):
+                chunk = states[start : start + self.batch_size]
+                outputs += self._step([self.few_shot_direct + s.text for s in chunk], [limit] * len(chunk))
+                bar.update(len(chunk))
         results = []
         for s, out in zip(states, outputs):
             s.tokens += out.tokens
