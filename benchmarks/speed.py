@@ -1,0 +1,296 @@
+"""Our training path against the usual one, side by side on the same self-ask episodes with SmolLM2-135M + LoRA.
+
+- **baseline**: `transformers.Trainer` + `peft.get_peft_model(LoraConfig(...))` + the episodes of each batch padded
+  to the longest (`SelfAskCollator(packing=False)`, the same loss masks) + the model's own loss (full-vocabulary
+  logits at every position);
+- **ours**: `peftprompt.training.train` + the same LoRA through `attach` + the same episodes per step packed into
+  rows of ``--max-length`` (`SelfAskCollator(packing=True)`) + logits only at the trained positions.
+
+Both see ``--batch-size`` episodes per optimiser step for ``--steps`` steps (same learning rate, schedule, seed and
+mixed precision, one process each so peak RSS is theirs alone). Then ours again with the backbone in 8-bit and in
+4-bit (bitsandbytes) for ``--quant-steps`` steps: peak RSS and loss. Writes ``speed.{json,md,png}`` to ``--out``:
+
+    .venv/bin/python benchmarks/speed.py [--steps 50] [--batch-size 8] [--quant-steps 10] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _env import environment_record
+
+NAME = "speed"
+SOURCES = ("musique", "probtree_hotpotqa", "probtree_musique")
+LORA = {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                      "up_proj", "down_proj"]}
+LEARNING_RATE = 1e-3
+SEED = 0
+WARMUP_STEPS = 2  # left out of the per-step timing
+
+
+class CountingCollator:
+    """Wraps a collator and counts the trained tokens (labels set) and non-pad tokens of every batch it makes."""
+
+    def __init__(self, collator) -> None:
+        self.collator, self.trained, self.tokens = collator, [], []
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        labels = batch["labels"]
+        self.trained.append(int((labels[:, 1:] != -100).sum()))
+        mask = batch.get("attention_mask")
+        self.tokens.append(int(mask.sum()) if mask is not None else int(labels.numel()))
+        return batch
+
+
+def episodes(tokenizer, count: int, max_length: int) -> list[dict]:
+    """`count` flat self-ask episodes of the training sources (shuffled with the seed), tokenised with masks."""
+    from peftprompt.recursive import EpisodeEncoder, Unroller, convert
+
+    trees = [tree for source in SOURCES for tree in convert(source)]
+    random.Random(SEED).shuffle(trees)
+    encoder = EpisodeEncoder(tokenizer, max_length=max_length, unroller=Unroller(mode="flat"))
+    out = [e.as_features() for e in encoder.encode_all(trees[: count * 2])][:count]
+    if len(out) < count:
+        raise ValueError(f"only {len(out)} episodes for {count} requested")
+    return out
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def run_baseline(args, mixed_precision: str) -> dict:
+    """`transformers.Trainer` + `peft.get_peft_model`, batches padded to the longest episode, full logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+    from peftprompt.backbones import resolve_backbone
+    from peftprompt.recursive import SelfAskCollator
+
+    path = resolve_backbone(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    data = episodes(tokenizer, args.steps * args.batch_size, args.max_length)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
+    collator = CountingCollator(SelfAskCollator(tokenizer, max_length=args.max_length, packing=False))
+    step_ends, losses = [], []
+
+    class Record(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            step_ends.append(time.perf_counter())
+
+        def on_log(self, _args, _state, _control, logs=None, **__):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    with tempfile.TemporaryDirectory() as output_dir:
+        training_args = TrainingArguments(
+            output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+            learning_rate=LEARNING_RATE, lr_scheduler_type="cosine", warmup_steps=0, logging_steps=1,
+            save_strategy="no", report_to=[], use_cpu=args.cpu, seed=SEED, bf16=mixed_precision == "bf16",
+            fp16=mixed_precision == "fp16", remove_unused_columns=False, dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(model=model, args=training_args, train_dataset=data, data_collator=collator,
+                          callbacks=[Record()])
+        started = time.perf_counter()
+        trainer.train()
+    return {"step_ends": [t - started for t in step_ends], "losses": losses, "trained_tokens": collator.trained,
+            "tokens": collator.tokens, "peak_rss_mb": peak_rss_mb()}
+
+
+def run_ours(args, mixed_precision: str, quantisation: str = "none", steps: int | None = None) -> dict:
+    """`peftprompt.training.train`: packed batches, logits at trained positions only."""
+    from peftprompt.recursive import SelfAskCollator
+    from peftprompt.training import TrainConfig, build_model, train
+
+    steps = steps or args.steps
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = TrainConfig(
+            model=args.model, task="causal_lm", method="lora", method_args=LORA, max_length=args.max_length,
+            load_in_8bit=quantisation == "8bit", load_in_4bit=quantisation == "4bit",
+            learning_rate=LEARNING_RATE, lr_scheduler="cosine", warmup_ratio=0.0,
+            per_device_train_batch_size=args.batch_size, max_steps=steps, mixed_precision=mixed_precision,
+            seed=SEED, log_every=1, output_dir=output_dir,
+        )
+        model, tokenizer = build_model(config)
+        data = episodes(tokenizer, steps * args.batch_size, args.max_length)
+        collator = CountingCollator(SelfAskCollator(tokenizer, max_length=args.max_length, packing=True))
+        result = train(config, model, tokenizer, data, collator)
+        logged = [json.loads(line) for line in result.log_file.read_text().splitlines()]
+    train_records = [r for r in logged if r["type"] == "train"]
+    return {"step_ends": [r["elapsed_s"] for r in train_records], "losses": [r["loss"] for r in train_records],
+            "trained_tokens": collator.trained, "tokens": collator.tokens, "peak_rss_mb": peak_rss_mb()}
+
+
+def summarise(run: dict) -> dict:
+    """s/step (median over the steps after the warm-up), trained and all tokens/s over those steps, the loss."""
+    ends = run["step_ends"]
+    durations = [b - a for a, b in zip(ends, ends[1:])][WARMUP_STEPS - 1:]
+    timed = sum(durations)
+    timed_steps = range(WARMUP_STEPS, len(ends))
+    return {
+        "steps": len(ends),
+        "seconds_per_step": statistics.median(durations) if durations else None,
+        "trained_tokens_per_s": sum(run["trained_tokens"][i] for i in timed_steps) / timed if timed else None,
+        "tokens_per_s": sum(run["tokens"][i] for i in timed_steps) / timed if timed else None,
+        "peak_rss_mb": run["peak_rss_mb"],
+        "first_loss": run["losses"][0],
+        "last_loss": statistics.mean(run["losses"][-5:]),
+        "losses": run["losses"],
+    }
+
+
+def worker(args) -> None:
+    """One measurement in this process (`--worker NAME`); its result goes to `--worker-out` as JSON."""
+    from transformers.utils import logging as transformers_logging
+
+    from peftprompt.training.config import resolve_mixed_precision
+
+    transformers_logging.set_verbosity_error()
+    mixed_precision = resolve_mixed_precision(args.mixed_precision)[0]
+    if args.worker == "baseline":
+        run = run_baseline(args, mixed_precision)
+    else:
+        quantisation = {"ours": "none", "ours_8bit": "8bit", "ours_4bit": "4bit", "ours_fp32": "none"}[args.worker]
+        precision = "no" if args.worker in ("ours_8bit", "ours_4bit", "ours_fp32") else mixed_precision
+        steps = args.steps if args.worker == "ours" else args.quant_steps
+        run = run_ours(args, precision, quantisation, steps)
+    run["mixed_precision"] = mixed_precision if args.worker in ("baseline", "ours") else "no"
+    Path(args.worker_out).write_text(json.dumps(run))
+
+
+def measure(args, name: str) -> dict:
+    """Run `name` in a fresh process and return its summary."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run.json"
+        command = [sys.executable, __file__, "--worker", name, "--worker-out", str(out), "--model", args.model,
+                   "--steps", str(args.steps), "--quant-steps", str(args.quant_steps), "--batch-size",
+                   str(args.batch_size), "--max-length", str(args.max_length), "--mixed-precision",
+                   args.mixed_precision]
+        started = time.perf_counter()
+        subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                                 "TOKENIZERS_PARALLELISM": "false"})
+        run = json.loads(out.read_text())
+    return {**summarise(run), "mixed_precision": run["mixed_precision"],
+            "wall_seconds": time.perf_counter() - started}
+
+
+def moving_average(values: list[float], window: int = 10) -> list[float]:
+    return [statistics.mean(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
+
+
+def write_results(result: dict, out: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{NAME}.json").write_text(json.dumps(result, indent=2) + "\n")
+    runs = result["runs"]
+    lines = [
+        f"# Training speed and memory: peftprompt vs Trainer + PEFT ({result['model']} + LoRA, self-ask episodes)",
+        "",
+        f"{result['steps']} optimiser steps x {result['batch_size']} flat self-ask episodes (MuSiQue + ProbTree "
+        f"HotpotQA/MuSiQue, rows of at most {result['max_length']} tokens), LoRA r 16 on every projection, lr "
+        f"{LEARNING_RATE:g} cosine, seed {SEED}, one process each, mixed precision {runs['ours']['mixed_precision']}. "
+        f"Timing: median s/step and tokens/s over the steps after the first {WARMUP_STEPS}.",
+        "",
+        "| path | s/step | trained tokens/s | all tokens/s | peak RSS (MB) | loss, first step | loss, last 5 steps |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    labels = {"baseline": "baseline: Trainer + get_peft_model, padded, full logits",
+              "ours": "ours: train(), packed, logits at trained positions",
+              "ours_fp32": "ours, fp32 backbone", "ours_8bit": "ours, 8-bit backbone", "ours_4bit": "ours, 4-bit backbone"}
+    for name in ("baseline", "ours"):
+        r = runs[name]
+        lines.append(f"| {labels[name]} | {r['seconds_per_step']:.2f} | {r['trained_tokens_per_s']:.0f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['first_loss']:.3f} | "
+                     f"{r['last_loss']:.3f} |")
+    lines += ["", f"Speed-up in trained tokens/s: **{result['speedup_trained_tokens_per_s']:.2f}x** (target >= 1.5x); "
+              f"loss curves (10-step moving averages) differ by {result['loss_curve_max_abs_diff']:.3f} at most.",
+              "", f"Quantised backbones ({result['quant_steps']} steps each, fp32 compute):", "",
+              "| backbone | s/step | peak RSS (MB) | loss, last 5 steps |", "|---|---:|---:|---:|"]
+    for name in ("ours_fp32", "ours_8bit", "ours_4bit"):
+        r = runs[name]
+        lines.append(f"| {labels[name]} | {r['seconds_per_step']:.2f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['last_loss']:.3f} |")
+    env = result["environment"]
+    lines += ["", f"4-bit / fp32 peak RSS: **{result['rss_ratio_4bit_vs_fp32']:.2f}** (target <= 0.6).", "",
+              f"Machine: {env['machine'].get('cpu_model')} ({env['machine']['cpu_count']} CPUs); commit "
+              f"{env['git_commit']}; command `{env['command']}`."]
+    (out / f"{NAME}.md").write_text("\n".join(lines) + "\n")
+
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    left, right = figure.subplots(1, 2)
+    for name in ("baseline", "ours"):
+        left.plot(range(1, len(runs[name]["losses"]) + 1), moving_average(runs[name]["losses"]), label=labels[name])
+    left.set_xlabel("optimiser step")
+    left.set_ylabel("training loss (10-step moving average)")
+    left.legend(fontsize=8)
+    names = ["baseline", "ours", "ours_fp32", "ours_8bit", "ours_4bit"]
+    right.bar(range(len(names)), [runs[n]["peak_rss_mb"] for n in names])
+    right.set_xticks(range(len(names)), ["baseline", "ours", "ours fp32", "8-bit", "4-bit"], fontsize=8)
+    right.set_ylabel("peak RSS (MB)")
+    figure.suptitle(f"{result['model']} + LoRA: {result['speedup_trained_tokens_per_s']:.2f}x trained tokens/s")
+    figure.savefig(out / f"{NAME}.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=8, help="episodes per optimiser step")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--quant-steps", type=int, default=10, help="steps of the fp32 / 8-bit / 4-bit runs")
+    parser.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    parser.add_argument("--quick", action="store_true", help="10 steps, 4 quantised steps")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.cpu = not __import__("torch").cuda.is_available()
+    if args.worker:
+        worker(args)
+        return
+    if args.quick:
+        args.steps, args.quant_steps = min(args.steps, 10), min(args.quant_steps, 4)
+    if min(args.steps, args.quant_steps) <= WARMUP_STEPS:
+        parser.error(f"--steps and --quant-steps must be > {WARMUP_STEPS} (the warm-up left out of the timing)")
+    from tqdm import tqdm
+
+    runs = {}
+    for name in tqdm(["baseline", "ours", "ours_fp32", "ours_8bit", "ours_4bit"], desc="speed runs", unit="run"):
+        runs[name] = measure(args, name)
+    base, ours = runs["baseline"], runs["ours"]
+    curves = [moving_average(base["losses"]), moving_average(ours["losses"])]
+    result = {
+        "benchmark": NAME, "model": args.model, "steps": args.steps, "batch_size": args.batch_size,
+        "max_length": args.max_length, "quant_steps": args.quant_steps, "lora": LORA, "runs": runs,
+        "speedup_trained_tokens_per_s": ours["trained_tokens_per_s"] / base["trained_tokens_per_s"],
+        "speedup_seconds_per_step": base["seconds_per_step"] / ours["seconds_per_step"],
+        "loss_curve_max_abs_diff": max(abs(a - b) for a, b in zip(*curves)),
+        "rss_ratio_4bit_vs_fp32": runs["ours_4bit"]["peak_rss_mb"] / runs["ours_fp32"]["peak_rss_mb"],
+        "rss_ratio_8bit_vs_fp32": runs["ours_8bit"]["peak_rss_mb"] / runs["ours_fp32"]["peak_rss_mb"],
+        "environment": environment_record(),
+    }
+    write_results(result, args.out)
+    print((args.out / f"{NAME}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
