@@ -75,7 +75,9 @@ def main() -> None:
     command, env = train_command(args.output_dir.resolve(), args.overrides)
     console.print(f"$ {shlex.join(command)}", style="bold")
     started = time.perf_counter()
-    subprocess.run(command, cwd=REPO, env=env, check=True)
+    if subprocess.run(command, cwd=REPO, env=env).returncode != 0:
+        raise SystemExit("demo: training failed; its output is above (the adapter of an earlier run, if any, is "
+                         f"untouched in {args.output_dir / 'adapter'})")
     train_minutes = (time.perf_counter() - started) / 60
     adapter_dir = args.output_dir / "adapter"
     trained = json.loads((args.output_dir / "results.json").read_text())
