@@ -12,7 +12,9 @@
 
     .venv/bin/python recipes/demo_selfask.py [--output_dir outputs/demo_selfask] [--n 100] [key=value ...]
 
-``key=value`` arguments go to the training config (e.g. ``max_steps=20`` for a quick look).
+``key=value`` arguments go to the training config (e.g. ``max_steps=20`` for a quick look). Training resumes from
+the newest checkpoint in ``--output_dir``: an interrupted demo continues, a finished one goes straight to the
+questions; delete the directory to train from scratch.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def train_command(output_dir: Path, overrides: list[str]) -> tuple[list[str], di
         env = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [str(accelerate), "launch", *launch, str(REPO / "recipes/selfask_sft.py"), "--config", str(CONFIG),
-               f"output_dir={output_dir}", *overrides]
+               f"output_dir={output_dir}", "resume_from=latest", *overrides]
     return command, {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env}
 
 
@@ -81,7 +83,7 @@ def main() -> None:
     train_minutes = (time.perf_counter() - started) / 60
     adapter_dir = args.output_dir / "adapter"
     trained = json.loads((args.output_dir / "results.json").read_text())
-    console.print(f"trained in {train_minutes:.1f} min; adapter {adapter_dir}: "
+    console.print(f"training took {train_minutes:.1f} min; adapter {adapter_dir}: "
                   f"{format_bytes(directory_bytes(adapter_dir))} ({trained['trainable_params']:,} trainable "
                   f"parameters, {trained['trainable_pct']:.2f} % of the model)")
 
