@@ -22,6 +22,7 @@ import argparse
 import json
 from pathlib import Path
 
+import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from transformers.utils import logging as transformers_logging
@@ -43,14 +44,21 @@ TARGET = "fine-tuned self-ask EM >= few-shot self-ask EM + 0.20 on Compositional
 
 
 def training_record(adapter_dir: Path) -> dict:
-    """What the adapter was trained on and how, from its run's ``results.json`` (next to ``adapter/``)."""
+    """What the adapter was trained on and how, from its run's ``results.json`` and ``train_config.yaml`` (next to
+    ``adapter/``)."""
     results = adapter_dir.parent / "results.json"
     if not results.is_file():
         return {"adapter": str(adapter_dir), "note": f"no {results} (training record unknown)"}
     run = json.loads(results.read_text())
     keys = ("method", "model", "trainable_params", "trainable_pct", "adapter_bytes", "global_step",
-            "train_seconds", "world_size", "mixed_precision", "datasets", "metrics", "command")
-    return {"adapter": str(adapter_dir), **{k: run[k] for k in keys if k in run}}
+            "train_seconds", "world_size", "mixed_precision", "eval_loss", "selfask_em", "selfask_well_formed",
+            "command")
+    record = {"adapter": str(adapter_dir), **{k: run[k] for k in keys if k in run}}
+    config = adapter_dir.parent / "train_config.yaml"
+    if config.is_file():
+        data = yaml.safe_load(config.read_text()).get("data", {})
+        record.update(datasets=data.get("sources"), held_out=data.get("eval_sources"), mode=data.get("mode"))
+    return record
 
 
 def write_results(result: dict, out: Path) -> None:
