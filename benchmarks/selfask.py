@@ -106,7 +106,7 @@ def write_results(result: dict, out: Path) -> None:
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.set_xticks(range(len(keys)), [f"{DATASETS[k][1]}\n(n={result[k]['n']})" for k in keys])
     ax.set_ylabel("exact match")
-    ax.set_title("SmolLM2-135M-Instruct self-ask, follow-ups answered by a retriever over gold sub-answers")
+    ax.set_title(f"{result['model']} self-ask; follow-ups answered by a retriever over gold sub-answers", fontsize=10)
     ax.legend(fontsize=8)
     figure.savefig(out / f"{NAME}.png", dpi=120)
 
