@@ -8,6 +8,9 @@ split; per method the rate with the best validation score is chosen and its test
 ``<task>.{json,md,png}`` under ``--out`` (every run of the sweep is in the JSON and the Markdown).
 
     .venv/bin/python benchmarks/adapter_methods.py --task sst2 [--steps 600] [--lr-grid 0.3 1 3] [--methods lora bitfit]
+
+``--reuse`` reads runs already finished under ``--run-dir`` (same task, method, rate and steps), so a grid can be
+widened without repeating it.
 """
 
 from __future__ import annotations
@@ -41,14 +44,24 @@ def config_learning_rate(task: str, method: str) -> float:
     return float(config["learning_rate"])
 
 
-def run_grid(task: str, jobs: list[tuple[str, float]], steps: int, parallel: int, run_dir: Path) -> list[dict]:
+def run_grid(
+    task: str, jobs: list[tuple[str, float]], steps: int, parallel: int, run_dir: Path, reuse: bool = False
+) -> list[dict]:
     """Run the recipe for each ``(method, learning_rate)`` of `jobs` (at most `parallel` at a time); return their
-    ``results.json`` with ``learning_rate`` added, in `jobs` order."""
+    ``results.json`` with ``learning_rate`` added, in `jobs` order. With `reuse`, a run whose directory already
+    holds the ``results.json`` of `steps` steps is read instead of repeated (to widen a grid)."""
     recipe = TASKS[task][0]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    pending, running, results = list(enumerate(jobs)), {}, {}
+    pending, running, results = [], {}, {}
+    for index, (method, lr) in enumerate(jobs):
+        done = run_dir / f"{task}_{method}_lr{lr:g}" / "results.json"
+        finished = json.loads(done.read_text()) if reuse and done.is_file() else None
+        if finished is not None and finished.get("global_step") == steps:
+            results[index] = {**finished, "learning_rate": lr}
+        else:
+            pending.append((index, (method, lr)))
     run_dir.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(jobs), desc=f"{task} runs", unit="run") as bar:
+    with tqdm(total=len(jobs), initial=len(results), desc=f"{task} runs", unit="run") as bar:
         while pending or running:
             while pending and len(running) < parallel:
                 index, (method, lr) = pending.pop(0)
@@ -138,13 +151,15 @@ def main() -> None:
     parser.add_argument("--lr-grid", type=float, nargs="+", default=[0.3, 1.0, 3.0], metavar="MULTIPLE",
                         help="learning rates tried per method, as multiples of its config file's rate")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="read the finished runs of the same steps under --run-dir instead of repeating them")
     parser.add_argument("--run-dir", type=Path, default=REPO / "outputs" / "bench")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     started = time.perf_counter()
     jobs = [(method, float(f"{config_learning_rate(args.task, method) * m:.3g}"))
             for method in args.methods for m in args.lr_grid]
-    sweep = run_grid(args.task, jobs, args.steps, args.parallel, args.run_dir)
+    sweep = run_grid(args.task, jobs, args.steps, args.parallel, args.run_dir, args.reuse)
     rows = choose(args.task, sweep, args.methods)
     config = yaml.safe_load((REPO / f"recipes/configs/minilm/{args.task}_{args.methods[0]}.yaml").read_text())
     record = {
