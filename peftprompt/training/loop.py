@@ -269,15 +269,11 @@ def _kept_logits_loss(model, batch: dict, labels: torch.Tensor, weights: Optiona
     """The summed loss from logits at the trained positions only: the lm-head matmul and the softmax over the
     vocabulary skip every prompt, padding and packed-in context position. Same loss as the full path."""
     keep = trained_positions(labels)
-    logits = model(**batch, logits_to_keep=keep).logits  # [batch, len(keep), vocab]
+    logits = model(**batch, logits_to_keep=keep).logits  # [batch, len(keep), vocab], already aligned with:
     targets = labels[:, keep + 1]
-    ce = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view(targets.shape)
-    item_weights = (targets != IGNORE_INDEX).float()
-    if weights is not None:
-        item_weights = item_weights * weights[:, keep + 1].float()
-    return (ce * item_weights).sum()
+    # `row_losses` without the causal shift (its token-classification branch): logits and targets line up already
+    row_sum, _ = row_losses(logits, targets, "token_cls", weights[:, keep + 1] if weights is not None else None)
+    return row_sum.sum()
 
 
 def _training_loss(
