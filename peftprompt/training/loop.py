@@ -119,6 +119,7 @@ class TrainResult:
     stopped_early: bool = False
     resumed_from: Optional[str] = None
     train_seconds: float = 0.0
+    peak_memory_mb: Optional[float] = None  # the largest over the processes (peak RSS on a CPU, CUDA max allocated)
     eval_history: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -897,6 +898,7 @@ def train(
         config.save(output_dir / CONFIG_FILE)
     accelerator.wait_for_everyone()
     parameters = ParameterReport(config.method, n_trainable, n_total, directory_bytes(adapter_dir))
+    peak = accelerator.gather(torch.tensor([peak_memory_mb(device)], device=device)).max().item()
     result = TrainResult(
         global_step=state["global_step"],
         epoch=state["epoch"],
@@ -915,6 +917,7 @@ def train(
         stopped_early=stopped_early,
         resumed_from=str(resume_dir) if resume_dir else None,
         train_seconds=time.perf_counter() - started,
+        peak_memory_mb=round(peak, 1),
         eval_history=state["eval_history"],
     )
     log.record(
@@ -932,6 +935,7 @@ def train(
             "trainable_params": n_trainable,
             "world_size": world_size,
             "train_seconds": round(result.train_seconds, 3),
+            "peak_memory_mb": result.peak_memory_mb,
         }
     )
     log.info(

@@ -65,6 +65,7 @@ def ship(result: TrainResult, metrics: dict, datasets: Sequence[str]) -> Optiona
         **metrics,
         "global_step": result.global_step,
         "train_seconds": result.train_seconds,
+        "peak_memory_mb": result.peak_memory_mb,
         "world_size": result.world_size,
         "mixed_precision": result.mixed_precision,
         "command": result.command,
