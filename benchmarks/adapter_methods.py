@@ -1,16 +1,20 @@
 """Every adapter method under the same budget on SST-2 (accuracy) or CoNLL-2003 (entity F1), through the recipes,
 with the learning rate tuned per method on the validation split.
 
-Runs ``recipes/<recipe>.py --config recipes/configs/minilm/<task>_<method>.yaml max_steps=N learning_rate=LR`` for
-each method and each LR of ``--lr-grid`` (multiples of the config file's rate), ``--parallel`` runs at a time, one
-thread each. Each run scores the validation split (SST-2 ``dev.tsv`` / CoNLL ``eng.testa``, first 1000) and the test
-split; per method the rate with the best validation score is chosen and its test score reported. Writes
+Runs ``recipes/<recipe>.py --config recipes/configs/minilm/<task>_<config>.yaml max_steps=N learning_rate=LR ...``
+for each method variant (`VARIANTS`: a config file plus overrides, e.g. ``lora_r4`` is the LoRA config with
+``method_args.r=4 method_args.lora_alpha=8``, ``qlora_4bit`` the LoRA config with ``load_in_4bit=true``) and each LR
+of ``--lr-grid`` (multiples of the config file's rate), ``--parallel`` runs at a time, one thread each. Each run
+scores the validation split (SST-2 ``dev.tsv`` / CoNLL ``eng.testa``, first 1000) and the test split (always in
+full); per variant the rate with the best validation score is chosen and its test score reported. Writes
 ``<task>.{json,md,png}`` under ``--out`` (every run of the sweep is in the JSON and the Markdown).
 
     .venv/bin/python benchmarks/adapter_methods.py --task sst2 [--steps 600] [--lr-grid 0.3 1 3] [--methods lora bitfit]
 
-``--reuse`` reads runs already finished under ``--run-dir`` (same task, method, rate and steps), so a grid can be
-widened without repeating it.
+Runs live in ``--run-dir`` as ``<task>_<variant>_lr<LR>``. ``--reuse`` reads the runs already finished there (same
+task, variant, rate and steps), so a grid can be widened, or variants added, without repeating it; a run that is
+repeated starts from an empty directory. ``--quick``: 20 steps, the config's rate only, 200 validation sentences,
+runs under ``outputs/bench_quick``. ``--model`` trains another backbone (a path; the tests use a tiny random BERT).
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -36,28 +42,61 @@ TASKS = {  # task: (recipe, test metric, validation metric, title)
     "sst2": ("sst2_classification.py", "accuracy", "dev_accuracy", "SST-2 accuracy (test.tsv, 698 sentences)"),
     "conll03": ("conll03_ner.py", "entity_f1", "dev_entity_f1", "CoNLL-2003 entity F1 (eng.testb)"),
 }
-METHODS = ("full", "lora", "prefix", "prompt", "ia3", "bitfit")
+# variant: (config file's method, overrides, label). The configs' LoRA is r 8, alpha 16 on query/value.
+VARIANTS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "full": ("full", (), "full"),
+    "lora_r4": ("lora", ("method_args.r=4", "method_args.lora_alpha=8"), "LoRA r4"),
+    "lora": ("lora", (), "LoRA r8"),
+    "lora_r16": ("lora", ("method_args.r=16", "method_args.lora_alpha=32"), "LoRA r16"),
+    "prefix": ("prefix", (), "prefix"),
+    "prompt": ("prompt", (), "prompt"),
+    "ptuning": ("ptuning", (), "P-tuning"),
+    "ia3": ("ia3", (), "IA3"),
+    "bitfit": ("bitfit", (), "BitFit"),
+    "qlora_8bit": ("lora", ("load_in_8bit=true",), "QLoRA 8-bit (r8)"),
+    "qlora_4bit": ("lora", ("load_in_4bit=true",), "QLoRA 4-bit (r8)"),
+}
+METHODS = tuple(VARIANTS)
+LABELS = {variant: label for variant, (_, _, label) in VARIANTS.items()}
+QUICK_STEPS, QUICK_EVAL_SAMPLES = 20, 200
 
 
-def config_learning_rate(task: str, method: str) -> float:
-    config = yaml.safe_load((REPO / f"recipes/configs/minilm/{task}_{method}.yaml").read_text())
-    return float(config["learning_rate"])
+def config_path(task: str, variant: str) -> Path:
+    return REPO / f"recipes/configs/minilm/{task}_{VARIANTS[variant][0]}.yaml"
+
+
+def config_learning_rate(task: str, variant: str) -> float:
+    return float(yaml.safe_load(config_path(task, variant).read_text())["learning_rate"])
 
 
 def run_grid(
-    task: str, jobs: list[tuple[str, float]], steps: int, parallel: int, run_dir: Path, reuse: bool = False
+    task: str,
+    jobs: list[tuple[str, float]],
+    steps: int,
+    parallel: int,
+    run_dir: Path,
+    reuse: bool = False,
+    model: Optional[str] = None,
+    extra: Sequence[str] = (),
 ) -> list[dict]:
-    """Run the recipe for each ``(method, learning_rate)`` of `jobs` (at most `parallel` at a time); return their
-    ``results.json`` with ``learning_rate`` added, in `jobs` order. With `reuse`, a run whose directory already
-    holds the ``results.json`` of `steps` steps is read instead of repeated (to widen a grid)."""
+    """Run the recipe for each ``(variant, learning_rate)`` of `jobs` (at most `parallel` at a time) with the
+    variant's overrides, ``model=`` `model` when given and the `extra` overrides; return their ``results.json``
+    with ``learning_rate``, ``method`` (the variant) and ``label`` set, in `jobs` order. With `reuse`, a run whose
+    directory already holds the ``results.json`` of `steps` steps on the same model is read instead of repeated (to
+    widen a grid)."""
     recipe = TASKS[task][0]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     pending, running, results = [], {}, {}
+
+    def result(method: str, lr: float, run: dict) -> dict:
+        return {**run, "method": method, "label": LABELS[method], "learning_rate": lr}
+
     for index, (method, lr) in enumerate(jobs):
         done = run_dir / f"{task}_{method}_lr{lr:g}" / "results.json"
         finished = json.loads(done.read_text()) if reuse and done.is_file() else None
-        if finished is not None and finished.get("global_step") == steps:
-            results[index] = {**finished, "learning_rate": lr}
+        expected_model = model or yaml.safe_load(config_path(task, method).read_text())["model"]
+        if finished is not None and finished.get("global_step") == steps and finished.get("model") == expected_model:
+            results[index] = result(method, lr, finished)
         else:
             pending.append((index, (method, lr)))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -67,30 +106,31 @@ def run_grid(
                 index, (method, lr) = pending.pop(0)
                 name = f"{task}_{method}_lr{lr:g}"
                 out = run_dir / name
+                shutil.rmtree(out, ignore_errors=True)  # a repeated run starts afresh (recipes refuse old checkpoints)
                 log = (run_dir / f"{name}.log").open("w")
                 command = [
-                    sys.executable, str(REPO / "recipes" / recipe), "--config",
-                    str(REPO / f"recipes/configs/minilm/{task}_{method}.yaml"),
+                    sys.executable, str(REPO / "recipes" / recipe), "--config", str(config_path(task, method)),
                     f"max_steps={steps}", f"eval_every={steps}", f"learning_rate={lr:g}", f"output_dir={out}",
+                    *VARIANTS[method][1], *([f"model={model}"] if model else []), *extra,
                 ]
                 process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log)
-                running[index] = (process, out, log, name, lr)
+                running[index] = (process, out, log, name, method, lr)
             time.sleep(2)
-            for index, (process, out, log, name, lr) in list(running.items()):
+            for index, (process, out, log, name, method, lr) in list(running.items()):
                 if process.poll() is None:
                     continue
                 log.close()
                 del running[index]
                 if process.returncode != 0:
                     raise RuntimeError(f"{name} failed (exit {process.returncode}); see {log.name}")
-                results[index] = {**json.loads((out / "results.json").read_text()), "learning_rate": lr}
+                results[index] = result(method, lr, json.loads((out / "results.json").read_text()))
                 bar.set_postfix_str(name)
                 bar.update()
     return [results[i] for i in range(len(jobs))]
 
 
 def choose(task: str, runs: list[dict], methods: list[str]) -> list[dict]:
-    """Per method, the run with the best validation score (ties: the smaller learning rate)."""
+    """Per variant, the run with the best validation score (ties: the smaller learning rate)."""
     dev = TASKS[task][2]
     return [max((r for r in runs if r["method"] == m), key=lambda r: (r[dev], -r["learning_rate"])) for m in methods]
 
@@ -106,22 +146,27 @@ def write_outputs(task: str, rows: list[dict], sweep: list[dict], record: dict, 
         f"{record['steps']} optimiser steps x batch {record['batch_size']} for every method, linear schedule with 6 % "
         f"warm-up, mixed precision as `auto` chose ({rows[0]['mixed_precision']}), one thread per run, "
         f"{record['parallel']} runs at a time. Learning rate per method: the best {dev} (validation split, first "
-        f"1000) over {grid} x the config file's rate; {metric} is on the test split at the last step.",
+        f"{record['validation_samples']}) over {grid} x the config file's rate; {metric} is on the test split at the "
+        "last step.",
         "",
         f"| method | trainable params | trainable % | adapter size | learning rate | {dev} | {metric} | "
-        "train seconds |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "train seconds | peak memory (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        peak = "-" if r.get("peak_memory_mb") is None else f"{r['peak_memory_mb']:.0f}"
         lines.append(
-            f"| {r['method']} | {r['trainable_params']:,} | {r['trainable_pct']:.3f} | "
+            f"| {r['label']} | {r['trainable_params']:,} | {r['trainable_pct']:.3f} | "
             f"{format_bytes(r['adapter_bytes'])} | {r['learning_rate']:g} | {r[dev]:.4f} | {r[metric]:.4f} | "
-            f"{r['train_seconds']:.0f} |"
+            f"{r['train_seconds']:.0f} | {peak} |"
         )
+    variants = [f"{LABELS[m]} = `{' '.join(VARIANTS[m][1])}`" for m in record["variants"] if VARIANTS[m][1]]
+    if variants:
+        lines += ["", "Variants (overrides of the config file of their method): " + "; ".join(variants) + "."]
     if len(sweep) > len(rows):
         lines += ["", f"Every run of the sweep ({dev} / {metric}):", "",
                   "| method | learning rate | " + dev + " | " + metric + " |", "|---|---:|---:|---:|"]
-        lines += [f"| {r['method']} | {r['learning_rate']:g} | {r[dev]:.4f} | {r[metric]:.4f} |" for r in sweep]
+        lines += [f"| {r['label']} | {r['learning_rate']:g} | {r[dev]:.4f} | {r[metric]:.4f} |" for r in sweep]
     env = record["environment"]
     lines += ["", f"Machine: {env['machine']['cpu_model']} ({env['machine']['cpu_count']} CPUs); commit "
               f"{env['git_commit']}; command `{env['command']}`."]
@@ -132,7 +177,8 @@ def write_outputs(task: str, rows: list[dict], sweep: list[dict], record: dict, 
     ax = figure.add_subplot()
     for r in rows:
         ax.scatter(r["trainable_params"], r[metric], s=40)
-        ax.annotate(r["method"], (r["trainable_params"], r[metric]), textcoords="offset points", xytext=(5, 4))
+        ax.annotate(r["label"], (r["trainable_params"], r[metric]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel(f"{metric} (test)")
@@ -153,15 +199,23 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--reuse", action="store_true",
                         help="read the finished runs of the same steps under --run-dir instead of repeating them")
-    parser.add_argument("--run-dir", type=Path, default=REPO / "outputs" / "bench")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="where the runs live (default outputs/bench, outputs/bench_quick with --quick)")
+    parser.add_argument("--model", default=None, help="train this backbone instead of the config's (model=...)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{QUICK_STEPS} steps, the config's rate only, {QUICK_EVAL_SAMPLES} validation sentences")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
+    extra = [f"max_eval_samples={QUICK_EVAL_SAMPLES}"] if args.quick else []
+    if args.quick:
+        args.steps, args.lr_grid = min(args.steps, QUICK_STEPS), [1.0]
+    run_dir = args.run_dir or REPO / "outputs" / ("bench_quick" if args.quick else "bench")
     started = time.perf_counter()
     jobs = [(method, float(f"{config_learning_rate(args.task, method) * m:.3g}"))
             for method in args.methods for m in args.lr_grid]
-    sweep = run_grid(args.task, jobs, args.steps, args.parallel, args.run_dir, args.reuse)
+    sweep = run_grid(args.task, jobs, args.steps, args.parallel, run_dir, args.reuse, args.model, extra)
     rows = choose(args.task, sweep, args.methods)
-    config = yaml.safe_load((REPO / f"recipes/configs/minilm/{args.task}_{args.methods[0]}.yaml").read_text())
+    config = yaml.safe_load(config_path(args.task, args.methods[0]).read_text())
     record = {
         "benchmark": args.task,
         "steps": args.steps,
@@ -169,6 +223,11 @@ def main() -> None:
         "lr_grid": args.lr_grid,
         "selection": f"best {TASKS[args.task][2]} per method",
         "parallel": args.parallel,
+        "variants": {m: {"config": str(config_path(args.task, m).relative_to(REPO)), "overrides": list(VARIANTS[m][1]),
+                         "label": LABELS[m]} for m in args.methods},
+        "validation_samples": QUICK_EVAL_SAMPLES if args.quick else int(config["max_eval_samples"]),
+        "model": args.model or config["model"],
+        "quick": args.quick,
         "wall_seconds": time.perf_counter() - started,
         "environment": environment_record(),
     }
