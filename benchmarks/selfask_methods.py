@@ -1,0 +1,279 @@
+"""Self-ask exact match per adapter method on SmolLM2-135M-Instruct: every method trained the same way, then asked
+Compositional Celebrities questions zero-shot.
+
+Each variant (`VARIANTS`) trains ``recipes/selfask_sft.py --config recipes/configs/smollm2/selfask_lora.yaml`` for
+``--steps`` optimiser steps with its own ``method``, ``method_args`` (replacing the config's LoRA arguments whole),
+quantisation (``load_in_8bit`` / ``load_in_4bit`` for QLoRA) and learning rate, without the in-training generation
+(``data.generate_eval=0``), under ``accelerate launch`` on 2 CPU processes like ``make demo``
+(``recipes/accelerate/cpu_2proc.yaml``; one GPU process with ``single_gpu.yaml`` where CUDA is available;
+``--processes 1``: a plain single process). The saved adapter then answers ``--n`` Compositional Celebrities
+questions (drawn at random with seed 0, never trained on) by zero-shot self-ask, follow-ups answered by the MiniLM
+retriever over the questions' own gold sub-answers, as the fine-tuned approach of ``benchmarks/selfask.py``; a
+quantised variant answers on the backbone quantised as in training.
+
+Learning rates: one per method, no grid (one variant takes minutes on 2 CPU cores). LoRA of any rank and QLoRA use
+the config's 1e-3 (the rate ``make demo`` trains with). Every other method gets 1e-3 times the ratio of its tuned
+rate to LoRA's on MiniLM: the geometric mean of the SST-2 and CoNLL-2003 ratios in
+``benchmarks/results/{sst2,conll03}.json`` (LoRA 3e-3 on both; full 1.5e-4 and 1.5e-4 -> 0.05; prefix 0.03 and
+0.09 -> 17; prompt 0.27 and 0.27 -> 90, the top of that grid, so a lower bound; IA3 0.009 and 0.027 -> 5.2; BitFit
+0.002 and 0.018 -> 2), rounded to one significant figure.
+
+Prompt and prefix tuning train on the recipe's packed rows, where several episodes share a row: PEFT drops the
+``position_ids`` of prompt tuning, and prefix tuning's ``past_key_values`` turn off the block-diagonal mask, so
+there the episodes of a row attend to each other (see `peftprompt.recursive.collator`). Their numbers carry that.
+
+Writes ``selfask_methods.{json,md,png}`` to ``--out``:
+
+    .venv/bin/python benchmarks/selfask_methods.py [--steps 100] [--n 100] [--methods lora_r16 ia3] [--reuse]
+
+Runs live in ``--run-dir`` as ``selfask_<variant>`` (with ``train.log`` and ``selfask_eval.json``). ``--reuse``
+keeps a run whose ``train_config.yaml`` and ``results.json`` match (variant, model, steps) and an evaluation of the
+same questions; anything repeated starts from an empty directory. ``--quick``: 5 steps on 200 training trees, 10
+questions, runs under ``outputs/bench_quick``. ``--model`` trains another causal LM (the tests use a tiny one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tqdm import tqdm
+from transformers.utils import logging as transformers_logging
+
+from _env import environment_record
+from peftprompt import load_adapter, load_backbone
+from peftprompt.recursive import convert
+from peftprompt.report import format_bytes
+from peftprompt.selfask import RetrieverAnswerer, SelfAskRunner
+from peftprompt.selfask.evaluate import evaluate_selfask, knowledge_base, sample_trees
+
+NAME = "selfask_methods"
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "recipes/configs/smollm2/selfask_lora.yaml"
+SOURCE = "compositional_celebrities"
+SEED = 0
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+QUICK_STEPS, QUICK_N, QUICK_TRAIN_TREES, QUICK_EVAL_TREES = 5, 10, 200, 16
+PACKED_CAVEAT = {"prompt", "prefix"}  # methods whose packed training rows are not separated (module docstring)
+
+
+class Variant(NamedTuple):
+    method: str
+    method_args: dict
+    quantised: Optional[str]  # "8bit" / "4bit": load_in_8bit / load_in_4bit
+    learning_rate: float
+    label: str
+
+    def overrides(self) -> list[str]:
+        """The recipe's config overrides for this variant."""
+        quantised = [f"load_in_{self.quantised}=true"] if self.quantised else []
+        return [f"method={self.method}", f"method_args={json.dumps(self.method_args)}",
+                f"learning_rate={self.learning_rate:g}", *quantised]
+
+
+def lora(r: int) -> dict:
+    """LoRA of rank `r` (alpha 2 r, as the shipped config's r 16 / alpha 32) on every projection."""
+    return {"r": r, "lora_alpha": 2 * r, "target_modules": PROJECTIONS}
+
+
+VARIANTS = {
+    "lora_r4": Variant("lora", lora(4), None, 1e-3, "LoRA r4"),
+    "lora_r8": Variant("lora", lora(8), None, 1e-3, "LoRA r8"),
+    "lora_r16": Variant("lora", lora(16), None, 1e-3, "LoRA r16"),  # the shipped config (make demo)
+    "ia3": Variant("ia3", {}, None, 5e-3, "IA3"),
+    "bitfit": Variant("bitfit", {}, None, 2e-3, "BitFit"),
+    "prompt": Variant("prompt", {}, None, 9e-2, "prompt"),
+    "prefix": Variant("prefix", {}, None, 2e-2, "prefix"),
+    "qlora_4bit": Variant("lora", lora(16), "4bit", 1e-3, "QLoRA 4-bit (r16)"),
+    "qlora_8bit": Variant("lora", lora(16), "8bit", 1e-3, "QLoRA 8-bit (r16)"),
+    "full": Variant("full", {}, None, 5e-5, "full"),
+}
+RATE_RULE = ("LoRA and QLoRA: the config's 1e-3; others: 1e-3 x (their tuned rate / LoRA's) on MiniLM, geometric "
+             "mean over SST-2 and CoNLL-2003, one significant figure")
+
+
+def train_command(variant: str, steps: int, run: Path, model: str, extra: list[str],
+                  processes: int) -> tuple[list[str], dict]:
+    """The command line training `variant` into `run`, and its environment."""
+    overrides = [f"model={model}", *VARIANTS[variant].overrides(), f"max_steps={steps}", "data.generate_eval=0",
+                 f"output_dir={run}", *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    recipe = [str(REPO / "recipes/selfask_sft.py"), "--config", str(CONFIG), *overrides]
+    accelerate = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file"]
+    if torch.cuda.is_available():
+        return [*accelerate, str(REPO / "recipes/accelerate/single_gpu.yaml"), *recipe], env
+    if processes == 2:  # see recipes/accelerate/cpu_2proc.yaml
+        env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+        return [*accelerate, str(REPO / "recipes/accelerate/cpu_2proc.yaml"), *recipe], env
+    return [sys.executable, *recipe], env
+
+
+def finished_training(run: Path, variant: str, steps: int, model: str) -> Optional[dict]:
+    """The ``results.json`` of a finished run of `variant` on `model` for `steps` steps in `run`, else `None`."""
+    results, config = run / "results.json", run / "train_config.yaml"
+    if not (results.is_file() and config.is_file()):
+        return None
+    v, trained = VARIANTS[variant], yaml.safe_load(config.read_text())
+    expected = {"model": model, "method": v.method, "method_args": v.method_args, "learning_rate": v.learning_rate,
+                "max_steps": steps, "load_in_8bit": v.quantised == "8bit", "load_in_4bit": v.quantised == "4bit"}
+    if any(trained.get(key) != value for key, value in expected.items()):
+        return None
+    run_results = json.loads(results.read_text())
+    return run_results if run_results.get("global_step") == steps else None
+
+
+def load_trained(run: Path):
+    """The model trained in `run` (its adapter on the backbone loaded as in training, or the full checkpoint) and
+    its tokenizer, in evaluation mode."""
+    config = yaml.safe_load((run / "train_config.yaml").read_text())
+    if config["method"] == "full":
+        model, tokenizer = load_backbone(str(run / "adapter"), task="causal_lm")
+    else:
+        base, tokenizer = load_backbone(config["model"], task="causal_lm", load_in_8bit=config["load_in_8bit"],
+                                        load_in_4bit=config["load_in_4bit"])
+        model = load_adapter(base, run / "adapter")
+    return model.eval(), tokenizer
+
+
+def evaluate(run: Path, trees: list, retriever: RetrieverAnswerer, label: str) -> dict:
+    """Zero-shot self-ask of `run`'s model on `trees` (follow-ups: `retriever`): EM, F1, well-formed, ..."""
+    started = time.perf_counter()
+    model, tokenizer = load_trained(run)
+    runner = SelfAskRunner(model, tokenizer, answerer=retriever, progress=f"{label} self-ask")
+    scores = evaluate_selfask(trees, runner, "self_ask", sub_question_check=False)
+    keys = ("n", "em", "f1", "well_formed", "mean_follow_ups", "mean_generated_tokens", "issues")
+    return {**{k: scores[k] for k in keys}, "eval_seconds": time.perf_counter() - started}
+
+
+def run_variant(variant: str, args: argparse.Namespace, extra: list[str], trees: list, retriever) -> dict:
+    """Train `variant` (unless `args.reuse` finds it done), evaluate it (same), and return its row."""
+    run = args.run_dir / f"selfask_{variant}"
+    v = VARIANTS[variant]
+    trained = finished_training(run, variant, args.steps, args.model) if args.reuse else None
+    if trained is None:
+        shutil.rmtree(run, ignore_errors=True)
+        run.mkdir(parents=True)
+        command, env = train_command(variant, args.steps, run.resolve(), args.model, extra, args.processes)
+        with (run / "train.log").open("w") as log:
+            done = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=log)
+        if done.returncode != 0:
+            raise RuntimeError(f"training {variant} failed (exit {done.returncode}); see {run / 'train.log'}")
+        trained = json.loads((run / "results.json").read_text())
+    questions = {"source": SOURCE, "n": len(trees), "seed": SEED, "threshold": args.threshold}
+    saved = run / "selfask_eval.json"
+    scores = json.loads(saved.read_text()) if args.reuse and saved.is_file() else None
+    if scores is None or scores["questions"] != questions:
+        scores = {"questions": questions, **evaluate(run, trees, retriever, v.label)}
+        saved.write_text(json.dumps(scores, indent=2) + "\n")
+    keys = ("trainable_params", "total_params", "trainable_pct", "adapter_bytes", "global_step", "train_seconds",
+            "peak_memory_mb", "world_size", "mixed_precision", "eval_loss", "command")
+    return {"method": variant, "label": v.label, "peft_method": v.method, "method_args": v.method_args,
+            "quantised": v.quantised, "learning_rate": v.learning_rate,
+            **{k: trained.get(k) for k in keys}, **{k: value for k, value in scores.items() if k != "questions"}}
+
+
+def write_results(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{NAME}.json").write_text(json.dumps(result, indent=2) + "\n")
+    rows, env = result["results"], result["environment"]
+    lines = [
+        f"# Self-ask per adapter method on {result['model']}: Compositional Celebrities, {result['n']} questions",
+        "",
+        f"Each method trained by `recipes/selfask_sft.py` ({result['config']}) for {result['steps']} optimiser steps "
+        f"({rows[0]['world_size']} processes, mixed precision {rows[0]['mixed_precision']}), then asked "
+        f"{result['n']} Compositional Celebrities questions (random, seed {SEED}, never trained on) by zero-shot "
+        f"self-ask, follow-ups answered by the MiniLM retriever over their gold sub-answers (threshold "
+        f"{result['threshold']}); greedy decoding. Learning rates: {RATE_RULE}. LoRA is on every projection "
+        "(alpha = 2 r); the quantised variants are evaluated on the quantised backbone. Peak memory: the largest "
+        "peak RSS of the training processes.",
+        "",
+        "| method | trainable params | trainable % | adapter size | learning rate | EM | F1 | well-formed | "
+        "eval loss | train seconds | peak memory (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        peak = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        mark = " *" if r["method"] in PACKED_CAVEAT else ""
+        lines.append(
+            f"| {r['label']}{mark} | {r['trainable_params']:,} | {r['trainable_pct']:.3f} | "
+            f"{format_bytes(r['adapter_bytes'])} | {r['learning_rate']:g} | {r['em']:.3f} | {r['f1']:.3f} | "
+            f"{r['well_formed']:.3f} | {r['eval_loss']:.3f} | {r['train_seconds']:.0f} | {peak} |"
+        )
+    if any(r["method"] in PACKED_CAVEAT for r in rows):
+        lines += ["", "\\* trained on packed rows whose episodes attend to each other (prompt tuning loses the "
+                  "`position_ids`, prefix tuning the block-diagonal mask), unlike the other methods."]
+    lines += ["", f"Machine: {env['machine']['cpu_model']} ({env['machine']['cpu_count']} CPUs); commit "
+              f"{env['git_commit']}; command `{env['command']}`."]
+    (out / f"{NAME}.md").write_text("\n".join(lines) + "\n")
+
+    figure = Figure(figsize=(6.4, 4))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    for r in rows:
+        ax.scatter(r["trainable_params"], r["em"], s=40)
+        ax.annotate(r["label"], (r["trainable_params"], r["em"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("exact match (zero-shot self-ask)")
+    ax.set_title(f"{result['model']} self-ask, Compositional Celebrities (n={result['n']})\n"
+                 f"{result['steps']} training steps per method", fontsize=10)
+    ax.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out / f"{NAME}.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=100, help="optimiser steps per method (default 100)")
+    parser.add_argument("--n", type=int, default=100, help="Compositional Celebrities questions (default 100)")
+    parser.add_argument("--model", default="smollm2-135m", help="the causal LM to train")
+    parser.add_argument("--threshold", type=float, default=0.8, help="retriever similarity needed to answer")
+    parser.add_argument("--processes", type=int, choices=(1, 2), default=2,
+                        help="training processes on a CPU (2: accelerate launch, as make demo)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the finished runs and evaluations under --run-dir instead of repeating them")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{QUICK_STEPS} steps on {QUICK_TRAIN_TREES} training trees, {QUICK_N} questions")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="where the runs live (default outputs/bench, outputs/bench_quick with --quick)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    extra = []
+    if args.quick:
+        args.steps, args.n = min(args.steps, QUICK_STEPS), min(args.n, QUICK_N)
+        extra = [f"max_train_samples={QUICK_TRAIN_TREES}", f"max_eval_samples={QUICK_EVAL_TREES}"]
+    args.run_dir = args.run_dir or REPO / "outputs" / ("bench_quick" if args.quick else "bench")
+    started = time.perf_counter()
+    transformers_logging.set_verbosity_error()
+    trees = sample_trees(convert(SOURCE), args.n, seed=SEED)
+    retriever = RetrieverAnswerer(knowledge_base(trees), threshold=args.threshold)
+    rows = []
+    for variant in (bar := tqdm(args.methods, desc="self-ask methods", unit="method")):
+        bar.set_postfix_str(variant)
+        rows.append(run_variant(variant, args, extra, trees, retriever))
+    result = {
+        "benchmark": NAME, "model": args.model, "config": str(CONFIG.relative_to(REPO)), "steps": args.steps,
+        "n": len(trees), "source": SOURCE, "seed": SEED, "threshold": args.threshold, "processes": args.processes,
+        "learning_rates": {m: VARIANTS[m].learning_rate for m in args.methods}, "learning_rate_rule": RATE_RULE,
+        "overrides": extra, "quick": args.quick, "results": rows, "wall_seconds": time.perf_counter() - started,
+        "environment": environment_record(),
+    }
+    write_results(result, args.out)
+    print((args.out / f"{NAME}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
