@@ -1,0 +1,162 @@
+"""Trainable parameters against accuracy for every adapter method, on SST-2 and CoNLL-2003 (MiniLM) and self-ask
+(SmolLM2), with the Pareto front of each task.
+
+Reads the ``results`` rows of ``sst2.json`` and ``conll03.json`` (``benchmarks/adapter_methods.py``: test accuracy /
+entity F1 at the learning rate chosen on the validation split) and ``selfask_methods.json``
+(``benchmarks/selfask_methods.py``: zero-shot self-ask exact match on Compositional Celebrities) from ``--results``.
+A method is on a task's Pareto front when no other method reaches at least its metric with at most its trainable
+parameters (and does better on one of the two). Writes ``params_vs_accuracy.{json,md,png}`` to ``--out``: one row
+per method and task (trainable parameters, %, adapter size, metric, train seconds, peak memory), and one panel per
+task, metric against trainable parameters on a log axis, the front drawn as a step line.
+
+    .venv/bin/python benchmarks/params_vs_accuracy.py [--results benchmarks/results] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from _env import environment_record
+from adapter_methods import LABELS
+from peftprompt.report import format_bytes
+
+NAME = "params_vs_accuracy"
+RESULTS = Path(__file__).resolve().parent / "results"
+SOURCES = {  # result file stem: (task, metric key in its rows, metric name, the command that writes it)
+    "sst2": ("SST-2", "accuracy", "accuracy", "benchmarks/adapter_methods.py --task sst2"),
+    "conll03": ("CoNLL-2003", "entity_f1", "entity F1", "benchmarks/adapter_methods.py --task conll03"),
+    "selfask_methods": ("self-ask", "em", "exact match", "benchmarks/selfask_methods.py"),
+}
+MODELS = {"minilm": "MiniLM", "smollm2-135m": "SmolLM2-135M"}
+LABEL_OFFSETS = (4, 14, -8, 24, -18, 34, -28)  # points above the marker, tried in turn (as methods_overview.py)
+
+
+def pareto_flags(points: list[tuple[float, float]]) -> list[bool]:
+    """For each ``(trainable_params, metric)``, whether no other point has at most its parameters and at least its
+    metric, with fewer parameters or a higher metric (the front of the fewest parameters and the highest metric)."""
+    return [not any(p <= params and m >= metric and (p < params or m > metric) for p, m in points)
+            for params, metric in points]
+
+
+def read_rows(stem: str, data: dict) -> list[dict]:
+    """The rows of one result file as rows of this table, Pareto flags set, sorted by trainable parameters."""
+    task, key, metric, _ = SOURCES[stem]
+    rows = []
+    for r in data["results"]:
+        model = r.get("model") or data.get("model")
+        rows.append({
+            "task": task,
+            "model": MODELS.get(model, model),
+            "method": r["method"],
+            "label": r.get("label") or LABELS.get(r["method"], r["method"]),  # files written before labels
+            "trainable_params": r["trainable_params"],
+            "trainable_pct": r["trainable_pct"],
+            "adapter_bytes": r["adapter_bytes"],
+            "metric": metric,
+            "value": r[key],
+            "learning_rate": r.get("learning_rate"),
+            "train_seconds": r["train_seconds"],
+            "peak_memory_mb": r.get("peak_memory_mb"),
+        })
+    for row, flag in zip(rows, pareto_flags([(r["trainable_params"], r["value"]) for r in rows])):
+        row["pareto"] = flag
+    return sorted(rows, key=lambda r: r["trainable_params"])
+
+
+def source_record(data: dict) -> dict:
+    """What produced a result file: its steps, commit, command and wall time."""
+    env = data.get("environment", {})
+    return {"steps": data.get("steps"), "git_commit": env.get("git_commit"), "command": env.get("command"),
+            "wall_seconds": data.get("wall_seconds")}
+
+
+def write_results(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{NAME}.json").write_text(json.dumps(result, indent=2) + "\n")
+    rows = result["results"]
+    lines = [
+        "# Trainable parameters vs accuracy, every adapter method",
+        "",
+        "SST-2 test accuracy and CoNLL-2003 test entity F1 on MiniLM (learning rate per method chosen on the "
+        "validation split); self-ask exact match on Compositional Celebrities with SmolLM2-135M (one learning rate "
+        "per method). Pareto: no other method of the task reaches at least its metric with at most its trainable "
+        "parameters. Peak memory: peak RSS of the training run (the largest over its processes; - where the run "
+        "predates its recording).",
+        "",
+        "| task | model | method | trainable params | trainable % | adapter size | metric | value | train seconds | "
+        "peak memory (MB) | Pareto |",
+        "|---|---|---|---:|---:|---:|---|---:|---:|---:|:---:|",
+    ]
+    for r in rows:
+        peak = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        lines.append(
+            f"| {r['task']} | {r['model']} | {r['label']} | {r['trainable_params']:,} | {r['trainable_pct']:.3f} | "
+            f"{format_bytes(r['adapter_bytes'])} | {r['metric']} | {r['value']:.4f} | {r['train_seconds']:.0f} | "
+            f"{peak} | {'yes' if r['pareto'] else ''} |"
+        )
+    lines += ["", "Sources: " + "; ".join(f"`{s['file']}` ({s['steps']} steps, commit {s['git_commit']}, "
+                                          f"`{s['command']}`)" for s in result["sources"].values()) + ".", "",
+              f"Commit {result['environment']['git_commit']}; command `{result['environment']['command']}`."]
+    (out / f"{NAME}.md").write_text("\n".join(lines) + "\n")
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    figure = Figure(figsize=(5 * len(tasks), 4.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    renderer = figure.canvas.get_renderer()
+    for ax, task in zip(figure.subplots(1, len(tasks), squeeze=False)[0], tasks):
+        points = [r for r in rows if r["task"] == task]
+        front = [r for r in points if r["pareto"]]
+        ax.step([r["trainable_params"] for r in front], [r["value"] for r in front], where="post", color="tab:red",
+                linewidth=1, label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_xlim(min(r["trainable_params"] for r in points) / 2, max(r["trainable_params"] for r in points) * 10)
+        placed = []
+        for r in points:
+            point = (r["trainable_params"], r["value"])
+            ax.scatter(*point, s=36, color="tab:red" if r["pareto"] else "tab:blue", zorder=3)
+            for dy in LABEL_OFFSETS:  # the first vertical offset whose label overlaps no earlier label
+                label = ax.annotate(r["label"], point, textcoords="offset points", xytext=(4, dy), fontsize=7)
+                box = label.get_window_extent(renderer)
+                if dy == LABEL_OFFSETS[-1] or not any(box.overlaps(other) for other in placed):
+                    break
+                label.remove()
+            placed.append(box)
+        ax.set_xlabel("trainable parameters (log scale)")
+        ax.set_ylabel(points[0]["metric"])
+        ax.set_title(f"{task} ({points[0]['model']})", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    figure.savefig(out / f"{NAME}.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the input JSON files are")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    missing = [f"{args.results / f'{stem}.json'} (written by `.venv/bin/python {command}`)"
+               for stem, (_, _, _, command) in SOURCES.items() if not (args.results / f"{stem}.json").is_file()]
+    if missing:
+        parser.error("missing input: " + "; ".join(missing))
+    rows: list[dict] = []
+    sources: dict[str, dict] = {}
+    for stem in SOURCES:
+        path = args.results / f"{stem}.json"
+        data = json.loads(path.read_text())
+        rows += read_rows(stem, data)
+        sources[stem] = {"file": str(path), **source_record(data)}
+    result = {"benchmark": NAME, "results": rows, "sources": sources,
+              "wall_seconds": time.perf_counter() - started, "environment": environment_record()}
+    write_results(result, args.out)
+    print((args.out / f"{NAME}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
