@@ -169,6 +169,7 @@ def main() -> None:
         print(json.dumps(measure(args.worker, args.steps, args.warmup)), flush=True)
         return
 
+    started = time.perf_counter()
     record = {
         "task": TASK,
         "model": MODEL,
@@ -182,6 +183,7 @@ def main() -> None:
     for method in (bar := tqdm(args.methods, desc="methods", unit="method")):
         bar.set_postfix_str(method)
         record["results"].append(run_worker(method, args.steps, args.warmup))
+    record["wall_seconds"] = time.perf_counter() - started
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{NAME}.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import yaml
@@ -125,6 +126,7 @@ def main() -> None:
     if not (args.adapter / "adapter_config.json").is_file():
         parser.error(f"no adapter at {args.adapter}: train one first (`make demo`, or `accelerate launch "
                      "recipes/selfask_sft.py --config recipes/configs/smollm2/selfask_lora.yaml`)")
+    started = time.perf_counter()
     sizes = {"compositional_celebrities": 20 if args.quick else args.n,
              "2wikimultihopqa": 20 if args.quick else args.n_2wiki}
     transformers_logging.set_verbosity_error()
@@ -142,6 +144,7 @@ def main() -> None:
     well_formed = cc["fine_tuned_self_ask"]["well_formed"]
     result["target"] = {"text": TARGET, "em_gain": em_gain, "well_formed": well_formed,
                         "met": em_gain >= 0.20 and well_formed >= 0.98}
+    result["wall_seconds"] = time.perf_counter() - started
     result["environment"] = environment_record()
     write_results(result, args.out)
     print((args.out / f"{NAME}.md").read_text())
