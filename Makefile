@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # One thread per process: the tests run on 2 shared cores, where oversubscription costs far more than it gains.
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup models test demo demo-sst2 bench clean
+.PHONY: setup models test demo demo-sst2 bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,9 +35,14 @@ demo: models
 demo-sst2: models
 	HF_HUB_OFFLINE=1 $(PY) recipes/demo_sst2.py
 
+# Every result under benchmarks/results/, one script after another under one progress bar with a time estimate
+# (hours on 2 CPU cores; finished sweep runs under outputs/bench are reused). `make bench-quick`: every script's
+# --quick (no published result touched: it writes to outputs/bench_quick/results).
 bench: models
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/methods_overview.py
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/collator.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/run_all.py
+
+bench-quick: models
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/run_all.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
