@@ -97,6 +97,22 @@ def tiny_smollm(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A saved 2-layer BERT encoder (no head: each recipe adds its own) with MiniLM's vocabulary and tokenizer.
+    Hidden size 64: bitsandbytes' 4-bit layers on the CPU need input sizes that are multiples of their block (64)."""
+    from transformers import AutoTokenizer, BertModel
+
+    from peftprompt.backbones import minilm_path
+
+    path = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    BertModel(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Leave no Accelerate singleton state (e.g. bf16 picked by `auto`, or by TRL's SFTConfig) to later tests."""

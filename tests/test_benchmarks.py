@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -65,3 +66,154 @@ def test_selfask_benchmark_without_an_adapter_says_how_to_train_one(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "benchmarks/selfask.py"), "--adapter", str(tmp_path / "none")],
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "make demo" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_adapter_methods_dry_run(tiny_bert, tmp_path):
+    args = ["--task", "sst2", "--quick", "--steps", "3", "--methods", "lora_r4", "ptuning", "qlora_4bit", "--model",
+            str(tiny_bert), "--parallel", "1", "--run-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "results")]
+    run("adapter_methods.py", *args)
+    result = json.loads((tmp_path / "results" / "sst2.json").read_text())
+    rows = result["results"]
+    assert [r["method"] for r in rows] == ["lora_r4", "ptuning", "qlora_4bit"]
+    assert [r["label"] for r in rows] == ["LoRA r4", "P-tuning", "QLoRA 4-bit (r8)"]
+    for r in rows:
+        assert r["global_step"] == 3 and r["model"] == str(tiny_bert) and r["learning_rate"] == 1e-3
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["dev_accuracy"] <= 1 and r["peak_memory_mb"] > 0
+    # LoRA on query/value of 2 layers (hidden 64) plus the 2-class head: rank 4, and rank 8 for QLoRA
+    head = 64 * 2 + 2
+    assert rows[0]["trainable_params"] == 2 * 2 * (2 * 4 * 64) + head
+    assert rows[2]["trainable_params"] == 2 * 2 * (2 * 8 * 64) + head
+    trained = {m: yaml.safe_load((tmp_path / "runs" / f"sst2_{m}_lr0.001" / "train_config.yaml").read_text())
+               for m in ("lora_r4", "ptuning", "qlora_4bit")}
+    assert trained["lora_r4"]["method_args"] == {"r": 4, "lora_alpha": 8} and not trained["lora_r4"]["load_in_4bit"]
+    assert trained["ptuning"]["method"] == "ptuning" and trained["qlora_4bit"]["load_in_4bit"]
+    assert all(t["max_eval_samples"] == 200 and t["max_steps"] == 3 for t in trained.values())
+    assert result["steps"] == 3 and result["lr_grid"] == [1.0] and result["quick"]
+    assert result["variants"]["qlora_4bit"]["overrides"] == ["load_in_4bit=true"]
+    assert {"machine", "versions", "git_commit", "command"} <= set(result["environment"])
+    md = (tmp_path / "results" / "sst2.md").read_text()
+    assert "| LoRA r4 | 2,178 |" in md and "QLoRA 4-bit (r8) = `load_in_4bit=true`" in md
+    assert (tmp_path / "results" / "sst2.png").stat().st_size > 0
+
+    # --reuse reads the finished runs instead of repeating them
+    finished = tmp_path / "runs" / "sst2_qlora_4bit_lr0.001" / "results.json"
+    before = finished.stat().st_mtime_ns
+    run("adapter_methods.py", *args, "--reuse")
+    assert finished.stat().st_mtime_ns == before
+    assert json.loads((tmp_path / "results" / "sst2.json").read_text())["results"] == rows
+
+
+@pytest.mark.slow
+def test_selfask_methods_dry_run(tiny_smollm, tmp_path):
+    args = ["--quick", "--steps", "2", "--n", "2", "--methods", "ia3", "qlora_8bit", "--model", str(tiny_smollm),
+            "--processes", "1", "--run-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "results")]
+    run("selfask_methods.py", *args)
+    result = json.loads((tmp_path / "results" / "selfask_methods.json").read_text())
+    rows = result["results"]
+    assert [r["method"] for r in rows] == ["ia3", "qlora_8bit"] and [r["label"] for r in rows] == [
+        "IA3", "QLoRA 8-bit (r16)"]
+    for r in rows:
+        assert r["global_step"] == 2 and r["n"] == 2 and r["eval_seconds"] > 0 and r["peak_memory_mb"] > 0
+        assert 0 <= r["em"] <= 1 and 0 <= r["f1"] <= 1 and 0 <= r["well_formed"] <= 1 and r["eval_loss"] > 0
+    assert 0 < rows[0]["trainable_params"] < rows[1]["trainable_params"] and rows[1]["adapter_bytes"] > 0
+    ia3 = yaml.safe_load((tmp_path / "runs" / "selfask_ia3" / "train_config.yaml").read_text())
+    qlora = yaml.safe_load((tmp_path / "runs" / "selfask_qlora_8bit" / "train_config.yaml").read_text())
+    # the config's LoRA arguments are replaced whole (IA3 gets none), not merged
+    assert ia3["method"] == "ia3" and ia3["method_args"] == {} and ia3["learning_rate"] == 5e-3
+    assert qlora["load_in_8bit"] and qlora["method_args"]["r"] == 16
+    assert len(qlora["method_args"]["target_modules"]) == 7
+    assert ia3["data"]["generate_eval"] == 0 and ia3["max_train_samples"] == 200
+    assert result["learning_rates"] == {"ia3": 5e-3, "qlora_8bit": 1e-3} and result["n"] == 2 and result["steps"] == 2
+    assert {"machine", "versions", "git_commit", "command"} <= set(result["environment"])
+    md = (tmp_path / "results" / "selfask_methods.md").read_text()
+    assert "| IA3 |" in md and "| QLoRA 8-bit (r16) |" in md
+    assert (tmp_path / "results" / "selfask_methods.png").stat().st_size > 0
+
+    # --reuse keeps the trained runs and their evaluations
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/[rs]e*.json")}
+    assert len(stamps) == 4  # results.json and selfask_eval.json of each run
+    run("selfask_methods.py", *args, "--reuse")
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert json.loads((tmp_path / "results" / "selfask_methods.json").read_text())["results"] == rows
+
+
+def result_file(path: Path, rows: list[dict], **extra) -> None:
+    environment = {"git_commit": "abc123", "command": f"make {path.stem}"}
+    path.write_text(json.dumps({"steps": 300, "results": rows, "environment": environment, **extra}))
+
+
+def method_row(method: str, params: int, metric: str, value: float, **extra) -> dict:
+    return {"method": method, "trainable_params": params, "trainable_pct": params / 10, "adapter_bytes": params * 4,
+            metric: value, "train_seconds": 60.0, "model": "minilm", **extra}
+
+
+def test_params_vs_accuracy_pareto_front(tmp_path):
+    result_file(tmp_path / "sst2.json", [
+        method_row("full", 1000, "accuracy", 0.90, label="full", peak_memory_mb=900.0),
+        method_row("lora", 100, "accuracy", 0.85),  # no label: written before labels, "LoRA r8"
+        method_row("prefix", 200, "accuracy", 0.70, label="prefix"),  # LoRA has fewer parameters and more accuracy
+        method_row("bitfit", 50, "accuracy", 0.80, label="BitFit"),
+        method_row("ia3", 50, "accuracy", 0.75, label="IA3"),  # as many parameters as BitFit, less accuracy
+        method_row("prompt", 10, "accuracy", 0.60, label="prompt"),
+    ])
+    result_file(tmp_path / "conll03.json", [  # equal points are both on the front
+        method_row("lora", 100, "entity_f1", 0.7, label="LoRA r8"),
+        method_row("qlora_4bit", 100, "entity_f1", 0.7, label="QLoRA 4-bit (r8)"),
+        method_row("ia3", 80, "entity_f1", 0.5, label="IA3"),
+    ])
+    result_file(tmp_path / "selfask_methods.json", [
+        method_row("lora_r16", 500, "em", 0.6, label="LoRA r16", model="smollm2-135m"),
+        method_row("full", 5000, "em", 0.5, label="full", model="smollm2-135m"),
+    ])
+    run("params_vs_accuracy.py", "--results", str(tmp_path), "--out", str(tmp_path / "out"))
+    result = json.loads((tmp_path / "out" / "params_vs_accuracy.json").read_text())
+    front = {(r["task"], r["method"]): r["pareto"] for r in result["results"]}
+    assert front == {
+        ("SST-2", "prompt"): True, ("SST-2", "bitfit"): True, ("SST-2", "ia3"): False, ("SST-2", "lora"): True,
+        ("SST-2", "prefix"): False, ("SST-2", "full"): True, ("CoNLL-2003", "ia3"): True,
+        ("CoNLL-2003", "lora"): True, ("CoNLL-2003", "qlora_4bit"): True, ("self-ask", "lora_r16"): True,
+        ("self-ask", "full"): False,
+    }
+    assert [r["trainable_params"] for r in result["results"] if r["task"] == "SST-2"] == [10, 50, 50, 100, 200, 1000]
+    lora = next(r for r in result["results"] if r["task"] == "SST-2" and r["method"] == "lora")
+    assert lora["label"] == "LoRA r8" and lora["metric"] == "accuracy" and lora["value"] == 0.85
+    assert lora["peak_memory_mb"] is None and lora["adapter_bytes"] == 400
+    assert result["sources"]["conll03"]["command"] == "make conll03" and result["sources"]["sst2"]["steps"] == 300
+    assert {"machine", "versions", "git_commit", "command"} <= set(result["environment"])
+    md = (tmp_path / "out" / "params_vs_accuracy.md").read_text()
+    assert "| SST-2 | MiniLM | LoRA r8 | 100 | 10.000 | 400 B | accuracy | 0.8500 | 60 | - | yes |" in md
+    assert "| SST-2 | MiniLM | full | 1,000 | 100.000 | 3.9 KB | accuracy | 0.9000 | 60 | 900 | yes |" in md
+    assert "| self-ask | SmolLM2-135M | full |" in md and md.count("| yes |") == 8
+    assert (tmp_path / "out" / "params_vs_accuracy.png").stat().st_size > 0
+
+
+def test_params_vs_accuracy_names_the_command_of_a_missing_input(tmp_path):
+    result_file(tmp_path / "sst2.json", [method_row("lora", 100, "accuracy", 0.85)])
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks/params_vs_accuracy.py"), "--results", str(tmp_path)],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "conll03.json (written by `.venv/bin/python benchmarks/adapter_methods.py --task conll03`)" in done.stderr
+    assert "selfask_methods.json (written by `.venv/bin/python benchmarks/selfask_methods.py`)" in done.stderr
+    assert "sst2.json" not in done.stderr
+
+
+def test_run_all_plan(tmp_path):
+    (tmp_path / "sst2.json").write_text(json.dumps({"wall_seconds": 600}))
+    (tmp_path / "speed.json").write_text(json.dumps({"runs": {"a": {"wall_seconds": 50}, "b": {"wall_seconds": 70}}}))
+    out = run("run_all.py", "--plan", "--quick", "--out", str(tmp_path)).stdout.splitlines()
+    stages = {line.split()[0]: line for line in out[1:]}
+    assert list(stages) == ["methods_overview", "collator", "speed", "sst2", "conll03", "demo_adapter", "selfask",
+                            "selfask_methods", "params_vs_accuracy"]
+    assert "~ 10.0 min (recorded in sst2.json)" in stages["sst2"] and "~  2.0 min (recorded in speed.json)" in stages[
+        "speed"]
+    assert "(guess)" in stages["conll03"] and "--task conll03" in stages["conll03"]
+    for name in ("methods_overview", "collator", "speed", "sst2", "conll03", "selfask", "selfask_methods"):
+        assert stages[name].endswith(f"--quick --out {tmp_path}") and "--reuse" not in stages[name]
+    assert stages["params_vs_accuracy"].endswith(f"--results {tmp_path} --out {tmp_path}")
+    assert "skipped" in stages["demo_adapter"] or "max_steps=5" in stages["demo_adapter"]
+    assert out[0].startswith(f"9 stages into {tmp_path}; estimated total ~")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speed.json", "sst2.json"]  # nothing ran
+
+    out = run("run_all.py", "--plan", "--only", "params_vs_accuracy", "sst2", "--out", str(tmp_path)).stdout
+    assert out.startswith("2 stages") and "--lr-grid 0.3 1 3 9 --reuse --out" in out and "--quick" not in out

@@ -8,26 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+from transformers import BertForSequenceClassification
 
 from peftprompt import load_adapter
-from peftprompt.backbones import minilm_path
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory) -> Path:
-    """A 2-layer BERT encoder (no head: each recipe adds its own) with MiniLM's vocabulary and tokenizer."""
-    path = tmp_path_factory.mktemp("tiny_bert")
-    torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    BertModel(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(path)
-    return path
 
 
 def launch(recipe: str, config: str, overrides: list[str], output_dir: Path) -> list[dict]:
