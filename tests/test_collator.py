@@ -125,15 +125,22 @@ def test_packing_restarts_positions_and_keeps_labels(smollm2_tokenizer):
     collator = SelfAskCollator(smollm2_tokenizer, max_length=128, packing=True)
     packed = collator([golden_tree()])
     assert "attention_mask" not in packed
-    assert packed["input_ids"].shape == (3, 112)  # 78+34, 71+31, 33 (first-fit decreasing)
-    assert packed["position_ids"][0].tolist() == list(range(78)) + list(range(34))
+    # first-fit decreasing: 3 rows (78+34, 71+33, 31: padded to 112); balanced: 78, 71, 34+33+31 (padded to 98)
+    assert packed["input_ids"].shape == (3, 98)
+    assert packed["position_ids"][0].tolist() == list(range(78)) + list(range(20))  # then padding
+    assert packed["position_ids"][2].tolist() == list(range(31)) + list(range(33)) + list(range(34))
     assert (packed["labels"] != IGNORE_INDEX).sum() == (padded["labels"] != IGNORE_INDEX).sum()
-    assert collator.pad_fraction == pytest.approx(1 - 247 / (3 * 112))
+    assert collator.pad_fraction == pytest.approx(1 - 247 / (3 * 98))
 
 
-def test_pack_episodes_first_fit_decreasing():
-    # 8 opens row 0, 5 opens row 1, 4 joins row 1, 3 opens row 2, 2 fills row 0
-    assert pack_episodes([5, 3, 8, 2, 4], max_length=10) == [[2, 3], [0, 4], [1]]
+def test_pack_episodes_uses_the_fewest_rows_and_balances_them():
+    # first-fit decreasing needs 3 rows ([8, 2], [5, 4], [3]: padded to 10). Dealt longest first to the lightest of
+    # 3 rows: 8 | 5 | 4, then 3 joins the 4 and 2 joins the 5: [8], [5, 2], [4, 3], padded to 8.
+    assert pack_episodes([5, 3, 8, 2, 4], max_length=10) == [[2], [0, 3], [1, 4]]
+    # balancing gains nothing here ([6, 4] and [6] either way), so first-fit decreasing's rows stay
+    assert pack_episodes([6, 6, 4], max_length=10) == [[0, 2], [1]]
+    assert pack_episodes([10, 10], max_length=10) == [[0], [1]]  # full rows stay as they are
+    assert pack_episodes([], max_length=10) == []
     with pytest.raises(ValueError, match="an episode of 11 tokens does not fit in a row of max_length=10"):
         pack_episodes([11], max_length=10)
 

@@ -141,16 +141,20 @@ def without_nulls(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def pack_episodes(lengths: Sequence[int], max_length: int) -> list[list[int]]:
-    """Group episode indices into rows of at most `max_length` tokens (first-fit decreasing).
+    """Group episode indices into as few rows of at most `max_length` tokens as first-fit decreasing finds, balanced
+    so that the longest row, which the batch is padded to, is as short as possible.
 
-    Returns the rows as lists of indices, each row in the original order of its episodes.
+    With the number of rows fixed by first-fit decreasing, the episodes are dealt longest first to the row holding
+    the fewest tokens; that layout is kept when it fits and its longest row is shorter. Returns the rows as lists of
+    indices, each row in the original order of its episodes.
     """
     too_long = [n for n in lengths if n > max_length]
     if too_long:
         raise ValueError(f"an episode of {too_long[0]} tokens does not fit in a row of max_length={max_length}")
+    longest_first = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     rows: list[list[int]] = []
     free: list[int] = []
-    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+    for index in longest_first:
         for row, space in enumerate(free):
             if lengths[index] <= space:
                 rows[row].append(index)
@@ -159,6 +163,14 @@ def pack_episodes(lengths: Sequence[int], max_length: int) -> list[list[int]]:
         else:
             rows.append([index])
             free.append(max_length - lengths[index])
+    balanced: list[list[int]] = [[] for _ in rows]
+    loads = [0] * len(rows)
+    for index in longest_first:
+        lightest = loads.index(min(loads))
+        balanced[lightest].append(index)
+        loads[lightest] += lengths[index]
+    if rows and max(loads) < max_length - min(free):
+        rows = balanced
     return [sorted(row) for row in rows]
 
 
