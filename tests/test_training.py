@@ -5,6 +5,7 @@ two real processes under `accelerate launch`)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -615,7 +616,11 @@ def test_logits_at_trained_positions_only_give_the_same_loss_and_gradients(metho
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
     if weighted:
         batch["loss_weights"] = torch.rand(input_ids.shape, generator=generator) + 0.5
-    assert loop.trained_positions(labels).tolist() == [1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14]
+    keep = loop.trained_positions(labels)  # each row its own positions: the one before each trained label
+    assert [row.nonzero().squeeze(1).tolist() for row in keep] == [[3, 4, 5, 6, 7], [9, 10, 11, 12, 13, 14], [1, 2]]
+    head_rows = []
+    head = model.get_base_model().get_output_embeddings() if method != "full" else model.get_output_embeddings()
+    head.register_forward_hook(lambda module, args, output: head_rows.append(args[0].shape[:-1].numel()))
 
     results = []
     for kept in (False, True):
@@ -629,6 +634,7 @@ def test_logits_at_trained_positions_only_give_the_same_loss_and_gradients(metho
     # items count the trained next-token targets: labels[:, 1:] set (the label at position 0 is never predicted)
     assert float(full_items) == pytest.approx(float(kept_items)) == pytest.approx(float(expected_items), rel=1e-5)
     assert int(full_tokens) == int(kept_tokens) == 48
+    assert head_rows == [48, 13]  # the lm head ran at every position, then at the 13 trained positions only
     torch.testing.assert_close(kept_loss, full_loss, rtol=1e-5, atol=1e-5)
     assert full_grads.keys() == kept_grads.keys() and full_grads
     for name in full_grads:
@@ -640,3 +646,50 @@ def test_prompt_learning_and_classification_keep_the_full_logits():
 
     assert not loop.trains_only_kept_logits(attach(tiny_llama(), "prompt"), "causal_lm")
     assert not loop.trains_only_kept_logits(tiny_llama(), "seq_cls")
+
+
+@pytest.mark.parametrize("method", ["lora", "bitfit", "ia3", "prompt"])
+def test_half_precision_frozen_backbone_keeps_trainable_weights_in_float32(method, tiny_smollm, tmp_path):
+    """frozen_dtype bfloat16: the backbone is loaded and kept in bf16, adapters are float32 and train under bf16
+    autocast (the kept-logits path included); the saved adapter is float32."""
+    config = llm_config(tmp_path, model=str(tiny_smollm), method=method, frozen_dtype="bfloat16",
+                        mixed_precision="bf16", max_steps=2)
+    model, tokenizer = loop.build_model(config)
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    before = trainable(model)
+    result = train(config, model, tokenizer, token_rows(), SelfAskCollator(IdTokenizer(), max_length=32))
+    losses = [json.loads(line)["loss"] for line in result.log_file.read_text().splitlines() if '"train"' in line]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert any(not torch.equal(before[n], p) for n, p in trainable(model).items())
+    saved = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert saved and {t.dtype for t in saved.values()} == {torch.float32}
+
+
+def test_half_precision_frozen_backbone_is_refused_where_it_cannot_work(tmp_path):
+    with pytest.raises(ValueError, match="method 'full' trains every weight"):
+        llm_config(tmp_path, method="full", frozen_dtype="bfloat16")
+    with pytest.raises(ValueError, match="for unquantised backbones"):
+        llm_config(tmp_path, frozen_dtype="float16", load_in_4bit=True)
+    with pytest.raises(ValueError, match="must be one of float32, bfloat16, float16"):
+        llm_config(tmp_path, frozen_dtype="bf16")
+    with pytest.raises(ValueError, match="mixed precision is off"):
+        train(llm_config(tmp_path, frozen_dtype="bfloat16", mixed_precision="no"), llama_lora(), None, token_rows(),
+              SelfAskCollator(IdTokenizer()))
+
+
+def test_skipping_adapter_input_casts_under_autocast_changes_no_number():
+    """PEFT casts each LoRA layer's input to float32, which bf16 autocast casts straight back: skipping both is
+    exact (bf16 -> fp32 -> bf16 is lossless), and the layers cast again afterwards."""
+    model = llama_lora(seed=2)
+    layers = [m for m in model.modules() if getattr(m, "cast_input_dtype_enabled", None) is True]
+    assert len(layers) == 4  # q_proj and v_proj of 2 layers
+    input_ids = torch.randint(5, TINY_VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for skip in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16), loop._input_casts_skipped(layers if skip else []):
+            assert all(m.cast_input_dtype_enabled is not skip for m in layers)
+            losses.append(model(input_ids=input_ids, labels=input_ids).loss)
+    assert all(m.cast_input_dtype_enabled is True for m in layers)
+    assert torch.equal(losses[0], losses[1])

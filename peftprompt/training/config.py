@@ -47,6 +47,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mixed_precision": MIXED_PRECISION_CHOICES,
     "optimizer": OPTIMIZERS,
     "lr_scheduler": LR_SCHEDULERS,
+    "frozen_dtype": ("float32", "bfloat16", "float16"),
 }
 
 # name -> (predicate, wording of the constraint); None values of optional fields are not checked.
@@ -95,6 +96,7 @@ class TrainConfig:
     load_in_8bit: bool = False
     load_in_4bit: bool = False
     gradient_checkpointing: bool = False
+    frozen_dtype: str = "float32"  # the frozen backbone weights' dtype (adapters train in float32 whatever it is)
     # data (recipes interpret these)
     data: dict = field(default_factory=dict)
     max_length: int = 128
@@ -250,6 +252,16 @@ def cross_field_problem(config: TrainConfig) -> Optional[str]:
         )
     if config.load_in_8bit and config.load_in_4bit:
         return "load_in_8bit and load_in_4bit are exclusive: choose one"
+    if config.frozen_dtype != "float32" and config.method == "full":
+        return (
+            f"frozen_dtype {config.frozen_dtype!r} needs a frozen backbone, but method 'full' trains every weight: "
+            "keep frozen_dtype: float32 and use mixed_precision for half-precision compute"
+        )
+    if config.frozen_dtype != "float32" and (config.load_in_8bit or config.load_in_4bit):
+        return (
+            f"frozen_dtype {config.frozen_dtype!r} is for unquantised backbones; a quantised one already stores its "
+            "linear weights in 8 or 4 bits: keep frozen_dtype: float32"
+        )
     return None
 
 

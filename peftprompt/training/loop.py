@@ -56,6 +56,7 @@ import shutil
 import sys
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -71,6 +72,7 @@ from accelerate.utils import (
     send_to_device,
     set_seed,
 )
+from peft.utils.other import cast_mixed_precision_params
 from safetensors import safe_open
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
@@ -172,7 +174,10 @@ def prepare_backbone(model, config: TrainConfig):
 def build_model(config: TrainConfig):
     """`load_backbone` + `prepare_backbone` + `attach` as the config says; returns ``(model, tokenizer)``.
 
-    Seeds the RNGs with ``config.seed`` first, so the new head and adapter weights repeat from run to run.
+    Seeds the RNGs with ``config.seed`` first, so the new head and adapter weights repeat from run to run. With
+    ``frozen_dtype`` bfloat16 / float16 the backbone is loaded in that dtype and stays there while the trainable
+    parameters (adapter, new head) are float32, as PEFT's ``cast_mixed_precision_params`` leaves them: half the
+    memory of the frozen weights, and no float32 -> half cast of every weight at every step under mixed precision.
     """
     set_seed(config.seed)
     model, tokenizer = load_backbone(
@@ -181,9 +186,13 @@ def build_model(config: TrainConfig):
         num_labels=config.num_labels,
         load_in_8bit=config.load_in_8bit,
         load_in_4bit=config.load_in_4bit,
+        dtype=getattr(torch, config.frozen_dtype),
     )
     model = prepare_backbone(model, config)
-    return attach(model, config.method, task=config.task, **config.method_args), tokenizer
+    model = attach(model, config.method, task=config.task, **config.method_args)
+    if config.frozen_dtype != "float32":
+        cast_mixed_precision_params(model, getattr(torch, config.frozen_dtype))
+    return model, tokenizer
 
 
 def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -200,7 +209,9 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.O
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, lr=config.learning_rate)
-    return torch.optim.AdamW(groups, lr=config.learning_rate)
+    # torch's fused kernel (CPU and CUDA) updates every tensor in one pass instead of a Python loop over them
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for _, p in named)
+    return torch.optim.AdamW(groups, lr=config.learning_rate, fused=fused)
 
 
 # ------------------------------------------------------------------------------------------------------------ losses
@@ -248,33 +259,55 @@ def row_losses(
 
 
 def trains_only_kept_logits(model, task: str) -> bool:
-    """Whether `model` can compute causal-LM logits at chosen positions only (``logits_to_keep`` as indices).
+    """Whether `model` can compute causal-LM logits at chosen positions only: a boolean ``logits_to_keep`` mask.
 
-    True for causal LMs whose forward takes ``logits_to_keep`` (Llama, Mistral, Qwen, GPT-2, ... in transformers
-    >= 4.50), bare or under a PEFT adapter that does not prepend virtual tokens (not prefix / prompt tuning)."""
+    True for causal LMs whose forward slices its hidden states with transformers' ``slice_logits_to_keep`` (Llama,
+    Mistral, Qwen, GPT-2, ... in transformers >= 5), bare or under a PEFT adapter that does not prepend virtual
+    tokens (not prefix / prompt tuning)."""
     if task != "causal_lm":
         return False
     peft_config = getattr(model, "active_peft_config", None)
     if peft_config is not None and peft_config.is_prompt_learning:
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return False
+    try:
+        return "slice_logits_to_keep(" in inspect.getsource(type(base).forward)
+    except (OSError, TypeError):
+        return False
 
 
 def trained_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Sequence positions whose logits predict a trained token in at least one row (``labels[:, t + 1]`` set)."""
-    return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+    """Boolean ``[batch, length]`` mask of the positions whose logits predict a trained token (``labels[:, t + 1]``
+    set): each row keeps its own positions, so packed rows with trained spans in different places cost nothing."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
 
 
 def _kept_logits_loss(model, batch: dict, labels: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
     """The summed loss from logits at the trained positions only: the lm-head matmul and the softmax over the
     vocabulary skip every prompt, padding and packed-in context position. Same loss as the full path."""
     keep = trained_positions(labels)
-    logits = model(**batch, logits_to_keep=keep).logits  # [batch, len(keep), vocab], already aligned with:
-    targets = labels[:, keep + 1]
-    # `row_losses` without the causal shift (its token-classification branch): logits and targets line up already
-    row_sum, _ = row_losses(logits, targets, "token_cls", weights[:, keep + 1] if weights is not None else None)
+    logits = model(**batch, logits_to_keep=keep).logits  # [trained positions, vocab], in the order of:
+    targets = labels[:, 1:][keep[:, :-1]]
+    kept_weights = weights[:, 1:][keep[:, :-1]][None] if weights is not None else None
+    # `row_losses` without the causal shift (its token-classification branch), on one row of the kept positions
+    row_sum, _ = row_losses(logits[None], targets[None], "token_cls", kept_weights)
     return row_sum.sum()
+
+
+@contextmanager
+def _input_casts_skipped(layers: list[torch.nn.Module]):
+    """Switch off PEFT's input-dtype cast (``cast_input_dtype_enabled``) of `layers` for the duration."""
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.cast_input_dtype_enabled = True
 
 
 def _training_loss(
@@ -604,6 +637,12 @@ def train(
     started = time.perf_counter()
     output_dir = Path(config.output_dir)
     mixed_precision, mp_reason = resolve_mixed_precision(config.mixed_precision)
+    if config.frozen_dtype != "float32" and mixed_precision == "no":
+        raise ValueError(
+            f"frozen_dtype {config.frozen_dtype!r} computes through autocast, but mixed precision is off "
+            f"(mixed_precision={config.mixed_precision!r}: {mp_reason}): set mixed_precision bf16 or fp16, or keep "
+            "frozen_dtype: float32"
+        )
     if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed_precision:
         AcceleratorState._reset_state()
     GradientState._reset_state()  # no dataloader of an earlier run (in this process) may linger in it
@@ -651,6 +690,10 @@ def train(
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     accelerator.register_save_state_pre_hook(_keep_trainable_weights)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # Under autocast PEFT's cast of each adapter layer's input to float32 is undone by the matmul's cast back to half
+    # precision: training skips both copies (the same numbers, less work).
+    castable = [m for m in model.modules() if getattr(m, "cast_input_dtype_enabled", None) is True]
+    castable = castable if mixed_precision != "no" else []
     n_trainable, n_total = count_parameters(accelerator.unwrap_model(model))
 
     state = {
@@ -808,7 +851,8 @@ def train(
         skip_batches = 0
         for batch in loader:
             with accelerator.accumulate(model):
-                loss_sum, items, tokens = _training_loss(model, batch, config.task, kept_logits)
+                with _input_casts_skipped(castable):
+                    loss_sum, items, tokens = _training_loss(model, batch, config.task, kept_logits)
                 accelerator.backward(loss_sum)
                 accumulated_items += items
                 window += torch.stack([loss_sum.detach().double(), items.double(), tokens.double()])
