@@ -4,11 +4,14 @@
   to the longest (`SelfAskCollator(packing=False)`, the same loss masks) + the model's own loss (full-vocabulary
   logits at every position);
 - **ours**: `peftprompt.training.train` + the same LoRA through `attach` + the same episodes per step packed into
-  rows of ``--max-length`` (`SelfAskCollator(packing=True)`) + logits only at the trained positions.
+  balanced rows of at most ``--max-length`` (`SelfAskCollator(packing=True)`) + logits only at the trained positions
+  + under mixed precision the frozen backbone kept in the compute dtype (``frozen_dtype``) + fused AdamW + no
+  adapter-input casts under autocast.
 
-Both see ``--batch-size`` episodes per optimiser step for ``--steps`` steps (same learning rate, schedule, seed and
-mixed precision, one process each so peak RSS is theirs alone). Then ours again with the backbone in 8-bit and in
-4-bit (bitsandbytes) for ``--quant-steps`` steps: peak RSS and loss. Writes ``speed.{json,md,png}`` to ``--out``:
+Both see ``--batch-size`` episodes per optimiser step for ``--steps`` steps (same LoRA, learning rate, schedule, seed
+and mixed precision, one process each so peak RSS is theirs alone; the episodes are tokenised once by this process).
+Then ours again with the backbone in fp32, 8-bit and 4-bit (bitsandbytes), gradient checkpointing on, for
+``--quant-steps`` steps: peak RSS, weight bytes and loss. Writes ``speed.{json,md,png}`` to ``--out``:
 
     .venv/bin/python benchmarks/speed.py [--steps 50] [--batch-size 8] [--quant-steps 10] [--quick]
 """
@@ -31,32 +34,39 @@ from _env import environment_record
 
 NAME = "speed"
 SOURCES = ("musique", "probtree_hotpotqa", "probtree_musique")
-LORA = {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                      "up_proj", "down_proj"]}
+# PEFT's LoraConfig default dropout (0.0), written out: both paths get exactly this adapter.
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 LEARNING_RATE = 1e-3
 SEED = 0
 WARMUP_STEPS = 2  # left out of the per-step timing
 
 
 class CountingCollator:
-    """Wraps a collator and counts the trained tokens (labels set) and non-pad tokens of every batch it makes."""
+    """Wraps a collator and counts, per batch, the trained tokens (labels set) and the episodes' tokens (padding
+    left out, the same count on both paths), plus the positions the model computes (padding included)."""
 
     def __init__(self, collator) -> None:
-        self.collator, self.trained, self.tokens = collator, [], []
+        self.collator, self.trained, self.tokens, self.positions = collator, [], [], []
 
     def __call__(self, features):
         batch = self.collator(features)
         labels = batch["labels"]
         self.trained.append(int((labels[:, 1:] != -100).sum()))
-        mask = batch.get("attention_mask")
-        self.tokens.append(int(mask.sum()) if mask is not None else int(labels.numel()))
+        self.tokens.append(sum(len(f["input_ids"]) for f in features))
+        self.positions.append(labels.numel())
         return batch
 
 
-def episodes(tokenizer, count: int, max_length: int) -> list[dict]:
-    """`count` flat self-ask episodes of the training sources (shuffled with the seed), tokenised with masks."""
+def episodes(model: str, count: int, max_length: int) -> list[dict]:
+    """`count` flat self-ask episodes of the training sources (shuffled with the seed), tokenised with masks by
+    `model`'s tokenizer. Made once by the parent process, so parsing the datasets is in no worker's peak RSS."""
+    from transformers import AutoTokenizer
+
+    from peftprompt.backbones import resolve_backbone
     from peftprompt.recursive import EpisodeEncoder, Unroller, convert
 
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(model))
     trees = [tree for source in SOURCES for tree in convert(source)]
     random.Random(SEED).shuffle(trees)
     encoder = EpisodeEncoder(tokenizer, max_length=max_length, unroller=Unroller(mode="flat"))
@@ -82,7 +92,7 @@ def run_baseline(args, mixed_precision: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    data = episodes(tokenizer, args.steps * args.batch_size, args.max_length)
+    data = json.loads(Path(args.episodes).read_text())[: args.steps * args.batch_size]
     model = AutoModelForCausalLM.from_pretrained(path)
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
@@ -110,11 +120,13 @@ def run_baseline(args, mixed_precision: str) -> dict:
         started = time.perf_counter()
         trainer.train()
     return {"step_ends": [t - started for t in step_ends], "losses": losses, "trained_tokens": collator.trained,
-            "tokens": collator.tokens, "peak_rss_mb": peak_rss_mb()}
+            "tokens": collator.tokens, "positions": collator.positions, "peak_rss_mb": peak_rss_mb()}
 
 
-def run_ours(args, mixed_precision: str, quantisation: str = "none", steps: int | None = None) -> dict:
-    """`peftprompt.training.train`: packed batches, logits at trained positions only."""
+def run_ours(args, mixed_precision: str, quantisation: str = "none", steps: int | None = None,
+             gradient_checkpointing: bool = False) -> dict:
+    """`peftprompt.training.train`: packed batches, logits at trained positions only, and under mixed precision the
+    frozen backbone kept in the compute dtype (``frozen_dtype``; the LoRA weights stay float32)."""
     from peftprompt.recursive import SelfAskCollator
     from peftprompt.training import TrainConfig, build_model, train
 
@@ -123,18 +135,22 @@ def run_ours(args, mixed_precision: str, quantisation: str = "none", steps: int 
         config = TrainConfig(
             model=args.model, task="causal_lm", method="lora", method_args=LORA, max_length=args.max_length,
             load_in_8bit=quantisation == "8bit", load_in_4bit=quantisation == "4bit",
+            gradient_checkpointing=gradient_checkpointing,
             learning_rate=LEARNING_RATE, lr_scheduler="cosine", warmup_ratio=0.0,
             per_device_train_batch_size=args.batch_size, max_steps=steps, mixed_precision=mixed_precision,
             seed=SEED, log_every=1, output_dir=output_dir,
+            frozen_dtype={"bf16": "bfloat16", "fp16": "float16"}.get(mixed_precision, "float32"),
         )
         model, tokenizer = build_model(config)
-        data = episodes(tokenizer, steps * args.batch_size, args.max_length)
+        weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        data = json.loads(Path(args.episodes).read_text())[: steps * args.batch_size]
         collator = CountingCollator(SelfAskCollator(tokenizer, max_length=args.max_length, packing=True))
         result = train(config, model, tokenizer, data, collator)
         logged = [json.loads(line) for line in result.log_file.read_text().splitlines()]
     train_records = [r for r in logged if r["type"] == "train"]
     return {"step_ends": [r["elapsed_s"] for r in train_records], "losses": [r["loss"] for r in train_records],
-            "trained_tokens": collator.trained, "tokens": collator.tokens, "peak_rss_mb": peak_rss_mb()}
+            "trained_tokens": collator.trained, "tokens": collator.tokens, "positions": collator.positions,
+            "peak_rss_mb": peak_rss_mb(), "frozen_dtype": config.frozen_dtype, "weight_bytes": weight_bytes}
 
 
 def summarise(run: dict) -> dict:
@@ -148,6 +164,10 @@ def summarise(run: dict) -> dict:
         "seconds_per_step": statistics.median(durations) if durations else None,
         "trained_tokens_per_s": sum(run["trained_tokens"][i] for i in timed_steps) / timed if timed else None,
         "tokens_per_s": sum(run["tokens"][i] for i in timed_steps) / timed if timed else None,
+        "positions_per_step": statistics.mean(run["positions"]),  # computed positions, padding included
+        "tokens_per_step": statistics.mean(run["tokens"]),
+        "frozen_dtype": run.get("frozen_dtype", "float32"),
+        "weight_bytes": run.get("weight_bytes"),  # parameters + buffers of the model trained (ours only)
         "peak_rss_mb": run["peak_rss_mb"],
         "first_loss": run["losses"][0],
         "last_loss": statistics.mean(run["losses"][-5:]),
@@ -169,7 +189,9 @@ def worker(args) -> None:
         quantisation = {"ours": "none", "ours_8bit": "8bit", "ours_4bit": "4bit", "ours_fp32": "none"}[args.worker]
         precision = "no" if args.worker in ("ours_8bit", "ours_4bit", "ours_fp32") else mixed_precision
         steps = args.steps if args.worker == "ours" else args.quant_steps
-        run = run_ours(args, precision, quantisation, steps)
+        # the backbones compared for memory all train as QLoRA does (PEFT's prepare_model_for_kbit_training default):
+        # with gradient checkpointing, so the stored activations do not hide what the weights take
+        run = run_ours(args, precision, quantisation, steps, gradient_checkpointing=args.worker != "ours")
     run["mixed_precision"] = mixed_precision if args.worker in ("baseline", "ours") else "no"
     Path(args.worker_out).write_text(json.dumps(run))
 
@@ -179,6 +201,7 @@ def measure(args, name: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run.json"
         command = [sys.executable, __file__, "--worker", name, "--worker-out", str(out), "--model", args.model,
+                   "--episodes", args.episodes,
                    "--steps", str(args.steps), "--quant-steps", str(args.quant_steps), "--batch-size",
                    str(args.batch_size), "--max-length", str(args.max_length), "--mixed-precision",
                    args.mixed_precision]
@@ -206,30 +229,38 @@ def write_results(result: dict, out: Path) -> None:
         "",
         f"{result['steps']} optimiser steps x {result['batch_size']} flat self-ask episodes (MuSiQue + ProbTree "
         f"HotpotQA/MuSiQue, rows of at most {result['max_length']} tokens), LoRA r 16 on every projection, lr "
-        f"{LEARNING_RATE:g} cosine, seed {SEED}, one process each, mixed precision {runs['ours']['mixed_precision']}. "
-        f"Timing: median s/step and tokens/s over the steps after the first {WARMUP_STEPS}.",
+        f"{LEARNING_RATE:g} cosine, dropout 0, seed {SEED}, one process each, mixed precision "
+        f"{runs['ours']['mixed_precision']}. Ours packs each batch's episodes into balanced rows, computes logits only "
+        f"at trained positions, keeps the frozen backbone in {runs['ours']['frozen_dtype']} (LoRA weights float32), "
+        "uses fused AdamW and skips PEFT's adapter-input casts under autocast. Timing: median s/step and tokens/s over "
+        f"the steps after the first {WARMUP_STEPS}; all tokens = the episodes' tokens (padding left out, the same "
+        "count on both paths); positions = what the model computes, padding included.",
         "",
-        "| path | s/step | trained tokens/s | all tokens/s | peak RSS (MB) | loss, first step | loss, last 5 steps |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| path | s/step | trained tokens/s | all tokens/s | positions/step | peak RSS (MB) | loss, first step | "
+        "loss, last 5 steps |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     labels = {"baseline": "baseline: Trainer + get_peft_model, padded, full logits",
-              "ours": "ours: train(), packed, logits at trained positions",
+              "ours": "ours: train(), packed, logits at trained positions, bf16 frozen backbone",
               "ours_fp32": "ours, fp32 backbone", "ours_8bit": "ours, 8-bit backbone", "ours_4bit": "ours, 4-bit backbone"}
     for name in ("baseline", "ours"):
         r = runs[name]
         lines.append(f"| {labels[name]} | {r['seconds_per_step']:.2f} | {r['trained_tokens_per_s']:.0f} | "
-                     f"{r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['first_loss']:.3f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['positions_per_step']:.0f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['first_loss']:.3f} | "
                      f"{r['last_loss']:.3f} |")
     lines += ["", f"Speed-up in trained tokens/s: **{result['speedup_trained_tokens_per_s']:.2f}x** (target >= 1.5x); "
               f"loss curves (10-step moving averages) differ by {result['loss_curve_max_abs_diff']:.3f} at most.",
-              "", f"Quantised backbones ({result['quant_steps']} steps each, fp32 compute):", "",
-              "| backbone | s/step | peak RSS (MB) | loss, last 5 steps |", "|---|---:|---:|---:|"]
+              "", f"Quantised backbones ({result['quant_steps']} steps each, fp32 compute, gradient checkpointing as "
+              "in QLoRA, the same episodes):", "",
+              "| backbone | s/step | model weights (MB) | peak RSS (MB) | loss, last 5 steps |", "|---|---:|---:|---:|---:|"]
     for name in ("ours_fp32", "ours_8bit", "ours_4bit"):
         r = runs[name]
-        lines.append(f"| {labels[name]} | {r['seconds_per_step']:.2f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['last_loss']:.3f} |")
+        lines.append(f"| {labels[name]} | {r['seconds_per_step']:.2f} | {r['weight_bytes'] / 2**20:.0f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['last_loss']:.3f} |")
     env = result["environment"]
-    lines += ["", f"4-bit / fp32 peak RSS: **{result['rss_ratio_4bit_vs_fp32']:.2f}** (target <= 0.6).", "",
+    lines += ["", f"4-bit / fp32 peak RSS: **{result['rss_ratio_4bit_vs_fp32']:.2f}** (target <= 0.6); model weights "
+              f"alone: {result['weight_bytes_ratio_4bit_vs_fp32']:.2f}.", "",
               f"Machine: {env['machine'].get('cpu_model')} ({env['machine']['cpu_count']} CPUs); commit "
               f"{env['git_commit']}; command `{env['command']}`."]
     (out / f"{NAME}.md").write_text("\n".join(lines) + "\n")
@@ -262,6 +293,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--episodes", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.cpu = not __import__("torch").cuda.is_available()
     if args.worker:
@@ -274,8 +306,12 @@ def main() -> None:
     from tqdm import tqdm
 
     runs = {}
-    for name in tqdm(["baseline", "ours", "ours_fp32", "ours_8bit", "ours_4bit"], desc="speed runs", unit="run"):
-        runs[name] = measure(args, name)
+    with tempfile.TemporaryDirectory() as tmp:
+        args.episodes = str(Path(tmp) / "episodes.json")
+        count = max(args.steps, args.quant_steps) * args.batch_size
+        Path(args.episodes).write_text(json.dumps(episodes(args.model, count, args.max_length)))
+        for name in tqdm(["baseline", "ours", "ours_fp32", "ours_8bit", "ours_4bit"], desc="speed runs", unit="run"):
+            runs[name] = measure(args, name)
     base, ours = runs["baseline"], runs["ours"]
     curves = [moving_average(base["losses"]), moving_average(ours["losses"])]
     result = {
@@ -286,6 +322,7 @@ def main() -> None:
         "loss_curve_max_abs_diff": max(abs(a - b) for a, b in zip(*curves)),
         "rss_ratio_4bit_vs_fp32": runs["ours_4bit"]["peak_rss_mb"] / runs["ours_fp32"]["peak_rss_mb"],
         "rss_ratio_8bit_vs_fp32": runs["ours_8bit"]["peak_rss_mb"] / runs["ours_fp32"]["peak_rss_mb"],
+        "weight_bytes_ratio_4bit_vs_fp32": runs["ours_4bit"]["weight_bytes"] / runs["ours_fp32"]["weight_bytes"],
         "environment": environment_record(),
     }
     write_results(result, args.out)

@@ -35,6 +35,11 @@ def test_speed_benchmark_dry_run(tiny_smollm, tmp_path):
     # the same data, seed and initial adapter: the first-step losses agree (the curves then diverge by data order)
     assert result["runs"]["baseline"]["first_loss"] == pytest.approx(result["runs"]["ours"]["first_loss"], abs=1e-3)
     assert result["speedup_trained_tokens_per_s"] > 0 and result["rss_ratio_4bit_vs_fp32"] > 0
+    runs = result["runs"]
+    # the same episodes on both paths; ours computes fewer positions (packed, balanced rows) than padding does
+    assert runs["baseline"]["tokens_per_step"] == runs["ours"]["tokens_per_step"]
+    assert runs["ours"]["tokens_per_step"] <= runs["ours"]["positions_per_step"] < runs["baseline"]["positions_per_step"]
+    assert 0 < result["weight_bytes_ratio_4bit_vs_fp32"] < 1  # 4-bit linear weights (the tiny embedding dominates)
     assert {"machine", "versions", "git_commit", "command"} <= set(result["environment"])
     assert "| baseline: Trainer" in (tmp_path / "speed.md").read_text()
     assert (tmp_path / "speed.png").stat().st_size > 0
