@@ -693,3 +693,15 @@ def test_skipping_adapter_input_casts_under_autocast_changes_no_number():
             losses.append(model(input_ids=input_ids, labels=input_ids).loss)
     assert all(m.cast_input_dtype_enabled is True for m in layers)
     assert torch.equal(losses[0], losses[1])
+
+
+def test_frozen_dtype_auto_follows_the_mixed_precision(tmp_path, monkeypatch):
+    resolve = config_module.resolve_frozen_dtype
+    assert resolve(llm_config(tmp_path, frozen_dtype="auto", mixed_precision="bf16")) == torch.bfloat16
+    assert resolve(llm_config(tmp_path, frozen_dtype="auto", mixed_precision="no")) == torch.float32
+    # every weight trains, or the backbone is quantised: float32 whatever the mixed precision
+    assert resolve(llm_config(tmp_path, frozen_dtype="auto", mixed_precision="bf16", method="full")) == torch.float32
+    assert resolve(llm_config(tmp_path, frozen_dtype="auto", mixed_precision="bf16", load_in_8bit=True)) == torch.float32
+    monkeypatch.setattr(config_module, "cpu_bf16_flags", lambda *_: set())  # a CPU without native bf16: auto -> no
+    assert resolve(llm_config(tmp_path, frozen_dtype="auto", mixed_precision="auto")) == torch.float32
+    assert resolve(llm_config(tmp_path, frozen_dtype="float16", mixed_precision="no")) == torch.float16

@@ -9,7 +9,7 @@ result = train(config, model, tokenizer, train_dataset, collator, eval_dataset)
 ```
 """
 
-from .config import TrainConfig, cpu_bf16_flags, load_config, resolve_mixed_precision
+from .config import TrainConfig, cpu_bf16_flags, load_config, resolve_frozen_dtype, resolve_mixed_precision
 from .loop import (
     TrainResult,
     build_model,
@@ -38,6 +38,7 @@ __all__ = [
     "load_config",
     "make_optimizer",
     "prepare_backbone",
+    "resolve_frozen_dtype",
     "resolve_mixed_precision",
     "train",
 ]

@@ -47,7 +47,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mixed_precision": MIXED_PRECISION_CHOICES,
     "optimizer": OPTIMIZERS,
     "lr_scheduler": LR_SCHEDULERS,
-    "frozen_dtype": ("float32", "bfloat16", "float16"),
+    "frozen_dtype": ("float32", "bfloat16", "float16", "auto"),
 }
 
 # name -> (predicate, wording of the constraint); None values of optional fields are not checked.
@@ -96,7 +96,8 @@ class TrainConfig:
     load_in_8bit: bool = False
     load_in_4bit: bool = False
     gradient_checkpointing: bool = False
-    frozen_dtype: str = "float32"  # the frozen backbone weights' dtype (adapters train in float32 whatever it is)
+    # the frozen backbone weights' dtype (adapters train in float32 whatever it is); auto: the mixed-precision dtype
+    frozen_dtype: str = "float32"
     # data (recipes interpret these)
     data: dict = field(default_factory=dict)
     max_length: int = 128
@@ -252,12 +253,12 @@ def cross_field_problem(config: TrainConfig) -> Optional[str]:
         )
     if config.load_in_8bit and config.load_in_4bit:
         return "load_in_8bit and load_in_4bit are exclusive: choose one"
-    if config.frozen_dtype != "float32" and config.method == "full":
+    if config.frozen_dtype in ("bfloat16", "float16") and config.method == "full":
         return (
             f"frozen_dtype {config.frozen_dtype!r} needs a frozen backbone, but method 'full' trains every weight: "
             "keep frozen_dtype: float32 and use mixed_precision for half-precision compute"
         )
-    if config.frozen_dtype != "float32" and (config.load_in_8bit or config.load_in_4bit):
+    if config.frozen_dtype in ("bfloat16", "float16") and (config.load_in_8bit or config.load_in_4bit):
         return (
             f"frozen_dtype {config.frozen_dtype!r} is for unquantised backbones; a quantised one already stores its "
             "linear weights in 8 or 4 bits: keep frozen_dtype: float32"
@@ -365,6 +366,18 @@ def cpu_bf16_flags(cpuinfo: Union[str, Path] = "/proc/cpuinfo") -> set[str]:
         if line.startswith(("flags", "Features")):
             flags.update(line.split(":", 1)[-1].split())
     return flags & set(CPU_BF16_FLAGS)
+
+
+def resolve_frozen_dtype(config: TrainConfig) -> torch.dtype:
+    """The dtype the frozen backbone is loaded in: ``frozen_dtype``, where ``auto`` means the compute dtype of the
+    mixed precision `resolve_mixed_precision` picks (bf16 / fp16), or float32 when that is ``no``, when every weight
+    trains (method ``full``) or when the backbone is quantised."""
+    if config.frozen_dtype != "auto":
+        return getattr(torch, config.frozen_dtype)
+    if config.method == "full" or config.load_in_8bit or config.load_in_4bit:
+        return torch.float32
+    mixed_precision = resolve_mixed_precision(config.mixed_precision)[0]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
 
 
 def resolve_mixed_precision(requested: str) -> tuple[str, str]:

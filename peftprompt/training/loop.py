@@ -84,7 +84,7 @@ from ..backbones import load_backbone
 from ..methods import attach
 from ..recursive.collator import IGNORE_INDEX
 from ..report import ParameterReport, count_parameters
-from .config import TrainConfig, resolve_mixed_precision
+from .config import TrainConfig, resolve_frozen_dtype, resolve_mixed_precision
 
 logger = logging.getLogger(__name__)
 
@@ -175,23 +175,25 @@ def build_model(config: TrainConfig):
     """`load_backbone` + `prepare_backbone` + `attach` as the config says; returns ``(model, tokenizer)``.
 
     Seeds the RNGs with ``config.seed`` first, so the new head and adapter weights repeat from run to run. With
-    ``frozen_dtype`` bfloat16 / float16 the backbone is loaded in that dtype and stays there while the trainable
+    ``frozen_dtype`` bfloat16 / float16 (or ``auto`` under bf16 / fp16 mixed precision; see `resolve_frozen_dtype`)
+    the backbone is loaded in that dtype and stays there while the trainable
     parameters (adapter, new head) are float32, as PEFT's ``cast_mixed_precision_params`` leaves them: half the
     memory of the frozen weights, and no float32 -> half cast of every weight at every step under mixed precision.
     """
     set_seed(config.seed)
+    frozen_dtype = resolve_frozen_dtype(config)
     model, tokenizer = load_backbone(
         config.model,
         task=config.task,
         num_labels=config.num_labels,
         load_in_8bit=config.load_in_8bit,
         load_in_4bit=config.load_in_4bit,
-        dtype=getattr(torch, config.frozen_dtype),
+        dtype=frozen_dtype,
     )
     model = prepare_backbone(model, config)
     model = attach(model, config.method, task=config.task, **config.method_args)
-    if config.frozen_dtype != "float32":
-        cast_mixed_precision_params(model, getattr(torch, config.frozen_dtype))
+    if frozen_dtype != torch.float32:
+        cast_mixed_precision_params(model, frozen_dtype)
     return model, tokenizer
 
 
@@ -637,7 +639,7 @@ def train(
     started = time.perf_counter()
     output_dir = Path(config.output_dir)
     mixed_precision, mp_reason = resolve_mixed_precision(config.mixed_precision)
-    if config.frozen_dtype != "float32" and mixed_precision == "no":
+    if config.frozen_dtype in ("bfloat16", "float16") and mixed_precision == "no":
         raise ValueError(
             f"frozen_dtype {config.frozen_dtype!r} computes through autocast, but mixed precision is off "
             f"(mixed_precision={config.mixed_precision!r}: {mp_reason}): set mixed_precision bf16 or fp16, or keep "
