@@ -17,16 +17,34 @@ PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "peft
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def cpu_model() -> Optional[str]:
-    """The ``model name`` line of ``/proc/cpuinfo`` (Linux), else `None`."""
+def _cpuinfo_field(name: str) -> Optional[str]:
+    """The first ``name`` line of ``/proc/cpuinfo`` (Linux), else `None`."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.split(":", 1)[0].strip() == name:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return None
+
+
+def cpu_model() -> Optional[str]:
+    """The ``model name`` line of ``/proc/cpuinfo`` (Linux), else `None`."""
+    return _cpuinfo_field("model name")
+
+
+def cpu_flags() -> Optional[list[str]]:
+    """The CPU's feature flags (``flags`` of ``/proc/cpuinfo``: avx512_bf16, amx_bf16, ...), else `None`."""
+    flags = _cpuinfo_field("flags")
+    return sorted(flags.split()) if flags else None
+
+
+def gpus() -> list[str]:
+    """The CUDA devices' names (empty without CUDA)."""
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
 
 
 def package_versions() -> dict[str, Optional[str]]:
@@ -56,7 +74,8 @@ def git_commit() -> Optional[str]:
 
 
 def environment_record() -> dict:
-    """Threads, machine (CPU count and model, platform, load average), package versions, git commit and command."""
+    """Threads, machine (CPU count, model and flags, GPUs, platform, load average), package versions, git commit and
+    command."""
     return {
         "threads": torch.get_num_threads(),
         "machine": {
@@ -64,6 +83,8 @@ def environment_record() -> dict:
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "cpu_model": cpu_model(),
+            "cpu_flags": cpu_flags(),
+            "gpus": gpus(),
             "load_avg_1_5_15": list(os.getloadavg()),
         },
         "versions": package_versions(),
