@@ -41,6 +41,7 @@ def test_speed_benchmark_dry_run(tiny_smollm, tmp_path):
     assert runs["ours"]["tokens_per_step"] <= runs["ours"]["positions_per_step"] < runs["baseline"]["positions_per_step"]
     assert 0 < result["weight_bytes_ratio_4bit_vs_fp32"] < 1  # 4-bit linear weights (the tiny embedding dominates)
     assert {"machine", "versions", "git_commit", "command"} <= set(result["environment"])
+    assert {"cpu_count", "cpu_model", "cpu_flags", "gpus"} <= set(result["environment"]["machine"])
     assert "| baseline: Trainer" in (tmp_path / "speed.md").read_text()
     assert (tmp_path / "speed.png").stat().st_size > 0
 
