@@ -13,8 +13,9 @@ full); per variant the rate with the best validation score is chosen and its tes
 
 Runs live in ``--run-dir`` as ``<task>_<variant>_lr<LR>``. ``--reuse`` reads the runs already finished there (same
 task, variant, rate and steps), so a grid can be widened, or variants added, without repeating it; a run that is
-repeated starts from an empty directory. ``--quick``: 20 steps, the config's rate only, 200 validation sentences,
-runs under ``outputs/bench_quick``. ``--model`` trains another backbone (a path; the tests use a tiny random BERT).
+repeated starts from an empty directory. ``--quick``: LoRA, IA3 and BitFit only (unless ``--methods``), 20 steps,
+the config's rate only, 200 validation sentences, runs under ``outputs/bench_quick``. ``--model`` trains another
+backbone (a path; the tests use a tiny random BERT).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...], str]] = {
 METHODS = tuple(VARIANTS)
 LABELS = {variant: label for variant, (_, _, label) in VARIANTS.items()}
 QUICK_STEPS, QUICK_EVAL_SAMPLES = 20, 200
+QUICK_METHODS = ("lora", "ia3", "bitfit")  # --quick without --methods: a smoke run of three methods
 
 
 def config_path(task: str, variant: str) -> Path:
@@ -192,7 +194,8 @@ def write_outputs(task: str, rows: list[dict], sweep: list[dict], record: dict, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), required=True)
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                        help=f"default: all ({', '.join(METHODS)}); with --quick {', '.join(QUICK_METHODS)}")
     parser.add_argument("--steps", type=int, default=600, help="optimiser steps per run")
     parser.add_argument("--lr-grid", type=float, nargs="+", default=[0.3, 1.0, 3.0], metavar="MULTIPLE",
                         help="learning rates tried per method, as multiples of its config file's rate")
@@ -203,10 +206,12 @@ def main() -> None:
                         help="where the runs live (default outputs/bench, outputs/bench_quick with --quick)")
     parser.add_argument("--model", default=None, help="train this backbone instead of the config's (model=...)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"{QUICK_STEPS} steps, the config's rate only, {QUICK_EVAL_SAMPLES} validation sentences")
+                        help=f"{QUICK_STEPS} steps, the config's rate only, {QUICK_EVAL_SAMPLES} validation "
+                             f"sentences, methods {', '.join(QUICK_METHODS)} unless --methods")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     extra = [f"max_eval_samples={QUICK_EVAL_SAMPLES}"] if args.quick else []
+    args.methods = args.methods or list(QUICK_METHODS if args.quick else METHODS)
     if args.quick:
         args.steps, args.lr_grid = min(args.steps, QUICK_STEPS), [1.0]
     run_dir = args.run_dir or REPO / "outputs" / ("bench_quick" if args.quick else "bench")

@@ -28,8 +28,9 @@ Writes ``selfask_methods.{json,md,png}`` to ``--out``:
 
 Runs live in ``--run-dir`` as ``selfask_<variant>`` (with ``train.log`` and ``selfask_eval.json``). ``--reuse``
 keeps a run whose ``train_config.yaml`` and ``results.json`` match (variant, model, steps) and an evaluation of the
-same questions; anything repeated starts from an empty directory. ``--quick``: 5 steps on 200 training trees, 10
-questions, runs under ``outputs/bench_quick``. ``--model`` trains another causal LM (the tests use a tiny one).
+same questions; anything repeated starts from an empty directory. ``--quick``: LoRA r16 and BitFit only (unless
+``--methods``), 5 steps on 200 training trees, 10 questions, runs under ``outputs/bench_quick``. ``--model``
+trains another causal LM (the tests use a tiny one).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ SOURCE = "compositional_celebrities"
 SEED = 0
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUICK_STEPS, QUICK_N, QUICK_TRAIN_TREES, QUICK_EVAL_TREES = 5, 10, 200, 16
+QUICK_METHODS = ("lora_r16", "bitfit")  # --quick without --methods
 PACKED_CAVEAT = {"prompt", "prefix"}  # methods whose packed training rows are not separated (module docstring)
 
 
@@ -236,7 +238,8 @@ def write_results(result: dict, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--methods", nargs="+", choices=VARIANTS, default=None,
+                        help=f"default: all; with --quick {', '.join(QUICK_METHODS)}")
     parser.add_argument("--steps", type=int, default=100, help="optimiser steps per method (default 100)")
     parser.add_argument("--n", type=int, default=100, help="Compositional Celebrities questions (default 100)")
     parser.add_argument("--model", default="smollm2-135m", help="the causal LM to train")
@@ -252,6 +255,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     extra = []
+    args.methods = args.methods or list(QUICK_METHODS if args.quick else VARIANTS)
     if args.quick:
         args.steps, args.n = min(args.steps, QUICK_STEPS), min(args.n, QUICK_N)
         extra = [f"max_train_samples={QUICK_TRAIN_TREES}", f"max_eval_samples={QUICK_EVAL_TREES}"]

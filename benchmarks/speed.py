@@ -230,10 +230,10 @@ def write_results(result: dict, out: Path) -> None:
         f"{result['steps']} optimiser steps x {result['batch_size']} flat self-ask episodes (MuSiQue + ProbTree "
         f"HotpotQA/MuSiQue, rows of at most {result['max_length']} tokens), LoRA r 16 on every projection, lr "
         f"{LEARNING_RATE:g} cosine, dropout 0, seed {SEED}, one process each, mixed precision "
-        f"{runs['ours']['mixed_precision']}. Ours packs each batch's episodes into balanced rows, computes logits only "
-        f"at trained positions, keeps the frozen backbone in {runs['ours']['frozen_dtype']} (LoRA weights float32), "
-        "uses fused AdamW and skips PEFT's adapter-input casts under autocast. Timing: median s/step and tokens/s over "
-        f"the steps after the first {WARMUP_STEPS}; all tokens = the episodes' tokens (padding left out, the same "
+        f"{runs['ours']['mixed_precision']}. Ours packs each batch's episodes into balanced rows, computes logits "
+        f"only at trained positions, keeps the frozen backbone in {runs['ours']['frozen_dtype']} (LoRA weights "
+        "float32), uses fused AdamW and skips PEFT's adapter-input casts under autocast. Timing: median s/step and "
+        f"tokens/s over the steps after the first {WARMUP_STEPS}; all tokens = the episodes' tokens (padding left out, the same "
         "count on both paths); positions = what the model computes, padding included.",
         "",
         "| path | s/step | trained tokens/s | all tokens/s | positions/step | peak RSS (MB) | loss, first step | "
@@ -242,7 +242,8 @@ def write_results(result: dict, out: Path) -> None:
     ]
     labels = {"baseline": "baseline: Trainer + get_peft_model, padded, full logits",
               "ours": "ours: train(), packed, logits at trained positions, bf16 frozen backbone",
-              "ours_fp32": "ours, fp32 backbone", "ours_8bit": "ours, 8-bit backbone", "ours_4bit": "ours, 4-bit backbone"}
+              "ours_fp32": "ours, fp32 backbone", "ours_8bit": "ours, 8-bit backbone",
+              "ours_4bit": "ours, 4-bit backbone"}
     for name in ("baseline", "ours"):
         r = runs[name]
         lines.append(f"| {labels[name]} | {r['seconds_per_step']:.2f} | {r['trained_tokens_per_s']:.0f} | "
@@ -253,7 +254,8 @@ def write_results(result: dict, out: Path) -> None:
               f"loss curves (10-step moving averages) differ by {result['loss_curve_max_abs_diff']:.3f} at most.",
               "", f"Quantised backbones ({result['quant_steps']} steps each, fp32 compute, gradient checkpointing as "
               "in QLoRA, the same episodes):", "",
-              "| backbone | s/step | model weights (MB) | peak RSS (MB) | loss, last 5 steps |", "|---|---:|---:|---:|---:|"]
+              "| backbone | s/step | model weights (MB) | peak RSS (MB) | loss, last 5 steps |",
+              "|---|---:|---:|---:|---:|"]
     for name in ("ours_fp32", "ours_8bit", "ours_4bit"):
         r = runs[name]
         lines.append(f"| {labels[name]} | {r['seconds_per_step']:.2f} | {r['weight_bytes'] / 2**20:.0f} | "
