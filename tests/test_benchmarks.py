@@ -223,3 +223,24 @@ def test_run_all_plan(tmp_path):
 
     out = run("run_all.py", "--plan", "--only", "params_vs_accuracy", "sst2", "--out", str(tmp_path)).stdout
     assert out.startswith("2 stages") and "--lr-grid 0.3 1 3 9 --reuse --out" in out and "--quick" not in out
+
+
+@pytest.mark.slow
+def test_methods_overview_quick_run(tmp_path):
+    run("methods_overview.py", "--quick", "--methods", "lora", "bitfit", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "methods_overview.json").read_text())
+    assert [r["method"] for r in result["results"]] == ["lora", "bitfit"]
+    assert result["timed_steps"] == 5 and result["wall_seconds"] > 0 and result["git_commit"]
+    for r in result["results"]:
+        assert 0 < r["trainable_params"] < r["total_params"] and r["adapter_bytes"] > 0
+    assert "| lora |" in (tmp_path / "methods_overview.md").read_text()
+    assert (tmp_path / "methods_overview.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_collator_benchmark_quick_run(tmp_path):
+    run("collator.py", "--quick", "--limit", "20", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "collator.json").read_text())
+    assert result["counts"]["episodes_kept"] > 0 and result["episodes_per_s"] > 0
+    assert {"machine", "versions", "git_commit", "command"} <= set(result["environment"])
+    assert (tmp_path / "collator.md").stat().st_size > 0 and (tmp_path / "collator.png").stat().st_size > 0
