@@ -91,3 +91,10 @@ def environment_record() -> dict:
         "git_commit": git_commit(),
         "command": shlex.join(sys.orig_argv),
     }
+
+
+def provenance_line(env: dict) -> str:
+    """The Markdown line under every result table: machine, commit and the exact command."""
+    machine = env["machine"]
+    return (f"Machine: {machine.get('cpu_model')} ({machine['cpu_count']} CPUs); commit {env['git_commit']}; "
+            f"command `{env['command']}`.")

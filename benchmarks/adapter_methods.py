@@ -35,7 +35,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from _env import environment_record
+from _env import environment_record, provenance_line
 from peftprompt.report import format_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,8 +170,7 @@ def write_outputs(task: str, rows: list[dict], sweep: list[dict], record: dict, 
                   "| method | learning rate | " + dev + " | " + metric + " |", "|---|---:|---:|---:|"]
         lines += [f"| {r['label']} | {r['learning_rate']:g} | {r[dev]:.4f} | {r[metric]:.4f} |" for r in sweep]
     env = record["environment"]
-    lines += ["", f"Machine: {env['machine']['cpu_model']} ({env['machine']['cpu_count']} CPUs); commit "
-              f"{env['git_commit']}; command `{env['command']}`."]
+    lines += ["", provenance_line(env)]
     (out / f"{task}.md").write_text("\n".join(lines) + "\n")
 
     figure = Figure(figsize=(6.4, 4))

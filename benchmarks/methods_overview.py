@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from _env import environment_record
+from _plot import annotate_clear
 from peftprompt import METHODS, attach, load_backbone, parameter_report
 from peftprompt.data import sst2_dataset
 from peftprompt.report import format_bytes
@@ -124,21 +125,8 @@ def write_plot(record: dict, path: Path) -> None:
     for r in results:
         point = (r["trainable_params"], r["seconds_per_step"])
         ax.scatter(*point, s=40)
-        for dy in LABEL_OFFSETS:  # first vertical offset whose label overlaps no earlier label
-            label = ax.annotate(
-                f"{r['method']} ({format_bytes(r['adapter_bytes'])})",
-                point,
-                xytext=(6, dy),
-                textcoords="offset points",
-                fontsize=9,
-                va="center",
-                arrowprops={"arrowstyle": "-", "color": "0.6"} if dy else None,
-            )
-            box = label.get_window_extent(renderer)
-            if dy == LABEL_OFFSETS[-1] or not any(box.overlaps(other) for other in placed):
-                break
-            label.remove()
-        placed.append(box)
+        annotate_clear(ax, f"{r['method']} ({format_bytes(r['adapter_bytes'])})", point, LABEL_OFFSETS, placed,
+                       renderer, dx=6, arrow=True, fontsize=9, va="center")
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel("seconds per training step (median)")
     ax.set_title(

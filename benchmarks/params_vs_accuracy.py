@@ -23,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from _env import environment_record
+from _plot import annotate_clear
 from adapter_methods import LABELS
 from peftprompt.report import format_bytes
 
@@ -120,13 +121,7 @@ def write_results(result: dict, out: Path) -> None:
         for r in points:
             point = (r["trainable_params"], r["value"])
             ax.scatter(*point, s=36, color="tab:red" if r["pareto"] else "tab:blue", zorder=3)
-            for dy in LABEL_OFFSETS:  # the first vertical offset whose label overlaps no earlier label
-                label = ax.annotate(r["label"], point, textcoords="offset points", xytext=(4, dy), fontsize=7)
-                box = label.get_window_extent(renderer)
-                if dy == LABEL_OFFSETS[-1] or not any(box.overlaps(other) for other in placed):
-                    break
-                label.remove()
-            placed.append(box)
+            annotate_clear(ax, r["label"], point, LABEL_OFFSETS, placed, renderer, fontsize=7)
         ax.set_xlabel("trainable parameters (log scale)")
         ax.set_ylabel(points[0]["metric"])
         ax.set_title(f"{task} ({points[0]['model']})", fontsize=10)

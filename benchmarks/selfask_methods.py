@@ -52,7 +52,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
 
-from _env import environment_record
+from _env import environment_record, provenance_line
 from peftprompt import load_adapter, load_backbone
 from peftprompt.recursive import convert
 from peftprompt.report import format_bytes
@@ -215,8 +215,7 @@ def write_results(result: dict, out: Path) -> None:
     if any(r["method"] in PACKED_CAVEAT for r in rows):
         lines += ["", "\\* trained on packed rows whose episodes attend to each other (prompt tuning loses the "
                   "`position_ids`, prefix tuning the block-diagonal mask), unlike the other methods."]
-    lines += ["", f"Machine: {env['machine']['cpu_model']} ({env['machine']['cpu_count']} CPUs); commit "
-              f"{env['git_commit']}; command `{env['command']}`."]
+    lines += ["", provenance_line(env)]
     (out / f"{NAME}.md").write_text("\n".join(lines) + "\n")
 
     figure = Figure(figsize=(6.4, 4))

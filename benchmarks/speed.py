@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _env import environment_record
+from _env import environment_record, provenance_line
 
 NAME = "speed"
 SOURCES = ("musique", "probtree_hotpotqa", "probtree_musique")
@@ -263,8 +263,7 @@ def write_results(result: dict, out: Path) -> None:
     env = result["environment"]
     lines += ["", f"4-bit / fp32 peak RSS: **{result['rss_ratio_4bit_vs_fp32']:.2f}** (target <= 0.6); model weights "
               f"alone: {result['weight_bytes_ratio_4bit_vs_fp32']:.2f}.", "",
-              f"Machine: {env['machine'].get('cpu_model')} ({env['machine']['cpu_count']} CPUs); commit "
-              f"{env['git_commit']}; command `{env['command']}`."]
+              provenance_line(env)]
     (out / f"{NAME}.md").write_text("\n".join(lines) + "\n")
 
     figure = Figure(figsize=(10, 4), layout="constrained")
