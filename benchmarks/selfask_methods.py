@@ -18,9 +18,9 @@ rate to LoRA's on MiniLM: the geometric mean of the SST-2 and CoNLL-2003 ratios 
 0.09 -> 17; prompt 0.27 and 0.27 -> 90, the top of that grid, so a lower bound; IA3 0.009 and 0.027 -> 5.2; BitFit
 0.002 and 0.018 -> 2), rounded to one significant figure.
 
-Prompt and prefix tuning train on the recipe's packed rows, where several episodes share a row: PEFT drops the
-``position_ids`` of prompt tuning, and prefix tuning's ``past_key_values`` turn off the block-diagonal mask, so
-there the episodes of a row attend to each other (see `peftprompt.recursive.collator`). Their numbers carry that.
+Prompt tuning, P-tuning and prefix tuning train on padded episodes, one a row (the recipe's ``data.packing: auto``:
+under virtual tokens packed episodes would attend to each other), in batches of ``UNPACKED_BATCH`` episodes per
+process, about the episodes of one packed row, so that every method sees about as many episodes per step.
 
 Writes ``selfask_methods.{json,md,png}`` to ``--out``:
 
@@ -67,7 +67,7 @@ SEED = 0
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUICK_STEPS, QUICK_N, QUICK_TRAIN_TREES, QUICK_EVAL_TREES = 5, 10, 200, 16
 QUICK_METHODS = ("lora_r16", "bitfit")  # --quick without --methods
-PACKED_CAVEAT = {"prompt", "prefix"}  # methods whose packed training rows are not separated (module docstring)
+UNPACKED_BATCH = 5  # episodes per process and step without packing: 956 flat episodes make 204 packed rows of 512
 
 
 class Variant(NamedTuple):
@@ -76,12 +76,13 @@ class Variant(NamedTuple):
     quantised: Optional[str]  # "8bit" / "4bit": load_in_8bit / load_in_4bit
     learning_rate: float
     label: str
+    batch_size: int = 1  # per process; the config's one packed row, or `UNPACKED_BATCH` padded episodes
 
     def overrides(self) -> list[str]:
         """The recipe's config overrides for this variant."""
         quantised = [f"load_in_{self.quantised}=true"] if self.quantised else []
         return [f"method={self.method}", f"method_args={json.dumps(self.method_args)}",
-                f"learning_rate={self.learning_rate:g}", *quantised]
+                f"learning_rate={self.learning_rate:g}", f"per_device_train_batch_size={self.batch_size}", *quantised]
 
 
 def lora(r: int) -> dict:
@@ -95,8 +96,9 @@ VARIANTS = {
     "lora_r16": Variant("lora", lora(16), None, 1e-3, "LoRA r16"),  # the shipped config (make demo)
     "ia3": Variant("ia3", {}, None, 5e-3, "IA3"),
     "bitfit": Variant("bitfit", {}, None, 2e-3, "BitFit"),
-    "prompt": Variant("prompt", {}, None, 9e-2, "prompt"),
-    "prefix": Variant("prefix", {}, None, 2e-2, "prefix"),
+    "prompt": Variant("prompt", {}, None, 9e-2, "prompt", UNPACKED_BATCH),
+    "ptuning": Variant("ptuning", {}, None, 1e-3, "P-tuning", UNPACKED_BATCH),
+    "prefix": Variant("prefix", {}, None, 2e-2, "prefix", UNPACKED_BATCH),
     "qlora_4bit": Variant("lora", lora(16), "4bit", 1e-3, "QLoRA 4-bit (r16)"),
     "qlora_8bit": Variant("lora", lora(16), "8bit", 1e-3, "QLoRA 8-bit (r16)"),
     "full": Variant("full", {}, None, 5e-5, "full"),
@@ -128,7 +130,7 @@ def finished_training(run: Path, variant: str, steps: int, model: str) -> Option
         return None
     v, trained = VARIANTS[variant], yaml.safe_load(config.read_text())
     expected = {"model": model, "method": v.method, "method_args": v.method_args, "learning_rate": v.learning_rate,
-                "max_steps": steps, "load_in_8bit": v.quantised == "8bit", "load_in_4bit": v.quantised == "4bit"}
+                "max_steps": steps, "per_device_train_batch_size": v.batch_size, "load_in_8bit": v.quantised == "8bit", "load_in_4bit": v.quantised == "4bit"}
     if any(trained.get(key) != value for key, value in expected.items()):
         return None
     run_results = json.loads(results.read_text())
@@ -206,15 +208,11 @@ def write_results(result: dict, out: Path) -> None:
     ]
     for r in rows:
         peak = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
-        mark = " *" if r["method"] in PACKED_CAVEAT else ""
         lines.append(
-            f"| {r['label']}{mark} | {r['trainable_params']:,} | {r['trainable_pct']:.3f} | "
+            f"| {r['label']} | {r['trainable_params']:,} | {r['trainable_pct']:.3f} | "
             f"{format_bytes(r['adapter_bytes'])} | {r['learning_rate']:g} | {r['em']:.3f} | {r['f1']:.3f} | "
             f"{r['well_formed']:.3f} | {r['eval_loss']:.3f} | {r['train_seconds']:.0f} | {peak} |"
         )
-    if any(r["method"] in PACKED_CAVEAT for r in rows):
-        lines += ["", "\\* trained on packed rows whose episodes attend to each other (prompt tuning loses the "
-                  "`position_ids`, prefix tuning the block-diagonal mask), unlike the other methods."]
     lines += ["", provenance_line(env)]
     (out / f"{NAME}.md").write_text("\n".join(lines) + "\n")
 

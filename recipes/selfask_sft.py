@@ -8,7 +8,9 @@ HotpotQA and MuSiQue); evaluation-only sets (Compositional Celebrities, Bamboogl
 also by generation: the first N held-out questions are answered by recursive self-ask (follow-ups answered from
 their trees' own sub-answers by the MiniLM retriever) and scored by exact match, token F1 and well-formed rate.
 Episodes are unrolled (``data.mode``: recursive or flat), tokenised once and packed over the data set into rows of
-``max_length``.
+``max_length`` (``data.packing``: auto, true or false). Prompt tuning, P-tuning and prefix tuning train on padded
+episodes instead, one per row: PEFT drops the ``position_ids`` of the first two and prefix tuning's
+``past_key_values`` turn off transformers' block-diagonal mask, so packed episodes would attend to each other.
 """
 
 from __future__ import annotations
@@ -23,15 +25,28 @@ from peftprompt.training.recipe import parse_recipe_args, ship
 
 DEFAULT_SOURCES = ["musique", "probtree_hotpotqa", "probtree_musique"]
 DEFAULT_EVAL_SOURCES = ["probtree_2wiki"]
-DATA_KEYS = {"sources", "eval_sources", "mode", "allow_evaluation_only", "generate_eval"}
+DATA_KEYS = {"sources", "eval_sources", "mode", "allow_evaluation_only", "generate_eval", "packing"}
+UNPACKABLE_METHODS = {"prompt", "ptuning", "prefix"}  # virtual tokens: packed episodes would attend to each other
 
 
-def packed_rows(trees, tokenizer, config, unroller: Unroller) -> list[dict]:
-    """Episodes of `trees`, tokenised and packed (first-fit decreasing) into rows of ``config.max_length``."""
+def uses_packing(config) -> bool:
+    """``data.packing``: true, false, or auto (the default: packed unless the method is in `UNPACKABLE_METHODS`)."""
+    packing = config.data.get("packing", "auto")
+    if packing not in (True, False, "auto"):
+        raise SystemExit(f"selfask_sft: data.packing must be true, false or auto; got {packing!r}")
+    if packing is True and config.method in UNPACKABLE_METHODS:
+        raise SystemExit(f"selfask_sft: data.packing=true with method {config.method}: its packed episodes would "
+                         "attend to each other (see the recipe's docstring); use data.packing=auto or false")
+    return config.method not in UNPACKABLE_METHODS if packing == "auto" else packing
+
+
+def episode_rows(trees, tokenizer, config, unroller: Unroller, packing: bool) -> list[dict]:
+    """Episodes of `trees`, tokenised and shuffled, then packed (first-fit decreasing) into rows of
+    ``config.max_length`` or, without `packing`, one episode a row."""
     encoder = EpisodeEncoder(tokenizer, max_length=config.max_length, unroller=unroller)
     episodes = [e.as_features() for e in encoder.encode_all(trees)]
     random.Random(config.seed).shuffle(episodes)
-    return pack_rows(episodes, config.max_length)
+    return pack_rows(episodes, config.max_length) if packing else episodes
 
 
 def generation_eval(trees, tokenizer):
@@ -55,6 +70,7 @@ def main(argv=None) -> None:
     unknown = set(config.data) - DATA_KEYS
     if unknown:
         raise SystemExit(f"selfask_sft: unknown data option(s) {sorted(unknown)}; known: {sorted(DATA_KEYS)}")
+    packing = uses_packing(config)
     sources = config.data.get("sources", DEFAULT_SOURCES)
     eval_sources = config.data.get("eval_sources", DEFAULT_EVAL_SOURCES)
     train_trees = [tree for source in sources for tree in convert(source)]
@@ -65,8 +81,8 @@ def main(argv=None) -> None:
 
     model, tokenizer = build_model(config)
     unroller = Unroller(mode=config.data.get("mode", "recursive"))
-    train_rows = packed_rows(train_trees, tokenizer, config, unroller)
-    eval_rows = packed_rows(eval_trees, tokenizer, config, unroller)
+    train_rows = episode_rows(train_trees, tokenizer, config, unroller, packing)
+    eval_rows = episode_rows(eval_trees, tokenizer, config, unroller, packing)
     collator = SelfAskCollator(tokenizer, max_length=config.max_length)
     generate_eval = int(config.data.get("generate_eval", 0))
     evaluate_fn = generation_eval(eval_trees[:generate_eval], tokenizer) if generate_eval else None

@@ -112,28 +112,29 @@ def test_adapter_methods_dry_run(tiny_bert, tmp_path):
 
 @pytest.mark.slow
 def test_selfask_methods_dry_run(tiny_smollm, tmp_path):
-    args = ["--quick", "--steps", "2", "--n", "2", "--methods", "ia3", "qlora_8bit", "--model", str(tiny_smollm),
+    args = ["--quick", "--steps", "2", "--n", "2", "--methods", "ptuning", "qlora_8bit", "--model", str(tiny_smollm),
             "--processes", "1", "--run-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "results")]
     run("selfask_methods.py", *args)
     result = json.loads((tmp_path / "results" / "selfask_methods.json").read_text())
     rows = result["results"]
-    assert [r["method"] for r in rows] == ["ia3", "qlora_8bit"] and [r["label"] for r in rows] == [
-        "IA3", "QLoRA 8-bit (r16)"]
+    assert [r["method"] for r in rows] == ["ptuning", "qlora_8bit"] and [r["label"] for r in rows] == [
+        "P-tuning", "QLoRA 8-bit (r16)"]
     for r in rows:
         assert r["global_step"] == 2 and r["n"] == 2 and r["eval_seconds"] > 0 and r["peak_memory_mb"] > 0
         assert 0 <= r["em"] <= 1 and 0 <= r["f1"] <= 1 and 0 <= r["well_formed"] <= 1 and r["eval_loss"] > 0
-    assert 0 < rows[0]["trainable_params"] < rows[1]["trainable_params"] and rows[1]["adapter_bytes"] > 0
-    ia3 = yaml.safe_load((tmp_path / "runs" / "selfask_ia3" / "train_config.yaml").read_text())
+    assert rows[0]["trainable_params"] > 0 and rows[1]["adapter_bytes"] > 0
+    ptuning = yaml.safe_load((tmp_path / "runs" / "selfask_ptuning" / "train_config.yaml").read_text())
     qlora = yaml.safe_load((tmp_path / "runs" / "selfask_qlora_8bit" / "train_config.yaml").read_text())
-    # the config's LoRA arguments are replaced whole (IA3 gets none), not merged
-    assert ia3["method"] == "ia3" and ia3["method_args"] == {} and ia3["learning_rate"] == 5e-3
+    # the config's LoRA arguments are replaced whole (P-tuning gets none), not merged; P-tuning trains unpacked
+    assert ptuning["method"] == "ptuning" and ptuning["method_args"] == {} and ptuning["learning_rate"] == 1e-3
+    assert ptuning["per_device_train_batch_size"] == 5 and qlora["per_device_train_batch_size"] == 1
     assert qlora["load_in_8bit"] and qlora["method_args"]["r"] == 16
     assert len(qlora["method_args"]["target_modules"]) == 7
-    assert ia3["data"]["generate_eval"] == 0 and ia3["max_train_samples"] == 200
-    assert result["learning_rates"] == {"ia3": 5e-3, "qlora_8bit": 1e-3} and result["n"] == 2 and result["steps"] == 2
+    assert ptuning["data"]["generate_eval"] == 0 and ptuning["max_train_samples"] == 200
+    assert result["learning_rates"] == {"ptuning": 1e-3, "qlora_8bit": 1e-3} and result["n"] == 2 and result["steps"] == 2
     assert {"machine", "versions", "git_commit", "command"} <= set(result["environment"])
     md = (tmp_path / "results" / "selfask_methods.md").read_text()
-    assert "| IA3 |" in md and "| QLoRA 8-bit (r16) |" in md
+    assert "| P-tuning |" in md and "| QLoRA 8-bit (r16) |" in md
     assert (tmp_path / "results" / "selfask_methods.png").stat().st_size > 0
 
     # --reuse keeps the trained runs and their evaluations

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from transformers import BertForSequenceClassification
+import pytest
+from transformers import AutoTokenizer, BertForSequenceClassification
 
 from peftprompt import load_adapter
+from peftprompt.backbones import smollm2_path
+from peftprompt.recursive import Unroller, convert
+from peftprompt.training import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
@@ -87,6 +92,48 @@ def test_selfask_recipe(tiny_smollm, tmp_path):
     results = check_run(records, out, "eval_loss")
     assert results["eval_loss"] > 0
     assert 0.0 <= results["selfask_em"] <= 1.0 and 0.0 <= results["selfask_well_formed"] <= 1.0
+
+
+def selfask_sft_module():
+    """recipes/selfask_sft.py imported as a module."""
+    spec = importlib.util.spec_from_file_location("selfask_sft", REPO / "recipes/selfask_sft.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("method, packing, packed", [
+    ("lora", "auto", True), ("bitfit", "auto", True), ("prompt", "auto", False), ("ptuning", "auto", False),
+    ("prefix", "auto", False), ("lora", "false", False), ("prefix", "false", False),
+])
+def test_selfask_packing_choice(method, packing, packed):
+    config = load_config(REPO / "recipes/configs/smollm2/selfask_lora.yaml",
+                         [f"method={method}", "method_args={}", f"data.packing={packing}"])
+    assert selfask_sft_module().uses_packing(config) is packed
+
+
+@pytest.mark.parametrize("method, packing, message", [
+    ("prefix", "true", "data.packing=true with method prefix"), ("lora", "sometimes", "data.packing must be true, false"),
+])
+def test_selfask_packing_refusals(method, packing, message):
+    config = load_config(REPO / "recipes/configs/smollm2/selfask_lora.yaml",
+                         [f"method={method}", "method_args={}", f"data.packing={packing}"])
+    with pytest.raises(SystemExit, match=message):
+        selfask_sft_module().uses_packing(config)
+
+
+def test_selfask_unpacked_rows_are_single_episodes():
+    module, tokenizer = selfask_sft_module(), AutoTokenizer.from_pretrained(smollm2_path())
+    config = load_config(REPO / "recipes/configs/smollm2/selfask_lora.yaml", ["max_length=512"])
+    trees = convert("probtree_2wiki")[:30]
+    unroller = Unroller(mode="flat")
+    padded = module.episode_rows(trees, tokenizer, config, unroller, packing=False)
+    packed = module.episode_rows(trees, tokenizer, config, unroller, packing=True)
+    assert len(padded) == 30 and all("position_ids" not in row for row in padded)
+    assert len(packed) < len(padded) and all(len(row["input_ids"]) <= 512 for row in packed)
+    # the same tokens either way, and a packed row restarts its positions at every episode
+    assert sorted(t for row in padded for t in row["input_ids"]) == sorted(t for row in packed for t in row["input_ids"])
+    assert sum(row["position_ids"].count(0) for row in packed) == 30
 
 
 def test_selfask_recipe_refuses_evaluation_only_sources(tiny_smollm, tmp_path):
