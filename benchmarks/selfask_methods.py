@@ -15,8 +15,8 @@ Learning rates: one per method, no grid (one variant takes minutes on 2 CPU core
 the config's 1e-3 (the rate ``make demo`` trains with). Every other method gets 1e-3 times the ratio of its tuned
 rate to LoRA's on MiniLM: the geometric mean of the SST-2 and CoNLL-2003 ratios in
 ``benchmarks/results/{sst2,conll03}.json`` (LoRA 3e-3 on both; full 1.5e-4 and 1.5e-4 -> 0.05; prefix 0.03 and
-0.09 -> 17; prompt 0.27 and 0.27 -> 90, the top of that grid, so a lower bound; IA3 0.009 and 0.027 -> 5.2; BitFit
-0.002 and 0.018 -> 2), rounded to one significant figure.
+0.09 -> 17; prompt 0.27 and 0.27 -> 90, the top of that grid, so a lower bound; P-tuning 0.003 and 0.009 -> 1.7; IA3
+0.009 and 0.027 -> 5.2; BitFit 0.006 and 0.018 -> 3.5), rounded to one significant figure.
 
 Prompt tuning, P-tuning and prefix tuning train on padded episodes, one a row (the recipe's ``data.packing: auto``:
 under virtual tokens packed episodes would attend to each other), in batches of ``UNPACKED_BATCH`` episodes per
@@ -95,9 +95,9 @@ VARIANTS = {
     "lora_r8": Variant("lora", lora(8), None, 1e-3, "LoRA r8"),
     "lora_r16": Variant("lora", lora(16), None, 1e-3, "LoRA r16"),  # the shipped config (make demo)
     "ia3": Variant("ia3", {}, None, 5e-3, "IA3"),
-    "bitfit": Variant("bitfit", {}, None, 2e-3, "BitFit"),
+    "bitfit": Variant("bitfit", {}, None, 3e-3, "BitFit"),
     "prompt": Variant("prompt", {}, None, 9e-2, "prompt", UNPACKED_BATCH),
-    "ptuning": Variant("ptuning", {}, None, 1e-3, "P-tuning", UNPACKED_BATCH),
+    "ptuning": Variant("ptuning", {}, None, 2e-3, "P-tuning", UNPACKED_BATCH),
     "prefix": Variant("prefix", {}, None, 2e-2, "prefix", UNPACKED_BATCH),
     "qlora_4bit": Variant("lora", lora(16), "4bit", 1e-3, "QLoRA 4-bit (r16)"),
     "qlora_8bit": Variant("lora", lora(16), "8bit", 1e-3, "QLoRA 8-bit (r16)"),

@@ -126,12 +126,12 @@ def test_selfask_methods_dry_run(tiny_smollm, tmp_path):
     ptuning = yaml.safe_load((tmp_path / "runs" / "selfask_ptuning" / "train_config.yaml").read_text())
     qlora = yaml.safe_load((tmp_path / "runs" / "selfask_qlora_8bit" / "train_config.yaml").read_text())
     # the config's LoRA arguments are replaced whole (P-tuning gets none), not merged; P-tuning trains unpacked
-    assert ptuning["method"] == "ptuning" and ptuning["method_args"] == {} and ptuning["learning_rate"] == 1e-3
+    assert ptuning["method"] == "ptuning" and ptuning["method_args"] == {} and ptuning["learning_rate"] == 2e-3
     assert ptuning["per_device_train_batch_size"] == 5 and qlora["per_device_train_batch_size"] == 1
     assert qlora["load_in_8bit"] and qlora["method_args"]["r"] == 16
     assert len(qlora["method_args"]["target_modules"]) == 7
     assert ptuning["data"]["generate_eval"] == 0 and ptuning["max_train_samples"] == 200
-    assert result["learning_rates"] == {"ptuning": 1e-3, "qlora_8bit": 1e-3} and result["n"] == 2 and result["steps"] == 2
+    assert result["learning_rates"] == {"ptuning": 2e-3, "qlora_8bit": 1e-3} and result["n"] == 2 and result["steps"] == 2
     assert {"machine", "versions", "git_commit", "command"} <= set(result["environment"])
     md = (tmp_path / "results" / "selfask_methods.md").read_text()
     assert "| P-tuning |" in md and "| QLoRA 8-bit (r16) |" in md
