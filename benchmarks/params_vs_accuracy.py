@@ -23,19 +23,20 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from _env import environment_record
-from _plot import annotate_clear
+from _plot import annotate_clear, marker_boxes
 from adapter_methods import LABELS
 from peftprompt.report import format_bytes
 
 NAME = "params_vs_accuracy"
-RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks/results"
 SOURCES = {  # result file stem: (task, metric key in its rows, metric name, the command that writes it)
     "sst2": ("SST-2", "accuracy", "accuracy", "benchmarks/adapter_methods.py --task sst2"),
     "conll03": ("CoNLL-2003", "entity_f1", "entity F1", "benchmarks/adapter_methods.py --task conll03"),
     "selfask_methods": ("self-ask", "em", "exact match", "benchmarks/selfask_methods.py"),
 }
 MODELS = {"minilm": "MiniLM", "smollm2-135m": "SmolLM2-135M"}
-LABEL_OFFSETS = (4, 14, -8, 24, -18, 34, -28)  # points above the marker, tried in turn (as methods_overview.py)
+LABEL_OFFSETS = (3, 13, -9, 23, -19, 33, -29, 43, -39)  # points above the marker, tried in turn
 
 
 def pareto_flags(points: list[tuple[float, float]]) -> list[bool]:
@@ -68,6 +69,12 @@ def read_rows(stem: str, data: dict) -> list[dict]:
     for row, flag in zip(rows, pareto_flags([(r["trainable_params"], r["value"]) for r in rows])):
         row["pareto"] = flag
     return sorted(rows, key=lambda r: r["trainable_params"])
+
+
+def repo_relative(path: Path) -> str:
+    """`path` relative to the repository where it lies inside it (result files name no machine's folders)."""
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def source_record(data: dict) -> dict:
@@ -107,7 +114,8 @@ def write_results(result: dict, out: Path) -> None:
     (out / f"{NAME}.md").write_text("\n".join(lines) + "\n")
 
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    figure = Figure(figsize=(5 * len(tasks), 4.2), layout="constrained")
+    figure = Figure(figsize=(5 * len(tasks), 4.2))
+    figure.subplots_adjust(left=0.06, right=0.99, bottom=0.12, top=0.92, wspace=0.2)
     FigureCanvasAgg(figure)
     renderer = figure.canvas.get_renderer()
     for ax, task in zip(figure.subplots(1, len(tasks), squeeze=False)[0], tasks):
@@ -117,11 +125,15 @@ def write_results(result: dict, out: Path) -> None:
                 linewidth=1, label="Pareto front")
         ax.set_xscale("log")
         ax.set_xlim(min(r["trainable_params"] for r in points) / 2, max(r["trainable_params"] for r in points) * 10)
-        placed = []
         for r in points:
-            point = (r["trainable_params"], r["value"])
-            ax.scatter(*point, s=36, color="tab:red" if r["pareto"] else "tab:blue", zorder=3)
-            annotate_clear(ax, r["label"], point, LABEL_OFFSETS, placed, renderer, fontsize=7)
+            ax.scatter(r["trainable_params"], r["value"], s=36, color="tab:red" if r["pareto"] else "tab:blue",
+                       zorder=3)
+        ax.autoscale_view()  # fixes the data-to-pixel transform before labels are placed
+        coordinates = [(r["trainable_params"], r["value"]) for r in points]
+        placed = marker_boxes(ax, coordinates)
+        for r, point in zip(points, coordinates):
+            annotate_clear(ax, r["label"], point, LABEL_OFFSETS, placed, renderer, arrow=True, fontsize=7,
+                           va="center")
         ax.set_xlabel("trainable parameters (log scale)")
         ax.set_ylabel(points[0]["metric"])
         ax.set_title(f"{task} ({points[0]['model']})", fontsize=10)
@@ -146,7 +158,7 @@ def main() -> None:
         path = args.results / f"{stem}.json"
         data = json.loads(path.read_text())
         rows += read_rows(stem, data)
-        sources[stem] = {"file": str(path), **source_record(data)}
+        sources[stem] = {"file": repo_relative(path), **source_record(data)}
     result = {"benchmark": NAME, "results": rows, "sources": sources,
               "wall_seconds": time.perf_counter() - started, "environment": environment_record()}
     write_results(result, args.out)
