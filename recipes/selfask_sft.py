@@ -41,7 +41,7 @@ def uses_packing(config) -> bool:
 
 
 def episode_rows(trees, tokenizer, config, unroller: Unroller, packing: bool) -> list[dict]:
-    """Episodes of `trees`, tokenised and shuffled, then packed (first-fit decreasing) into rows of
+    """Episodes of `trees`, tokenised and shuffled, then packed by `pack_rows` into rows of
     ``config.max_length`` or, without `packing`, one episode a row."""
     encoder = EpisodeEncoder(tokenizer, max_length=config.max_length, unroller=unroller)
     episodes = [e.as_features() for e in encoder.encode_all(trees)]
