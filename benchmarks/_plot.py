@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from matplotlib.axes import Axes
 from matplotlib.backend_bases import RendererBase
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
+
+SCATTER_LABEL_OFFSETS = (3, 13, -9, 23, -19, 33, -29, 43, -39)  # points above a marker, tried in turn
 
 
 def annotate_clear(ax: Axes, text: str, point: tuple[float, float], offsets: tuple[int, ...], placed: list[Bbox],
@@ -41,3 +47,27 @@ def marker_boxes(ax: Axes, points: list[tuple[float, float]], half_size: float =
     the markers."""
     centres = ax.transData.transform(points)
     return [Bbox.from_extents(x - half_size, y - half_size, x + half_size, y + half_size) for x, y in centres]
+
+
+def params_scatter(rows: list[dict], metric: str, ylabel: str, title: str, path: Path) -> None:
+    """Save to `path` a scatter of each row's `metric` against its ``trainable_params`` (log axis), labelled with
+    its ``label``."""
+    figure = Figure(figsize=(6.4, 4))
+    figure.subplots_adjust(left=0.12, right=0.97, bottom=0.13, top=0.86)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    ax.set_xscale("log")
+    ax.set_xlim(min(r["trainable_params"] for r in rows) / 2, max(r["trainable_params"] for r in rows) * 10)
+    coordinates = [(r["trainable_params"], r[metric]) for r in rows]
+    for point in coordinates:
+        ax.scatter(*point, s=40, zorder=3)
+    ax.autoscale_view()
+    renderer, placed = figure.canvas.get_renderer(), marker_boxes(ax, coordinates)
+    for r, point in zip(rows, coordinates):
+        annotate_clear(ax, r["label"], point, SCATTER_LABEL_OFFSETS, placed, renderer, arrow=True, fontsize=8,
+                       va="center")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    figure.savefig(path, dpi=120)

@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import yaml
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from _env import environment_record, provenance_line
+from _plot import params_scatter
 from peftprompt.report import format_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,21 +172,9 @@ def write_outputs(task: str, rows: list[dict], sweep: list[dict], record: dict, 
     lines += ["", provenance_line(env)]
     (out / f"{task}.md").write_text("\n".join(lines) + "\n")
 
-    figure = Figure(figsize=(6.4, 4))
-    FigureCanvasAgg(figure)
-    ax = figure.add_subplot()
-    for r in rows:
-        ax.scatter(r["trainable_params"], r[metric], s=40)
-        ax.annotate(r["label"], (r["trainable_params"], r[metric]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel(f"{metric} (test)")
-    ax.set_title(f"{title}\n{record['steps']} steps x batch {record['batch_size']}, tuned learning rates",
-                 fontsize=10)
-    ax.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(out / f"{task}.png", dpi=120)
+    params_scatter(rows, metric, f"{metric} (test)",
+                   f"{title}\n{record['steps']} steps x batch {record['batch_size']}, tuned learning rates",
+                   out / f"{task}.png")
 
 
 def main() -> None:

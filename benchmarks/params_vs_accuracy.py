@@ -23,7 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from _env import environment_record
-from _plot import annotate_clear, marker_boxes
+from _plot import SCATTER_LABEL_OFFSETS, annotate_clear, marker_boxes
 from adapter_methods import LABELS
 from peftprompt.report import format_bytes
 
@@ -36,7 +36,6 @@ SOURCES = {  # result file stem: (task, metric key in its rows, metric name, the
     "selfask_methods": ("self-ask", "em", "exact match", "benchmarks/selfask_methods.py"),
 }
 MODELS = {"minilm": "MiniLM", "smollm2-135m": "SmolLM2-135M"}
-LABEL_OFFSETS = (3, 13, -9, 23, -19, 33, -29, 43, -39)  # points above the marker, tried in turn
 
 
 def pareto_flags(points: list[tuple[float, float]]) -> list[bool]:
@@ -132,7 +131,7 @@ def write_results(result: dict, out: Path) -> None:
         coordinates = [(r["trainable_params"], r["value"]) for r in points]
         placed = marker_boxes(ax, coordinates)
         for r, point in zip(points, coordinates):
-            annotate_clear(ax, r["label"], point, LABEL_OFFSETS, placed, renderer, arrow=True, fontsize=7,
+            annotate_clear(ax, r["label"], point, SCATTER_LABEL_OFFSETS, placed, renderer, arrow=True, fontsize=7,
                            va="center")
         ax.set_xlabel("trainable parameters (log scale)")
         ax.set_ylabel(points[0]["metric"])

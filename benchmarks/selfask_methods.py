@@ -47,12 +47,11 @@ from typing import NamedTuple, Optional
 
 import torch
 import yaml
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
 
 from _env import environment_record, provenance_line
+from _plot import params_scatter
 from peftprompt import load_adapter, load_backbone
 from peftprompt.recursive import convert
 from peftprompt.report import format_bytes
@@ -216,21 +215,9 @@ def write_results(result: dict, out: Path) -> None:
     lines += ["", provenance_line(env)]
     (out / f"{NAME}.md").write_text("\n".join(lines) + "\n")
 
-    figure = Figure(figsize=(6.4, 4))
-    FigureCanvasAgg(figure)
-    ax = figure.add_subplot()
-    for r in rows:
-        ax.scatter(r["trainable_params"], r["em"], s=40)
-        ax.annotate(r["label"], (r["trainable_params"], r["em"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel("exact match (zero-shot self-ask)")
-    ax.set_title(f"{result['model']} self-ask, Compositional Celebrities (n={result['n']})\n"
-                 f"{result['steps']} training steps per method", fontsize=10)
-    ax.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(out / f"{NAME}.png", dpi=120)
+    params_scatter(rows, "em", "exact match (zero-shot self-ask)",
+                   f"{result['model']} self-ask, Compositional Celebrities (n={result['n']})\n"
+                   f"{result['steps']} training steps per method", out / f"{NAME}.png")
 
 
 def main() -> None:
