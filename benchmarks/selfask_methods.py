@@ -85,14 +85,15 @@ class Variant(NamedTuple):
 
 
 def lora(r: int) -> dict:
-    """LoRA of rank `r` (alpha 2 r and no dropout, as the shipped config's r 16) on every projection."""
+    """LoRA of rank `r` (alpha 2 r, no dropout: PEFT's default, and no method here trains with dropout) on every
+    projection."""
     return {"r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0, "target_modules": PROJECTIONS}
 
 
 VARIANTS = {
     "lora_r4": Variant("lora", lora(4), None, 1e-3, "LoRA r4"),
     "lora_r8": Variant("lora", lora(8), None, 1e-3, "LoRA r8"),
-    "lora_r16": Variant("lora", lora(16), None, 1e-3, "LoRA r16"),  # the shipped config (make demo)
+    "lora_r16": Variant("lora", lora(16), None, 1e-3, "LoRA r16"),  # the shipped config (make demo) without dropout
     "ia3": Variant("ia3", {}, None, 5e-3, "IA3"),
     "bitfit": Variant("bitfit", {}, None, 3e-3, "BitFit"),
     "prompt": Variant("prompt", {}, None, 9e-2, "prompt", UNPACKED_BATCH),
