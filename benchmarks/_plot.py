@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from matplotlib.axes import Axes
 from matplotlib.backend_bases import RendererBase
@@ -49,6 +50,19 @@ def marker_boxes(ax: Axes, points: list[tuple[float, float]], half_size: float =
     return [Bbox.from_extents(x - half_size, y - half_size, x + half_size, y + half_size) for x, y in centres]
 
 
+def scatter_labelled(ax: Axes, renderer: RendererBase, points: list[tuple[float, float]], labels: list[str],
+                     colors: Optional[list[str]] = None, fontsize: int = 8) -> None:
+    """Scatter `points` on `ax` (its scales and x limits already set) and label each where its label is clear of
+    the markers and of the other labels (`annotate_clear`)."""
+    for i, point in enumerate(points):
+        ax.scatter(*point, s=40, zorder=3, color=colors[i] if colors else None)
+    ax.autoscale_view()  # fixes the data-to-pixel transform before labels are placed
+    placed = marker_boxes(ax, points)
+    for label, point in zip(labels, points):
+        annotate_clear(ax, label, point, SCATTER_LABEL_OFFSETS, placed, renderer, arrow=True, fontsize=fontsize,
+                       va="center")
+
+
 def params_scatter(rows: list[dict], metric: str, ylabel: str, title: str, path: Path) -> None:
     """Save to `path` a scatter of each row's `metric` against its ``trainable_params`` (log axis), labelled with
     its ``label``."""
@@ -58,14 +72,8 @@ def params_scatter(rows: list[dict], metric: str, ylabel: str, title: str, path:
     ax = figure.add_subplot()
     ax.set_xscale("log")
     ax.set_xlim(min(r["trainable_params"] for r in rows) / 2, max(r["trainable_params"] for r in rows) * 10)
-    coordinates = [(r["trainable_params"], r[metric]) for r in rows]
-    for point in coordinates:
-        ax.scatter(*point, s=40, zorder=3)
-    ax.autoscale_view()
-    renderer, placed = figure.canvas.get_renderer(), marker_boxes(ax, coordinates)
-    for r, point in zip(rows, coordinates):
-        annotate_clear(ax, r["label"], point, SCATTER_LABEL_OFFSETS, placed, renderer, arrow=True, fontsize=8,
-                       va="center")
+    scatter_labelled(ax, figure.canvas.get_renderer(), [(r["trainable_params"], r[metric]) for r in rows],
+                     [r["label"] for r in rows])
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

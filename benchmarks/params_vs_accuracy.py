@@ -23,7 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from _env import environment_record
-from _plot import SCATTER_LABEL_OFFSETS, annotate_clear, marker_boxes
+from _plot import scatter_labelled
 from adapter_methods import LABELS
 from peftprompt.report import format_bytes
 
@@ -124,15 +124,9 @@ def write_results(result: dict, out: Path) -> None:
                 linewidth=1, label="Pareto front")
         ax.set_xscale("log")
         ax.set_xlim(min(r["trainable_params"] for r in points) / 2, max(r["trainable_params"] for r in points) * 10)
-        for r in points:
-            ax.scatter(r["trainable_params"], r["value"], s=36, color="tab:red" if r["pareto"] else "tab:blue",
-                       zorder=3)
-        ax.autoscale_view()  # fixes the data-to-pixel transform before labels are placed
-        coordinates = [(r["trainable_params"], r["value"]) for r in points]
-        placed = marker_boxes(ax, coordinates)
-        for r, point in zip(points, coordinates):
-            annotate_clear(ax, r["label"], point, SCATTER_LABEL_OFFSETS, placed, renderer, arrow=True, fontsize=7,
-                           va="center")
+        scatter_labelled(ax, renderer, [(r["trainable_params"], r["value"]) for r in points],
+                         [r["label"] for r in points], ["tab:red" if r["pareto"] else "tab:blue" for r in points],
+                         fontsize=7)
         ax.set_xlabel("trainable parameters (log scale)")
         ax.set_ylabel(points[0]["metric"])
         ax.set_title(f"{task} ({points[0]['model']})", fontsize=10)

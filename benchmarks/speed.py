@@ -233,8 +233,8 @@ def write_results(result: dict, out: Path) -> None:
         f"{runs['ours']['mixed_precision']}. Ours packs each batch's episodes into balanced rows, computes logits "
         f"only at trained positions, keeps the frozen backbone in {runs['ours']['frozen_dtype']} (LoRA weights "
         "float32), uses fused AdamW and skips PEFT's adapter-input casts under autocast. Timing: median s/step and "
-        f"tokens/s over the steps after the first {WARMUP_STEPS}; all tokens = the episodes' tokens (padding left out, the same "
-        "count on both paths); positions = what the model computes, padding included.",
+        f"tokens/s over the steps after the first {WARMUP_STEPS}; all tokens = the episodes' tokens (padding left "
+        "out, the same count on both paths); positions = what the model computes, padding included.",
         "",
         "| path | s/step | trained tokens/s | all tokens/s | positions/step | peak RSS (MB) | loss, first step | "
         "loss, last 5 steps |",

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import random
 
+from peft import PromptLearningConfig
+
+from peftprompt.methods import METHOD_CONFIGS
 from peftprompt.recursive import EpisodeEncoder, SelfAskCollator, Unroller, check_trainable, convert, pack_rows
 from peftprompt.selfask import RetrieverAnswerer, SelfAskRunner
 from peftprompt.selfask.evaluate import evaluate_selfask, knowledge_base
@@ -26,18 +29,23 @@ from peftprompt.training.recipe import parse_recipe_args, ship
 DEFAULT_SOURCES = ["musique", "probtree_hotpotqa", "probtree_musique"]
 DEFAULT_EVAL_SOURCES = ["probtree_2wiki"]
 DATA_KEYS = {"sources", "eval_sources", "mode", "allow_evaluation_only", "generate_eval", "packing"}
-UNPACKABLE_METHODS = {"prompt", "ptuning", "prefix"}  # virtual tokens: packed episodes would attend to each other
+
+
+def is_prompt_learning(method: str) -> bool:
+    """Whether `method` is one of PEFT's prompt-learning methods (prompt tuning, P-tuning, prefix tuning), whose
+    virtual tokens would let packed episodes attend to each other."""
+    return method in METHOD_CONFIGS and issubclass(METHOD_CONFIGS[method][0], PromptLearningConfig)
 
 
 def uses_packing(config) -> bool:
-    """``data.packing``: true, false, or auto (the default: packed unless the method is in `UNPACKABLE_METHODS`)."""
+    """``data.packing``: true, false, or auto (the default: packed unless the method is prompt learning)."""
     packing = config.data.get("packing", "auto")
     if packing not in (True, False, "auto"):
         raise SystemExit(f"selfask_sft: data.packing must be true, false or auto; got {packing!r}")
-    if packing is True and config.method in UNPACKABLE_METHODS:
+    if packing is True and is_prompt_learning(config.method):
         raise SystemExit(f"selfask_sft: data.packing=true with method {config.method}: its packed episodes would "
                          "attend to each other (see the recipe's docstring); use data.packing=auto or false")
-    return config.method not in UNPACKABLE_METHODS if packing == "auto" else packing
+    return not is_prompt_learning(config.method) if packing == "auto" else packing
 
 
 def episode_rows(trees, tokenizer, config, unroller: Unroller, packing: bool) -> list[dict]:
