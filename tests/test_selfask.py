@@ -102,9 +102,9 @@ def test_two_follow_ups_then_the_final_answer():
         "answer_source": "model",
         "children": [
             {"id": "1", "question": "Who is Queen Hyojeong married to?", "answer": "King Heonjong of Joseon",
-             "answer_source": "tool"},
+             "answer_source": "tool", "meta": {"depth": 1, "answerer": "tool"}},
             {"id": "2", "question": "Who is the father of King Heonjong of Joseon?",
-             "answer": "Crown Prince Hyomyeong", "answer_source": "tool"},
+             "answer": "Crown Prince Hyomyeong", "answer_source": "tool", "meta": {"depth": 1, "answerer": "tool"}},
         ],
     }
     check_trace(result)
@@ -164,9 +164,10 @@ def test_model_answerer_recurses_to_max_depth():
     assert result.trace.to_dict() == {
         "schema": "decomp-tree/v1", "question": root, "answer": "R", "answer_source": "model",
         "children": [
-            {"id": "1", "question": a, "answer": "A", "answer_source": "model",
-             "children": [{"id": "1", "question": a1, "answer": "A1", "answer_source": "model"}]},
-            {"id": "2", "question": b, "answer": "B", "answer_source": "model"},
+            {"id": "1", "question": a, "answer": "A", "answer_source": "model", "meta": {"depth": 1, "answerer": "model"},
+             "children": [{"id": "1", "question": a1, "answer": "A1", "answer_source": "model",
+                           "meta": {"depth": 2, "answerer": "model"}}]},
+            {"id": "2", "question": b, "answer": "B", "answer_source": "model", "meta": {"depth": 1, "answerer": "model"}},
         ],
     }
     episodes = check_trace(result)
@@ -293,9 +294,19 @@ def test_retriever_nearest_neighbour_above_and_below_threshold(retriever):
     assert retriever.last_scores[0] == pytest.approx(1.0, abs=1e-4)
 
     model = Scripted({QUESTION: TWO_STEPS})
-    result = SelfAskRunner(generate_fn=model, answerer=retriever).run(QUESTION)
+    result = SelfAskRunner(generate_fn=model, answerer=retriever, recurse=False).run(QUESTION)
     assert [(c.answer, c.answer_source) for c in result.trace.children] == [
         ("King Heonjong of Joseon", "tool"), ("unknown", "none")]
+    check_trace(result)
+
+    # With recursion (the default) the model self-asks what the retriever cannot answer, one layer deeper.
+    father = "Who is the father of King Heonjong of Joseon?"
+    model = Scripted({QUESTION: TWO_STEPS,
+                      father: ["Are follow up questions needed here: No.\nSo the final answer is: Crown Prince\n"]})
+    result = SelfAskRunner(generate_fn=model, answerer=retriever).run(QUESTION)
+    assert [(c.answer, c.answer_source, c.meta) for c in result.trace.children] == [
+        ("King Heonjong of Joseon", "tool", {"depth": 1, "answerer": "retriever"}),
+        ("Crown Prince", "model", {"depth": 1, "answerer": "model", "unanswered_by": "retriever"})]
     check_trace(result)
 
 

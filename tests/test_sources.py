@@ -15,12 +15,13 @@ from peftprompt.recursive.sources import convert_report, musique_step_question, 
 # steps that cite themselves ("#1" in step 1) or are empty, ProbTree HotpotQA nodes that cite themselves.
 EXPECTED = {
     "musique": (100, {}, "train"),
-    "probtree_2wiki": (480, {}, "dev"),
-    "probtree_hotpotqa": (464, {"self reference": 2}, "dev"),
-    "probtree_musique": (392, {}, "dev"),
+    "2wikimultihopqa": (498, {"bad source row": 2}, "train"),  # 2 bridge comparisons without their second hop
+    "probtree_2wiki": (477, {}, "dev"),
+    "probtree_hotpotqa": (457, {"self reference": 2}, "dev"),
+    "probtree_musique": (384, {}, "dev"),
     "strategyqa": (1831, {}, "train"),
     "break": (7327, {"self reference": 2, "empty question": 1}, "dev"),
-    "break_high_level": (2888, {"self reference": 1}, "dev"),
+    "break_high_level": (2871, {"self reference": 1}, "dev"),
     "compositional_celebrities": (8188, {"no gold answer": 5}, "test"),  # 5 currency symbols are ""
     "bamboogle": (100, {}, "test"),
 }
@@ -114,8 +115,8 @@ def test_probtree_musique_example_and_answer_sources():
     assert second.question == "What does the acronym of Union of European Football Associations (UEFA). stand for?"
     assert (second.answer, second.answer_source) == ("Union of European Football Associations", "tool")
     stats = tree_stats(converted("probtree_musique")[0])
-    assert stats["answer_sources"] == {"tool": 622, "model": 410, "gold": 392, "derived": 41}
-    assert stats["depth_histogram"] == {2: 317, 3: 72, 4: 3}
+    assert stats["answer_sources"] == {"tool": 609, "model": 402, "gold": 384, "derived": 41}
+    assert stats["depth_histogram"] == {2: 310, 3: 71, 4: 3}
 
 
 def test_probtree_hotpotqa_angle_references_and_gold_roots():
@@ -129,7 +130,7 @@ def test_probtree_hotpotqa_angle_references_and_gold_roots():
     assert (second.question, second.answer, second.answer_source) == (
         "What is the nationality of Michael P. Fay?", "American", "model")
     stats = tree_stats(converted("probtree_hotpotqa")[0])
-    assert stats["answer_sources"] == {"tool": 709, "gold": 464, "model": 214}  # every root matched a gold answer
+    assert stats["answer_sources"] == {"tool": 699, "gold": 457, "model": 210}  # every root matched a gold answer
 
 
 def test_probtree_2wiki_example():
@@ -142,7 +143,7 @@ def test_probtree_2wiki_example():
          "tool"),
     ]
     assert tree_stats(converted("probtree_2wiki")[0])["answer_sources"] == {
-        "tool": 1020, "gold": 480, "model": 214, "derived": 147}
+        "tool": 1013, "gold": 477, "model": 213, "derived": 145}
 
 
 def test_probtree_answer_source_rule():
@@ -220,7 +221,7 @@ def test_convert_split_limit_and_errors():
     assert convert("bamboogle", limit=0) == []
     with pytest.raises(ValueError, match="unknown source 'nope'"):
         convert("nope")
-    with pytest.raises(ValueError, match=r"source 'musique' has split\(s\) train, got 'test'"):
+    with pytest.raises(ValueError, match=r"source 'musique' has split\(s\) train, dev, got 'test'"):
         convert("musique", split="test")
 
 
@@ -235,3 +236,55 @@ def test_cli_data_convert_and_stats(tmp_path, capsys):
         t.size() for t in converted("musique")[0][:4])}, 0)
     assert main(["data", "stats", str(tmp_path / "missing.jsonl")]) == 2
     assert "No such file" in capsys.readouterr().err
+
+
+def test_twowiki_bridge_comparison_nests_two_levels():
+    trees, report = convert_report("2wikimultihopqa", split="dev")
+    assert len(trees) == 375 and dict(report.reasons) == {"bad source row": 3}
+    tree = next(t for t in trees if t.question.startswith("Which film has the director who died later, The More"))
+    assert tree.depth() == 3 and tree.meta["type"] == "bridge_comparison" and tree.answer == "Sleep, My Love"
+    assert [(path, node.question, node.answer) for path, node in tree.iter_nodes()][1:] == [
+        ("root/1", "When did the director of The More the Merrier die?", "March 8, 1975"),
+        ("root/1/1", "Who is the director of The More the Merrier?", "George Stevens"),
+        ("root/1/2", "When did George Stevens die?", "March 8, 1975"),
+        ("root/2", "When did the director of Sleep, My Love die?", "14 January 1987"),
+        ("root/2/1", "Who is the director of Sleep, My Love?", "Douglas Sirk"),
+        ("root/2/2", "When did Douglas Sirk die?", "14 January 1987"),
+    ]
+    assert tree.children[0].children[1].question_template == "When did #1 die?"
+    # a disambiguated second-hop subject ("George King (film director)") still finds its first hop
+    king = next(t for t in trees if t.question.startswith("Which film has the director died earlier, Varakatnam"))
+    assert [c.question for c in king.children] == ["When did the director of Varakatnam die?",
+                                                  "When did the director of To Be a Lady die?"]
+
+
+def test_twowiki_chains_comparisons_and_aliases():
+    trees = {t.question: t for t in convert("2wikimultihopqa", split="dev")}
+    chain = trees["Who is Magnus Julius De La Gardie's paternal grandmother?"]
+    assert [(c.question_template, c.question, c.answer) for c in chain.children] == [
+        ("Who is the father of Magnus Julius De la Gardie?", "Who is the father of Magnus Julius De la Gardie?",
+         "Axel Julius De la Gardie"),
+        ("Who is the mother of #1?", "Who is the mother of Axel Julius De la Gardie?", "Ebba Brahe")]
+    comparison = trees["Which film was released more recently, Brudebuketten or Clownery?"]
+    assert [(c.question, c.answer) for c in comparison.children] == [
+        ("When was Brudebuketten released?", "1953"), ("When was Clownery released?", "1989")]
+    two = trees["Do both films Goodbye Again (1961 Film) and The Mystery Of Pine Creek Camp have the directors that "
+                "share the same nationality?"]
+    assert (two.children[0].answer, two.children[0].aliases) == ("American", ["Russian"])
+
+
+def test_musique_dev_split_has_three_and_four_hop_questions():
+    trees = convert("musique", split="dev")
+    assert len(trees) == 135 and {t.split for t in trees} == {"dev"}
+    hops = [t.meta["hops"] for t in trees]
+    assert sum(h.startswith(("3hop", "4hop")) for h in hops) == 36
+    assert all(len(t.children) == int(t.meta["hops"][0]) for t in trees)
+
+
+def test_drop_overlap_compares_normalised_questions_at_every_node():
+    from peftprompt.recursive.sources import drop_overlap
+
+    train = [Node(question="Who is A?", answer="a", children=[Node(question="Where is B ?", answer="b", id="1")])]
+    evaluation = [Node(question="where is b?", answer="b"), Node(question="Who is C?", answer="c")]
+    kept, dropped = drop_overlap(evaluation, train)
+    assert [t.question for t in kept] == ["Who is C?"] and [t.question for t in dropped] == ["where is b?"]

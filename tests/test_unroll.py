@@ -201,7 +201,7 @@ def test_loss_policy_errors(kwargs, message):
 def test_bad_template_and_mode():
     with pytest.raises(ValueError, match=r"template 'x': field 'follow_up' must contain exactly \{question\}"):
         Template("x", "Q: {question}\n", "yes\n", "no\n", "Follow up:", " {answer}\n", "A: {answer}")
-    with pytest.raises(ValueError, match="mode must be 'recursive' or 'flat', got 'deep'"):
+    with pytest.raises(ValueError, match="mode must be one of flat, recursive, mix; got 'deep'"):
         Unroller(mode="deep")
 
 

@@ -6,7 +6,10 @@ Every converter takes ``split`` and ``limit`` (the most trees to return) and ret
 
 Sources (file in the data folder, split, answers):
 
-- ``musique``: ``musique/musique_train.json``, train; gold steps and final answer.
+- ``musique``: ``musique/musique_train.json`` (train) and ``musique_context/dev.jsonl`` (dev); gold steps and final
+  answer.
+- ``2wikimultihopqa``: ``2wikimultihopqa_context/{train,dev}.json``; trees built from the gold ``evidences`` triples
+  with relation templates (`twowiki_tree`), bridge comparisons nested two levels deep.
 - ``probtree_2wiki``, ``probtree_hotpotqa``, ``probtree_musique``: ProbTree ``released.json`` in
   ``2wikimultihopqa/``, ``hotpotqa/``, ``musique/``, dev; model / tool / derived answers, gold final answer from the
   folder's ``*_test_questions_and_answers.json`` (they hold the DEV questions).
@@ -26,7 +29,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
-from .tree import Node, SkipReport, TreeError, resolve_templates, validate
+from .tree import Node, SkipReport, TreeError, question_key, resolve_templates, validate
 
 # ---------------------------------------------------------------------------------------------------------------
 # MuSiQue ``X >> relation`` steps (Wikidata-style) become natural questions. The subject X keeps its #k references
@@ -152,18 +155,27 @@ def _first_rest(values: list) -> tuple[Optional[str], list[str]]:
 
 
 # --------------------------------------------------------------------------------------------------- MuSiQue ---
+MUSIQUE_FILES = {"train": "musique/musique_train.json", "dev": "musique_context/dev.jsonl"}
+
+
+def _load_jsonl(relative: str) -> list[Any]:
+    with (_data_root() / relative).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def musique(split: Optional[str] = None, limit: Optional[int] = None,
             report: Optional[SkipReport] = None) -> list[Node]:
-    """MuSiQue-Ans train examples with their GOLD ``question_decomposition`` (all hop shapes).
+    """MuSiQue-Ans examples with their GOLD ``question_decomposition`` (all hop shapes): ``train`` (the default) or
+    ``dev`` (answerable dev questions, ``musique_context/dev.jsonl``; evaluation).
 
     The root is the question (answer and ``answer_aliases`` gold); its children are the steps in order, ids
     ``"1"``, ``"2"``, ... so ``#k`` keeps its meaning, ``question_template`` from `musique_step_question` (the
     ``X >> relation`` rule set) and ``meta`` holding the step id, ``paragraph_support_idx`` and the raw step.
     The 3hop2 / 4hop3 graph shapes stay flat: a step may reference any earlier step (``"#2, #1 >> country"``).
-    Only ``train``: the test file has no decompositions.
     """
-    split = _check_split("musique", split, ("train",))
-    rows = _load_json("musique/musique_train.json")
+    split = _check_split("musique", split, tuple(MUSIQUE_FILES))
+    path = MUSIQUE_FILES[split]
+    rows = _load_jsonl(path) if path.endswith(".jsonl") else _load_json(path)
 
     def build(row: dict) -> Node:
         children = []
@@ -217,11 +229,6 @@ def probtree_answer_source(node: dict) -> str:
     return "model"
 
 
-def _question_key(question: str) -> str:
-    """Match questions across files that differ in case, spacing and punctuation (``"city ?"`` vs ``"city?"``)."""
-    return " ".join(re.sub(r"[\W_]+", " ", question.lower()).split())
-
-
 def _probtree(name: str, split: Optional[str], limit: Optional[int], report: Optional[SkipReport]) -> list[Node]:
     split = _check_split(name, split, ("dev",))
     report = report if report is not None else SkipReport()
@@ -229,7 +236,7 @@ def _probtree(name: str, split: Optional[str], limit: Optional[int], report: Opt
     items = _load_json(tree_file)
     gold: dict[str, list[str]] = {}
     for row in _load_json(gold_file):
-        gold.setdefault(_question_key(row["question"]), []).append(row["answer"])
+        gold.setdefault(question_key(row["question"]), []).append(row["answer"])
 
     def node_from(raw: dict, nodes: dict[int, dict], position: Optional[int], seen: set[int]) -> Node:
         if raw["idx"] in seen:
@@ -262,9 +269,9 @@ def _probtree(name: str, split: Optional[str], limit: Optional[int], report: Opt
                             reason="bad source row")
         root = node_from(roots[0], nodes, None, set())
         root.id, root.dataset, root.split = tree_id, name, split
-        if _question_key(root_question) in gold:
+        if question_key(root_question) in gold:
             root.meta.update(model_answer=root.answer, model_answer_source=root.answer_source)
-            root.answer, root.aliases = _first_rest(gold[_question_key(root_question)])
+            root.answer, root.aliases = _first_rest(gold[question_key(root_question)])
             root.answer_source = "gold"
         return root
 
@@ -296,6 +303,127 @@ def probtree_musique(split: Optional[str] = None, limit: Optional[int] = None,
                      report: Optional[SkipReport] = None) -> list[Node]:
     """ProbTree's MODEL-made trees for MuSiQue dev (text-davinci-003, up to depth 4); root answer gold."""
     return _probtree("probtree_musique", split, limit, report)
+
+
+# ------------------------------------------------------------------------------------------ 2WikiMultiHopQA ---
+# Wording of the 2WikiMultiHopQA relations, over `RELATION_PATTERNS` (films are "released", not "published").
+TWOWIKI_PATTERNS = {
+    **RELATION_PATTERNS,
+    "publication date": "When was {x} released?",
+    "country": "Which country is {x} in?",
+    "country of origin": "Which country does {x} come from?",
+    "country of citizenship": "Which country is {x} a citizen of?",
+    "composer": "Who composed {x}?",
+    "cause of death": "What was the cause of death of {x}?",
+    "award received": "Which award did {x} receive?",
+    "place of burial": "Where was {x} buried?",
+    "employer": "Who employed {x}?",
+    "publisher": "Who published {x}?",
+}
+TWOWIKI_FILES = {"train": "2wikimultihopqa_context/train.json", "dev": "2wikimultihopqa_context/dev.json"}
+
+
+def twowiki_question(subject: str, relation: str) -> str:
+    """The question asking for ``relation`` of ``subject`` (``"the director of Jaws", "date of death"`` ->
+    ``"When did the director of Jaws die?"``)."""
+    relation = " ".join(relation.split())
+    if relation in TWOWIKI_PATTERNS:
+        return TWOWIKI_PATTERNS[relation].format(x=subject)
+    return relation_question(subject, relation)
+
+
+def _fact(subject: str, relation: str, objects: list[str], position: int, template: Optional[str] = None) -> Node:
+    answer, aliases = _first_rest(objects)
+    return Node(question="", question_template=template or twowiki_question(subject, relation), answer=answer,
+                aliases=aliases, answer_source="gold", id=str(position), meta={"relation": relation})
+
+
+def _grouped(triples: list[list[str]]) -> list[tuple[str, str, list[str]]]:
+    """``(subject, relation, [objects])`` in order of first appearance; several objects of one subject and relation
+    (two nationalities) are one fact with aliases."""
+    groups: dict[tuple[str, str], tuple[str, str, list[str]]] = {}
+    for subject, relation, obj in triples:
+        key = (question_key(subject), relation)
+        groups.setdefault(key, (subject.strip(), relation, []))[2].append(obj.strip())
+    return list(groups.values())
+
+
+def _entity_key(name: str) -> str:
+    """An entity's name without its disambiguation (``"George King (film director)"`` -> ``"george king"``)."""
+    return question_key(re.sub(r"\s*\([^)]*\)", "", name)) or question_key(name)
+
+
+def _by_mention(question: str, facts: list[tuple[str, str, list[str]]]) -> list[tuple[str, str, list[str]]]:
+    """`facts` in the order their subjects are named in `question` (unnamed ones last, in evidence order)."""
+    text = question_key(question)
+
+    def where(fact: tuple[str, str, list[str]]) -> int:
+        at = text.find(question_key(fact[0]))
+        return at if at >= 0 else len(text)
+
+    return sorted(facts, key=where)
+
+
+def twowiki_tree(row: dict, dataset: str = "2wikimultihopqa", split: str = "train") -> Node:
+    """One 2WikiMultiHopQA row (``question``, ``type``, ``answer``, ``evidences``) as a gold tree.
+
+    The ``evidences`` triples ``[subject, relation, object]`` are the reasoning path; each becomes a question by
+    `twowiki_question`. Chains (``compositional``, ``inference``: A -r1-> B -r2-> C) are two children, the second
+    naming the first's answer as ``#1``. ``comparison`` questions get one child per compared entity, in the order
+    the question names them. ``bridge_comparison`` questions nest: one child per compared entity, asking for the
+    second relation of the first relation's object (``"When did the director of Jaws die?"``), itself decomposed
+    into ``"Who is the director of Jaws?"`` and ``"When did #1 die?"``. ``meta`` keeps ``type`` and the official
+    ``_id``.
+    """
+    question, kind = " ".join(row["question"].split()), row["type"]
+    tree_id = row.get("_id") or row.get("_1") or _stable_id(dataset, question)
+    facts = _grouped(row["evidences"])
+    if not facts:
+        raise TreeError("no evidences", dataset=dataset, tree_id=tree_id, reason="bad source row")
+    objects = {_entity_key(o) for _, _, objs in facts for o in objs}
+    first_hop = [f for f in facts if _entity_key(f[0]) not in objects]
+    if kind == "bridge_comparison" and first_hop and len(first_hop) < len(facts):
+        children = []
+        for position, (subject, relation, objs) in enumerate(_by_mention(question, first_hop), start=1):
+            second = [f for f in facts if _entity_key(f[0]) in {_entity_key(o) for o in objs}]
+            if not second:
+                raise TreeError(f"no second hop after {subject!r}", dataset=dataset, tree_id=tree_id,
+                                reason="bad source row")
+            _, relation2, objs2 = second[0]
+            inner = _fact(f"the {relation} of {subject}", relation2, objs2, position)
+            inner.question, inner.question_template = inner.question_template, None
+            inner.children = [_fact(subject, relation, objs, 1), _fact("#1", relation2, objs2, 2)]
+            children.append(inner)
+    elif kind in ("compositional", "inference") and len(facts) == 2:
+        (s1, r1, o1), (s2, r2, o2) = facts
+        chained = _entity_key(s2) in {_entity_key(o) for o in o1}
+        children = [_fact(s1, r1, o1, 1), _fact("#1" if chained else s2, r2, o2, 2)]
+    else:
+        children = [_fact(s, r, o, k) for k, (s, r, o) in enumerate(_by_mention(question, facts), start=1)]
+    answer, aliases = _first_rest([row["answer"]])
+    return Node(question=question, answer=answer, aliases=aliases, answer_source="gold", children=children,
+                id=tree_id, dataset=dataset, split=split, meta={"type": kind})
+
+
+def twowiki(split: Optional[str] = None, limit: Optional[int] = None,
+            report: Optional[SkipReport] = None) -> list[Node]:
+    """2WikiMultiHopQA with GOLD evidence triples (`twowiki_tree`): ``train`` (500 training questions, the default)
+    or ``dev`` (a sample of the dev set, evaluation; the ProbTree ``probtree_2wiki`` trees come from the same dev
+    set)."""
+    split = _check_split("2wikimultihopqa", split, tuple(TWOWIKI_FILES))
+    report = report if report is not None else SkipReport()
+    rows = _load_json(TWOWIKI_FILES[split])
+
+    def trees() -> Iterable[Node]:
+        for row in rows:
+            try:
+                yield twowiki_tree(row, split=split)
+            except TreeError as err:
+                report.add(err.reason, str(err))
+            except (KeyError, ValueError, TypeError) as err:
+                report.add("bad source row", f"2wikimultihopqa: {err!r}")
+
+    return _finish(trees(), limit, report)
 
 
 # ------------------------------------------------------------------------------------------------- StrategyQA ---
@@ -454,6 +582,7 @@ def bamboogle(split: Optional[str] = None, limit: Optional[int] = None,
 
 SOURCES: dict[str, Callable[..., list[Node]]] = {
     "musique": musique,
+    "2wikimultihopqa": twowiki,
     "probtree_2wiki": probtree_2wiki,
     "probtree_hotpotqa": probtree_hotpotqa,
     "probtree_musique": probtree_musique,
@@ -483,3 +612,13 @@ def convert(source: str, split: Optional[str] = None, limit: Optional[int] = Non
         limit (`int`, *optional*): Return at most this many trees (the first valid ones in file order).
     """
     return convert_report(source, split, limit)[0]
+
+
+def drop_overlap(trees: Iterable[Node], others: Iterable[Node]) -> tuple[list[Node], list[Node]]:
+    """Split `trees` into those whose root question is asked nowhere in `others` (at any node, compared by
+    `question_key`) and those that are: ``(kept, dropped)``. Keeps evaluation questions out of training trees."""
+    seen = {question_key(node.question) for tree in others for _, node in tree.iter_nodes()}
+    kept, dropped = [], []
+    for tree in trees:
+        (dropped if question_key(tree.question) in seen else kept).append(tree)
+    return kept, dropped

@@ -26,6 +26,7 @@ EVALUATION_ONLY_DATASETS = frozenset({"compositional_celebrities", "bamboogle"})
 DEFAULT_MAX_DEPTH = 8
 # ``#k`` names the k-th earlier sibling; ``#12`` is one reference, not ``#1`` followed by ``2``.
 REF_PATTERN = re.compile(r"#(\d+)(?!\d)")
+_NON_WORD = re.compile(r"[\W_]+")
 MAX_REPORTED_MESSAGES = 5
 
 PathLike = Union[str, os.PathLike]
@@ -206,6 +207,12 @@ class SkipReport:
             return "skipped 0"
         reasons = ", ".join(f"{reason} {count}" for reason, count in self.reasons.most_common())
         return f"skipped {self.skipped} ({reasons})"
+
+
+def question_key(question: str) -> str:
+    """A question's lower-cased words, how questions are compared across files and sets (``"City ?"`` and
+    ``"city?"`` match): for repeats, for matching gold answers and for keeping evaluation questions out of training."""
+    return " ".join(_NON_WORD.sub(" ", question.lower()).split())
 
 
 def _str_or_none(value: Any) -> Optional[str]:

@@ -13,12 +13,15 @@ So the final answer is: {answer}                  final_answer         trained (
 ```
 
 A node without children gives the ``No.`` branch (decision, then the final answer), so the model learns when to
-stop. Two modes:
+stop. Three modes:
 
 - ``"recursive"`` (DecomP / ProbTree style): one episode per node that has an answer. In the parent, each child's
   answer comes from the child's own, deeper episode, so it is always masked there.
 - ``"flat"``: one episode per tree whose follow-ups are the tree's leaves in order; their answers are weighted by
   `LossPolicy.intermediate_answer` (by default masked: at inference a retriever or tool supplies them).
+- ``"mix"``: the recursive episodes, plus the flat episode of every tree deeper than two levels (where the two
+  differ): the model sees both ways of decomposing a deep question, into its leaves or into compositional
+  sub-questions that it decomposes again one level deeper.
 
 Subtrees deeper than `max_depth` are folded into their answer (the node at `max_depth` becomes a leaf).
 """
@@ -27,12 +30,13 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Mapping, Optional
 
 from .tree import ANSWER_SOURCES, Node
 
-Mode = Literal["recursive", "flat"]
+Mode = Literal["recursive", "flat", "mix"]
+MODES = ("flat", "recursive", "mix")
 SPAN_KINDS = ("question", "decision", "follow_up", "intermediate_answer", "final_answer")
 WHITESPACE = re.compile(r"\s+")
 
@@ -187,7 +191,8 @@ class Unroller:
     """Turns trees into `Episode`s with `mode`, `template`, `policy` and `max_depth`; counts what it skips.
 
     Args:
-        mode (`str`, defaults to ``"recursive"``): ``"recursive"`` or ``"flat"`` (see the module docstring).
+        mode (`str`, defaults to ``"recursive"``): ``"recursive"``, ``"flat"`` or ``"mix"`` (see the module
+            docstring).
         template (`Template`, defaults to `SELF_ASK`): The wording.
         policy (`LossPolicy`, *optional*): Span weights; the default trains decisions, follow-ups and final
             answers, and masks questions and intermediate answers.
@@ -213,8 +218,8 @@ class Unroller:
         max_depth: Optional[int] = None,
         leaf_episodes: bool = True,
     ) -> None:
-        if mode not in ("recursive", "flat"):
-            raise ValueError(f"mode must be 'recursive' or 'flat', got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
         if max_depth is not None and max_depth < 1:
             raise ValueError(f"max_depth must be >= 1, got {max_depth}")
         self.mode = mode
@@ -225,10 +230,19 @@ class Unroller:
         self.skipped: Counter[str] = Counter()
 
     def __call__(self, tree: Node) -> list[Episode]:
-        """All episodes of `tree`, root first (pre-order in recursive mode)."""
+        """All episodes of `tree`, root first (pre-order in recursive mode; in mix mode the flat episode last)."""
         if self.mode == "flat":
-            episode = self._episode(tree, "root", tree, self._leaves(tree, 1), answers_taught_elsewhere=False)
-            return [episode] if episode else []
+            return self._flat(tree)
+        episodes = self._recursive(tree)
+        if self.mode == "mix" and tree.depth() > 2 and (self.max_depth is None or self.max_depth > 2):
+            episodes += [replace(e, path="flat:root") for e in self._flat(tree)]
+        return episodes
+
+    def _flat(self, tree: Node) -> list[Episode]:
+        episode = self._episode(tree, "root", tree, self._leaves(tree, 1), answers_taught_elsewhere=False)
+        return [episode] if episode else []
+
+    def _recursive(self, tree: Node) -> list[Episode]:
         episodes = []
         for path, node, depth in self._walk(tree, "root", 1):
             children = self._children(node, depth)

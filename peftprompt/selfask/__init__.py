@@ -1,10 +1,11 @@
 """Recursive self-ask inference: the runner, and the answerers of its follow-up questions."""
 
-from .answerers import Answer, Answerer, ModelAnswerer, RetrieverAnswerer, ToolAnswerer, as_answerer
+from .answerers import Answer, Answerer, RetrieverAnswerer, ToolAnswerer, answerer_from_name, as_answerer
 from .runner import (
     FEW_SHOT_DIRECT,
     FEW_SHOT_SELF_ASK,
     Continuation,
+    ModelAnswerer,
     SelfAskResult,
     SelfAskRunner,
     format_episode,
@@ -22,6 +23,7 @@ __all__ = [
     "SelfAskResult",
     "SelfAskRunner",
     "ToolAnswerer",
+    "answerer_from_name",
     "as_answerer",
     "format_episode",
     "normalise_question",

@@ -2,22 +2,23 @@
 
 An answerer is called as ``answerer(question, depth)`` and returns an `Answer` (text, ``answer_source`` and, for
 the model, the trace of the deeper run); ``answer_batch(questions, depth)`` answers several at once (the runner
-uses it to batch the follow-ups of a batch of questions). Any plain callable ``(question) -> str`` is a tool:
-`as_answerer` wraps it in `ToolAnswerer`.
+uses it to batch the follow-ups of a batch of questions). An answer with ``source="none"`` means "cannot answer":
+the runner then lets the model self-ask that follow-up one level deeper. Any plain callable ``(question) -> str``
+is a tool (`as_answerer` wraps it in `ToolAnswerer`); the model itself answers through the runner's
+`peftprompt.selfask.runner.ModelAnswerer`. `answerer_from_name` builds one from a name (``retriever``,
+``module:function``), as the command line and recipe configs give them.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from ..recursive.tree import Node
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .runner import SelfAskRunner
 
 UNKNOWN = "unknown"
 
@@ -34,7 +35,9 @@ class Answer:
 
 
 class Answerer:
-    """Base class: override `__call__` (one question) or `answer_batch` (several)."""
+    """Base class: override `__call__` (one question) or `answer_batch` (several). `name` is how traces name it."""
+
+    name = "answerer"
 
     def __call__(self, question: str, depth: int) -> Answer:
         return self.answer_batch([question], depth)[0]
@@ -44,7 +47,10 @@ class Answerer:
 
 
 class ToolAnswerer(Answerer):
-    """Wraps a Python callable ``(question) -> str`` as a tool (``answer_source="tool"``)."""
+    """Wraps a Python callable ``(question) -> str`` as a tool (``answer_source="tool"``); a tool that returns
+    `None` or blank text cannot answer (``answer_source="none"``)."""
+
+    name = "tool"
 
     def __init__(self, fn: Callable[[str], Any]):
         if not callable(fn):
@@ -52,22 +58,9 @@ class ToolAnswerer(Answerer):
         self.fn = fn
 
     def __call__(self, question: str, depth: int) -> Answer:
-        return Answer(str(self.fn(question)), "tool")
-
-
-class ModelAnswerer(Answerer):
-    """Answers a follow-up by running `runner` one level deeper (``depth``); at ``runner.max_depth`` it answers
-    directly (the ``No.`` prompt). Its answers have ``answer_source="model"`` and carry the deeper run's trace."""
-
-    def __init__(self, runner: "SelfAskRunner"):
-        self.runner = runner
-
-    def answer_batch(self, questions: list[str], depth: int) -> list[Answer]:
-        if depth >= self.runner.max_depth:
-            results = self.runner.answer_directly(questions)
-        else:
-            results = self.runner.run_batch(questions, depth=depth)
-        return [Answer(r.answer, "model", trace=r.trace, generated_tokens=r.generated_tokens) for r in results]
+        value = self.fn(question)
+        text = "" if value is None else str(value).strip()
+        return Answer(text, "tool") if text else Answer(UNKNOWN, "none")
 
 
 class RetrieverAnswerer(Answerer):
@@ -84,6 +77,8 @@ class RetrieverAnswerer(Answerer):
     Attributes:
         last_scores (`list[float]`): The best similarity of each question of the last call.
     """
+
+    name = "retriever"
 
     def __init__(
         self,
@@ -161,3 +156,35 @@ def as_answerer(obj: Any) -> Answerer:
     if isinstance(obj, Answerer):
         return obj
     return ToolAnswerer(obj)
+
+
+ANSWERER_NAMES = ("retriever", "model", "module:function")
+"""What `answerer_from_name` understands."""
+
+
+def answerer_from_name(
+    name: str, facts: Optional[Sequence[tuple[str, str]]] = None, threshold: float = 0.8, retriever=None
+) -> Optional[Answerer]:
+    """The answerer `name` stands for: ``"retriever"`` (a `RetrieverAnswerer` over `facts`, or `retriever` when
+    given, shared between layers), ``"model"`` (`None`: the runner's own model, one level deeper) or
+    ``"module:function"`` (a tool: that importable callable ``(question) -> str``).
+
+    Raises:
+        ValueError: An unknown name, a tool that cannot be imported, or a retriever without facts.
+    """
+    if name == "model":
+        return None
+    if name == "retriever":
+        if retriever is not None:
+            return retriever
+        if facts is None:
+            raise ValueError("answerer 'retriever' needs facts (a knowledge base: --kb FILE or the evaluation trees)")
+        return RetrieverAnswerer(list(facts), threshold=threshold)
+    module, _, attr = name.partition(":")
+    if not module or not attr:
+        raise ValueError(f"unknown answerer {name!r}; choose retriever, model or a tool as module:function")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"answerer {name!r}: cannot import the tool ({err})") from err
+    return ToolAnswerer(fn)

@@ -51,11 +51,16 @@ def _gold(node: Node) -> list[str]:
     return [node.answer, *[a for a in node.aliases if a]] if node.answer else []
 
 
-def knowledge_base(trees: Sequence[Node]) -> list[tuple[str, str]]:
+def knowledge_base(trees: Sequence[Node], leaves_only: bool = False) -> list[tuple[str, str]]:
     """The sub-question facts of `trees`: ``(question, answer)`` for every non-root node (at any depth) with an
     answer whose ``answer_source`` is gold, tool, model or derived. De-duplicated by question (lower-cased words,
     `normalise_question`), the first answer kept, in tree order. Roots are left out, so a retriever over these facts
-    answers the sub-questions but never the question itself."""
+    answers the sub-questions but never the question itself.
+
+    With `leaves_only`, only the leaves' facts are kept, and none whose question is also an inner node's (in any
+    of `trees`): a follow-up that is itself compositional can then be answered only by decomposing it.
+    """
+    inner = {normalise_question(node.question) for tree in trees for _, node in tree.iter_nodes() if node.children}
     facts: list[tuple[str, str]] = []
     seen: set[str] = set()
     for tree in trees:
@@ -63,7 +68,7 @@ def knowledge_base(trees: Sequence[Node]) -> list[tuple[str, str]]:
             if path == "root" or not node.answer or node.answer_source not in KNOWN_SOURCES:
                 continue
             key = normalise_question(node.question)
-            if not key or key in seen:
+            if not key or key in seen or (leaves_only and (node.children or key in inner)):
                 continue
             seen.add(key)
             facts.append((node.question, node.answer))

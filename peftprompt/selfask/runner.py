@@ -11,10 +11,17 @@ So the final answer is: {answer}                  generated; stops at the end of
 ```
 
 Generation is batched over the questions still running (left padding, KV cache on) and stops at the intermediate
-answer marker, at the end of the final answer's line (newline or EOS), or at `max_new_tokens`. Follow-ups go to the
-answerer (`answerers.py`): the default `ModelAnswerer` self-asks them with this runner one level deeper, down to
-`max_depth`, where it answers directly (``... here: No.`` then the final answer); a `RetrieverAnswerer` or any
-callable ``(question) -> str`` (a tool) can answer them instead.
+answer marker, at the end of the final answer's line (newline or EOS), or at `max_new_tokens`.
+
+Recursion. The question is layer 0, its follow-ups layer 1, theirs layer 2, ... Each layer's follow-ups go to that
+layer's answerer (`answerers.py`; ``answerer`` may be one for every layer or a list, one per layer, the last
+repeating): a tool, a `RetrieverAnswerer`, or the model (`ModelAnswerer`, the default), which self-asks the
+follow-up as a new question one layer deeper. When a tool or retriever cannot answer (``answer_source="none"``:
+below the retriever's threshold, the tool returned nothing) and `recurse` is on, the model self-asks that follow-up
+instead. At `max_depth` the model answers directly (``... here: No.`` then the final answer), so ``max_depth=0``
+answers the question itself directly and ``max_depth=1`` lets the model answer unanswered follow-ups directly. Each
+follow-up of the trace records its layer (``meta["depth"]``) and who answered it (``meta["answerer"]``, and
+``meta["unanswered_by"]`` when the model stepped in).
 
 Malformed output, and what the runner does (each case is recorded in `SelfAskResult.issues`):
 
@@ -42,15 +49,14 @@ forced answer, and no question generates more than `max_total_tokens` tokens.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
 from tqdm.auto import tqdm
 
-from ..recursive.tree import Node
+from ..recursive.tree import Node, question_key
 from ..recursive.unroll import SELF_ASK, Template, Unroller, clean_text, parse_episode
-from .answerers import UNKNOWN, Answer, Answerer, ModelAnswerer, as_answerer
+from .answerers import UNKNOWN, Answer, Answerer, as_answerer
 
 
 def format_episode(
@@ -91,12 +97,8 @@ FEW_SHOT_DIRECT = "".join(format_episode(q, [], a) + "\n\n" for q, _, a in _PRES
 """The same 4 questions answered directly, in the format the runner's direct prompt uses (the ``No.`` branch of
 `SELF_ASK`, as a fine-tuned model saw leaves in training)."""
 
-_NORMALISE = re.compile(r"[^\w]+")
-
-
-def normalise_question(text: str) -> str:
-    """Lower-cased words only: how follow-ups are compared for repeats."""
-    return _NORMALISE.sub(" ", text.lower()).strip()
+normalise_question = question_key
+"""Lower-cased words only: how follow-ups are compared for repeats (`peftprompt.recursive.tree.question_key`)."""
 
 
 @dataclass
@@ -142,7 +144,7 @@ class _State:
     text: str
     tokens: int = 0  # generated at this level
     deeper_tokens: int = 0
-    follow_ups: list[tuple[str, Answer]] = field(default_factory=list)
+    follow_ups: list[tuple[str, Answer, dict]] = field(default_factory=list)
     issues: list[str] = field(default_factory=list)
     forcing: bool = False
     forced: bool = False
@@ -151,6 +153,21 @@ class _State:
 
 
 GenerateFn = Callable[[list[str], list[int]], list[Union[str, Continuation]]]
+AnswererLike = Union[Answerer, Callable[[str], Any], None]
+
+
+class ModelAnswerer(Answerer):
+    """Answers a follow-up by self-asking it with `runner` one layer deeper (``depth``); at ``runner.max_depth`` the
+    runner answers directly. Its answers have ``answer_source="model"`` and carry the deeper run's trace."""
+
+    name = "model"
+
+    def __init__(self, runner: "SelfAskRunner"):
+        self.runner = runner
+
+    def answer_batch(self, questions: list[str], depth: int) -> list[Answer]:
+        results = self.runner.run_batch(questions, depth=depth)
+        return [Answer(r.answer, "model", trace=r.trace, generated_tokens=r.generated_tokens) for r in results]
 
 
 class SelfAskRunner:
@@ -158,12 +175,16 @@ class SelfAskRunner:
 
     Args:
         model, tokenizer: A `transformers` causal LM and its tokenizer (either may be `None` with `generate_fn`).
-        answerer (`Answerer` or callable, *optional*): Answers follow-ups; defaults to `ModelAnswerer(self)`. A
-            callable ``(question) -> str`` is used as a tool.
+        answerer (`Answerer`, callable or a list of them, *optional*): Answers follow-ups; `None` (the default) is
+            the model itself (`ModelAnswerer`). A callable ``(question) -> str`` is used as a tool. A list gives one
+            answerer per layer (the question's follow-ups are layer 1), the last one answering every deeper layer.
+        recurse (`bool`, defaults to `True`): When a tool or retriever cannot answer a follow-up, the model
+            self-asks it one layer deeper (directly at `max_depth`); without it the follow-up's answer is
+            ``"unknown"``.
         template (`Template`, defaults to `SELF_ASK`): The wording; must be the one the model was trained with.
         max_follow_ups (`int`, defaults to 4): Follow-ups accepted per question.
-        max_depth (`int`, defaults to 2): Depth at which `ModelAnswerer` answers directly (the question is depth 0,
-            its follow-ups depth 1, ...).
+        max_depth (`int`, defaults to 2): The layer at which the model answers directly instead of self-asking
+            (0: the question itself is answered directly).
         max_new_tokens (`int`, defaults to 64): Tokens per generation step.
         max_total_tokens (`int`, defaults to 384): Tokens generated per question at most, over all its steps.
         batch_size (`int`, defaults to 8): Prompts per `model.generate` call.
@@ -181,7 +202,8 @@ class SelfAskRunner:
         self,
         model=None,
         tokenizer=None,
-        answerer: Optional[Union[Answerer, Callable[[str], Any]]] = None,
+        answerer: Union[AnswererLike, Sequence[AnswererLike]] = None,
+        recurse: bool = True,
         template: Template = SELF_ASK,
         max_follow_ups: int = 4,
         max_depth: int = 2,
@@ -210,7 +232,12 @@ class SelfAskRunner:
             )
         self.model, self.tokenizer = model, tokenizer
         self.template = template
-        self.answerer = ModelAnswerer(self) if answerer is None else as_answerer(answerer)
+        self.model_answerer = ModelAnswerer(self)
+        layers = list(answerer) if isinstance(answerer, (list, tuple)) else [answerer]
+        if not layers:
+            raise ValueError("SelfAskRunner: answerer is an empty list (give one answerer per layer, or None)")
+        self.answerers = [self.model_answerer if a is None else as_answerer(a) for a in layers]
+        self.recurse = recurse
         self.max_follow_ups, self.max_depth = max_follow_ups, max_depth
         self.max_new_tokens, self.max_total_tokens = max_new_tokens, max_total_tokens
         self.batch_size, self.final_answer_tokens = batch_size, final_answer_tokens
@@ -232,6 +259,8 @@ class SelfAskRunner:
         questions = [clean_text(q) for q in questions]
         if any(not q for q in questions):
             raise ValueError("SelfAskRunner: empty question")
+        if depth >= self.max_depth:
+            return self.answer_directly(questions, depth=depth)
         states = [_State(q, self.template.question.format(question=q)) for q in questions]
         bar = tqdm(total=len(states), desc=self.progress, unit="question", disable=self.progress is None or depth > 0)
         while True:
@@ -261,16 +290,35 @@ class SelfAskRunner:
                 if follow_up is not None:
                     pending.append((s, follow_up))
             if pending:
-                answers = self.answerer.answer_batch([q for _, q in pending], depth + 1)
-                for (s, q), answer in zip(pending, answers):
+                answers = self.answer_layer([q for _, q in pending], depth + 1)
+                for (s, q), (answer, meta) in zip(pending, answers):
                     text = clean_text(answer.text) or UNKNOWN
-                    s.follow_ups.append((q, Answer(text, answer.source, answer.trace)))
+                    s.follow_ups.append((q, Answer(text, answer.source, answer.trace), meta))
                     s.deeper_tokens += answer.generated_tokens
                     s.text += self.template.intermediate_answer.format(answer=text)
         bar.close()
         return [self._result(s) for s in states]
 
-    def answer_directly(self, questions: Sequence[str]) -> list[SelfAskResult]:
+    def layer_answerer(self, depth: int) -> Answerer:
+        """Who answers the follow-ups of layer `depth` (1: the question's follow-ups)."""
+        return self.answerers[min(depth, len(self.answerers)) - 1]
+
+    def answer_layer(self, questions: list[str], depth: int) -> list[tuple[Answer, dict]]:
+        """Answer the follow-ups `questions` of layer `depth` with that layer's answerer; with `recurse`, those it
+        cannot answer are self-asked by the model one layer deeper. Each answer comes with its trace ``meta``."""
+        answerer = self.layer_answerer(depth)
+        answers = answerer.answer_batch(list(questions), depth)
+        metas = [{"depth": depth, "answerer": answerer.name} for _ in questions]
+        if self.recurse and answerer is not self.model_answerer:
+            unanswered = [i for i, a in enumerate(answers) if a.source == "none"]
+            if unanswered:
+                deeper = self.model_answerer.answer_batch([questions[i] for i in unanswered], depth)
+                for i, answer in zip(unanswered, deeper):
+                    answers[i] = answer
+                    metas[i] = {"depth": depth, "answerer": "model", "unanswered_by": answerer.name}
+        return list(zip(answers, metas))
+
+    def answer_directly(self, questions: Sequence[str], depth: int = 0) -> list[SelfAskResult]:
         """Answer without follow-ups: ``Question: ...`` + ``... here: No.`` + ``So the final answer is:``."""
         questions = [clean_text(q) for q in questions]
         t = self.template
@@ -281,7 +329,7 @@ class SelfAskRunner:
         limit = min(self.max_new_tokens, self.max_total_tokens)
         outputs: list[Continuation] = []
         with tqdm(total=len(states), desc=f"{self.progress}: direct answers", unit="question",
-                  disable=self.progress is None) as bar:
+                  disable=self.progress is None or depth > 0) as bar:
             for start in range(0, len(states), self.batch_size):
                 chunk = states[start : start + self.batch_size]
                 outputs += self._step([self.few_shot_direct + s.text for s in chunk], [limit] * len(chunk))
@@ -359,7 +407,7 @@ class SelfAskRunner:
             issue = "empty follow-up"
         elif key == normalise_question(s.question):
             issue = "follow-up repeats the question"
-        elif any(key == normalise_question(q) for q, _ in s.follow_ups):
+        elif any(key == normalise_question(q) for q, _, _ in s.follow_ups):
             issue = "repeated follow-up"
         elif len(s.follow_ups) >= self.max_follow_ups:
             issue = "too many follow-ups"
@@ -372,10 +420,10 @@ class SelfAskRunner:
 
     def _result(self, s: _State) -> SelfAskResult:
         children = []
-        for k, (q, answer) in enumerate(s.follow_ups, start=1):
+        for k, (q, answer, meta) in enumerate(s.follow_ups, start=1):
             grandchildren = list(answer.trace.children) if answer.trace is not None else []
             children.append(Node(question=q, answer=answer.text, answer_source=answer.source, id=str(k),
-                                 children=grandchildren))
+                                 children=grandchildren, meta=dict(meta)))
         trace = Node(question=s.question, answer=s.answer or None, answer_source="model" if s.answer else "none",
                      children=children)
         if s.answer:
