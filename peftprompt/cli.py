@@ -138,7 +138,7 @@ def _add_data_show(data_commands: argparse._SubParsersAction) -> None:
     show.add_argument("trees", help="a decomp-tree/v1 JSONL file")
     show.add_argument("--n", type=int, default=3, help="number of trees to show")
     show.add_argument("--model", default="smollm2-135m", help="whose tokenizer to use (embedded name, hub id or path)")
-    show.add_argument("--mode", choices=["recursive", "flat"], default="recursive")
+    show.add_argument("--mode", choices=["recursive", "flat", "mix"], default="recursive")
     show.add_argument("--template", choices=sorted(TEMPLATES), default="self-ask")
     show.add_argument("--max-depth", type=int, default=None, help="fold subtrees below this depth into their answer")
     show.add_argument("--max-length", type=int, default=512)
@@ -199,16 +199,22 @@ def _ask(args: argparse.Namespace) -> None:
     from .adapters import load_adapter
     from .backbones import load_backbone
     from .recursive import write_trees
-    from .selfask import FEW_SHOT_SELF_ASK, RetrieverAnswerer, SelfAskRunner
+    from .selfask import FEW_SHOT_SELF_ASK, RetrieverAnswerer, SelfAskRunner, answerer_from_name
     from .selfask.show import print_run
 
+    names = args.answerers or (["retriever"] if args.kb else ["model"])
+    if "retriever" in names and not args.kb:
+        raise ValueError("--answerers retriever needs --kb FILE (the facts it retrieves from)")
+    for name in names:  # bad names fail before loading
+        if name != "retriever":
+            answerer_from_name(name)
     model, tokenizer = load_backbone(args.model, task="causal_lm")
     if args.adapter:
         model = load_adapter(model, args.adapter)
-    answerer = RetrieverAnswerer.from_jsonl(args.kb, threshold=args.threshold) if args.kb else None
+    retriever = RetrieverAnswerer.from_jsonl(args.kb, threshold=args.threshold) if args.kb else None
     runner = SelfAskRunner(
-        model.eval(), tokenizer, answerer=answerer, max_depth=args.max_depth,
-        few_shot=FEW_SHOT_SELF_ASK if args.few_shot else "",
+        model.eval(), tokenizer, answerer=[answerer_from_name(n, retriever=retriever) for n in names],
+        recurse=not args.no_recurse, max_depth=args.max_depth, few_shot=FEW_SHOT_SELF_ASK if args.few_shot else "",
     )
     results = runner.run_batch(args.questions)
     console = Console(soft_wrap=True, highlight=False)
@@ -223,6 +229,19 @@ def _ask(args: argparse.Namespace) -> None:
         write_trees(args.trace_out, [r.trace for r in results])
 
 
+def _add_recursion_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--max-depth``, ``--answerers`` and ``--no-recurse``: who answers each layer's follow-ups, how deep."""
+    parser.add_argument("--max-depth", type=int, default=2,
+                        help="layer at which the model answers directly instead of self-asking (0: answer the "
+                             "question directly; default %(default)s)")
+    parser.add_argument("--answerers", nargs="+", default=None, metavar="NAME",
+                        help="who answers the follow-ups of layer 1, 2, ... (the last repeats): retriever, model, or "
+                             "a tool as module:function (default: retriever with facts, else model)")
+    parser.add_argument("--no-recurse", action="store_true",
+                        help="a follow-up the retriever or tool cannot answer stays 'unknown' instead of being "
+                             "self-asked by the model one layer deeper")
+
+
 def _add_ask(commands: argparse._SubParsersAction) -> None:
     ask = commands.add_parser("ask", help="answer questions by recursive self-ask, with traces")
     ask.add_argument("questions", nargs="+", metavar="QUESTION")
@@ -231,7 +250,7 @@ def _add_ask(commands: argparse._SubParsersAction) -> None:
     ask.add_argument("--kb", default=None, help="facts JSONL ({question, answer} per line) answering follow-ups; "
                      "without it the model answers them itself, one level deeper")
     ask.add_argument("--threshold", type=float, default=0.8, help="retriever similarity needed to answer")
-    ask.add_argument("--max-depth", type=int, default=2, help="recursion depth of model-answered follow-ups")
+    _add_recursion_arguments(ask)
     ask.add_argument("--few-shot", action="store_true", help="prefix the 4-shot self-ask prompt (for base models)")
     ask.add_argument("--show", action="store_true", help="print each transcript and its trace tree")
     ask.add_argument("--trace-out", default=None, help="write the traces as decomp-tree/v1 JSONL")
@@ -243,7 +262,8 @@ def _eval_selfask(args: argparse.Namespace) -> None:
 
     from .atomic import write_file_atomically
     from .recursive import convert, read_trees
-    from .selfask.evaluate import APPROACHES, compare_approaches, format_table, sample_trees
+    from .selfask import RetrieverAnswerer, answerer_from_name
+    from .selfask.evaluate import APPROACHES, compare_approaches, format_table, knowledge_base, sample_trees
 
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
@@ -253,6 +273,10 @@ def _eval_selfask(args: argparse.Namespace) -> None:
         raise ValueError(f"unknown approach {unknown[0]!r}; choose from {', '.join(APPROACHES)}")
     if "fine_tuned_self_ask" in approaches and not args.adapter:
         raise ValueError("approach 'fine_tuned_self_ask' needs --adapter")
+    names = args.answerers or (["model"] if args.no_kb else ["retriever"])
+    if "retriever" in names and args.no_kb:
+        raise ValueError("--answerers retriever contradicts --no-kb")
+    tools = [None if n == "retriever" else answerer_from_name(n) for n in names]  # bad names fail before loading
     if args.trees:
         trees = read_trees(args.trees)
     else:
@@ -269,19 +293,24 @@ def _eval_selfask(args: argparse.Namespace) -> None:
     if "fine_tuned_self_ask" in approaches:
         base, _ = load_backbone(args.model, task="causal_lm")
         adapter_model = load_adapter(base, args.adapter).eval()
-    runner_kwargs = {"max_depth": args.max_depth}
+    facts = knowledge_base(trees, leaves_only=args.knowledge == "leaves")
+    retriever = RetrieverAnswerer(facts, threshold=args.threshold) if "retriever" in names else None
+    answerer = [answerer_from_name(n, retriever=retriever) if n == "retriever" else a for n, a in zip(names, tools)]
+    runner_kwargs = {"max_depth": args.max_depth, "recurse": not args.no_recurse}
     results = compare_approaches(
-        trees, model.eval(), tokenizer, adapter_model=adapter_model, kb=not args.no_kb, approaches=approaches,
-        sub_question_check=not args.no_sub_question_check, runner_kwargs=runner_kwargs,
-        threshold=args.threshold, progress=True,
+        trees, model.eval(), tokenizer, adapter_model=adapter_model, approaches=approaches, answerer=answerer,
+        sub_question_check=not args.no_sub_question_check, runner_kwargs=runner_kwargs, progress=True,
     )
     results["config"] = {"source": None if args.trees else args.source, "trees": args.trees, "split": args.split,
                          "sample_seed": args.sample_seed,
                          "model": args.model, "adapter": args.adapter, "kb": not args.no_kb,
+                         "knowledge": args.knowledge, "answerers": names, "recurse": not args.no_recurse,
                          "threshold": args.threshold, "max_depth": args.max_depth, "approaches": list(approaches)}
+    knowledge = "leaf" if args.knowledge == "leaves" else "gold sub-question"
     print(f"{results['n']} questions ({args.trees or args.source}, model {args.model}"
           f"{', adapter ' + args.adapter if args.adapter else ''}; follow-ups answered by "
-          f"{'the model' if args.no_kb else 'a retriever over the gold sub-question facts'})")
+          f"{'the model' if args.no_kb else f'{names} (retriever over the {knowledge} facts)'}, max_depth "
+          f"{args.max_depth})")
     print(format_table(results))
     if args.out:
         text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
@@ -308,8 +337,11 @@ def _add_eval_selfask(eval_commands: argparse._SubParsersAction) -> None:
                          help=f"any of {', '.join(APPROACHES)} (default: all that apply)")
     selfask.add_argument("--no-kb", action="store_true", help="the model answers follow-ups itself instead of a "
                          "retriever over the gold sub-question facts")
+    selfask.add_argument("--knowledge", choices=["all", "leaves"], default="all",
+                         help="the retriever's facts: every sub-question's answer (all) or the leaves' only, so a "
+                              "compositional follow-up must be decomposed (default %(default)s)")
     selfask.add_argument("--threshold", type=float, default=0.8, help="retriever similarity needed to answer")
-    selfask.add_argument("--max-depth", type=int, default=2, help="recursion depth of model-answered follow-ups")
+    _add_recursion_arguments(selfask)
     selfask.add_argument("--no-sub-question-check", action="store_true",
                          help="skip asking the gold sub-questions (no compositionality gap)")
     selfask.add_argument("--out", default=None, help="write the results as JSON (atomically)")

@@ -5,10 +5,13 @@
 Training trees come from ``data.sources`` (default: MuSiQue's gold decompositions and the ProbTree trees of
 HotpotQA and MuSiQue); evaluation-only sets (Compositional Celebrities, Bamboogle) are refused. The ProbTree
 2WikiMultiHopQA trees (``data.eval_sources``) are held out and scored by loss, and with ``data.generate_eval=N``
-also by generation: the first N held-out questions are answered by recursive self-ask (follow-ups answered from
-their trees' own sub-answers by the MiniLM retriever) and scored by exact match, token F1 and well-formed rate.
-Episodes are unrolled (``data.mode``: recursive or flat), tokenised once and packed over the data set into rows of
-``max_length`` (``data.packing``: auto, true or false). Prompt tuning, P-tuning and prefix tuning train on padded
+also by generation: the first N held-out questions are answered by recursive self-ask and scored by exact match,
+token F1 and well-formed rate. Their follow-ups go to ``data.eval_answerers`` (one name per layer, the last
+repeating: ``retriever``, ``model`` or a tool ``module:function``; default ``[retriever]``), the retriever holding
+the trees' own sub-answers (``data.eval_knowledge``: ``leaves``, the default, or ``all`` nodes); what it cannot
+answer the model self-asks, down to ``data.eval_max_depth`` (default 2).
+Episodes are unrolled (``data.mode``: flat, recursive or mix, see `peftprompt.recursive.unroll`), tokenised once and
+packed over the data set into rows of ``max_length`` (``data.packing``: auto, true or false). Prompt tuning, P-tuning and prefix tuning train on padded
 episodes instead, one per row: PEFT drops the ``position_ids`` of the first two and prefix tuning's
 ``past_key_values`` turn off transformers' block-diagonal mask, so packed episodes would attend to each other.
 """
@@ -21,14 +24,39 @@ from peft import PromptLearningConfig
 
 from peftprompt.methods import METHOD_CONFIGS
 from peftprompt.recursive import EpisodeEncoder, SelfAskCollator, Unroller, check_trainable, convert, pack_rows
-from peftprompt.selfask import RetrieverAnswerer, SelfAskRunner
+from peftprompt.recursive.unroll import MODES
+from peftprompt.selfask import SelfAskRunner, answerer_from_name
 from peftprompt.selfask.evaluate import evaluate_selfask, knowledge_base
 from peftprompt.training import build_model, train
 from peftprompt.training.recipe import parse_recipe_args, ship
 
-DEFAULT_SOURCES = ["musique", "probtree_hotpotqa", "probtree_musique"]
+DEFAULT_SOURCES = ["musique", "probtree_hotpotqa", "probtree_musique", "2wikimultihopqa"]
 DEFAULT_EVAL_SOURCES = ["probtree_2wiki"]
-DATA_KEYS = {"sources", "eval_sources", "mode", "allow_evaluation_only", "generate_eval", "packing"}
+DATA_KEYS = {"sources", "eval_sources", "mode", "allow_evaluation_only", "generate_eval", "packing",
+             "eval_answerers", "eval_knowledge", "eval_max_depth"}
+
+
+def unroller_for(config) -> Unroller:
+    """The `Unroller` of ``data.mode`` (flat, recursive or mix; default recursive)."""
+    mode = config.data.get("mode", "recursive")
+    if mode not in MODES:
+        raise SystemExit(f"selfask_sft: data.mode must be one of {', '.join(MODES)}; got {mode!r}")
+    return Unroller(mode=mode)
+
+
+def generation_settings(config) -> dict:
+    """``data.eval_answerers``, ``data.eval_knowledge`` and ``data.eval_max_depth``, checked."""
+    answerers = config.data.get("eval_answerers", ["retriever"])
+    answerers = [answerers] if isinstance(answerers, str) else answerers
+    knowledge = config.data.get("eval_knowledge", "leaves")
+    max_depth = config.data.get("eval_max_depth", 2)
+    if not isinstance(answerers, list) or not answerers or not all(isinstance(a, str) for a in answerers):
+        raise SystemExit(f"selfask_sft: data.eval_answerers must be a list of names, got {answerers!r}")
+    if knowledge not in ("leaves", "all"):
+        raise SystemExit(f"selfask_sft: data.eval_knowledge must be leaves or all, got {knowledge!r}")
+    if not isinstance(max_depth, int) or max_depth < 0:
+        raise SystemExit(f"selfask_sft: data.eval_max_depth must be an integer >= 0, got {max_depth!r}")
+    return {"answerers": answerers, "leaves_only": knowledge == "leaves", "max_depth": max_depth}
 
 
 def is_prompt_learning(method: str) -> bool:
@@ -57,16 +85,22 @@ def episode_rows(trees, tokenizer, config, unroller: Unroller, packing: bool) ->
     return pack_rows(episodes, config.max_length) if packing else episodes
 
 
-def generation_eval(trees, tokenizer):
-    """An `evaluate_fn` for `train`: self-ask on `trees` with a retriever over their own sub-answers (main process)."""
-    retriever = None
+def generation_eval(trees, tokenizer, answerers: list[str], leaves_only: bool, max_depth: int):
+    """An `evaluate_fn` for `train`: self-ask on `trees` (main process), follow-ups answered per layer by
+    `answerers` with a retriever over the trees' own sub-answers (only the leaves' with `leaves_only`)."""
+    layers = None
 
     def evaluate_fn(model, accelerator) -> dict:
-        nonlocal retriever
+        nonlocal layers
         if not accelerator.is_main_process:
             return {}
-        retriever = retriever or RetrieverAnswerer(knowledge_base(trees))
-        runner = SelfAskRunner(model, tokenizer, answerer=retriever)
+        if layers is None:
+            facts, retriever = knowledge_base(trees, leaves_only=leaves_only), None
+            layers = []
+            for name in answerers:
+                layers.append(answerer_from_name(name, facts, retriever=retriever))
+                retriever = layers[-1] if name == "retriever" else retriever
+        runner = SelfAskRunner(model, tokenizer, answerer=layers, max_depth=max_depth)
         scores = evaluate_selfask(trees, runner, "self_ask", sub_question_check=False)
         return {"selfask_em": scores["em"], "selfask_f1": scores["f1"], "selfask_well_formed": scores["well_formed"]}
 
@@ -79,6 +113,8 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"selfask_sft: unknown data option(s) {sorted(unknown)}; known: {sorted(DATA_KEYS)}")
     packing = uses_packing(config)
+    unroller = unroller_for(config)
+    settings = generation_settings(config)
     sources = config.data.get("sources", DEFAULT_SOURCES)
     eval_sources = config.data.get("eval_sources", DEFAULT_EVAL_SOURCES)
     train_trees = [tree for source in sources for tree in convert(source)]
@@ -88,12 +124,11 @@ def main(argv=None) -> None:
     eval_trees = [tree for source in eval_sources for tree in convert(source)][: config.max_eval_samples]
 
     model, tokenizer = build_model(config)
-    unroller = Unroller(mode=config.data.get("mode", "recursive"))
     train_rows = episode_rows(train_trees, tokenizer, config, unroller, packing)
     eval_rows = episode_rows(eval_trees, tokenizer, config, unroller, packing)
     collator = SelfAskCollator(tokenizer, max_length=config.max_length)
     generate_eval = int(config.data.get("generate_eval", 0))
-    evaluate_fn = generation_eval(eval_trees[:generate_eval], tokenizer) if generate_eval else None
+    evaluate_fn = generation_eval(eval_trees[:generate_eval], tokenizer, **settings) if generate_eval else None
     result = train(config, model, tokenizer, train_rows, collator, eval_rows, evaluate_fn=evaluate_fn)
     metrics = {"eval_loss": result.metrics["loss"], "eval_perplexity": result.metrics.get("perplexity")}
     metrics.update({k: v for k, v in result.metrics.items() if k.startswith("selfask_")})

@@ -68,6 +68,39 @@ def test_selfask_benchmark_dry_run(tiny_smollm, tmp_path):
     assert (tmp_path / "results" / "selfask.png").stat().st_size > 0
 
 
+@pytest.mark.slow
+def test_recursion_benchmark_dry_run_reuses_runs_and_cells(tiny_smollm, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from peftprompt import attach, save_adapter
+
+    runs = tmp_path / "runs"
+    for mode in ("flat", "recursive", "mix"):  # stand-ins for trained runs: no training starts
+        save_adapter(attach(AutoModelForCausalLM.from_pretrained(tiny_smollm), "lora"), runs / mode / "adapter")
+        (runs / mode / "results.json").write_text(json.dumps({"global_step": 4, "train_seconds": 1.0}))
+    args = ("--model", str(tiny_smollm), "--runs", str(runs), "--n-cc", "3", "--n-deep", "4", "--depths", "0", "1",
+            "2", "--out", str(tmp_path / "results"))
+    run("recursion.py", *args)
+    result = json.loads((tmp_path / "results" / "recursion.json").read_text())
+    assert result["n"] == {"compositional_celebrities": 3, "deep": 4}
+    assert set(result["cells"]) == {f"{m}/{k}/{d}" for m in ("flat", "recursive", "mix")
+                                    for k in ("compositional_celebrities", "deep") for d in (0, 1, 2)}
+    for cell in result["cells"].values():
+        assert 0 <= cell["em"] <= 1 and 0 <= cell["well_formed"] <= 1 and cell["max_generated_tokens"] >= 0
+        assert sum(v["n"] for v in cell["per_tree_depth"].values()) == cell["n"]
+    # max_depth 0 answers directly: no follow-up anywhere
+    assert all(result["cells"][f"{m}/deep/0"]["mean_follow_ups"] == 0 for m in ("flat", "recursive", "mix"))
+    assert sum(result["held_out"]["kept"].values()) >= 200 and result["held_out"]["dropped_as_training"]["musique"] > 0
+    assert {"best_depth", "lines", "recursive_vs_flat", "shipped"} <= set(result["summary"])
+    md = (tmp_path / "results" / "recursion.md").read_text()
+    assert "## held-out deep questions (n=4" in md and "Hypothesis 'recursive beats flat" in md
+    assert (tmp_path / "results" / "recursion.png").stat().st_size > 0
+    cells = sorted((runs / "cells").iterdir())
+    stamps = [c.stat().st_mtime_ns for c in cells]
+    run("recursion.py", *args)  # everything reused: no cell is evaluated again
+    assert [c.stat().st_mtime_ns for c in sorted((runs / "cells").iterdir())] == stamps
+
+
 def test_selfask_benchmark_without_an_adapter_says_how_to_train_one(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "benchmarks/selfask.py"), "--adapter", str(tmp_path / "none")],
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)

@@ -155,3 +155,37 @@ def test_recipe_config_error_is_one_line(tmp_path):
     assert done.returncode == 2
     assert "unknown key" in done.stderr and "learning_rate" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("mode, expected", [("flat", 2), ("recursive", 5 + 3), ("mix", 5 + 1 + 3)])
+def test_selfask_modes_parse_and_give_their_episode_counts(mode, expected, tmp_path):
+    from peftprompt.recursive import Node, read_trees, write_trees
+
+    deep = Node(question="Which film's director died later, A or B?", answer="B", id="d", dataset="toy", children=[
+        Node(question="When did the director of A die?", answer="1975", id="1", children=[
+            Node(question="Who directed A?", answer="Stevens", id="1"),
+            Node(question="When did Stevens die?", answer="1975", id="2")]),
+        Node(question="When did Sirk die?", answer="1987", id="2")])
+    shallow = Node(question="Where was the director of C born?", answer="Paris", id="s", dataset="toy", children=[
+        Node(question="Who directed C?", answer="Carné", id="1"), Node(question="Where was Carné born?",
+                                                                        answer="Paris", id="2")])
+    write_trees(tmp_path / "trees.jsonl", [deep, shallow])
+    trees = read_trees(tmp_path / "trees.jsonl")
+    module, tokenizer = selfask_sft_module(), AutoTokenizer.from_pretrained(smollm2_path())
+    config = load_config(REPO / "recipes/configs/smollm2/selfask_lora.yaml", [f"data.mode={mode}"])
+    rows = module.episode_rows(trees, tokenizer, config, module.unroller_for(config), packing=False)
+    assert len(rows) == expected
+    # recursive and mix teach the compositional follow-up as a question of its own
+    starts = {tokenizer.decode(row["input_ids"]).split("\n")[0] for row in rows}
+    assert ("Question: When did the director of A die?" in starts) == (mode != "flat")
+
+
+def test_selfask_bad_mode_and_generation_settings_are_refused():
+    module = selfask_sft_module()
+    for overrides, message in ((["data.mode=deep"], "data.mode must be one of flat, recursive, mix"),
+                               (["data.eval_knowledge=some"], "data.eval_knowledge must be leaves or all"),
+                               (["data.eval_max_depth=-1"], "data.eval_max_depth must be an integer >= 0")):
+        config = load_config(REPO / "recipes/configs/smollm2/selfask_lora.yaml", overrides)
+        with pytest.raises(SystemExit, match=message):
+            module.unroller_for(config)
+            module.generation_settings(config)

@@ -478,3 +478,86 @@ def test_traces_feed_back_into_the_collator_as_training_data(tmp_path):
     assert "Follow up: Who is Queen Hyojeong married to?" in trained
     assert "So the final answer is: Crown Prince Hyomyeong" in trained
     assert "Question:" not in trained and "King Heonjong of Joseon\n" not in trained  # question, tool answers masked
+
+
+class ChainModel:
+    """A fake model for recursion: a question in `plans` asks its follow-ups in order, then answers with its last
+    intermediate answer; a question asked directly (the ``No.`` prompt) gets `direct[question]`."""
+
+    def __init__(self, plans, direct):
+        self.plans, self.direct, self.prompts = plans, direct, []
+
+    def __call__(self, prompts, max_new_tokens):
+        self.prompts += prompts
+        outs = []
+        for prompt in prompts:
+            episode = prompt.rsplit("Question: ", 1)[1]
+            question = episode.split("\n", 1)[0]
+            if prompt.endswith(FINAL):
+                outs.append(f" {self.direct[question]}\n")
+                continue
+            answers = re.findall(r"Intermediate answer: (.*)\n", episode)
+            plan = self.plans[question]
+            if len(answers) < len(plan):
+                decision = "" if answers else "Are follow up questions needed here: Yes.\n"
+                outs.append(f"{decision}Follow up: {plan[len(answers)]}\nIntermediate answer:")
+            else:
+                outs.append(f"So the final answer is: {answers[-1]}\n")
+        return outs
+
+
+ROOT, INNER = "What year did the director of A die?", "When did the director of A die?"
+LEAF_FACTS = {"Who directed A?": "Stevens", "When did Stevens die?": "1975"}
+
+
+def chain_model():
+    return ChainModel({ROOT: [INNER], INNER: ["Who directed A?", "When did Stevens die?"]},
+                      direct={INNER: "1900", ROOT: "1950"})
+
+
+def test_follow_up_needing_one_more_level_is_right_at_max_depth_2_not_1():
+    leaf_tool = ToolAnswerer(lambda q: LEAF_FACTS.get(q))  # None: the tool cannot answer
+    deep = SelfAskRunner(generate_fn=chain_model(), answerer=leaf_tool, max_depth=2).run(ROOT)
+    shallow = SelfAskRunner(generate_fn=chain_model(), answerer=leaf_tool, max_depth=1).run(ROOT)
+    assert deep.answer == "1975" and deep.well_formed
+    assert shallow.answer == "1900"  # at the limit the model answers the compositional follow-up directly
+    (inner,) = deep.trace.children
+    assert (inner.question, inner.answer, inner.answer_source, inner.meta) == (
+        INNER, "1975", "model", {"depth": 1, "answerer": "model", "unanswered_by": "tool"})
+    assert [(c.question, c.answer, c.meta) for c in inner.children] == [
+        ("Who directed A?", "Stevens", {"depth": 2, "answerer": "tool"}),
+        ("When did Stevens die?", "1975", {"depth": 2, "answerer": "tool"})]
+    (direct,) = shallow.trace.children
+    assert direct.meta == {"depth": 1, "answerer": "model", "unanswered_by": "tool"} and not direct.children
+    assert deep.generated_tokens > shallow.generated_tokens
+    check_trace(deep)
+    # without recursion the follow-up stays unknown
+    flat = SelfAskRunner(generate_fn=chain_model(), answerer=leaf_tool, max_depth=2, recurse=False).run(ROOT)
+    assert flat.answer == "unknown" and flat.trace.children[0].answer_source == "none"
+
+
+def test_max_depth_forces_a_direct_answer_and_layers_have_their_own_answerers():
+    model = chain_model()
+    direct = SelfAskRunner(generate_fn=model, answerer=ToolAnswerer(LEAF_FACTS.get), max_depth=0).run(ROOT)
+    assert direct.answer == "1950" and direct.follow_ups == 0 and not direct.trace.children
+    assert model.prompts == [f"Question: {ROOT}\nAre follow up questions needed here: No.\n{FINAL}"]
+    # layer 1 answered by the model itself, layer 2 by the tool
+    layered = SelfAskRunner(generate_fn=chain_model(), answerer=[None, ToolAnswerer(LEAF_FACTS.get)],
+                            max_depth=3).run(ROOT)
+    (inner,) = layered.trace.children
+    assert layered.answer == "1975" and inner.meta == {"depth": 1, "answerer": "model"}
+    assert [c.meta["answerer"] for c in inner.children] == ["tool", "tool"]
+    with pytest.raises(ValueError, match="empty list"):
+        SelfAskRunner(generate_fn=model, answerer=[])
+
+
+def test_answerer_from_name():
+    from peftprompt.selfask import answerer_from_name
+
+    assert answerer_from_name("model") is None
+    tool = answerer_from_name("os.path:basename")
+    assert tool("a/b", 1).text == "b" and tool.name == "tool"
+    with pytest.raises(ValueError, match="needs facts"):
+        answerer_from_name("retriever")
+    with pytest.raises(ValueError, match="unknown answerer 'oracle'"):
+        answerer_from_name("oracle")

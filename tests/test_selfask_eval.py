@@ -215,3 +215,50 @@ def test_eval_command_errors_are_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and err.startswith("peftprompt eval: error:")
+
+
+def test_leaf_only_knowledge_base_holds_no_inner_node_answer():
+    trees = [
+        Node(question="Which film's director died later, A or B?", answer="B", children=[
+            Node(question="When did the director of A die?", answer="1975", id="1", children=[
+                Node(question="Who directed A?", answer="Stevens", id="1"),
+                Node(question="When did Stevens die?", answer="1975", id="2")]),
+            Node(question="When did the director of B die?", answer="1987", id="2", children=[
+                Node(question="Who directed B?", answer="Sirk", id="1"),
+                Node(question="When did Sirk die?", answer="1987", id="2")])]),
+        # a leaf here asks what is an inner node above: never a fact of the leaf-only base
+        Node(question="Other?", answer="x", children=[
+            Node(question="when did the director of A die", answer="1975", id="1")]),
+    ]
+    leaves = knowledge_base(trees, leaves_only=True)
+    assert leaves == [("Who directed A?", "Stevens"), ("When did Stevens die?", "1975"), ("Who directed B?", "Sirk"),
+                      ("When did Sirk die?", "1987")]
+    inner = {node.question.lower().rstrip("?") for t in trees for _, node in t.iter_nodes() if node.children}
+    assert not inner & {q.lower().rstrip("?") for q, _ in leaves}
+    assert ("When did the director of A die?", "1975") in knowledge_base(trees)  # the full base has it
+
+
+def test_eval_command_leaf_knowledge_and_answerers_per_layer(tiny_smollm, tmp_path):
+    from peftprompt.cli import main
+
+    out = tmp_path / "results.json"
+    argv = ["eval", "selfask", "--source", "2wikimultihopqa", "--split", "dev", "--n", "2", "--model",
+            str(tiny_smollm), "--approaches", "few_shot_self_ask", "--no-sub-question-check", "--knowledge", "leaves",
+            "--answerers", "retriever", "model", "--max-depth", "1", "--out", str(out)]
+    assert main(argv) == 0
+    config = json.loads(out.read_text())["config"]
+    assert (config["knowledge"], config["answerers"], config["max_depth"], config["recurse"]) == (
+        "leaves", ["retriever", "model"], 1, True)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--answerers", "retriever", "--no-kb"], "contradicts --no-kb"),
+    (["--answerers", "nosuchmodule:fn"], "cannot import the tool"),
+    (["--answerers", "oracle"], "unknown answerer 'oracle'"),
+])
+def test_eval_command_answerer_errors_are_one_line(argv, message, capsys):
+    from peftprompt.cli import main
+
+    assert main(["eval", "selfask", "--n", "1", "--approaches", "direct", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

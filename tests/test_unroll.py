@@ -259,3 +259,13 @@ def test_equal_sibling_questions_keep_their_places():
         Node(id="2", question="same", answer="y", children=[Node(id="1", question="deeper", answer="y")]),
     ])
     assert shape(tree_from_episodes(Unroller()(tree))) == shape(tree)
+
+
+def test_mix_mode_adds_the_flat_episode_of_deep_trees_only():
+    recursive, flat = Unroller()(golden_tree()), Unroller(mode="flat")(golden_tree())
+    mix = Unroller(mode="mix")(golden_tree())
+    assert [e.text for e in mix] == [e.text for e in recursive] + [flat[0].text]
+    assert mix[-1].path == "flat:root" and [e.path for e in mix[:-1]] == [e.path for e in recursive]
+    shallow = Node(question="Q?", answer="a", children=[Node(question="S?", answer="s", id="1")])
+    assert [e.text for e in Unroller(mode="mix")(shallow)] == [e.text for e in Unroller()(shallow)]
+    assert len(Unroller(mode="mix", max_depth=2)(golden_tree())) == len(Unroller(max_depth=2)(golden_tree()))

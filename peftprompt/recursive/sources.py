@@ -622,3 +622,33 @@ def drop_overlap(trees: Iterable[Node], others: Iterable[Node]) -> tuple[list[No
     for tree in trees:
         (dropped if question_key(tree.question) in seen else kept).append(tree)
     return kept, dropped
+
+
+DEEP_EVAL_SETS = {
+    "2wikimultihopqa": "bridge-comparison and inference questions of the 2WikiMultiHopQA dev sample (gold evidence)",
+    "probtree_2wiki": "ProbTree 2WikiMultiHopQA trees nested two levels or more",
+    "musique": "3- and 4-hop MuSiQue dev questions (gold decompositions)",
+}
+
+
+def deep_eval_trees(training: Iterable[Node] = ()) -> tuple[list[Node], dict[str, Any]]:
+    """The held-out deep questions (`DEEP_EVAL_SETS`), never trained on: questions asked in `training` (at any node)
+    are dropped, and so are repeats across the sets (the 2WikiMultiHopQA dev sample and the ProbTree trees come
+    from the same dev set; the first set keeps a shared question). Returns the trees and a report:
+    ``{"kept": {set: n}, "dropped_as_training": {set: n}, "dropped_as_repeat": {set: n}}``.
+    """
+    candidates = {
+        "2wikimultihopqa": [t for t in twowiki(split="dev") if t.meta["type"] in ("bridge_comparison", "inference")],
+        "probtree_2wiki": [t for t in probtree_2wiki() if t.depth() >= 3],
+        "musique": [t for t in musique(split="dev") if t.meta["hops"].startswith(("3hop", "4hop"))],
+    }
+    training = list(training)
+    report: dict[str, Any] = {"kept": {}, "dropped_as_training": {}, "dropped_as_repeat": {}}
+    kept: list[Node] = []
+    for name, trees in candidates.items():
+        fresh, as_training = drop_overlap(trees, training)
+        unique, repeats = drop_overlap(fresh, [Node(question=t.question) for t in kept])
+        kept += unique
+        report["kept"][name], report["dropped_as_training"][name] = len(unique), len(as_training)
+        report["dropped_as_repeat"][name] = len(repeats)
+    return kept, report

@@ -214,7 +214,8 @@ def compare_approaches(
         kb (`bool`, defaults to `True`): Answer follow-ups with a `RetrieverAnswerer` over `knowledge_base(trees)`;
             without it the model answers them itself (`ModelAnswerer`).
         approaches (`list[str]`, *optional*): A subset of `APPROACHES` (default: all that apply).
-        answerer (*optional*): Answers follow-ups instead of the retriever (a tool; overrides `kb`).
+        answerer (*optional*): Answers follow-ups instead of the retriever (an answerer, a tool, or a list of them,
+            one per layer; overrides `kb`).
         sub_question_check (`bool`): As in `evaluate_selfask`.
         runner_kwargs, adapter_runner_kwargs (`dict`, *optional*): More `SelfAskRunner` arguments for the base /
             adapter model's runners (e.g. ``max_depth``, ``generate_fn``).

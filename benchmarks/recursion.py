@@ -1,0 +1,323 @@
+"""What recursion depth buys and costs: self-ask exact match against ``max_depth`` for each training mode.
+
+Three self-ask LoRA adapters are trained on the same trees with the same tokens (``recipes/selfask_sft.py`` with
+``recipes/configs/smollm2/selfask_lora.yaml``, ``max_steps`` rows of packed episodes), differing only in
+``data.mode``: ``flat`` (one episode per tree, the leaves as follow-ups), ``recursive`` (one episode per inner node,
+so a compositional follow-up is taught as a question of its own) and ``mix`` (both). Each is evaluated with
+``max_depth`` 0 (the question answered directly), 1, 2 and 3 on:
+
+- Compositional Celebrities (two-hop, the regression check): ``--n-cc`` questions drawn at random (seed 0);
+  follow-ups answered by the MiniLM retriever over the questions' gold sub-answers (``Q1/A1``, ``Q2/A2``).
+- The held-out deep questions (`peftprompt.recursive.sources.deep_eval_trees`): 2WikiMultiHopQA dev bridge
+  comparisons and inference questions (gold evidence), ProbTree 2WikiMultiHopQA trees nested two levels or more and
+  3-/4-hop MuSiQue dev questions, minus any question a training tree asks. Follow-ups are answered by the retriever
+  over the LEAF facts only (`knowledge_base(..., leaves_only=True)`): a follow-up that is itself compositional
+  finds nothing and the model self-asks it one level deeper (directly at ``max_depth``).
+
+Runs are reused: a trained mode (its ``results.json`` under ``--runs``) is not trained again, and every evaluated
+cell is kept under ``--runs/cells`` (``--fresh`` recomputes them). Writes ``recursion.{json,md,png}`` to ``--out``:
+
+    .venv/bin/python benchmarks/recursion.py [--modes flat recursive mix] [--depths 0 1 2 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from transformers.utils import logging as transformers_logging
+
+from _env import environment_record, provenance_line
+from peftprompt import load_adapter, load_backbone
+from peftprompt.atomic import write_file_atomically
+from peftprompt.recursive import Node, convert
+from peftprompt.recursive.sources import DEEP_EVAL_SETS, deep_eval_trees
+from peftprompt.selfask import RetrieverAnswerer, SelfAskRunner
+from peftprompt.selfask.evaluate import evaluate_selfask, knowledge_base, sample_trees
+
+NAME = "recursion"
+SEED = 0
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "recipes/configs/smollm2/selfask_lora.yaml"
+MODES = ("flat", "recursive", "mix")
+DATASETS = {"compositional_celebrities": "Compositional Celebrities", "deep": "held-out deep questions"}
+KNOWLEDGE = {"compositional_celebrities": "retriever over the gold sub-answers (Q1/A1, Q2/A2)",
+             "deep": "retriever over the leaf facts only (no inner-node answer)"}
+TARGETS = {"deep_em": 0.45, "cc_em": 0.80, "cc_well_formed": 0.98, "recursive_gain": 0.05}
+N_WRONG = 4
+
+
+def train_mode(mode: str, run_dir: Path, overrides: list[str]) -> None:
+    """Train the self-ask adapter of `mode` into `run_dir` with ``accelerate launch`` (2 CPU processes, or one GPU),
+    resuming from its newest checkpoint."""
+    import torch
+
+    if torch.cuda.is_available():
+        launch, env = ["--config_file", str(REPO / "recipes/accelerate/single_gpu.yaml")], {}
+    else:
+        launch = ["--config_file", str(REPO / "recipes/accelerate/cpu_2proc.yaml")]
+        env = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [str(Path(sys.executable).with_name("accelerate")), "launch", *launch,
+               str(REPO / "recipes/selfask_sft.py"), "--config", str(CONFIG), f"data.mode={mode}",
+               f"output_dir={run_dir}", "resume_from=latest", "data.generate_eval=0", *overrides]
+    print("$", " ".join(command), flush=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env}
+    if subprocess.run(command, cwd=REPO, env=env).returncode != 0:
+        raise SystemExit(f"recursion: training mode {mode!r} failed (output above)")
+
+
+def per_depth(records: list[dict], depth_of: dict[str, int]) -> dict[str, dict]:
+    """Exact match, well-formed rate and count per tree depth (levels of follow-ups below the question)."""
+    groups: dict[int, list[dict]] = defaultdict(list)
+    for record in records:
+        groups[depth_of[record["question"]]].append(record)
+    return {str(d): {"n": len(rs), "em": sum(r["em"] for r in rs) / len(rs),
+                     "well_formed": sum(r["well_formed"] for r in rs) / len(rs)} for d, rs in sorted(groups.items())}
+
+
+def evaluate_cell(model, tokenizer, trees: list[Node], retriever, max_depth: int) -> dict:
+    """Self-ask `trees` at `max_depth` (follow-ups: `retriever`, the model recursing where it finds nothing)."""
+    runner = SelfAskRunner(model, tokenizer, answerer=retriever, max_depth=max_depth, batch_size=16,
+                           progress=f"max_depth {max_depth}")
+    started = time.perf_counter()
+    summary = evaluate_selfask(trees, runner, "self_ask", sub_question_check=False, return_records=True)
+    seconds = time.perf_counter() - started
+    records = summary.pop("records")
+    summary.pop("examples")
+    summary.update(
+        max_depth=max_depth, seconds=seconds, seconds_per_question=seconds / len(trees),
+        max_generated_tokens=max(r["generated_tokens"] for r in records),
+        per_tree_depth=per_depth(records, {t.question: t.depth() - 1 for t in trees}),
+        per_set=per_set(records, trees),
+        wrong=[{k: r[k] for k in ("question", "gold", "answer", "issues", "text")}
+               for r in records if not r["em"]][:N_WRONG],
+        answers=[r["answer"] for r in records],
+        correct=[bool(r["em"]) for r in records],
+    )
+    return summary
+
+
+def per_set(records: list[dict], trees: list[Node]) -> dict[str, dict]:
+    """Exact match and count per source data set (``tree.dataset``)."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for tree, record in zip(trees, records):
+        groups[tree.dataset].append(record)
+    return {name: {"n": len(rs), "em": sum(r["em"] for r in rs) / len(rs)} for name, rs in groups.items()}
+
+
+def paired_bootstrap(a: list[bool], b: list[bool], samples: int = 2000) -> dict:
+    """The exact-match difference ``mean(b) - mean(a)`` on the same questions and its 95 % bootstrap interval."""
+    rng = random.Random(SEED)
+    n = len(a)
+    diffs = []
+    for _ in range(samples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        diffs.append(sum(b[i] - a[i] for i in idx) / n)
+    diffs.sort()
+    return {"difference": (sum(b) - sum(a)) / n, "ci95": [diffs[int(0.025 * samples)], diffs[int(0.975 * samples)]]}
+
+
+def training_record(run_dir: Path) -> dict:
+    run = json.loads((run_dir / "results.json").read_text())
+    keys = ("global_step", "train_seconds", "eval_loss", "trainable_params", "adapter_bytes", "world_size",
+            "mixed_precision", "command")
+    return {k: run[k] for k in keys if k in run}
+
+
+def write_results(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=2, ensure_ascii=False) + "\n"
+    write_file_atomically(out / f"{NAME}.json", lambda f: f.write(text))
+    cells, depths, modes = result["cells"], result["depths"], result["modes"]
+    lines = [f"# Recursion depth on SmolLM2-135M-Instruct + LoRA: exact match against max_depth, per training mode",
+             "", f"Each mode trained on the same {result['training_trees']} trees ({', '.join(result['sources'])}) "
+             f"for the same {result['training_steps']} steps of packed 512-token rows; greedy decoding. max_depth 0 "
+             "answers the question directly; at max_depth d a follow-up the retriever cannot answer is self-asked "
+             "by the model one layer deeper, directly at layer d.", ""]
+    for key, title in DATASETS.items():
+        n = result["n"][key]
+        lines += [f"## {title} (n={n}; follow-ups: {KNOWLEDGE[key]})", ""]
+        if key == "deep":
+            held = result["held_out"]
+            lines += ["Held out: " + ", ".join(f"{held['kept'][s]} {DEEP_EVAL_SETS[s]}" for s in held["kept"])
+                      + f". Dropped because a training tree asks them: {sum(held['dropped_as_training'].values())} "
+                      f"({held['dropped_as_training']}); repeats across the sets: "
+                      f"{sum(held['dropped_as_repeat'].values())}.", ""]
+        lines += ["| mode | max_depth | EM | F1 | well-formed | follow-ups / q | generated tokens / q (max) "
+                  "| s / q |" + (" EM by tree depth (n) |" if key == "deep" else ""),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if key == "deep" else "")]
+        for mode in modes:
+            for depth in depths:
+                c = cells.get(f"{mode}/{key}/{depth}")
+                if c is None:
+                    continue
+                row = (f"| {mode} | {depth} | {c['em']:.3f} | {c['f1']:.3f} | {c['well_formed']:.3f} | "
+                       f"{c['mean_follow_ups']:.2f} | {c['mean_generated_tokens']:.1f} ({c['max_generated_tokens']}) "
+                       f"| {c['seconds_per_question']:.2f} |")
+                if key == "deep":
+                    row += " " + ", ".join(f"{d}: {v['em']:.2f} ({v['n']})" for d, v in c["per_tree_depth"].items()) + " |"
+                lines.append(row)
+        lines.append("")
+    summary = result["summary"]
+    lines += ["## Findings", ""]
+    for line in summary["lines"]:
+        lines.append(f"- {line}")
+    lines += ["", "## What each mode gets wrong (held-out deep questions, best max_depth)", ""]
+    for mode, wrong in summary["wrong"].items():
+        lines.append(f"### {mode}")
+        for w in wrong:
+            lines.append(f"- {w['question']} gold {w['gold'][0]!r}, answered {w['answer']!r}"
+                         + (f" ({', '.join(w['issues'])})" if w["issues"] else ""))
+            lines.append("  ```\n  " + w["text"].replace("\n", "\n  ") + "\n  ```")
+        lines.append("")
+    lines += [provenance_line(result["environment"])]
+    (out / f"{NAME}.md").write_text("\n".join(lines) + "\n")
+
+    figure = Figure(figsize=(9, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    for i, (key, title) in enumerate(DATASETS.items()):
+        ax = figure.add_subplot(1, 2, i + 1)
+        for mode in modes:
+            points = [(d, cells[f"{mode}/{key}/{d}"]["em"]) for d in depths if f"{mode}/{key}/{d}" in cells]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=mode)
+        ax.set_xticks(depths)
+        ax.set_xlabel("max_depth (0 = direct answer)")
+        ax.set_ylabel("exact match")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{title} (n={result['n'][key]})", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(title="training mode", fontsize=8)
+    figure.suptitle("SmolLM2-135M self-ask LoRA: exact match against recursion depth", fontsize=11)
+    figure.savefig(out / f"{NAME}.png", dpi=120)
+
+
+def summarise(result: dict, shipped_mode: str) -> dict:
+    """The findings against the issue's targets, and the wrong answers of each mode at its best depth."""
+    cells, depths, modes = result["cells"], result["depths"], result["modes"]
+    best = {m: max((d for d in depths if f"{m}/deep/{d}" in cells), key=lambda d: cells[f"{m}/deep/{d}"]["em"])
+            for m in modes if any(f"{m}/deep/{d}" in cells for d in depths)}
+    lines = []
+    for mode, depth in best.items():
+        deep, cc = cells[f"{mode}/deep/{depth}"], cells.get(f"{mode}/compositional_celebrities/{depth}")
+        lines.append(f"{mode}: best deep EM {deep['em']:.3f} at max_depth {depth}"
+                     + (f"; Compositional Celebrities EM {cc['em']:.3f}, well-formed {cc['well_formed']:.3f}"
+                        if cc else ""))
+    out = {"best_depth": best, "lines": lines, "wrong": {}}
+    if "flat" in best and "recursive" in best:
+        flat = cells[f"flat/deep/{best['flat']}"]["correct"]
+        rec = cells[f"recursive/deep/{best['recursive']}"]["correct"]
+        test = paired_bootstrap(flat, rec)
+        out["recursive_vs_flat"] = test
+        verdict = "holds" if test["difference"] >= TARGETS["recursive_gain"] else "does not hold"
+        lines.append(f"Hypothesis 'recursive beats flat by >= 5 points on the deep questions' {verdict}: "
+                     f"{test['difference']:+.3f} (95 % paired bootstrap interval {test['ci95'][0]:+.3f} .. "
+                     f"{test['ci95'][1]:+.3f}), each at its best max_depth.")
+    if shipped_mode in best:
+        depth = best[shipped_mode]
+        deep, cc = cells[f"{shipped_mode}/deep/{depth}"], cells.get(f"{shipped_mode}/compositional_celebrities/{depth}")
+        targets = {"deep_em": deep["em"], "cc_em": cc["em"] if cc else None,
+                   "cc_well_formed": cc["well_formed"] if cc else None}
+        met = {k: v is not None and v >= TARGETS[k] for k, v in targets.items()}
+        out["shipped"] = {"mode": shipped_mode, "max_depth": depth, **targets, "met": met}
+        lines.append(f"Shipped configuration ({shipped_mode}, max_depth {depth}): deep EM {deep['em']:.3f} (target "
+                     f">= {TARGETS['deep_em']}: {'met' if met['deep_em'] else 'missed'})"
+                     + (f"; Compositional Celebrities EM {cc['em']:.3f} (>= {TARGETS['cc_em']}: "
+                        f"{'met' if met['cc_em'] else 'missed'}), well-formed {cc['well_formed']:.3f} "
+                        f"(>= {TARGETS['cc_well_formed']}: {'met' if met['cc_well_formed'] else 'missed'})"
+                        if cc else ""))
+    worst = max(c["max_generated_tokens"] for c in cells.values())
+    lines.append(f"Token budget: the most tokens any question generated, over every cell, is {worst} "
+                 "(max_total_tokens 384 per self-ask run; deeper runs have their own).")
+    for mode, depth in best.items():
+        out["wrong"][mode] = cells[f"{mode}/deep/{depth}"]["wrong"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--depths", nargs="+", type=int, default=[0, 1, 2, 3])
+    parser.add_argument("--n-cc", type=int, default=300, help="Compositional Celebrities questions (default 300)")
+    parser.add_argument("--n-deep", type=int, default=None, help="held-out deep questions (default: all)")
+    parser.add_argument("--runs", type=Path, default=REPO / "outputs/recursion", help="trained runs and cells")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--threshold", type=float, default=0.8, help="retriever similarity needed to answer")
+    parser.add_argument("--shipped", default=None, choices=MODES,
+                        help="the mode the shipped config trains (default: its data.mode)")
+    parser.add_argument("--fresh", action="store_true", help="recompute the evaluated cells")
+    parser.add_argument("--quick", action="store_true", help="5 training steps, 8 questions per set, depths 0 and 2")
+    parser.add_argument("--train-args", nargs="*", default=[], metavar="key=value", help="training overrides")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    overrides = list(args.train_args)
+    if args.quick:  # its own runs, so the full benchmark's trained adapters and cells stay untouched
+        args.n_cc, args.n_deep, args.depths, args.runs = 8, 8, [0, 2], args.runs / "quick"
+        overrides += ["max_steps=5", "max_train_samples=200", "max_eval_samples=16"]
+    import yaml
+
+    config = yaml.safe_load(CONFIG.read_text())
+    sources = config["data"]["sources"]
+    shipped = args.shipped or config["data"].get("mode", "flat")
+    training = [tree for source in sources for tree in convert(source)]
+    deep, held_out = deep_eval_trees(training)
+    deep = sample_trees(deep, args.n_deep, seed=SEED)
+    cc = sample_trees(convert("compositional_celebrities"), args.n_cc, seed=SEED)
+    print(f"held-out deep questions: {len(deep)} {held_out}; Compositional Celebrities: {len(cc)}")
+
+    transformers_logging.set_verbosity_error()
+    for mode in args.modes:
+        if not (args.runs / mode / "results.json").is_file():
+            train_mode(mode, (args.runs / mode).resolve(), overrides)
+
+    sets = {"compositional_celebrities": cc, "deep": deep}
+    retrievers = {"compositional_celebrities": RetrieverAnswerer(knowledge_base(cc), threshold=args.threshold),
+                  "deep": RetrieverAnswerer(knowledge_base(deep, leaves_only=True), threshold=args.threshold)}
+    cells: dict[str, dict] = {}
+    cell_dir = args.runs / "cells"
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    for mode in args.modes:
+        model: Optional[object] = None
+        for key, trees in sets.items():
+            for depth in args.depths:
+                path = cell_dir / f"{mode}_{key}_{depth}.json"
+                if path.is_file() and not args.fresh:
+                    cells[f"{mode}/{key}/{depth}"] = json.loads(path.read_text())
+                    continue
+                if model is None:
+                    base, tokenizer = load_backbone(args.model, task="causal_lm")
+                    model = load_adapter(base, args.runs / mode / "adapter").eval()
+                print(f"{mode} / {DATASETS[key]} / max_depth {depth}", flush=True)
+                cell = evaluate_cell(model, tokenizer, trees, retrievers[key], depth)
+                text = json.dumps(cell, ensure_ascii=False)
+                write_file_atomically(path, lambda f: f.write(text))
+                cells[f"{mode}/{key}/{depth}"] = cell
+
+    result = {
+        "benchmark": NAME, "model": args.model, "threshold": args.threshold, "seed": SEED, "modes": args.modes,
+        "depths": args.depths, "sources": sources, "training_trees": len(training),
+        "training_steps": training_record(args.runs / args.modes[0]).get("global_step"),
+        "training": {mode: training_record(args.runs / mode) for mode in args.modes},
+        "n": {key: len(trees) for key, trees in sets.items()}, "held_out": held_out,
+        "knowledge": KNOWLEDGE, "targets": TARGETS, "cells": cells,
+    }
+    result["summary"] = summarise(result, shipped)
+    result["wall_seconds"] = time.perf_counter() - started
+    result["environment"] = environment_record()
+    write_results(result, args.out)
+    print((args.out / f"{NAME}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
