@@ -4,8 +4,9 @@ progress bar whose time estimate comes from what each stage took last time.
 Stages, in order (`STAGES`): ``methods_overview``, ``collator``, ``speed``, ``sst2`` and ``conll03``
 (``adapter_methods.py``, all 11 method variants, 300 steps, learning rates 0.3 / 1 / 3 / 9 x the config's),
 ``demo_adapter`` (trains the self-ask LoRA of ``make demo`` by running ``recipes/demo_selfask.py --n 5``, only when
-``outputs/demo_selfask/adapter`` is missing), ``selfask`` (that adapter against the base model), ``selfask_methods``
-and ``params_vs_accuracy``. Every script writes its JSON, Markdown and PNG to ``--out``. The sweeps
+``outputs/demo_selfask/adapter`` is missing), ``selfask`` (that adapter against the base model), ``selfask_methods``,
+``params_vs_accuracy`` and ``recursion`` (flat / recursive / mix training against ``max_depth``; its trained runs
+and evaluated cells under ``outputs/recursion`` are reused). Every script writes its JSON, Markdown and PNG to ``--out``. The sweeps
 (``adapter_methods.py``, ``selfask_methods.py``) reuse the runs they finished before under ``outputs/bench``
 (``--no-reuse`` repeats them).
 
@@ -59,6 +60,7 @@ STAGES = (
     Stage("selfask", "benchmarks/selfask.py", (), "selfask.json", 2700, 300),
     Stage("selfask_methods", "benchmarks/selfask_methods.py", (), "selfask_methods.json", 7200, 700),
     Stage("params_vs_accuracy", "benchmarks/params_vs_accuracy.py", (), "params_vs_accuracy.json", 10, 10),
+    Stage("recursion", "benchmarks/recursion.py", (), "recursion.json", 5400, 300),
 )
 REUSING = {"sst2", "conll03", "selfask_methods"}
 

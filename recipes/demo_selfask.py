@@ -2,13 +2,17 @@
 
 1. Train the self-ask LoRA with ``accelerate launch`` from the shipped configs: ``recipes/selfask_sft.py --config
    recipes/configs/smollm2/selfask_lora.yaml`` on 2 CPU processes (``recipes/accelerate/cpu_2proc.yaml``; one
-   GPU process with ``single_gpu.yaml`` where CUDA is available). Training trees: MuSiQue and the ProbTree trees of
-   HotpotQA and MuSiQue, never Compositional Celebrities.
-2. Print the adapter's size, then answer five Compositional Celebrities questions with it, showing each trace;
+   GPU process with ``single_gpu.yaml`` where CUDA is available). Training trees: MuSiQue, the ProbTree trees of
+   HotpotQA and MuSiQue and 2WikiMultiHopQA training questions, never Compositional Celebrities or Bamboogle.
+2. Print the adapter's size, then answer three Compositional Celebrities questions with it, showing each trace;
    follow-ups are answered by the MiniLM retriever over the questions' own gold sub-answers (``Q1/A1``,
    ``Q2/A2``), so the score measures the decomposition.
-3. Print exact match before (the base model, few-shot self-ask: the 4-shot prompt of Press et al.) and after
-   fine-tuning (zero-shot self-ask with the adapter) on ``--n`` questions drawn at random (seed 0).
+3. Answer one held-out deep question (a 2WikiMultiHopQA bridge comparison, never trained on) with a retriever that
+   knows only the leaf facts: a follow-up that is itself compositional finds nothing there, and the model self-asks
+   it one layer deeper (``max_depth`` 2); the trace shows every layer and who answered it.
+4. Print exact match before (the base model, few-shot self-ask: the 4-shot prompt of Press et al.) and after
+   fine-tuning (zero-shot self-ask with the adapter) on ``--n`` Compositional Celebrities questions drawn at random
+   (seed 0).
 
     .venv/bin/python recipes/demo_selfask.py [--output_dir outputs/demo_selfask] [--n 100] [key=value ...]
 
@@ -35,15 +39,18 @@ from transformers.utils import logging as transformers_logging
 from peftprompt import load_adapter, load_backbone
 from peftprompt.adapters import directory_bytes
 from peftprompt.recursive import Node, convert
+from peftprompt.recursive.sources import deep_eval_trees
 from peftprompt.report import format_bytes
 from peftprompt.selfask import FEW_SHOT_SELF_ASK, RetrieverAnswerer, SelfAskRunner
 from peftprompt.selfask.evaluate import evaluate_selfask, knowledge_base, sample_trees
 from peftprompt.selfask.show import print_run
+from peftprompt.training.metrics import exact_match
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "recipes/configs/smollm2/selfask_lora.yaml"
 SOURCE = "compositional_celebrities"
-SHOWN = 5
+SHOWN = 3
+DEEP_QUESTION = "Which film has the director who died later, The More The Merrier or Sleep, My Love?"
 
 
 def train_command(output_dir: Path, overrides: list[str]) -> tuple[list[str], dict]:
@@ -57,6 +64,13 @@ def train_command(output_dir: Path, overrides: list[str]) -> tuple[list[str], di
     command = [str(accelerate), "launch", *launch, str(REPO / "recipes/selfask_sft.py"), "--config", str(CONFIG),
                f"output_dir={output_dir}", "resume_from=latest", *overrides]
     return command, {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env}
+
+
+def deep_question() -> Node:
+    """`DEEP_QUESTION`'s tree from the held-out deep questions (the first bridge comparison if it is missing)."""
+    trees, _ = deep_eval_trees()
+    return next((t for t in trees if t.question == DEEP_QUESTION),
+                next(t for t in trees if t.meta.get("type") == "bridge_comparison"))
 
 
 def score(runner: SelfAskRunner, trees: list[Node]) -> dict:
@@ -100,7 +114,17 @@ def main() -> None:
         print_run(console, Node.from_dict(record["trace"]), record["answer"], record["text"], verdict)
         console.print()
 
-    console.rule(f"3. Exact match on {len(trees)} Compositional Celebrities questions (random sample, seed 0)")
+    console.rule("3. A held-out deep question; the retriever knows only the leaf facts (max_depth 2)")
+    deep = deep_question()
+    leaves = RetrieverAnswerer(knowledge_base([deep], leaves_only=True), model=retriever.model,
+                               tokenizer=retriever.tokenizer)
+    result = SelfAskRunner(tuned, tokenizer, answerer=leaves, max_depth=2).run(deep.question)
+    correct = "correct" if exact_match(result.answer, [deep.answer, *deep.aliases]) else f"wrong; gold: {deep.answer}"
+    print_run(console, result.trace, result.answer, result.text,
+              f"{correct}; {result.generated_tokens} tokens generated; leaf facts: "
+              + "; ".join(f"{q} -> {a}" for q, a in leaves.facts))
+
+    console.rule(f"4. Exact match on {len(trees)} Compositional Celebrities questions (random sample, seed 0)")
     before = score(SelfAskRunner(base.eval(), tokenizer, answerer=retriever, few_shot=FEW_SHOT_SELF_ASK,
                                  progress="few-shot self-ask (base model)"), trees)
     for name, result in (("before: base model, few-shot self-ask", before),

@@ -240,7 +240,7 @@ def test_endless_new_follow_ups_stop_at_max_follow_ups_and_the_token_budget():
 )
 def test_repeated_or_empty_output_forces_the_final_answer(second, issue):
     model = Scripted({QUESTION: [TWO_STEPS[0], second]}, forced={QUESTION: " King Heonjong's father\nmore"})
-    result = SelfAskRunner(generate_fn=model, answerer=tool(FACTS)).run(QUESTION)
+    result = SelfAskRunner(generate_fn=model, answerer=tool(FACTS), retry_repeats=False).run(QUESTION)
     assert result.issues == [issue] and result.forced and not result.well_formed
     assert result.answer == "King Heonjong's father" and result.follow_ups == 1
     assert result.text.endswith(
@@ -252,7 +252,7 @@ def test_repeated_or_empty_output_forces_the_final_answer(second, issue):
 def test_repeated_question_as_first_follow_up_keeps_the_transcript_in_the_template():
     model = Scripted({QUESTION: ["Are follow up questions needed here: Yes.\nFollow up: " + QUESTION
                                  + "\nIntermediate answer:"]})
-    result = SelfAskRunner(generate_fn=model, answerer=tool(FACTS)).run(QUESTION)
+    result = SelfAskRunner(generate_fn=model, answerer=tool(FACTS), retry_repeats=False).run(QUESTION)
     assert result.issues == ["follow-up repeats the question"]
     assert result.text == (
         f"Question: {QUESTION}\nAre follow up questions needed here: No.\nSo the final answer is: forced")
@@ -561,3 +561,47 @@ def test_answerer_from_name():
         answerer_from_name("retriever")
     with pytest.raises(ValueError, match="unknown answerer 'oracle'"):
         answerer_from_name("oracle")
+
+
+def test_a_follow_up_repeating_the_question_is_asked_again_once_without_its_first_word():
+    repeat = f"Are follow up questions needed here: Yes.\nFollow up: {QUESTION}\nIntermediate answer:"
+    calls = []
+
+    def model(prompts, limits, banned=None):
+        calls.append((list(prompts), banned))
+        outs = []
+        for prompt, word in zip(prompts, banned or [None] * len(prompts)):
+            if word == "Who":  # the retry: the prompt ends with the decision line and "Follow up:"
+                outs.append(" Whom did Queen Hyojeong marry?\nIntermediate answer:")
+            elif prompt.endswith("Intermediate answer: King Heonjong of Joseon\n"):
+                outs.append("So the final answer is: Crown Prince Hyomyeong\n")
+            else:
+                outs.append(repeat)
+        return outs
+
+    facts = {"Whom did Queen Hyojeong marry?": "King Heonjong of Joseon"}
+    result = SelfAskRunner(generate_fn=model, answerer=tool(facts)).run(QUESTION)
+    assert result.answer == "Crown Prince Hyomyeong" and result.well_formed and result.issues == []
+    assert result.corrections == ["follow-up repeats the question"]
+    assert calls[1] == ([f"Question: {QUESTION}\nAre follow up questions needed here: Yes.\nFollow up:"], ["Who"])
+    assert result.text.startswith(f"Question: {QUESTION}\nAre follow up questions needed here: Yes.\n"
+                                  "Follow up: Whom did Queen Hyojeong marry?\nIntermediate answer: King Heonjong")
+    check_trace(result)
+    # a second repeat is not retried again: the answer is forced
+    def stubborn_model(prompts, limits, banned=None):
+        return [f" {QUESTION}\nIntermediate answer:" if banned else repeat for _ in prompts]
+
+    stubborn = SelfAskRunner(generate_fn=stubborn_model, answerer=tool(facts)).run(QUESTION)
+    assert stubborn.issues == ["follow-up repeats the question"] and stubborn.forced
+    assert stubborn.corrections == ["follow-up repeats the question"]
+
+
+def test_real_generate_bans_the_first_word_of_a_retried_follow_up(tiny_smollm):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_smollm).eval(), AutoTokenizer.from_pretrained(tiny_smollm)
+    runner = SelfAskRunner(model, tokenizer, answerer=tool({}), max_new_tokens=1)
+    prompt = "Question: Who?\nAre follow up questions needed here: Yes.\nFollow up:"
+    (free,) = runner._generate([prompt], [1])
+    (banned,) = runner._generate([prompt], [1], [free.text.strip()])
+    assert free.text.strip() and banned.text.strip() != free.text.strip()

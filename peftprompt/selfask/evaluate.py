@@ -22,7 +22,8 @@ Metrics (each a rate in [0, 1] over the ``n`` questions unless said otherwise):
 - ``compositionality_gap``: over the questions with at least one gold sub-question, all answered correctly, the
   share whose final answer is wrong (exact match 0); `None` when there are no such questions.
   ``gap_support`` is how many questions that is.
-- ``issues``: how many times each malformed-output case (`SelfAskResult.issues`) occurred.
+- ``issues``: how many times each malformed-output case (`SelfAskResult.issues`) occurred; ``corrections``: how
+  many times the runner asked again for a follow-up (`SelfAskResult.corrections`).
 - ``examples``: the first 5 questions: question, gold answers, answer, correct (exact match) and trace (a
   ``decomp-tree/v1`` dict).
 """
@@ -142,6 +143,7 @@ def evaluate_selfask(
 
     records = []
     issues: Counter = Counter()
+    corrections: Counter = Counter()
     subs_total = subs_right = support = gap_wrong = 0
     for index, (tree, result) in enumerate(zip(trees, results)):
         gold = _gold(tree)
@@ -150,9 +152,11 @@ def evaluate_selfask(
             "id": tree.id, "question": tree.question, "gold": gold, "answer": result.answer, "em": em,
             "f1": token_f1(result.answer, gold), "correct": bool(em), "well_formed": result.well_formed,
             "follow_ups": result.follow_ups, "generated_tokens": result.generated_tokens,
-            "issues": list(result.issues), "text": result.text, "trace": result.trace.to_dict(),
+            "issues": list(result.issues), "corrections": list(result.corrections), "text": result.text,
+            "trace": result.trace.to_dict(),
         }
         issues.update(result.issues)
+        corrections.update(result.corrections)
         if sub_answers is not None:
             subs = _sub_questions(tree)
             checks = [
@@ -182,6 +186,7 @@ def evaluate_selfask(
         "gap_support": support if sub_answers is not None else None,
         "sub_questions_correct": subs_right / subs_total if subs_total else None,
         "issues": dict(sorted(issues.items())),
+        "corrections": dict(sorted(corrections.items())),
         "examples": [{k: r[k] for k in ("question", "gold", "answer", "correct", "trace")}
                      for r in records[:N_EXAMPLES]],
     }

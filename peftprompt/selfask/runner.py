@@ -39,6 +39,12 @@ Malformed output, and what the runner does (each case is recorded in `SelfAskRes
   ``So the final answer is:`` (after ``... here: No.`` if no follow-up was accepted, so the transcript stays in
   the template) and generates the answer only, once.
 - ``"no final answer"``: the forced answer is empty too: the answer is ``""``.
+
+One correction comes first (`retry_repeats`, on by default): when a follow-up repeats the question, the runner
+asks for that follow-up again, once per step, with the decision line and ``Follow up:`` written for the model and
+the repeated follow-up's first word banned as its first token (``Who was the President ... when X was born?``
+becomes ``When was X born?``). It is recorded in `SelfAskResult.corrections`, not as an issue; a repeat in the
+retried step is the issue above.
 - ``"transcript does not follow the template"``: the final transcript does not parse back with
   `peftprompt.recursive.unroll.parse_episode` (e.g. garbage before the final answer).
 
@@ -125,6 +131,7 @@ class SelfAskResult:
             its follow-ups as children ``"1"``, ``"2"``, ... with their answers and sources; a follow-up the model
             self-asked has that run's follow-ups as its own children.
         forced (`bool`): The final answer was forced.
+        corrections (`list[str]`): Follow-ups the runner asked for again (see the module docstring).
     """
 
     question: str
@@ -136,6 +143,7 @@ class SelfAskResult:
     text: str
     trace: Node
     forced: bool = False
+    corrections: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -150,9 +158,13 @@ class _State:
     forced: bool = False
     done: bool = False
     answer: str = ""
+    corrections: list[str] = field(default_factory=list)
+    prefill: str = ""  # written for the model before its next step (a retried follow-up)
+    banned: Optional[str] = None  # a word its next step may not start with
+    retried_at: int = -1  # the step (follow-ups accepted so far) last asked again
 
 
-GenerateFn = Callable[[list[str], list[int]], list[Union[str, Continuation]]]
+GenerateFn = Callable[..., list[Union[str, Continuation]]]
 AnswererLike = Union[Answerer, Callable[[str], Any], None]
 
 
@@ -193,7 +205,10 @@ class SelfAskRunner:
         final_answer_tokens (`int`, defaults to 16): Tokens of `max_total_tokens` kept for a forced final answer.
         generate_fn (callable, *optional*): ``(prompts, max_new_tokens) -> continuations`` replacing
             `model.generate` (a scripted model in tests); a `str` continuation counts its whitespace words as tokens
-            (its tokenizer's tokens with a tokenizer). It must stop as `_generate` documents.
+            (its tokenizer's tokens with a tokenizer). It must stop as `_generate` documents. When a retried
+            follow-up bans a first word, it is called with a third argument: per prompt, that word or `None`.
+        retry_repeats (`bool`, defaults to `True`): Ask once more for a follow-up that repeats the question (see
+            the module docstring).
         progress (`str`, *optional*): Show a tqdm bar with this description over the questions of each top-level
             `run_batch` and each `answer_directly` (questions finished).
     """
@@ -215,6 +230,7 @@ class SelfAskRunner:
         final_answer_tokens: int = 16,
         generate_fn: Optional[GenerateFn] = None,
         progress: Optional[str] = None,
+        retry_repeats: bool = True,
     ):
         if model is None and generate_fn is None:
             raise ValueError("SelfAskRunner needs a model (and tokenizer) or a generate_fn")
@@ -243,6 +259,7 @@ class SelfAskRunner:
         self.batch_size, self.final_answer_tokens = batch_size, final_answer_tokens
         self.few_shot, self.few_shot_direct = few_shot, few_shot_direct
         self.generate_fn = generate_fn
+        self.retry_repeats = retry_repeats
         self.progress = progress
         head, tail = template.follow_up.split("{question}")
         self.follow_up_prefix = head.strip()  # "Follow up:"
@@ -282,10 +299,14 @@ class SelfAskRunner:
                     self._finish(s, "")
             if not stepping:
                 continue
-            outputs = self._step([self.few_shot + s.text for s, _ in stepping], [n for _, n in stepping])
+            outputs = self._step([self.few_shot + s.text + s.prefill for s, _ in stepping],
+                                 [n for _, n in stepping], [s.banned for s, _ in stepping])
             pending: list[tuple[_State, str]] = []
             for (s, n), out in zip(stepping, outputs):
                 s.tokens += out.tokens
+                if s.prefill:
+                    out = Continuation(s.prefill + out.text, out.tokens, out.eos)
+                    s.prefill, s.banned = "", None
                 follow_up = self._advance(s, out, budget_cut=n < self.max_new_tokens and out.tokens >= n)
                 if follow_up is not None:
                     pending.append((s, follow_up))
@@ -406,6 +427,11 @@ class SelfAskRunner:
         elif not key:
             issue = "empty follow-up"
         elif key == normalise_question(s.question):
+            if self.retry_repeats and s.retried_at != len(s.follow_ups):
+                s.retried_at = len(s.follow_ups)
+                s.corrections.append("follow-up repeats the question")
+                s.prefill, s.banned = head[:j] + self.follow_up_prefix, follow_up.split()[0]
+                return None
             issue = "follow-up repeats the question"
         elif any(key == normalise_question(q) for q, _, _ in s.follow_ups):
             issue = "repeated follow-up"
@@ -434,7 +460,7 @@ class SelfAskRunner:
         return SelfAskResult(
             question=s.question, answer=s.answer, well_formed=bool(s.answer) and not s.issues,
             follow_ups=len(s.follow_ups), generated_tokens=s.tokens + s.deeper_tokens, issues=list(s.issues),
-            text=s.text, trace=trace, forced=s.forced,
+            text=s.text, trace=trace, forced=s.forced, corrections=list(s.corrections),
         )
 
     # ------------------------------------------------------------------ generation
@@ -450,9 +476,10 @@ class SelfAskRunner:
             return i if i >= 0 else None
         return i_marker + len(self.marker) if i_marker >= 0 else None
 
-    def _step(self, prompts: list[str], limits: list[int]) -> list[Continuation]:
+    def _step(self, prompts: list[str], limits: list[int], banned: Optional[list[Optional[str]]] = None
+              ) -> list[Continuation]:
         generate = self.generate_fn if self.generate_fn is not None else self._generate
-        outputs = generate(prompts, limits)
+        outputs = generate(prompts, limits, banned) if banned and any(banned) else generate(prompts, limits)
         if len(outputs) != len(prompts):
             raise RuntimeError(f"generation returned {len(outputs)} continuations for {len(prompts)} prompts")
         results = []
@@ -469,11 +496,13 @@ class SelfAskRunner:
             return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return len(text.split())
 
-    def _generate(self, prompts: list[str], max_new_tokens: list[int]) -> list[Continuation]:
+    def _generate(self, prompts: list[str], max_new_tokens: list[int],
+                  banned: Optional[list[Optional[str]]] = None) -> list[Continuation]:
         """Greedy `model.generate` on `prompts` in batches of `batch_size` (left padding, KV cache on); row i
-        stops at `stop_index`, at EOS or after ``max_new_tokens[i]`` tokens."""
+        stops at `stop_index`, at EOS or after ``max_new_tokens[i]`` tokens, and may not start with the word
+        ``banned[i]`` (its first token, with and without a leading space)."""
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
         tokenizer, runner = self.tokenizer, self
         if tokenizer.pad_token is None:  # as load_backbone does: pad with EOS (left padding, masked)
@@ -492,6 +521,17 @@ class SelfAskRunner:
                 tokenizer.padding_side = side
             width = batch["input_ids"].shape[1]
             stopped_at = [None] * len(chunk)
+            words = (banned or [None] * len(prompts))[start : start + self.batch_size]
+            first_tokens = {row: sorted({tokenizer(text, add_special_tokens=False)["input_ids"][0]
+                                         for text in (" " + word, word)})
+                            for row, word in enumerate(words) if word}
+
+            class _BanFirst(LogitsProcessor):
+                def __call__(self, input_ids, scores):
+                    if input_ids.shape[1] == width:
+                        for row, ids in first_tokens.items():
+                            scores[row, ids] = -float("inf")
+                    return scores
 
             class _Stop(StoppingCriteria):
                 def __call__(self, input_ids, scores, **kwargs):
@@ -512,6 +552,7 @@ class SelfAskRunner:
                 out = self.model.generate(
                     **{k: v.to(device) for k, v in batch.items()}, max_new_tokens=max(limits), do_sample=False,
                     stopping_criteria=StoppingCriteriaList([_Stop()]), pad_token_id=pad, eos_token_id=eos,
+                    logits_processor=LogitsProcessorList([_BanFirst()] if first_tokens else []),
                 )
             for row, ids in enumerate(out[:, width:].tolist()):
                 n = min(len(ids), limits[row], stopped_at[row] if stopped_at[row] is not None else len(ids))

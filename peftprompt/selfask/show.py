@@ -2,9 +2,12 @@
 
 ```
 What is the capital of the birthplace of Rumi? -> Kabul
-├── What is the birthplace (country only) of Rumi? -> Afghanistan (tool)
-└── What is the capital of Afghanistan? -> Kabul (tool)
+├── What is the birthplace (country only) of Rumi? -> Afghanistan (layer 1: retriever)
+└── What is the capital of Afghanistan? -> Kabul (layer 1: retriever)
 ```
+
+A follow-up that the model self-asked because its layer's retriever or tool had nothing reads
+``(layer 1: model; the retriever had nothing)`` and has that run's follow-ups below it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,17 @@ from rich.tree import Tree
 from ..recursive.tree import Node
 
 
+def who_answered(node: Node) -> str:
+    """``"layer 1: retriever"``, ``"layer 2: model; the tool had nothing"``, or the ``answer_source`` of a trace
+    without layer records."""
+    if "answerer" not in node.meta:
+        return node.answer_source
+    text = f"layer {node.meta.get('depth', '?')}: {node.meta['answerer']}"
+    if node.meta.get("unanswered_by"):
+        text += f"; the {node.meta['unanswered_by']} had nothing"
+    return text
+
+
 def trace_tree(trace: Node, answer: Optional[str] = None) -> Tree:
     """A `rich.tree.Tree` of `trace`: the question with `answer` (default: the trace's), each follow-up with its
     answer and ``answer_source``, nested as the follow-ups were asked."""
@@ -28,7 +42,7 @@ def trace_tree(trace: Node, answer: Optional[str] = None) -> Tree:
         branch, node = stack.pop()
         for child in node.children:
             leaf = branch.add(f"{escape(child.question)} -> {escape(child.answer or '')} "
-                              f"[dim]({child.answer_source})[/]")
+                              f"[dim]({escape(who_answered(child))})[/]")
             stack.append((leaf, child))
     return tree
 
