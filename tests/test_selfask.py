@@ -605,3 +605,20 @@ def test_real_generate_bans_the_first_word_of_a_retried_follow_up(tiny_smollm):
     (free,) = runner._generate([prompt], [1])
     (banned,) = runner._generate([prompt], [1], [free.text.strip()])
     assert free.text.strip() and banned.text.strip() != free.text.strip()
+
+
+def test_retriever_refuses_a_fact_that_asks_for_another_kind_of_answer(retriever):
+    from peftprompt.selfask.answerers import answer_type
+
+    assert [answer_type(q) for q in ("When did X die?", "In what year was X born?", "Who is X?", "Where is X?",
+                                     "What is the nationality of X?", "How many X?", "Is X Y?", "What is X?",
+                                     "Which film came first?")] == [
+        "date", "date", "person", "place", "place", "number", "yes/no", None, None]
+    facts = [("Who is the director of Jaws?", "Steven Spielberg")]
+    typed = RetrieverAnswerer(facts, model=retriever.model, tokenizer=retriever.tokenizer)
+    untyped = RetrieverAnswerer(facts, model=retriever.model, tokenizer=retriever.tokenizer, check_types=False)
+    question = "When did the director of Jaws die?"  # compositional: close to the fact, but asks for a date
+    assert untyped(question, 1).text == "Steven Spielberg" and untyped.last_scores[0] >= 0.8
+    assert (typed(question, 1).text, typed(question, 1).source) == ("unknown", "none")
+    assert typed("Who directed Jaws?", 1).text == "Steven Spielberg"
+    assert typed("What is the name of the director of Jaws?", 1).text == "Steven Spielberg"  # "what": any kind

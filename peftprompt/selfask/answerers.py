@@ -63,14 +63,37 @@ class ToolAnswerer(Answerer):
         return Answer(text, "tool") if text else Answer(UNKNOWN, "none")
 
 
+ANSWER_TYPES = (
+    ("date", ("when ", "what year", "in what year", "which year", "in which year", "what date", "on what date")),
+    ("person", ("who ", "whom ", "who's ")),
+    ("place", ("where ", "which country", "what country", "in which country", "in what country", "what nationality",
+               "what is the nationality")),
+    ("number", ("how many", "how much", "how old", "how long")),
+    ("yes/no", ("is ", "are ", "was ", "were ", "do ", "does ", "did ", "can ", "has ", "have ")),
+)
+
+
+def answer_type(question: str) -> Optional[str]:
+    """The kind of answer `question` asks for, read from its first words: ``date``, ``person``, ``place``,
+    ``number``, ``yes/no``, or `None` when they do not say (``What ...``, ``Which film ...``)."""
+    text = " ".join(question.lower().split()) + " "
+    for kind, openings in ANSWER_TYPES:
+        if text.startswith(openings):
+            return kind
+    return None
+
+
 class RetrieverAnswerer(Answerer):
     """A knowledge base of ``(question, answer)`` facts; a follow-up gets the answer of the most similar known
     question (MiniLM sentence embeddings: mean pooling, L2-normalised, cosine) when the similarity is at least
-    `threshold`, else ``"unknown"`` with ``answer_source="none"``.
+    `threshold` and the two questions do not ask for different kinds of answer (`answer_type`), else ``"unknown"``
+    with ``answer_source="none"``. The type check matters for compositional follow-ups: ``"When did the director of
+    Jaws die?"`` is close to the fact ``"Who is the director of Jaws?"`` (cosine 0.88) but must not get a name.
 
     Args:
         facts (`list[tuple[str, str]]`): The known questions and their answers.
         threshold (`float`, defaults to 0.8): The least cosine similarity accepted.
+        check_types (`bool`, defaults to `True`): Refuse a fact whose question asks for another kind of answer.
         backbone (`str`, defaults to ``"minilm"``): Passed to `peftprompt.backbones.load_backbone`.
         model, tokenizer: An already loaded encoder (skips loading `backbone`).
 
@@ -88,6 +111,7 @@ class RetrieverAnswerer(Answerer):
         model=None,
         tokenizer=None,
         batch_size: int = 32,
+        check_types: bool = True,
     ):
         if model is None or tokenizer is None:
             from ..backbones import load_backbone
@@ -96,6 +120,7 @@ class RetrieverAnswerer(Answerer):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.facts = [(str(q), str(a)) for q, a in facts]
         self.threshold = threshold
+        self.check_types = check_types
         self.batch_size = batch_size
         self.last_scores: list[float] = []
         self.keys = self.embed([q for q, _ in self.facts]) if self.facts else None
@@ -145,10 +170,13 @@ class RetrieverAnswerer(Answerer):
         scores = self.embed(list(questions)) @ self.keys.T
         best, index = scores.max(dim=1)
         self.last_scores = best.tolist()
-        return [
-            Answer(self.facts[i][1], "tool") if s >= self.threshold else Answer(UNKNOWN, "none")
-            for s, i in zip(best.tolist(), index.tolist())
-        ]
+        answers = []
+        for question, score, i in zip(questions, best.tolist(), index.tolist()):
+            kinds = (answer_type(question), answer_type(self.facts[i][0])) if self.check_types else (None, None)
+            clash = None not in kinds and kinds[0] != kinds[1]
+            answers.append(Answer(self.facts[i][1], "tool") if score >= self.threshold and not clash
+                           else Answer(UNKNOWN, "none"))
+        return answers
 
 
 def as_answerer(obj: Any) -> Answerer:
