@@ -14,7 +14,7 @@
    fine-tuning (zero-shot self-ask with the adapter) on ``--n`` Compositional Celebrities questions drawn at random
    (seed 0).
 
-    .venv/bin/python recipes/demo_selfask.py [--output_dir outputs/demo_selfask] [--n 100] [key=value ...]
+    .venv/bin/python recipes/demo_selfask.py [--output_dir outputs/demo_selfask] [--n 50] [key=value ...]
 
 ``key=value`` arguments go to the training config (e.g. ``max_steps=20`` for a quick look). Training resumes from
 the newest checkpoint in ``--output_dir``: an interrupted demo continues, a finished one goes straight to the
@@ -80,7 +80,7 @@ def score(runner: SelfAskRunner, trees: list[Node]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/demo_selfask"))
-    parser.add_argument("--n", type=int, default=100, help="questions scored before and after (default 100)")
+    parser.add_argument("--n", type=int, default=50, help="questions scored before and after (default 50)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
     args = parser.parse_args()
     if args.n < SHOWN:

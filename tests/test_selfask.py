@@ -622,3 +622,20 @@ def test_retriever_refuses_a_fact_that_asks_for_another_kind_of_answer(retriever
     assert (typed(question, 1).text, typed(question, 1).source) == ("unknown", "none")
     assert typed("Who directed Jaws?", 1).text == "Steven Spielberg"
     assert typed("What is the name of the director of Jaws?", 1).text == "Steven Spielberg"  # "what": any kind
+
+
+def test_trace_tree_names_each_layer_and_who_answered():
+    from rich.console import Console
+
+    from peftprompt.selfask.show import trace_tree, who_answered
+
+    deep = SelfAskRunner(generate_fn=chain_model(), answerer=ToolAnswerer(LEAF_FACTS.get), max_depth=2).run(ROOT)
+    (inner,) = deep.trace.children
+    assert who_answered(inner) == "layer 1: model; the tool had nothing"
+    assert who_answered(inner.children[0]) == "layer 2: tool"
+    assert who_answered(Node(question="q?", answer="a", answer_source="gold")) == "gold"
+    console = Console(width=200, record=True)
+    console.print(trace_tree(deep.trace))
+    text = console.export_text()
+    assert "When did the director of A die? -> 1975 (layer 1: model; the tool had nothing)" in text
+    assert "Who directed A? -> Stevens (layer 2: tool)" in text
