@@ -3,7 +3,8 @@
 Three self-ask LoRA adapters are trained on the same trees with the same tokens (``recipes/selfask_sft.py`` with
 ``recipes/configs/smollm2/selfask_lora.yaml``, ``max_steps`` rows of packed episodes), differing only in
 ``data.mode``: ``flat`` (one episode per tree, the leaves as follow-ups), ``recursive`` (one episode per inner node,
-so a compositional follow-up is taught as a question of its own) and ``mix`` (both). Each is evaluated with
+so a compositional follow-up is taught as a question of its own) and ``mix`` (both). The variant
+``recursive+leaves`` also gives every leaf its own ``No.`` episode (``data.leaf_episodes=true``). Each is evaluated with
 ``max_depth`` 0 (the question answered directly), 1, 2 and 3 on:
 
 - Compositional Celebrities (two-hop, the regression check): ``--n-cc`` questions drawn at random (seed 0);
@@ -50,6 +51,9 @@ SEED = 0
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "recipes/configs/smollm2/selfask_lora.yaml"
 MODES = ("flat", "recursive", "mix")
+VARIANTS = {"recursive+leaves": ("recursive", ["data.leaf_episodes=true"]),
+            "mix+leaves": ("mix", ["data.leaf_episodes=true"])}
+"""Training variants beyond the config's: name -> (data.mode, more overrides)."""
 DATASETS = {"compositional_celebrities": "Compositional Celebrities", "deep": "held-out deep questions"}
 KNOWLEDGE = {"compositional_celebrities": "retriever over the gold sub-answers (Q1/A1, Q2/A2)",
              "deep": "retriever over the leaf facts only (no inner-node answer)"}
@@ -57,9 +61,10 @@ TARGETS = {"deep_em": 0.45, "cc_em": 0.80, "cc_well_formed": 0.98, "recursive_ga
 N_WRONG = 4
 
 
-def train_mode(mode: str, run_dir: Path, overrides: list[str]) -> None:
-    """Train the self-ask adapter of `mode` into `run_dir` with ``accelerate launch`` (2 CPU processes, or one GPU),
-    resuming from its newest checkpoint."""
+def train_mode(name: str, run_dir: Path, overrides: list[str]) -> None:
+    """Train the self-ask adapter of mode or variant `name` into `run_dir` with ``accelerate launch`` (2 CPU
+    processes, or one GPU), resuming from its newest checkpoint."""
+    mode, extra = VARIANTS.get(name, (name, []))
     import torch
 
     if torch.cuda.is_available():
@@ -68,12 +73,12 @@ def train_mode(mode: str, run_dir: Path, overrides: list[str]) -> None:
         launch = ["--config_file", str(REPO / "recipes/accelerate/cpu_2proc.yaml")]
         env = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     command = [str(Path(sys.executable).with_name("accelerate")), "launch", *launch,
-               str(REPO / "recipes/selfask_sft.py"), "--config", str(CONFIG), f"data.mode={mode}",
+               str(REPO / "recipes/selfask_sft.py"), "--config", str(CONFIG), f"data.mode={mode}", *extra,
                f"output_dir={run_dir}", "resume_from=latest", "data.generate_eval=0", *overrides]
     print("$", " ".join(command), flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env}
     if subprocess.run(command, cwd=REPO, env=env).returncode != 0:
-        raise SystemExit(f"recursion: training mode {mode!r} failed (output above)")
+        raise SystemExit(f"recursion: training {name!r} failed (output above)")
 
 
 def per_depth(records: list[dict], depth_of: dict[str, int]) -> dict[str, dict]:
@@ -213,6 +218,13 @@ def summarise(result: dict, shipped_mode: str) -> dict:
         lines.append(f"{mode}: best deep EM {deep['em']:.3f} at max_depth {depth}"
                      + (f"; Compositional Celebrities EM {cc['em']:.3f}, well-formed {cc['well_formed']:.3f}"
                         if cc else ""))
+    for mode in modes:
+        evaluated = [(d, cells[f"{mode}/compositional_celebrities/{d}"]) for d in depths
+                     if f"{mode}/compositional_celebrities/{d}" in cells]
+        if mode not in best and evaluated:
+            depth, cc = max(evaluated, key=lambda pair: pair[1]["em"])
+            lines.append(f"{mode} (Compositional Celebrities only): best EM {cc['em']:.3f} at max_depth {depth}, "
+                         f"{cc['mean_follow_ups']:.2f} follow-ups / question")
     out = {"best_depth": best, "lines": lines, "wrong": {}}
     if "flat" in best and "recursive" in best:
         flat = cells[f"flat/deep/{best['flat']}"]["correct"]
@@ -246,7 +258,8 @@ def summarise(result: dict, shipped_mode: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=[*MODES, *VARIANTS],
+                        help="training modes and variants to compare (default: flat recursive mix)")
     parser.add_argument("--depths", nargs="+", type=int, default=[0, 1, 2, 3])
     parser.add_argument("--n-cc", type=int, default=300, help="Compositional Celebrities questions (default 300)")
     parser.add_argument("--n-deep", type=int, default=None, help="held-out deep questions (default: all)")
@@ -256,6 +269,10 @@ def main() -> None:
     parser.add_argument("--shipped", default=None, choices=MODES,
                         help="the mode the shipped config trains (default: its data.mode)")
     parser.add_argument("--fresh", action="store_true", help="recompute the evaluated cells")
+    parser.add_argument("--sets", nargs="+", default=list(DATASETS), choices=list(DATASETS),
+                        help="evaluate these sets (default both; the others' cells evaluated before are reported)")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="train and evaluate nothing: write the results of the cells evaluated before")
     parser.add_argument("--quick", action="store_true", help="5 training steps, 8 questions per set, depths 0 and 2")
     parser.add_argument("--train-args", nargs="*", default=[], metavar="key=value", help="training overrides")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -278,7 +295,7 @@ def main() -> None:
 
     transformers_logging.set_verbosity_error()
     for mode in args.modes:
-        if not (args.runs / mode / "results.json").is_file():
+        if not (args.runs / mode / "results.json").is_file() and not args.cached_only:
             train_mode(mode, (args.runs / mode).resolve(), overrides)
 
     sets = {"compositional_celebrities": cc, "deep": deep}
@@ -295,6 +312,8 @@ def main() -> None:
                 if path.is_file() and not args.fresh:
                     cells[f"{mode}/{key}/{depth}"] = json.loads(path.read_text())
                     continue
+                if args.cached_only or key not in args.sets:
+                    continue
                 if model is None:
                     base, tokenizer = load_backbone(args.model, task="causal_lm")
                     model = load_adapter(base, args.runs / mode / "adapter").eval()
@@ -308,7 +327,8 @@ def main() -> None:
         "benchmark": NAME, "model": args.model, "threshold": args.threshold, "seed": SEED, "modes": args.modes,
         "depths": args.depths, "sources": sources, "training_trees": len(training),
         "training_steps": training_record(args.runs / args.modes[0]).get("global_step"),
-        "training": {mode: training_record(args.runs / mode) for mode in args.modes},
+        "training": {mode: training_record(args.runs / mode) for mode in args.modes
+                     if (args.runs / mode / "results.json").is_file()},
         "n": {key: len(trees) for key, trees in sets.items()}, "held_out": held_out,
         "knowledge": KNOWLEDGE, "targets": TARGETS, "cells": cells,
     }

@@ -32,16 +32,20 @@ from peftprompt.training.recipe import parse_recipe_args, ship
 
 DEFAULT_SOURCES = ["musique", "probtree_hotpotqa", "probtree_musique", "2wikimultihopqa"]
 DEFAULT_EVAL_SOURCES = ["probtree_2wiki"]
-DATA_KEYS = {"sources", "eval_sources", "mode", "allow_evaluation_only", "generate_eval", "packing",
+DATA_KEYS = {"sources", "eval_sources", "mode", "leaf_episodes", "allow_evaluation_only", "generate_eval", "packing",
              "eval_answerers", "eval_knowledge", "eval_max_depth"}
 
 
 def unroller_for(config) -> Unroller:
-    """The `Unroller` of ``data.mode`` (flat, recursive or mix; default recursive)."""
+    """The `Unroller` of ``data.mode`` (flat, recursive or mix; default recursive) and ``data.leaf_episodes``
+    (recursive and mix: also a ``No.`` episode per leaf; default true)."""
     mode = config.data.get("mode", "recursive")
     if mode not in MODES:
         raise SystemExit(f"selfask_sft: data.mode must be one of {', '.join(MODES)}; got {mode!r}")
-    return Unroller(mode=mode)
+    leaf_episodes = config.data.get("leaf_episodes", True)
+    if not isinstance(leaf_episodes, bool):
+        raise SystemExit(f"selfask_sft: data.leaf_episodes must be true or false, got {leaf_episodes!r}")
+    return Unroller(mode=mode, leaf_episodes=leaf_episodes)
 
 
 def generation_settings(config) -> dict:
