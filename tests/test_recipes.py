@@ -157,8 +157,11 @@ def test_recipe_config_error_is_one_line(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("mode, expected", [("flat", 2), ("recursive", 5 + 3), ("mix", 5 + 1 + 3)])
-def test_selfask_modes_parse_and_give_their_episode_counts(mode, expected, tmp_path):
+@pytest.mark.parametrize("mode, leaf_episodes, expected", [
+    ("flat", "false", 2), ("recursive", "false", 2 + 1), ("mix", "false", 2 + 1 + 1),  # inner nodes only
+    ("flat", "true", 2), ("recursive", "true", 5 + 3), ("mix", "true", 5 + 1 + 3),  # and a No. episode per leaf
+])
+def test_selfask_modes_parse_and_give_their_episode_counts(mode, leaf_episodes, expected, tmp_path):
     from peftprompt.recursive import Node, read_trees, write_trees
 
     deep = Node(question="Which film's director died later, A or B?", answer="B", id="d", dataset="toy", children=[
@@ -172,7 +175,8 @@ def test_selfask_modes_parse_and_give_their_episode_counts(mode, expected, tmp_p
     write_trees(tmp_path / "trees.jsonl", [deep, shallow])
     trees = read_trees(tmp_path / "trees.jsonl")
     module, tokenizer = selfask_sft_module(), AutoTokenizer.from_pretrained(smollm2_path())
-    config = load_config(REPO / "recipes/configs/smollm2/selfask_lora.yaml", [f"data.mode={mode}"])
+    config = load_config(REPO / "recipes/configs/smollm2/selfask_lora.yaml",
+                         [f"data.mode={mode}", f"data.leaf_episodes={leaf_episodes}"])
     rows = module.episode_rows(trees, tokenizer, config, module.unroller_for(config), packing=False)
     assert len(rows) == expected
     # recursive and mix teach the compositional follow-up as a question of its own
@@ -184,6 +188,7 @@ def test_selfask_bad_mode_and_generation_settings_are_refused():
     module = selfask_sft_module()
     for overrides, message in ((["data.mode=deep"], "data.mode must be one of flat, recursive, mix"),
                                (["data.eval_knowledge=some"], "data.eval_knowledge must be leaves or all"),
+                               (["data.leaf_episodes=maybe"], "data.leaf_episodes must be true or false"),
                                (["data.eval_max_depth=-1"], "data.eval_max_depth must be an integer >= 0")):
         config = load_config(REPO / "recipes/configs/smollm2/selfask_lora.yaml", overrides)
         with pytest.raises(SystemExit, match=message):
