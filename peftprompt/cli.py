@@ -199,21 +199,19 @@ def _ask(args: argparse.Namespace) -> None:
     from .adapters import load_adapter
     from .backbones import load_backbone
     from .recursive import write_trees
-    from .selfask import FEW_SHOT_SELF_ASK, RetrieverAnswerer, SelfAskRunner, answerer_from_name
+    from .selfask import FEW_SHOT_SELF_ASK, RetrieverAnswerer, SelfAskRunner, answerers_from_names
     from .selfask.show import print_run
 
     names = args.answerers or (["retriever"] if args.kb else ["model"])
     if "retriever" in names and not args.kb:
         raise ValueError("--answerers retriever needs --kb FILE (the facts it retrieves from)")
-    for name in names:  # bad names fail before loading
-        if name != "retriever":
-            answerer_from_name(name)
+    retriever = RetrieverAnswerer.from_jsonl(args.kb, threshold=args.threshold) if args.kb else None
+    answerer = answerers_from_names(names, retriever=retriever)  # bad names fail before the model loads
     model, tokenizer = load_backbone(args.model, task="causal_lm")
     if args.adapter:
         model = load_adapter(model, args.adapter)
-    retriever = RetrieverAnswerer.from_jsonl(args.kb, threshold=args.threshold) if args.kb else None
     runner = SelfAskRunner(
-        model.eval(), tokenizer, answerer=[answerer_from_name(n, retriever=retriever) for n in names],
+        model.eval(), tokenizer, answerer=answerer,
         recurse=not args.no_recurse, max_depth=args.max_depth, few_shot=FEW_SHOT_SELF_ASK if args.few_shot else "",
     )
     results = runner.run_batch(args.questions)
@@ -262,7 +260,7 @@ def _eval_selfask(args: argparse.Namespace) -> None:
 
     from .atomic import write_file_atomically
     from .recursive import convert, read_trees
-    from .selfask import RetrieverAnswerer, answerer_from_name
+    from .selfask import answerers_from_names
     from .selfask.evaluate import APPROACHES, compare_approaches, format_table, knowledge_base, sample_trees
 
     if args.n is not None and args.n < 1:
@@ -276,7 +274,6 @@ def _eval_selfask(args: argparse.Namespace) -> None:
     names = args.answerers or (["model"] if args.no_kb else ["retriever"])
     if "retriever" in names and args.no_kb:
         raise ValueError("--answerers retriever contradicts --no-kb")
-    tools = [None if n == "retriever" else answerer_from_name(n) for n in names]  # bad names fail before loading
     if args.trees:
         trees = read_trees(args.trees)
     else:
@@ -284,6 +281,8 @@ def _eval_selfask(args: argparse.Namespace) -> None:
     trees = sample_trees(trees, args.n, args.sample_seed)
     if not trees:
         raise ValueError(f"no trees to evaluate from {args.trees or args.source}")
+    answerer = answerers_from_names(names, knowledge_base(trees, leaves_only=args.knowledge == "leaves"),
+                                    args.threshold)  # bad names fail before the models load
 
     from .adapters import load_adapter
     from .backbones import load_backbone
@@ -293,9 +292,6 @@ def _eval_selfask(args: argparse.Namespace) -> None:
     if "fine_tuned_self_ask" in approaches:
         base, _ = load_backbone(args.model, task="causal_lm")
         adapter_model = load_adapter(base, args.adapter).eval()
-    facts = knowledge_base(trees, leaves_only=args.knowledge == "leaves")
-    retriever = RetrieverAnswerer(facts, threshold=args.threshold) if "retriever" in names else None
-    answerer = [answerer_from_name(n, retriever=retriever) if n == "retriever" else a for n, a in zip(names, tools)]
     runner_kwargs = {"max_depth": args.max_depth, "recurse": not args.no_recurse}
     results = compare_approaches(
         trees, model.eval(), tokenizer, adapter_model=adapter_model, approaches=approaches, answerer=answerer,

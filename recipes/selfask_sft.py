@@ -25,7 +25,7 @@ from peft import PromptLearningConfig
 from peftprompt.methods import METHOD_CONFIGS
 from peftprompt.recursive import EpisodeEncoder, SelfAskCollator, Unroller, check_trainable, convert, pack_rows
 from peftprompt.recursive.unroll import MODES
-from peftprompt.selfask import SelfAskRunner, answerer_from_name
+from peftprompt.selfask import SelfAskRunner, answerers_from_names
 from peftprompt.selfask.evaluate import evaluate_selfask, knowledge_base
 from peftprompt.training import build_model, train
 from peftprompt.training.recipe import parse_recipe_args, ship
@@ -99,11 +99,7 @@ def generation_eval(trees, tokenizer, answerers: list[str], leaves_only: bool, m
         if not accelerator.is_main_process:
             return {}
         if layers is None:
-            facts, retriever = knowledge_base(trees, leaves_only=leaves_only), None
-            layers = []
-            for name in answerers:
-                layers.append(answerer_from_name(name, facts, retriever=retriever))
-                retriever = layers[-1] if name == "retriever" else retriever
+            layers = answerers_from_names(answerers, knowledge_base(trees, leaves_only=leaves_only))
         runner = SelfAskRunner(model, tokenizer, answerer=layers, max_depth=max_depth)
         scores = evaluate_selfask(trees, runner, "self_ask", sub_question_check=False)
         return {"selfask_em": scores["em"], "selfask_f1": scores["f1"], "selfask_well_formed": scores["well_formed"]}

@@ -1,6 +1,14 @@
 """Recursive self-ask inference: the runner, and the answerers of its follow-up questions."""
 
-from .answerers import Answer, Answerer, RetrieverAnswerer, ToolAnswerer, answerer_from_name, as_answerer
+from .answerers import (
+    Answer,
+    Answerer,
+    RetrieverAnswerer,
+    ToolAnswerer,
+    answerer_from_name,
+    answerers_from_names,
+    as_answerer,
+)
 from .runner import (
     FEW_SHOT_DIRECT,
     FEW_SHOT_SELF_ASK,
@@ -24,6 +32,7 @@ __all__ = [
     "SelfAskRunner",
     "ToolAnswerer",
     "answerer_from_name",
+    "answerers_from_names",
     "as_answerer",
     "format_episode",
     "normalise_question",

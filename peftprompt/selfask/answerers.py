@@ -216,3 +216,15 @@ def answerer_from_name(
     except (ImportError, AttributeError) as err:
         raise ValueError(f"answerer {name!r}: cannot import the tool ({err})") from err
     return ToolAnswerer(fn)
+
+
+def answerers_from_names(
+    names: Sequence[str], facts: Optional[Sequence[tuple[str, str]]] = None, threshold: float = 0.8, retriever=None
+) -> list[Optional[Answerer]]:
+    """One `answerer_from_name` per layer, every ``"retriever"`` layer sharing one `RetrieverAnswerer` (`retriever`,
+    or one built over `facts`): the ``answerer`` list of `SelfAskRunner`."""
+    layers: list[Optional[Answerer]] = []
+    for name in names:
+        layers.append(answerer_from_name(name, facts, threshold, retriever))
+        retriever = layers[-1] if name == "retriever" else retriever
+    return layers
