@@ -6,6 +6,11 @@ Trains on ``sst2/train.tsv``; each evaluation scores the first ``max_eval_sample
 (the validation set: best step, early stopping, learning-rate choice) and all of ``sst2/test.tsv`` (698 labelled
 GLUE-dev sentences, reported, never used to choose). ``results.json`` has ``accuracy`` (test, at the last step)
 and ``dev_accuracy``.
+
+Each evaluation is scored by the `evaluate` modules of the config's ``metrics`` (default ``[accuracy]``, the
+packaged module): each gets the predicted and gold labels (ints) as ``predictions`` / ``references``, and the
+numbers it returns are logged under their own keys (``test_`` ones for the test set). Add your own module by path,
+e.g. ``metrics: [accuracy, path/to/my_f1]``.
 """
 
 from __future__ import annotations
@@ -13,18 +18,33 @@ from __future__ import annotations
 from transformers import DataCollatorWithPadding
 
 from peftprompt.data import sst2_dataset
+from peftprompt.metrics import combine_metrics, flat_scores
 from peftprompt.training import build_model, train
 from peftprompt.training.recipe import parse_recipe_args, ship
+
+DEFAULT_METRICS = ["accuracy"]
+
+
+def label_metrics(names: list[str]):
+    """`compute_metrics` for `train`: the `evaluate` modules `names`, combined, over the predicted and gold labels."""
+    metric = combine_metrics(names)
+
+    def compute(records: list[dict], accelerator) -> dict:
+        predictions = [r["prediction"] for r in records]
+        return flat_scores(metric.compute(predictions=predictions, references=[r["label"] for r in records]))
+
+    return compute
 
 
 def main(argv=None) -> None:
     config = parse_recipe_args(__doc__, argv)
+    compute_metrics = label_metrics(config.metrics or DEFAULT_METRICS)  # before the model: a bad module fails fast
     model, tokenizer = build_model(config)
     train_set = sst2_dataset(tokenizer, "train", config.max_length, limit=config.max_train_samples)
     dev_set = sst2_dataset(tokenizer, "dev", config.max_length, limit=config.max_eval_samples)
     test_set = sst2_dataset(tokenizer, "test", config.max_length)
     result = train(config, model, tokenizer, train_set, DataCollatorWithPadding(tokenizer), dev_set,
-                   test_dataset=test_set)
+                   compute_metrics=compute_metrics, test_dataset=test_set)
     metrics = result.metrics
     ship(result, {"accuracy": metrics["test_accuracy"], "dev_accuracy": metrics["accuracy"],
                   "test_loss": metrics["test_loss"], "eval_loss": metrics["loss"]}, ["sst2"])

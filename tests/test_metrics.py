@@ -1,18 +1,37 @@
-"""Metrics on small hand-made examples: accuracy, entity F1 (IOB1 / IOB2, conlleval / strict), SQuAD EM and F1."""
+"""Metrics on small hand-made examples: accuracy, entity F1 (IOB1 / IOB2, conlleval / strict), SQuAD EM and F1; the
+packaged `evaluate` modules loaded offline, combined, and a user's own module by path."""
 
 from __future__ import annotations
 
+import ast
+import importlib.util
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from peftprompt.training.metrics import (
+import peftprompt.metrics
+from peftprompt.errors import InputError
+from peftprompt.metrics import (
+    MODULES_DIR,
+    PACKAGED_METRICS,
     accuracy,
+    combine_metrics,
     entity_f1,
     exact_match,
+    flat_scores,
     iob1_to_iob2,
+    load_metric,
+    metric_script,
     normalize_answer,
     qa_scores,
     token_f1,
 )
+from peftprompt.training import load_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_accuracy():
@@ -127,3 +146,219 @@ def test_qa_scores():
     assert scores["exact_match"] == pytest.approx(1 / 3)
     assert scores["f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)
     assert scores["count"] == 3
+
+
+# --- the packaged evaluate modules -------------------------------------------------------------------------------
+
+IOB2_GOLD = [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG", "O", "B-MISC", "I-MISC"]]
+IOB2_PRED = [["B-PER", "I-PER", "O", "B-ORG"], ["B-ORG", "O", "B-MISC", "O"]]
+
+USER_MODULE = """import datasets
+import evaluate
+
+
+class ErrorRate(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="share of wrong labels", citation="", inputs_description="",
+            features=datasets.Features(
+                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
+            ),
+        )
+
+    def _compute(self, predictions, references):
+        return {"error_rate": sum(p != r for p, r in zip(predictions, references)) / len(references)}
+"""
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test: the modules must load from their files."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.fixture
+def user_module(tmp_path) -> Path:
+    """A user's own evaluate module, as a folder holding <folder name>.py."""
+    folder = tmp_path / "error_rate"
+    folder.mkdir()
+    (folder / "error_rate.py").write_text(USER_MODULE)
+    return folder
+
+
+def test_packaged_modules_load_offline_and_match_the_functions(no_network):
+    scores = load_metric("accuracy").compute(predictions=[1, 0, 1, 1], references=[1, 1, 1, 1])
+    assert scores == {"accuracy": 0.75} == {"accuracy": accuracy([1, 0, 1, 1], [1, 1, 1, 1])}
+
+    seqeval = load_metric("seqeval")
+    scores = seqeval.compute(predictions=IOB2_PRED, references=IOB2_GOLD)
+    assert (scores["precision"], scores["recall"], scores["f1"]) == (0.5, 0.5, 0.5)
+    assert (scores["gold_entities"], scores["predicted_entities"]) == (4, 4)
+    assert scores == entity_f1(IOB2_PRED, IOB2_GOLD)
+    # the scheme and mode options reach the module: IOB1 gold PER PER LOC, predicted PER LOC -> only LOC right
+    iob1_pred, iob1_gold = [["I-PER", "I-PER", "I-PER", "O", "I-LOC"]], [["I-PER", "I-PER", "B-PER", "O", "I-LOC"]]
+    iob1 = seqeval.compute(predictions=iob1_pred, references=iob1_gold, scheme="IOB1", mode="strict")
+    assert iob1["precision"] == 0.5 and iob1["recall"] == pytest.approx(1 / 3) and iob1["f1"] == pytest.approx(0.4)
+    assert (iob1["gold_entities"], iob1["predicted_entities"]) == (3, 2)
+    # read as IOB2, strict matching finds only gold's B-PER entity and nothing in the prediction
+    strict = seqeval.compute(predictions=iob1_pred, references=iob1_gold, mode="strict")
+    assert (strict["f1"], strict["gold_entities"], strict["predicted_entities"]) == (0.0, 1, 0)
+    with pytest.raises(ValueError, match="predicted sentence 0, token 1: tag must be"):
+        seqeval.compute(predictions=[["B-PER", "X-PER"]], references=[["O", "O"]])
+
+    predictions, answers = ["Paris", "the Eiffel", "x"], [["Paris"], ["Eiffel Tower"], ["y"]]
+    scores = load_metric("squad").compute(predictions=predictions, references=answers)
+    assert scores["exact_match"] == pytest.approx(1 / 3) and scores["f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+    assert scores == qa_scores(predictions, answers) and scores["count"] == 3
+    with pytest.raises(ValueError, match="at least one gold answer"):
+        load_metric("squad").compute(predictions=["x"], references=[[]])
+
+
+def test_each_metric_has_one_implementation():
+    """The functions the package exports are the ones the module files call (compute_score.py), not copies."""
+    from peftprompt.metrics.modules.accuracy import compute_score as accuracy_score
+    from peftprompt.metrics.modules.seqeval import compute_score as seqeval_score
+    from peftprompt.metrics.modules.squad import compute_score as squad_score
+
+    assert peftprompt.metrics.accuracy is accuracy_score.accuracy
+    assert peftprompt.metrics.entity_f1 is seqeval_score.entity_f1
+    assert peftprompt.metrics.iob1_to_iob2 is seqeval_score.iob1_to_iob2
+    assert (exact_match, token_f1, normalize_answer, qa_scores) == (
+        squad_score.exact_match, squad_score.token_f1, squad_score.normalize_answer, squad_score.qa_scores)
+    for name in PACKAGED_METRICS:
+        source = (MODULES_DIR / name / f"{name}.py").read_text()
+        assert "from .compute_score import" in source
+
+
+def test_metrics_sit_below_training():
+    """Nothing in peftprompt/metrics imports the engine, the data readers or self-ask; a module file imports only
+    the standard library, datasets, evaluate, numpy, seqeval and its own compute_score.py (what evaluate's loader
+    copies)."""
+    allowed = set(sys.stdlib_module_names) | {"datasets", "evaluate", "numpy", "seqeval"}
+    for path in sorted((REPO / "peftprompt" / "metrics").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [(0, alias.name) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [(node.level, node.module or "")]
+            else:
+                continue
+            for level, name in names:
+                where = f"{path.relative_to(REPO)}:{node.lineno}"
+                assert not name.startswith("peftprompt"), where
+                if level == 0:
+                    assert name.split(".")[0] in allowed, f"{where}: imports {name}"
+                elif path.parent != MODULES_DIR.parent:
+                    assert (level, name) == (1, "compute_score"), f"{where}: relative import {name}"
+
+
+def test_importing_metrics_data_and_selfask_evaluation_loads_neither_evaluate_nor_the_engine():
+    code = (
+        "import sys, peftprompt.metrics\n"
+        "assert 'evaluate' not in sys.modules and 'seqeval' not in sys.modules, 'metrics imported evaluate'\n"
+        "import peftprompt.data, peftprompt.selfask.evaluate\n"
+        "print(sorted(m for m in sys.modules if m.startswith('peftprompt.training')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_evaluate_combine_packaged_and_user_module(no_network, user_module):
+    combined = combine_metrics(["accuracy", user_module])
+    assert combined.compute(predictions=[1, 0, 1, 1], references=[1, 1, 1, 1]) == {"accuracy": 0.75,
+                                                                                    "error_rate": 0.25}
+    # two packaged modules with the same key: evaluate.combine prefixes the module names
+    twice = combine_metrics(["accuracy", MODULES_DIR / "accuracy"])
+    assert twice.compute(predictions=[1, 0, 1, 1], references=[1, 1, 1, 1]) == {"accuracy_0_accuracy": 0.75,
+                                                                                 "accuracy_1_accuracy": 0.75}
+
+
+def test_user_module_by_file_or_folder(no_network, user_module, tmp_path):
+    by_folder = load_metric(user_module)
+    assert by_folder.compute(predictions=[0, 0, 0, 1], references=[0, 1, 1, 1]) == {"error_rate": 0.5}
+    assert by_folder.compute(predictions=[0, 0, 1, 1], references=[0, 1, 1, 1]) == {"error_rate": 0.25}
+    script = tmp_path / "my_error_rate.py"
+    script.write_text(USER_MODULE)
+    assert load_metric(str(script)).compute(predictions=[0, 1], references=[1, 1]) == {"error_rate": 0.5}
+    assert metric_script(user_module) == (user_module / "error_rate.py").resolve()
+    # the packaged folders load by path with plain evaluate too
+    import evaluate
+
+    assert evaluate.load(str(MODULES_DIR / "accuracy")).compute(predictions=[1], references=[0]) == {"accuracy": 0.0}
+
+
+@pytest.mark.parametrize("name, message", [
+    ("acuracy", "metric 'acuracy' is neither a packaged metric (accuracy, seqeval, squad) nor an existing"),
+    ("no/such/my_metric.py", "metric 'no/such/my_metric.py' is neither a packaged metric"),
+    ("", "metric name or path is empty"),
+])
+def test_bad_metric_name_or_path(name, message):
+    with pytest.raises(ValueError) as info:
+        load_metric(name)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_metric_path_without_a_module(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="metric folder .*empty' holds no empty.py"):
+        load_metric(tmp_path / "empty")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="is a file but not a .py evaluate module"):
+        load_metric(tmp_path / "notes.txt")
+
+
+def test_metrics_config_key(tmp_path, user_module):
+    assert load_config(None, ["num_labels=2"]).metrics is None  # the recipe's default
+    assert load_config(None, ["num_labels=2", "metrics=accuracy"]).metrics == ["accuracy"]
+    config = load_config(None, ["num_labels=2", f"metrics=[seqeval, {user_module}]"])
+    assert config.metrics == ["seqeval", str(user_module)]
+    assert load_config(None, [f"metrics={config.metrics}", "num_labels=2"]).metrics == config.metrics
+
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("task: seq_cls\nnum_labels: 2\nmetrics: [accuracy, acuracy]\n")
+    with pytest.raises(InputError) as info:
+        load_config(yaml_file)
+    text = str(info.value)
+    assert "\n" not in text and info.value.field == "metrics" and info.value.line == 3
+    assert text.startswith("field 'metrics': metric 'acuracy' is neither a packaged metric") and "run.yaml:3" in text
+    with pytest.raises(InputError, match="field 'metrics' expects a non-empty list of strings or null, got \\[\\]"):
+        load_config(None, ["num_labels=2", "metrics=[]"])
+    with pytest.raises(InputError, match="field 'metrics': metric 'nope.py' is neither"):
+        load_config(None, ["num_labels=2", "metrics=nope.py"])
+
+
+def test_flat_scores():
+    results = {"f1": 0.5, "count": 3, "per_type": {"PER": {"f1": 1.0}}, "name": "x", "values": [1, 2], "ok": True}
+    assert flat_scores(results) == {"f1": 0.5, "count": 3, "per_type.PER.f1": 1.0}
+    assert flat_scores(results, rename={"f1": "entity_f1"}, leave_out=("per_type",)) == {"entity_f1": 0.5, "count": 3}
+
+
+def recipe(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipes_score_through_the_config_metrics(no_network, user_module):
+    """The recipes' default metrics give the keys and numbers they gave before evaluate modules; a user module adds
+    its own keys."""
+    sst2 = recipe("sst2_classification")
+    records = [{"prediction": p, "label": l} for p, l in [(1, 1), (0, 1), (1, 1), (1, 1)]]
+    assert sst2.label_metrics(sst2.DEFAULT_METRICS)(records, None) == {"accuracy": 0.75}
+    assert sst2.label_metrics(["accuracy", str(user_module)])(records, None) == {"accuracy": 0.75, "error_rate": 0.25}
+
+    conll = recipe("conll03_ner")
+    label_id = {label: i for i, label in enumerate(conll.CONLL03_LABELS)}
+    gold, pred = ["B-PER", "I-PER", "O", "B-LOC"], ["B-PER", "I-PER", "O", "O"]  # PER found, LOC missed
+    records = [{"predictions": [label_id[t] for t in pred], "labels": [label_id[t] for t in gold]}]
+    assert conll.entity_metrics(conll.DEFAULT_METRICS)(records, None) == {
+        "entity_precision": 1.0, "entity_recall": 0.5, "entity_f1": pytest.approx(2 / 3)}

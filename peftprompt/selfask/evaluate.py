@@ -2,7 +2,7 @@
 
 `evaluate_selfask(trees, runner, approach)` asks the root question of every tree, either by self-ask
 (`SelfAskRunner.run_batch`) or directly (`SelfAskRunner.answer_directly`), and scores the answers against the root's
-gold answer and aliases (SQuAD exact match and token F1, `peftprompt.training.metrics`). With
+gold answer and aliases (SQuAD exact match and token F1, `peftprompt.metrics`). With
 ``sub_question_check=True`` it also asks every gold sub-question (the root's children) directly and reports the
 **compositionality gap** of Press et al. (2022): among the questions whose sub-questions were all answered
 correctly, the share whose final answer is wrong.
@@ -36,7 +36,7 @@ from collections import Counter
 from typing import Any, Optional, Sequence
 
 from ..recursive.tree import Node
-from ..training.metrics import exact_match, token_f1
+from ..metrics import exact_match, token_f1
 from .runner import FEW_SHOT_DIRECT, FEW_SHOT_SELF_ASK, SelfAskRunner, normalise_question
 
 APPROACHES = ("direct", "few_shot_self_ask", "fine_tuned_self_ask")

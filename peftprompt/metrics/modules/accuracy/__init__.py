@@ -1,0 +1,1 @@
+"""The packaged accuracy module (``accuracy.py``) and its score (``compute_score.py``)."""

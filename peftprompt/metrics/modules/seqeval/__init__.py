@@ -1,0 +1,1 @@
+"""The packaged seqeval module (``seqeval.py``) and its scores (``compute_score.py``)."""
