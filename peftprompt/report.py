@@ -10,6 +10,7 @@ from peft import PeftModel
 from torch import nn
 
 from .adapters import directory_bytes, save_adapter
+from .methods import method_name
 
 
 @dataclass
@@ -46,9 +47,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def parameter_report(
     model: Union[PeftModel, nn.Module], method: Optional[str] = None, measure_size: bool = True
 ) -> ParameterReport:
-    """Count `model`'s parameters and, if `measure_size`, save it to a temporary directory to measure its size."""
+    """Count `model`'s parameters and, if `measure_size`, save it to a temporary directory to measure its size.
+
+    `method` defaults to the `peftprompt.METHODS` name of the model's active adapter (``"full"`` for a plain model).
+    """
     if method is None:
-        method = model.active_peft_config.peft_type.lower() if isinstance(model, PeftModel) else "full"
+        method = method_name(model.active_peft_config.peft_type) if isinstance(model, PeftModel) else "full"
     trainable, total = count_parameters(model)
     size = None
     if measure_size:

@@ -12,12 +12,13 @@ from transformers.utils import logging as transformers_logging
 
 import peftprompt
 from peftprompt import load_backbone
+from peftprompt.tasks import TRAINABLE_TASKS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 transformers_logging.set_verbosity_error()
 
-TASKS = ("seq_cls", "token_cls", "causal_lm")
+TASKS = TRAINABLE_TASKS  # the method matrix: every task the engine trains
 NUM_LABELS = {"seq_cls": 2, "token_cls": 5}
 TINY_VOCAB = 128
 

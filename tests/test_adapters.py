@@ -77,7 +77,7 @@ def test_missing_weights(saved_lora):
 def test_invalid_json_names_file_and_line(saved_lora):
     config = saved_lora / ADAPTER_CONFIG
     config.write_text('{\n  "peft_type": "LORA",\n  "r": 8,,\n}')
-    with pytest.raises(ValueError, match=r"adapter_config.json: line 3: invalid JSON"):
+    with pytest.raises(ValueError, match=r"adapter_config.json:3: invalid JSON"):
         load_adapter(tiny_llama(), saved_lora)
 
 

@@ -60,8 +60,7 @@ import json, sys
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[1])
-import peftprompt  # registers BitFit and the token-classification fix: nothing else is set up in this process
-from peft import PeftModel
+import peftprompt  # registers BitFit: nothing else is set up in this process
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 from conftest import base_model, make_batch
 
@@ -74,7 +73,8 @@ for case in json.loads(open(sys.argv[2]).read()):
     else:
         # The classification heads come from the adapter, so build those bases with another seed to prove it.
         seed = 0 if case["task"] == "causal_lm" else 1
-        model = PeftModel.from_pretrained(base_model(case["task"], seed=seed), case["dir"])
+        # The project's loader: it also aligns prompt-tuned token-classification logits, as attach does.
+        model = peftprompt.load_adapter(base_model(case["task"], seed=seed), case["dir"])
     batch = make_batch(case["task"])
     batch.pop("labels")
     with torch.no_grad():

@@ -1,13 +1,21 @@
-"""Prompt tuning and P-tuning for token classification: logits and labels line up with the input tokens."""
+"""Prompt tuning and P-tuning for token classification: logits and labels line up with the input tokens.
+
+The alignment applies to the models `attach` and `load_adapter` build; PEFT's own classes stay as PEFT ships them.
+"""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import peft
 import pytest
 import torch
-from peft import PeftModel
+from peft import PeftModel, PeftModelForTokenClassification, get_peft_model
+from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 
 from conftest import base_model, make_batch, tiny_bert_token_cls
-from peftprompt import attach
+from peftprompt import attach, default_config, load_adapter, save_adapter
 from peftprompt.methods.prompt_learning import AlignedPeftModelForTokenClassification
 
 NUM_LABELS = 5
@@ -54,9 +62,38 @@ def test_prompt_tuned_ner_learns_aligned_labels(method):
 
 
 def test_reloaded_prompt_tuning_token_classifier_is_aligned_too(tmp_path):
-    model = attach(base_model("token_cls"), "prompt", task="token_cls")
-    model.save_pretrained(tmp_path)
-    reloaded = PeftModel.from_pretrained(base_model("token_cls"), tmp_path)
-    assert isinstance(reloaded, AlignedPeftModelForTokenClassification)
+    model = attach(base_model("token_cls"), "prompt", task="token_cls").eval()
     batch = make_batch("token_cls")
-    assert reloaded(**batch).logits.shape[1] == batch["input_ids"].shape[1]
+    batch.pop("labels")
+    save_adapter(model, tmp_path)
+    reloaded = load_adapter(base_model("token_cls", seed=1), tmp_path).eval()
+    assert isinstance(reloaded, AlignedPeftModelForTokenClassification)
+    with torch.no_grad():
+        expected, logits = model(**batch).logits, reloaded(**batch).logits
+    assert logits.shape[1] == batch["input_ids"].shape[1]
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+
+
+def test_importing_peftprompt_leaves_peft_token_classification_alone(tmp_path):
+    assert MODEL_TYPE_TO_PEFT_MODEL_MAPPING["TOKEN_CLS"] is peft.PeftModelForTokenClassification
+    # Plain PEFT behaves as PEFT does: its class, and logits that include the virtual tokens.
+    config = default_config(base_model("token_cls"), "prompt", task="token_cls")
+    plain = get_peft_model(base_model("token_cls"), config)
+    assert type(plain) is PeftModelForTokenClassification
+    batch = make_batch("token_cls")
+    batch.pop("labels")
+    assert plain.eval()(**batch).logits.shape[1] == batch["input_ids"].shape[1] + 20
+    save_adapter(attach(base_model("token_cls"), "prompt", task="token_cls"), tmp_path)
+    assert type(PeftModel.from_pretrained(base_model("token_cls"), tmp_path)) is PeftModelForTokenClassification
+
+
+def test_import_changes_no_peft_mapping_in_a_fresh_process():
+    code = (
+        "import peft, peft.auto\n"
+        "before = dict(peft.auto.MODEL_TYPE_TO_PEFT_MODEL_MAPPING)\n"
+        "import peftprompt\n"
+        "assert peft.auto.MODEL_TYPE_TO_PEFT_MODEL_MAPPING == before\n"
+        "assert peft.auto.MODEL_TYPE_TO_PEFT_MODEL_MAPPING['TOKEN_CLS'] is peft.PeftModelForTokenClassification\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

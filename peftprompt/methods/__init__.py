@@ -11,6 +11,8 @@
 | `full`    | none                   | every parameter (the plain model is returned)                |
 
 The task head (`classifier` / `score`) of a classification model is always trained and saved with the adapter.
+Prompt tuning and P-tuning on a token classifier return logits aligned with the input tokens (see
+`prompt_learning.align_token_classification`); PEFT's own classes are left as they are.
 """
 
 from __future__ import annotations
@@ -28,38 +30,23 @@ from peft import (
     PromptTuningConfig,
     get_peft_model,
 )
+from peft.config import PromptLearningConfig
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from torch import nn
 from transformers import PreTrainedModel
 
+from ..errors import InputError
+from ..tasks import HEAD_NAMES, get_task, infer_task
 from .bitfit import BitFitConfig
 from .prompt_learning import (
     PREFIX_CHECKPOINTING_ERROR,
-    install_token_classification_fix,
+    align_token_classification,
     refuse_gradient_checkpointing,
     uses_gradient_checkpointing,
 )
 
-TASK_TO_PEFT_TASK_TYPE = {
-    "seq_cls": "SEQ_CLS",
-    "token_cls": "TOKEN_CLS",
-    "causal_lm": "CAUSAL_LM",
-    "feature": "FEATURE_EXTRACTION",
-}
-
-# Output layers that are never adapted: they are either trained in full (task heads) or tied to the embeddings.
-HEAD_NAMES = ("classifier", "score", "lm_head")
-
-
-def infer_task(model: nn.Module) -> str:
-    """Guess the task from the model class name (``...ForSequenceClassification`` -> ``"seq_cls"``, ...)."""
-    name = type(model).__name__
-    if name.endswith("ForSequenceClassification"):
-        return "seq_cls"
-    if name.endswith("ForTokenClassification"):
-        return "token_cls"
-    if name.endswith("ForCausalLM"):
-        return "causal_lm"
-    return "feature"
+# Output layers (`peftprompt.tasks.HEAD_NAMES`) are never adapted: they are either trained in full (task heads) or
+# tied to the embeddings.
 
 
 def _bias_free_linear_names(model: nn.Module) -> list[str]:
@@ -97,6 +84,34 @@ METHOD_CONFIGS: dict[str, tuple[type[PeftConfig], Callable[[PreTrainedModel], di
 }
 METHODS = (*METHOD_CONFIGS, "full")
 
+# One line per method, as the model card and the reports describe it.
+METHOD_DESCRIPTIONS: dict[str, str] = {
+    "lora": "LoRA (low-rank updates of the attention projections)",
+    "prefix": "prefix tuning (trained key/value prefixes in every layer)",
+    "prompt": "prompt tuning (trained virtual input-token embeddings)",
+    "ptuning": "P-tuning (virtual tokens produced by a small prompt encoder)",
+    "ia3": "IA3 (rescaling vectors on keys, values and feed-forward activations)",
+    "bitfit": "BitFit (a trained delta on every bias term; registered with PEFT by `import peftprompt`)",
+    "full": "full fine-tuning (every weight)",
+}
+assert tuple(METHOD_DESCRIPTIONS) == METHODS, "describe every method of METHODS, in its order"
+# Prompt-learning methods add virtual tokens or key/value prefixes and change no weight; the other adapters fold
+# into the base weights (`merge_and_unload`).
+PROMPT_LEARNING_METHODS = tuple(
+    name for name, (config_cls, _) in METHOD_CONFIGS.items() if issubclass(config_cls, PromptLearningConfig)
+)
+MERGEABLE_METHODS = tuple(name for name in METHOD_CONFIGS if name not in PROMPT_LEARNING_METHODS)
+
+
+def method_name(peft_type: Any) -> str:
+    """The `METHODS` name of a PEFT type (``"PROMPT_TUNING"`` -> ``"prompt"``); the lower-cased type if it is not one
+    of ours."""
+    for name, (config_cls, _) in METHOD_CONFIGS.items():
+        if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is config_cls:
+            return name
+    return str(getattr(peft_type, "value", peft_type)).lower()
+
+
 # Fragments of PEFT's errors for target modules that match nothing; attach() turns them into one clear message.
 TARGET_MISMATCH_HINTS = ("not found in the base model", "specify `target_modules`", "No modules were targeted")
 
@@ -104,16 +119,16 @@ TARGET_MISMATCH_HINTS = ("not found in the base model", "specify `target_modules
 def default_config(model: PreTrainedModel, method: str, task: Optional[str] = None, **overrides: Any) -> PeftConfig:
     """The PEFT config `attach` would use for `method` on `model`, with `overrides` applied."""
     if method not in METHOD_CONFIGS:
-        raise ValueError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
-    task = task or infer_task(model)
-    if task not in TASK_TO_PEFT_TASK_TYPE:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASK_TO_PEFT_TASK_TYPE)}")
+        raise InputError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}", field="method")
+    task_type = get_task(task or infer_task(model)).peft_task_type
     config_cls, defaults = METHOD_CONFIGS[method]
     fields = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"{config_cls.__name__} (method {method!r}) has no field {', '.join(map(repr, unknown))}")
-    return config_cls(task_type=TASK_TO_PEFT_TASK_TYPE[task], **{**defaults(model), **overrides})
+        raise InputError(f"{config_cls.__name__} (method {method!r}) has no field {', '.join(map(repr, unknown))}",
+                         field="method_args")
+    task_type = task_type.value if task_type is not None else None
+    return config_cls(task_type=task_type, **{**defaults(model), **overrides})
 
 
 def attach(
@@ -129,9 +144,10 @@ def attach(
 
     Args:
         model (`PreTrainedModel`): The backbone, e.g. from `load_backbone`.
-        method (`str`): One of ``lora``, ``prefix``, ``prompt``, ``ptuning``, ``ia3``, ``bitfit``, ``full``.
-        task (`str`, *optional*): ``seq_cls``, ``token_cls``, ``causal_lm`` or ``feature``; inferred from the
-            model class when omitted.
+        method (`str`): One of `METHODS`: ``lora``, ``prefix``, ``prompt``, ``ptuning``, ``ia3``, ``bitfit``,
+            ``full``.
+        task (`str`, *optional*): A task of `peftprompt.tasks.TASKS` (``seq_cls``, ``token_cls``, ``causal_lm``,
+            ``feature``); inferred from the model class when omitted.
         adapter_name (`str`): Name of the adapter inside the `PeftModel`.
         overrides: Fields of the PEFT config to change, e.g. ``r=16`` or ``target_modules=["query"]``.
 
@@ -144,7 +160,7 @@ def attach(
     """
     if method == "full":
         if overrides:
-            raise ValueError(f"method 'full' takes no config overrides, got {sorted(overrides)}")
+            raise InputError(f"method 'full' takes no config overrides, got {sorted(overrides)}", field="method_args")
         for parameter in model.parameters():
             parameter.requires_grad = True
         return model
@@ -156,14 +172,16 @@ def attach(
         peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     except ValueError as err:
         if any(hint in str(err) for hint in TARGET_MISMATCH_HINTS):
-            raise ValueError(
+            raise InputError(
                 f"{method}: target_modules={getattr(config, 'target_modules', None)!r} matches no module of "
                 f"{type(model).__name__}; pass target_modules=[...] naming some of its layers "
-                f"(linear layers: {', '.join(_linear_leaf_names(model)[:12])})"
+                f"(linear layers: {', '.join(_linear_leaf_names(model)[:12])})", field="target_modules"
             ) from err
         raise
     if config.peft_type == "PREFIX_TUNING":
         refuse_gradient_checkpointing(peft_model)
+    # Prompt / P-tuning token classifiers: logits aligned with the input tokens, for this model only.
+    align_token_classification(peft_model)
     # New adapter layers are created in training mode; keep the whole model in the mode the backbone was in.
     return peft_model.train(was_training)
 
@@ -172,6 +190,14 @@ def _linear_leaf_names(model: nn.Module) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
 
 
-install_token_classification_fix()
-
-__all__ = ["METHOD_CONFIGS", "METHODS", "attach", "default_config", "infer_task"]
+__all__ = [
+    "MERGEABLE_METHODS",
+    "METHOD_CONFIGS",
+    "METHOD_DESCRIPTIONS",
+    "METHODS",
+    "PROMPT_LEARNING_METHODS",
+    "attach",
+    "default_config",
+    "infer_task",
+    "method_name",
+]

@@ -3,8 +3,10 @@
 - Token classification: prompt tuning and P-tuning prepend ``num_virtual_tokens`` embeddings, so the logits are
   longer than the token labels. `PeftModelForTokenClassification` passes the labels on unchanged and the loss fails
   (or, worse, is computed on misaligned positions). `AlignedPeftModelForTokenClassification` drops the virtual-token
-  positions from the logits before the loss, so predictions line up with the input tokens. It replaces PEFT's
-  ``TOKEN_CLS`` class when `peftprompt` is imported, so `get_peft_model` and `PeftModel.from_pretrained` both use it.
+  positions from the logits before the loss, so predictions line up with the input tokens.
+  `align_token_classification` gives that class to one model: `peftprompt.attach` and `peftprompt.load_adapter`
+  call it on the models they build. PEFT's own mapping is left alone, so plain `peft.get_peft_model` and
+  `PeftModel.from_pretrained` behave exactly as PEFT does.
 - Prefix tuning feeds its prefix through ``past_key_values``, which gradient checkpointing does not support:
   `refuse_gradient_checkpointing` turns that combination into a clear error instead of a crash deep in the model.
 """
@@ -15,7 +17,6 @@ from types import MethodType
 
 import torch
 from torch import nn
-from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 from peft.peft_model import PeftModel, PeftModelForTokenClassification
 from peft.utils import PeftType
 from transformers.modeling_outputs import TokenClassifierOutput
@@ -58,9 +59,15 @@ class AlignedPeftModelForTokenClassification(PeftModelForTokenClassification):
         )
 
 
-def install_token_classification_fix() -> None:
-    """Make PEFT build `AlignedPeftModelForTokenClassification` for ``task_type="TOKEN_CLS"``."""
-    MODEL_TYPE_TO_PEFT_MODEL_MAPPING["TOKEN_CLS"] = AlignedPeftModelForTokenClassification
+def align_token_classification(model: PeftModel) -> PeftModel:
+    """Make `model`, if it is PEFT's `PeftModelForTokenClassification`, an `AlignedPeftModelForTokenClassification`.
+
+    Only this instance changes class (the subclass adds no state, only `forward`); other models, and what
+    `get_peft_model` / `PeftModel.from_pretrained` build, are untouched. Any other model is returned unchanged.
+    """
+    if type(model) is PeftModelForTokenClassification:
+        model.__class__ = AlignedPeftModelForTokenClassification
+    return model
 
 
 def uses_gradient_checkpointing(model: nn.Module) -> bool:

@@ -8,12 +8,9 @@ from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
+from ...tasks import task_for_peft_type
 from .config import BitFitConfig
 from .layer import SUPPORTED_LAYERS, BitFitLayer
-
-
-CLASSIFICATION_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS")
-CLASSIFICATION_HEADS = ["classifier", "score"]
 
 
 def _has_own_bias(module: nn.Module) -> bool:
@@ -49,8 +46,8 @@ class BitFitModel(BaseTuner):
             # Heads are trained in full as modules_to_save. PEFT adds the classifier to modules_to_save only after
             # injection for TOKEN_CLS, so name the classification heads here too.
             heads = list(peft_config.modules_to_save or [])
-            if peft_config.task_type in CLASSIFICATION_TASK_TYPES:
-                heads += CLASSIFICATION_HEADS
+            task = task_for_peft_type(peft_config.task_type)
+            heads += task.saved_head_names if task is not None else ()
             peft_config.target_modules = {
                 name
                 for name, module in model.named_modules()
