@@ -198,7 +198,7 @@ def test_model_card(tmp_path):
     assert f"| trainable parameters | {report.trainable_params:,} |" in text and f"({size:,} bytes)" in text
     # The loading code in the card runs as written (num_labels read from the saved head).
     code = text.split("```python\n")[1].split("```")[0]
-    assert "import peftprompt" in code and "PeftModel.from_pretrained" in code and "num_labels=3" in code
+    assert "import peftprompt" in code and "peftprompt.load_adapter" in code and "num_labels=3" in code
     scope: dict = {}
     exec(code.replace("path/to/sst2-lora", str(adapter_dir)), scope)
     assert scope["model"].active_peft_config.peft_type == "LORA"

@@ -35,7 +35,9 @@ from peftprompt.training import (
     train,
 )
 from peftprompt.training import config as config_module
-from peftprompt.training import loop
+from peftprompt.training import losses as training_losses
+from peftprompt.training import model_setup
+from peftprompt.training import trainer as trainer_module
 from test_unroll import golden_tree
 
 
@@ -150,7 +152,7 @@ def test_resolve_mixed_precision_on_this_cpu(tmp_path, monkeypatch):
     assert resolve_mixed_precision("no")[0] == "no"
     with pytest.raises(ValueError, match="'fp16' needs a CUDA GPU"):
         resolve_mixed_precision("fp16")
-    # Without the flags (a CPU like the one DESIGN.md section 4 measured 18x slower on), auto means no.
+    # Without the flags (on such a CPU bf16 autocast was measured 18x slower than fp32), auto means no.
     monkeypatch.setattr(config_module, "cpu_bf16_flags", lambda: set())
     assert resolve_mixed_precision("auto") == ("no", config_module.CPU_NO_BF16_REASON)
     assert "18x" in resolve_mixed_precision("bf16")[1]
@@ -300,7 +302,7 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path, monkeypatch):
     big = run("batch4", 4, 1)
     accumulated = run("batch2x2", 2, 2)
     assert max((big[k] - accumulated[k]).abs().max().item() for k in big) < 1e-6
-    monkeypatch.setattr(loop, "count_loss_items", lambda labels, task, w=None: torch.tensor(1.0, dtype=torch.float64))
+    monkeypatch.setattr(training_losses, "count_loss_items", lambda labels, task, w=None: torch.tensor(1.0, dtype=torch.float64))
     mean_of_means = run("naive2x2", 2, 2)
     assert max((big[k] - mean_of_means[k]).abs().max().item() for k in big) > 1e-4
 
@@ -327,7 +329,7 @@ def test_resume_gives_the_same_run(tmp_path, monkeypatch, accumulation):
         raise Crash("killed right after the first checkpoint")
 
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "_prune_checkpoints", crash_after_saving)
+        patch.setattr(trainer_module, "prune_checkpoints", crash_after_saving)
         with pytest.raises(Crash):
             run("resumed")
     assert [step for step, _ in list_checkpoints(tmp_path / "resumed")] == [3]
@@ -445,7 +447,7 @@ def test_interrupted_saves_leave_the_previous_adapter_and_checkpoint_intact(tmp_
         (Path(output_dir) / "model.safetensors").write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(loop.Accelerator, "save_state", failing_save_state)
+    monkeypatch.setattr(trainer_module.Accelerator, "save_state", failing_save_state)
     with pytest.raises(OSError, match="disk full"):
         train(llm_config(tmp_path, max_steps=6, resume_from="latest"), llama_lora(), None, token_rows(),
               SelfAskCollator(IdTokenizer()))
@@ -594,6 +596,113 @@ def test_multi_cpu_config_starts_one_process(tmp_path):
     assert re.findall(r"WORLD (\d)", done.stdout) == ["1"]
 
 
+SHARDED_SCRIPT = """
+import sys
+import torch
+from accelerate import PartialState
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+import peftprompt
+from peftprompt.recursive import SelfAskCollator
+from peftprompt.training import TrainConfig, Trainer
+from peftprompt.training.sharding import gathered_weights, is_sharded
+
+class IdTokenizer:
+    pad_token_id, eos_token_id, is_fast = 0, 1, True
+
+class Crash(Exception):
+    pass
+
+class CrashAfterFirstCheckpoint(Trainer):
+    def save_checkpoint(self):
+        super().save_checkpoint()
+        raise Crash("killed right after the first checkpoint, on every process")
+
+rows = {rows!r}
+out, mode = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                     pad_token_id=0))
+model = peftprompt.attach(model, "lora", task="causal_lm", lora_dropout=0.0)
+config = TrainConfig(model="tiny-llama", task="causal_lm", learning_rate=1e-2, per_device_train_batch_size=2,
+                     max_steps=4, save_every=2, log_every=1, mixed_precision="no", fully_shard=True, output_dir=out,
+                     resume_from="latest" if mode == "resume" else None)
+trainer = (CrashAfterFirstCheckpoint if mode == "crash" else Trainer)(
+    config, model, None, rows, SelfAskCollator(IdTokenizer(), max_length=64), eval_dataset=rows[:5])
+try:
+    result = trainer.train()
+except Crash:
+    sys.exit(3)
+weights = gathered_weights(trainer.model)  # every process takes part; whole tensors on the main one
+with torch.no_grad():
+    logits = trainer.model.eval()(input_ids=torch.tensor([[5, 9, 17, 33, 65, 2]])).logits
+state = PartialState()
+if state.is_main_process:
+    save_file({{k: v.contiguous() for k, v in weights.items()}}, out + "/gathered.safetensors")
+    torch.save(logits, out + "/logits.pt")
+sys.stdout.write(f"RESULT rank={{state.process_index}} world={{result.world_size}} sharded={{is_sharded(trainer.model)}}\\n")
+sys.stdout.flush()
+state.destroy_process_group()
+"""
+
+TWO_CPU_PROCESSES = """
+compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_GPU
+num_processes: 2
+num_machines: 1
+use_cpu: true
+mixed_precision: "no"
+"""
+
+
+@pytest.mark.slow
+def test_sharded_training_saves_whole_adapters_and_resumes(tmp_path):
+    """fully_shard (FSDP2) on 2 gloo processes: each process holds half of every trainable tensor, yet the adapter
+    equals the trained weights gathered from the shards and reloads in a fresh process with identical logits; a
+    run killed after its first (sharded) checkpoint resumes to the same adapter, bit for bit."""
+    script = SHARDED_SCRIPT.format(rows=token_rows())
+
+    def run(name, mode):
+        return launch(tmp_path / name, TWO_CPU_PROCESSES, script, str(tmp_path / name / "out"), mode,
+                      env={"ACCELERATE_USE_CPU": "1"})
+
+    for name in ("straight", "resumed"):
+        (tmp_path / name).mkdir()
+    done = run("straight", "train")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(re.findall(r"RESULT rank=(\d) world=(\d) sharded=(\w+)", done.stdout)) == [
+        ("0", "2", "True"), ("1", "2", "True")]
+    out = tmp_path / "straight" / "out"
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    gathered = load_file(out / "gathered.safetensors")
+    assert len(adapter) == len(gathered) == 8  # lora_A / lora_B of q_proj and v_proj in 2 layers
+    for name, tensor in gathered.items():
+        saved = adapter[name.replace(".default.", ".")]
+        assert saved.shape == tensor.shape and saved.numel() > 0 and torch.equal(saved, tensor)
+
+    torch.manual_seed(0)  # the same base weights as the script's, in this (fresh) process
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                        pad_token_id=0))
+    reloaded = peftprompt.load_adapter(base, out / "adapter").eval()
+    with torch.no_grad():
+        logits = reloaded(input_ids=torch.tensor([[5, 9, 17, 33, 65, 2]])).logits
+    torch.testing.assert_close(logits, torch.load(out / "logits.pt"), atol=1e-6, rtol=0)
+
+    crashed = run("resumed", "crash")
+    assert crashed.returncode != 0
+    resumed_out = tmp_path / "resumed" / "out"
+    assert [step for step, _ in list_checkpoints(resumed_out)] == [2]
+    assert (latest_checkpoint(resumed_out) / "optimizer_full.bin").is_file()
+    done = run("resumed", "resume")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert [r["step"] for r in records(resumed_out, "resume")] == [2]
+    resumed = load_file(resumed_out / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(resumed[k], adapter[k]) for k in adapter)
+    assert [r["loss"] for r in records(resumed_out, "train")] == [r["loss"] for r in records(out, "train")]
+
+
 def test_unquoted_yaml_no_means_no(tmp_path):
     config = load_config(write(tmp_path, "task: causal_lm\nmixed_precision: no\n"), ["mixed_precision=no"])
     assert config.mixed_precision == "no"
@@ -606,7 +715,7 @@ def test_logits_at_trained_positions_only_give_the_same_loss_and_gradients(metho
     from peftprompt import attach
 
     model = attach(tiny_llama(seed=3), method)
-    assert loop.trains_only_kept_logits(model, "causal_lm")
+    assert training_losses.supports_kept_logits(model, "causal_lm")
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(5, TINY_VOCAB, (3, 16), generator=generator)
     labels = torch.full_like(input_ids, -100)
@@ -616,7 +725,7 @@ def test_logits_at_trained_positions_only_give_the_same_loss_and_gradients(metho
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
     if weighted:
         batch["loss_weights"] = torch.rand(input_ids.shape, generator=generator) + 0.5
-    keep = loop.trained_positions(labels)  # each row its own positions: the one before each trained label
+    keep = training_losses.trained_positions(labels)  # each row its own positions: the one before each trained label
     assert [row.nonzero().squeeze(1).tolist() for row in keep] == [[3, 4, 5, 6, 7], [9, 10, 11, 12, 13, 14], [1, 2]]
     head_rows = []
     head = model.get_base_model().get_output_embeddings() if method != "full" else model.get_output_embeddings()
@@ -625,7 +734,7 @@ def test_logits_at_trained_positions_only_give_the_same_loss_and_gradients(metho
     results = []
     for kept in (False, True):
         model.zero_grad()
-        loss, items, tokens = loop._training_loss(model, batch, "causal_lm", kept_logits=kept)
+        loss, items, tokens = training_losses.training_loss(model, batch, "causal_lm", kept_logits=kept)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((loss.detach(), items, tokens, grads))
@@ -644,8 +753,8 @@ def test_logits_at_trained_positions_only_give_the_same_loss_and_gradients(metho
 def test_prompt_learning_and_classification_keep_the_full_logits():
     from peftprompt import attach
 
-    assert not loop.trains_only_kept_logits(attach(tiny_llama(), "prompt"), "causal_lm")
-    assert not loop.trains_only_kept_logits(tiny_llama(), "seq_cls")
+    assert not training_losses.supports_kept_logits(attach(tiny_llama(), "prompt"), "causal_lm")
+    assert not training_losses.supports_kept_logits(tiny_llama(), "seq_cls")
 
 
 @pytest.mark.parametrize("method", ["lora", "bitfit", "ia3", "prompt"])
@@ -654,7 +763,7 @@ def test_half_precision_frozen_backbone_keeps_trainable_weights_in_float32(metho
     autocast (the kept-logits path included); the saved adapter is float32."""
     config = llm_config(tmp_path, model=str(tiny_smollm), method=method, frozen_dtype="bfloat16",
                         mixed_precision="bf16", max_steps=2)
-    model, tokenizer = loop.build_model(config)
+    model, tokenizer = model_setup.build_model(config)
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     trained = {p.dtype for p in model.parameters() if p.requires_grad}
     assert frozen == {torch.bfloat16} and trained == {torch.float32}
@@ -688,7 +797,7 @@ def test_skipping_adapter_input_casts_under_autocast_changes_no_number():
     input_ids = torch.randint(5, TINY_VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     losses = []
     for skip in (False, True):
-        with torch.autocast("cpu", dtype=torch.bfloat16), loop._input_casts_skipped(layers if skip else []):
+        with torch.autocast("cpu", dtype=torch.bfloat16), training_losses.input_casts_skipped(layers if skip else []):
             assert all(m.cast_input_dtype_enabled is not skip for m in layers)
             losses.append(model(input_ids=input_ids, labels=input_ids).loss)
     assert all(m.cast_input_dtype_enabled is True for m in layers)

@@ -1,4 +1,4 @@
-"""Training: `TrainConfig` (YAML + ``key=value`` overrides) and `train()` on Accelerate.
+"""Training: `TrainConfig` (YAML + ``key=value`` overrides) and the `Trainer` on Accelerate (`train()` runs it).
 
 ```py
 from peftprompt.training import build_model, load_config, train
@@ -10,23 +10,18 @@ result = train(config, model, tokenizer, train_dataset, collator, eval_dataset)
 """
 
 from .config import TrainConfig, cpu_bf16_flags, load_config, resolve_frozen_dtype, resolve_mixed_precision
-from .loop import (
-    TrainResult,
-    build_model,
-    count_loss_items,
-    default_compute_metrics,
-    distributed_state,
-    evaluate_loss,
-    latest_checkpoint,
-    list_checkpoints,
-    make_optimizer,
-    prepare_backbone,
-    train,
-)
+from .checkpoints import latest_checkpoint, list_checkpoints
+from .evaluation import default_compute_metrics, evaluate_loss
+from .losses import count_loss_items
+from .model_setup import build_model, distributed_state, make_optimizer, prepare_backbone
+from .state import TrainerState, TrainResult
+from .trainer import Trainer, train
 
 __all__ = [
     "TrainConfig",
     "TrainResult",
+    "Trainer",
+    "TrainerState",
     "build_model",
     "count_loss_items",
     "cpu_bf16_flags",

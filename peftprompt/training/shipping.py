@@ -33,7 +33,11 @@ from safetensors import safe_open
 from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_dir, load_adapter
 from ..atomic import write_dir_atomically, write_file_atomically
 from ..backbones import EMBEDDED_ALIASES, MINILM_PACKAGE, SMOLLM2_CACHE_NAME, load_backbone
+from ..errors import InputError
+from ..methods import MERGEABLE_METHODS, METHOD_DESCRIPTIONS, METHODS, PROMPT_LEARNING_METHODS, method_name
 from ..report import format_bytes
+from .sharding import gathered_weights, is_sharded
+from ..tasks import SAVED_HEAD_NAMES, TASK_NAMES, get_task, task_for_peft_type
 
 # Embedded backbones by their short name (what `load_backbone` takes) and their Hugging Face Hub id.
 EMBEDDED_HUB_IDS = {
@@ -43,35 +47,9 @@ EMBEDDED_HUB_IDS = {
 # Parts of the local path an embedded backbone is loaded from (recorded as `base_model_name_or_path`).
 EMBEDDED_PATH_MARKERS = {MINILM_PACKAGE: "minilm", SMOLLM2_CACHE_NAME: "smollm2-135m"}
 
-PEFT_TASK_TO_TASK = {
-    "SEQ_CLS": "seq_cls",
-    "TOKEN_CLS": "token_cls",
-    "CAUSAL_LM": "causal_lm",
-    "FEATURE_EXTRACTION": "feature",
-}
-TASK_TO_PIPELINE_TAG = {
-    "seq_cls": "text-classification",
-    "token_cls": "token-classification",
-    "causal_lm": "text-generation",
-    "feature": "feature-extraction",
-}
-TASK_TO_AUTO_CLASS_NAME = {
-    "seq_cls": "AutoModelForSequenceClassification",
-    "token_cls": "AutoModelForTokenClassification",
-    "causal_lm": "AutoModelForCausalLM",
-    "feature": "AutoModel",
-}
-METHOD_DESCRIPTIONS = {
-    "lora": "LoRA (low-rank updates of the attention projections)",
-    "prefix": "prefix tuning (trained key/value prefixes in every layer)",
-    "prompt": "prompt tuning (trained virtual input-token embeddings)",
-    "ptuning": "P-tuning (virtual tokens produced by a small prompt encoder)",
-    "ia3": "IA3 (rescaling vectors on keys, values and feed-forward activations)",
-    "bitfit": "BitFit (a trained delta on every bias term; registered with PEFT by `import peftprompt`)",
-    "full": "full fine-tuning (every weight)",
-}
-MERGEABLE_METHODS = ("lora", "ia3", "bitfit")
-HEAD_WEIGHT_SUFFIXES = ("classifier.weight", "score.weight")
+# Tasks (auto class, pipeline tag, heads) come from `peftprompt.tasks`; method names and descriptions from
+# `peftprompt.methods` (`METHODS`, `METHOD_DESCRIPTIONS`, `MERGEABLE_METHODS`, `method_name`).
+HEAD_WEIGHT_SUFFIXES = tuple(f"{head}.weight" for head in SAVED_HEAD_NAMES)
 MODEL_CARD = "README.md"
 
 ZERO3_HINT = (
@@ -143,7 +121,7 @@ def save_trained_adapter(model, accelerator, output_dir: Union[str, Path], token
     """Save the trained adapter (or full model) of a run launched with ``accelerate launch``; call on every process.
 
     (a) Gathers the full state dict with ``accelerator.get_state_dict(model)`` (ZeRO-3 / FSDP shards are gathered
-    onto the main process), (b) unwraps the model, (c) on the main process saves with
+    onto the main process; a model sharded with ``fully_shard`` through `peftprompt.training.sharding`), (b) unwraps the model, (c) on the main process saves with
     ``save_pretrained(tmp, state_dict=..., safe_serialization=True)`` plus the tokenizer into a directory renamed
     into place only when complete, (d) refuses (`EmptyAdapterError`, raised on every process) to write weights that
     are empty, keeping whatever `output_dir` held before. All processes wait for the save before returning.
@@ -151,7 +129,8 @@ def save_trained_adapter(model, accelerator, output_dir: Union[str, Path], token
     from accelerate.utils import broadcast_object_list
 
     output_dir = Path(output_dir)
-    state_dict = accelerator.get_state_dict(model)  # every process: a collective under ZeRO-3 / FSDP
+    # every process: a collective under ZeRO-3 / FSDP, and for a model sharded by `peftprompt.training.sharding`
+    state_dict = gathered_weights(model) if is_sharded(model) else accelerator.get_state_dict(model)
     error: list[Optional[str]] = [None]
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
@@ -270,8 +249,9 @@ def write_model_card(
         output_dir: The adapter directory (the card replaces the stub README that PEFT writes).
         base_model (`str`): Embedded name, hub id or path of the backbone; embedded backbones are named by their
             Hub id in the front matter and by their short name in the loading code.
-        method (`str`): ``lora``, ``prefix``, ``prompt``, ``ptuning``, ``ia3``, ``bitfit`` or ``full``.
-        task (`str`): ``seq_cls``, ``token_cls``, ``causal_lm`` or ``feature``.
+        method (`str`): One of `peftprompt.METHODS`: ``lora``, ``prefix``, ``prompt``, ``ptuning``, ``ia3``,
+            ``bitfit`` or ``full``.
+        task (`str`): A task of `peftprompt.tasks.TASKS`: ``seq_cls``, ``token_cls``, ``causal_lm`` or ``feature``.
         trainable_params / total_params (`int`): From `peftprompt.parameter_report`.
         adapter_bytes (`int`): Size of the saved weights (`peftprompt.adapters.directory_bytes`).
         metrics (`dict`): Results, e.g. ``{"sst2 test accuracy": 0.8195}`` (nested dicts are flattened with dots).
@@ -280,10 +260,9 @@ def write_model_card(
             used in the loading code (else it is read from the saved head).
         datasets (`list[str]`, *optional*): Data sets it was trained on.
     """
-    if method not in METHOD_DESCRIPTIONS:
-        raise ValueError(f"unknown adapter method {method!r}; choose one of {', '.join(METHOD_DESCRIPTIONS)}")
-    if task not in TASK_TO_PIPELINE_TAG:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASK_TO_PIPELINE_TAG)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
+    spec = get_task(task)
     if total_params <= 0 or not 0 <= trainable_params <= total_params:
         raise ValueError(f"trainable_params ({trainable_params}) must be within 0..total_params ({total_params})")
     output_dir = Path(output_dir)
@@ -292,7 +271,7 @@ def write_model_card(
     front: dict[str, Any] = {
         "library_name": "transformers" if method == "full" else "peft",
         "base_model": repo,
-        "pipeline_tag": TASK_TO_PIPELINE_TAG[task],
+        "pipeline_tag": spec.pipeline_tag,
         "tags": ["peftprompt", method],
     }
     if datasets:
@@ -300,26 +279,26 @@ def write_model_card(
     load_name = embedded_name(base_model) or str(base_model)
     num_labels = config.get("num_labels") or head_num_labels(output_dir)
     load_args, preamble = f"{load_name!r}, task={task!r}", ""
-    if task in ("seq_cls", "token_cls"):
+    if spec.classification:
         load_args += f", num_labels={num_labels if num_labels else 'num_labels'}"
         if not num_labels:
             preamble = "num_labels = ...  # the number of classes it was trained with\n"
     if method == "full":
         load_code = (
-            f"from transformers import {TASK_TO_AUTO_CLASS_NAME[task]}, AutoTokenizer\n\n"
-            f'model = {TASK_TO_AUTO_CLASS_NAME[task]}.from_pretrained("path/to/{output_dir.name}")\n'
+            f"from transformers import {spec.auto_class_name}, AutoTokenizer\n\n"
+            f'model = {spec.auto_class_name}.from_pretrained("path/to/{output_dir.name}")\n'
             f'tokenizer = AutoTokenizer.from_pretrained("path/to/{output_dir.name}")\n'
         )
     else:
         load_code = (
-            "import peftprompt  # registers BitFit with PEFT (needed for bitfit adapters, harmless otherwise)\n"
-            "from peft import PeftModel\n\n"
+            "import peftprompt  # registers BitFit with PEFT\n\n"
             f"{preamble}base, tokenizer = peftprompt.load_backbone({load_args})\n"
-            f'model = PeftModel.from_pretrained(base, "path/to/{output_dir.name}")\n'
+            "# checks the directory; aligns prompt-tuned token-classification logits with the input tokens\n"
+            f'model = peftprompt.load_adapter(base, "path/to/{output_dir.name}")\n'
         )
     merge_note = (
         f"It merges into the base model: `peftprompt export --adapter {output_dir.name} --out merged --merge` writes "
-        f"a plain transformers checkpoint (`{TASK_TO_AUTO_CLASS_NAME[task]}.from_pretrained(\"merged\")`, no PEFT "
+        f"a plain transformers checkpoint (`{spec.auto_class_name}.from_pretrained(\"merged\")`, no PEFT "
         "needed) that runs at the base model's speed."
         if method in MERGEABLE_METHODS
         else "It does not merge into the base model: ship this directory and load it as above."
@@ -334,7 +313,7 @@ def write_model_card(
         "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---",
         f"# {output_dir.name}: {method} on {repo}",
         "## Model description\n\n"
-        f"A {METHOD_DESCRIPTIONS[method]} adapter for `{repo}` ({TASK_TO_PIPELINE_TAG[task]}), trained with "
+        f"A {METHOD_DESCRIPTIONS[method]} adapter for `{repo}` ({spec.pipeline_tag}), trained with "
         "peftprompt (plugins on Hugging Face PEFT) on a frozen backbone"
         + (f" on {', '.join(datasets)}" if datasets else "")
         + ". The task head, where the task has one, is trained and saved with the adapter.",
@@ -360,21 +339,15 @@ def write_model_card(
 # Merged export -----------------------------------------------------------------------------------------------------
 
 
-def _method_name(peft_type: str) -> str:
-    names = {"LORA": "lora", "IA3": "ia3", "BITFIT": "bitfit", "PREFIX_TUNING": "prefix",
-             "PROMPT_TUNING": "prompt", "P_TUNING": "ptuning"}
-    return names.get(str(peft_type), str(peft_type).lower())
-
-
 def _base_model_from_config(config: dict, adapter_dir: Path) -> str:
     recorded = config.get("base_model_name_or_path")
     if not recorded:
-        raise ValueError(f"{adapter_dir / ADAPTER_CONFIG}: field 'base_model_name_or_path' is empty: pass base_model")
+        raise InputError(f"{adapter_dir / ADAPTER_CONFIG}: field 'base_model_name_or_path' is empty: pass base_model")
     embedded = embedded_name(recorded)
     if embedded:  # an embedded backbone's site-packages / cache path: valid on any machine that installs it
         return embedded
     if str(recorded).startswith(("/", ".", "~")) and not Path(recorded).expanduser().exists():
-        raise ValueError(
+        raise InputError(
             f"{adapter_dir / ADAPTER_CONFIG}: field 'base_model_name_or_path' is {recorded!r}, which does not exist "
             "on this machine: pass base_model (--base-model) naming the backbone"
         )
@@ -421,40 +394,44 @@ def export_merged(
         output_dir: Where the merged model and tokenizer go (written atomically).
         base_model (`str`, *optional*): The backbone; by default the adapter config's ``base_model_name_or_path``
             (the local path of an embedded backbone is mapped back to its name, so adapters move between machines).
-        task (`str`, *optional*): ``seq_cls``, ``token_cls``, ``causal_lm`` or ``feature``; by default from the
+        task (`str`, *optional*): A task of `peftprompt.tasks.TASKS`; by default the one whose PEFT task type is the
             adapter config's ``task_type``.
         num_labels (`int`, *optional*): Classes of the head; by default read from the head saved with the adapter.
 
     Raises:
-        `ValueError`: for prompt-learning adapters (prefix, prompt, P-tuning), which cannot merge, and for an
-            unknown base model or task. `FileNotFoundError`: for a missing or incomplete adapter directory.
+        `InputError`: for prompt-learning adapters (prefix, prompt, P-tuning), which cannot merge, and for an
+            unknown base model or task; `InputFileNotFoundError` for a missing or incomplete adapter directory.
     """
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / ADAPTER_CONFIG).is_file() and (adapter_dir / "config.json").is_file():
-        raise ValueError(f"{adapter_dir} is a full model checkpoint (method 'full'), not an adapter: nothing to merge")
+        raise InputError(f"{adapter_dir} is a full model checkpoint (method 'full'), not an adapter: nothing to merge")
     config = check_adapter_dir(adapter_dir)
     peft_config = PeftConfig.from_pretrained(str(adapter_dir))
-    method = _method_name(config["peft_type"])
+    method = method_name(config["peft_type"])
     if peft_config.is_prompt_learning:
-        raise ValueError(
+        raise InputError(
             f"{adapter_dir}: {method} adapters ({config['peft_type']}) cannot be merged: prompt-learning methods "
-            "(prefix, prompt, ptuning) add virtual tokens or key/value prefixes at run time and change no weight; "
-            "ship the adapter directory (peftprompt export without --merge) and load it with PeftModel.from_pretrained"
+            f"({', '.join(PROMPT_LEARNING_METHODS)}) add virtual tokens or key/value prefixes at run time and change "
+            "no weight; ship the adapter directory (peftprompt export without --merge) and load it with "
+            "peftprompt.load_adapter"
         )
     if task is None:
         task_type = config.get("task_type")
-        if task_type not in PEFT_TASK_TO_TASK:
-            raise ValueError(
+        spec = task_for_peft_type(task_type)
+        if spec is None:
+            raise InputError(
                 f"{adapter_dir / ADAPTER_CONFIG}: field 'task_type' is {task_type!r}: pass task "
-                f"({', '.join(PEFT_TASK_TO_TASK.values())})"
+                f"({', '.join(TASK_NAMES)})"
             )
-        task = PEFT_TASK_TO_TASK[task_type]
+    else:
+        spec = get_task(task)
+    task = spec.name
     if base_model is None:
         base_model = _base_model_from_config(config, adapter_dir)
-    if task in ("seq_cls", "token_cls") and num_labels is None:
+    if spec.classification and num_labels is None:
         num_labels = head_num_labels(adapter_dir)
         if num_labels is None:
-            raise ValueError(f"{adapter_dir}: no task head saved with the adapter: pass num_labels (--num-labels)")
+            raise InputError(f"{adapter_dir}: no task head saved with the adapter: pass num_labels (--num-labels)")
     model, tokenizer = load_backbone(base_model, task=task, num_labels=num_labels)
     peft_model = load_adapter(model, adapter_dir)
     merged = peft_model.merge_and_unload()
@@ -466,13 +443,13 @@ def export_merged(
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     card = (
         "---\n" + yaml.safe_dump({"library_name": "transformers", "base_model": hub_id(base_model),
-                                  "pipeline_tag": TASK_TO_PIPELINE_TAG[task],
+                                  "pipeline_tag": spec.pipeline_tag,
                                   "tags": ["peftprompt", method, "merged"]}, sort_keys=False) + "---\n\n"
         f"# {Path(output_dir).name}: {hub_id(base_model)} with a {method} adapter merged in\n\n"
         f"The {method} adapter `{adapter_dir.name}` folded into its base model with PEFT's `merge_and_unload()`. "
         "It is a plain transformers checkpoint:\n\n"
-        f"```python\nfrom transformers import {TASK_TO_AUTO_CLASS_NAME[task]}, AutoTokenizer\n\n"
-        f'model = {TASK_TO_AUTO_CLASS_NAME[task]}.from_pretrained("path/to/{Path(output_dir).name}")\n'
+        f"```python\nfrom transformers import {spec.auto_class_name}, AutoTokenizer\n\n"
+        f'model = {spec.auto_class_name}.from_pretrained("path/to/{Path(output_dir).name}")\n'
         f'tokenizer = AutoTokenizer.from_pretrained("path/to/{Path(output_dir).name}")\n```\n'
     )
     adapter_card = adapter_dir / MODEL_CARD
