@@ -11,22 +11,19 @@ full); per variant the rate with the best validation score is chosen and its tes
 
     .venv/bin/python benchmarks/adapter_methods.py --task sst2 [--steps 600] [--lr-grid 0.3 1 3] [--methods lora bitfit]
 
-Runs live in ``--run-dir`` as ``<task>_<variant>_lr<LR>``. ``--reuse`` reads the runs already finished there (same
-task, variant, rate and steps), so a grid can be widened, or variants added, without repeating it; a run that is
-repeated starts from an empty directory. ``--quick``: LoRA, IA3 and BitFit only (unless ``--methods``), 20 steps,
-the config's rate only, 200 validation sentences, runs under ``outputs/bench_quick``. ``--model`` trains another
-backbone (a path; the tests use a tiny random BERT).
+Runs live in ``--run-dir`` as ``<task>_<variant>_lr<LR>``. ``--reuse`` reads the runs already finished there whose
+saved config equals the requested one (`_runs.run_recipe`), so a grid can be widened, or variants added, without
+repeating it; a run that is repeated starts from an empty directory. ``--quick``: LoRA, IA3 and BitFit only
+(unless ``--methods``), 20 steps, the config's rate only, 200 validation sentences, runs under
+``outputs/bench_quick``. ``--model`` trains another backbone (a path; the tests use a tiny random BERT).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
-import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -35,6 +32,7 @@ from tqdm import tqdm
 
 from _env import environment_record, provenance_line
 from _plot import params_scatter
+from _runs import run_recipe
 from peftprompt.report import format_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,53 +78,32 @@ def run_grid(
     model: Optional[str] = None,
     extra: Sequence[str] = (),
 ) -> list[dict]:
-    """Run the recipe for each ``(variant, learning_rate)`` of `jobs` (at most `parallel` at a time) with the
-    variant's overrides, ``model=`` `model` when given and the `extra` overrides; return their ``results.json``
-    with ``learning_rate``, ``method`` (the variant) and ``label`` set, in `jobs` order. With `reuse`, a run whose
-    directory already holds the ``results.json`` of `steps` steps on the same model is read instead of repeated (to
-    widen a grid)."""
+    """Run the recipe for each ``(variant, learning_rate)`` of `jobs` (at most `parallel` at a time, one thread
+    each) with the variant's overrides, ``model=`` `model` when given and the `extra` overrides; return their
+    ``results.json`` with ``learning_rate``, ``method`` (the variant) and ``label`` set, in `jobs` order. With
+    `reuse`, a run already done with the same config is read instead of repeated (to widen a grid)."""
     recipe = TASKS[task][0]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    pending, running, results = [], {}, {}
 
-    def result(method: str, lr: float, run: dict) -> dict:
+    def train(method: str, lr: float) -> dict:
+        name = f"{task}_{method}_lr{lr:g}"
+        overrides = [f"max_steps={steps}", f"eval_every={steps}", f"learning_rate={lr:g}", *VARIANTS[method][1],
+                     *([f"model={model}"] if model else []), *extra]
+        run = run_recipe(config_path(task, method), overrides, run_dir / name, recipe=recipe, reuse=reuse,
+                         log=run_dir / f"{name}.log", env={"OMP_NUM_THREADS": "1"})
         return {**run, "method": method, "label": LABELS[method], "learning_rate": lr}
 
-    for index, (method, lr) in enumerate(jobs):
-        done = run_dir / f"{task}_{method}_lr{lr:g}" / "results.json"
-        finished = json.loads(done.read_text()) if reuse and done.is_file() else None
-        expected_model = model or yaml.safe_load(config_path(task, method).read_text())["model"]
-        if finished is not None and finished.get("global_step") == steps and finished.get("model") == expected_model:
-            results[index] = result(method, lr, finished)
-        else:
-            pending.append((index, (method, lr)))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(jobs), initial=len(results), desc=f"{task} runs", unit="run") as bar:
-        while pending or running:
-            while pending and len(running) < parallel:
-                index, (method, lr) = pending.pop(0)
-                name = f"{task}_{method}_lr{lr:g}"
-                out = run_dir / name
-                shutil.rmtree(out, ignore_errors=True)  # a repeated run starts afresh (recipes refuse old checkpoints)
-                log = (run_dir / f"{name}.log").open("w")
-                command = [
-                    sys.executable, str(REPO / "recipes" / recipe), "--config", str(config_path(task, method)),
-                    f"max_steps={steps}", f"eval_every={steps}", f"learning_rate={lr:g}", f"output_dir={out}",
-                    *VARIANTS[method][1], *([f"model={model}"] if model else []), *extra,
-                ]
-                process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log)
-                running[index] = (process, out, log, name, method, lr)
-            time.sleep(2)
-            for index, (process, out, log, name, method, lr) in list(running.items()):
-                if process.poll() is None:
-                    continue
-                log.close()
-                del running[index]
-                if process.returncode != 0:
-                    raise RuntimeError(f"{name} failed (exit {process.returncode}); see {log.name}")
-                results[index] = result(method, lr, json.loads((out / "results.json").read_text()))
-                bar.set_postfix_str(name)
+    results = {}
+    with tqdm(total=len(jobs), desc=f"{task} runs", unit="run") as bar, ThreadPoolExecutor(parallel) as pool:
+        futures = {pool.submit(train, method, lr): index for index, (method, lr) in enumerate(jobs)}
+        try:
+            for future in as_completed(futures):
+                index = futures[future]
+                results[index] = future.result()
+                bar.set_postfix_str(f"{task}_{jobs[index][0]}_lr{jobs[index][1]:g}")
                 bar.update()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # start no other run; those running finish
+            raise
     return [results[i] for i in range(len(jobs))]
 
 

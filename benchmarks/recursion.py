@@ -15,8 +15,10 @@ so a compositional follow-up is taught as a question of its own) and ``mix`` (bo
   over the LEAF facts only (`knowledge_base(..., leaves_only=True)`): a follow-up that is itself compositional
   finds nothing and the model self-asks it one level deeper (directly at ``max_depth``).
 
-Runs are reused: a trained mode (its ``results.json`` under ``--runs``) is not trained again, and every evaluated
-cell is kept under ``--runs/cells`` (``--fresh`` recomputes them). Writes ``recursion.{json,md,png}`` to ``--out``:
+Runs are reused: a mode trained before with the same config (its ``results.json`` and ``train_config.yaml`` under
+``--runs``, `_runs.run_recipe`) is not trained again, an interrupted one continues from its newest checkpoint, and
+every evaluated cell is kept under ``--runs/cells`` (``--fresh`` recomputes them). Writes
+``recursion.{json,md,png}`` to ``--out``:
 
     .venv/bin/python benchmarks/recursion.py [--modes flat recursive mix] [--depths 0 1 2 3] [--quick]
 """
@@ -25,10 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -39,6 +38,7 @@ from matplotlib.figure import Figure
 from transformers.utils import logging as transformers_logging
 
 from _env import environment_record, provenance_line
+from _runs import finished_run, requested_config, run_recipe
 from peftprompt import load_adapter, load_backbone
 from peftprompt.atomic import write_file_atomically
 from peftprompt.recursive import Node, convert
@@ -61,24 +61,19 @@ TARGETS = {"deep_em": 0.45, "cc_em": 0.80, "cc_well_formed": 0.98, "recursive_ga
 N_WRONG = 4
 
 
-def train_mode(name: str, run_dir: Path, overrides: list[str]) -> None:
+def train_mode(name: str, run_dir: Path, overrides: list[str]) -> bool:
     """Train the self-ask adapter of mode or variant `name` into `run_dir` with ``accelerate launch`` (2 CPU
-    processes, or one GPU), resuming from its newest checkpoint."""
+    processes, or one GPU), unless it is done (`_runs.run_recipe`); an interrupted run continues from its newest
+    checkpoint. Return whether it trained now."""
     mode, extra = VARIANTS.get(name, (name, []))
-    import torch
-
-    if torch.cuda.is_available():
-        launch, env = ["--config_file", str(REPO / "recipes/accelerate/single_gpu.yaml")], {}
-    else:
-        launch = ["--config_file", str(REPO / "recipes/accelerate/cpu_2proc.yaml")]
-        env = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    command = [str(Path(sys.executable).with_name("accelerate")), "launch", *launch,
-               str(REPO / "recipes/selfask_sft.py"), "--config", str(CONFIG), f"data.mode={mode}", *extra,
-               f"output_dir={run_dir}", "resume_from=latest", "data.generate_eval=0", *overrides]
-    print("$", " ".join(command), flush=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env}
-    if subprocess.run(command, cwd=REPO, env=env).returncode != 0:
-        raise SystemExit(f"recursion: training {name!r} failed (output above)")
+    overrides = [f"data.mode={mode}", *extra, "data.generate_eval=0", *overrides]
+    if finished_run(run_dir, requested_config(CONFIG, overrides, run_dir)) is not None:
+        return False
+    try:
+        run_recipe(CONFIG, overrides, run_dir, recipe="selfask_sft.py", processes=2, resume=True)
+    except RuntimeError as err:
+        raise SystemExit(f"recursion: {err}") from None
+    return True
 
 
 def per_depth(records: list[dict], depth_of: dict[str, int]) -> dict[str, dict]:
@@ -208,7 +203,7 @@ def write_results(result: dict, out: Path) -> None:
 
 
 def summarise(result: dict, shipped_mode: str) -> dict:
-    """The findings against the issue's targets, and the wrong answers of each mode at its best depth."""
+    """The findings against `TARGETS`, and the wrong answers of each mode at its best depth."""
     cells, depths, modes = result["cells"], result["depths"], result["modes"]
     best = {m: max((d for d in depths if f"{m}/deep/{d}" in cells), key=lambda d: cells[f"{m}/deep/{d}"]["em"])
             for m in modes if any(f"{m}/deep/{d}" in cells for d in depths)}
@@ -297,8 +292,7 @@ def main() -> None:
     transformers_logging.set_verbosity_error()
     trained_now, evaluated_now = set(), set()
     for mode in args.modes:
-        if not (args.runs / mode / "results.json").is_file() and not args.cached_only:
-            train_mode(mode, (args.runs / mode).resolve(), overrides)
+        if not args.cached_only and train_mode(mode, (args.runs / mode).resolve(), overrides):
             trained_now.add(mode)
 
     sets = {"compositional_celebrities": cc, "deep": deep}

@@ -6,9 +6,9 @@ Stages, in order (`STAGES`): ``methods_overview``, ``collator``, ``speed``, ``ss
 ``demo_adapter`` (trains the self-ask LoRA of ``make demo`` by running ``recipes/demo_selfask.py --n 5``, only when
 ``outputs/demo_selfask/adapter`` is missing), ``selfask`` (that adapter against the base model), ``selfask_methods``,
 ``params_vs_accuracy`` and ``recursion`` (flat / recursive / mix training against ``max_depth``; its trained runs
-and evaluated cells under ``outputs/recursion`` are reused). Every script writes its JSON, Markdown and PNG to ``--out``. The sweeps
-(``adapter_methods.py``, ``selfask_methods.py``) reuse the runs they finished before under ``outputs/bench``
-(``--no-reuse`` repeats them).
+and evaluated cells under ``outputs/recursion`` are reused). Every script writes its JSON, Markdown and PNG to
+``--out``. The sweeps (``adapter_methods.py``, ``selfask_methods.py``) reuse the runs they finished before under
+``outputs/bench`` with the same config (``_runs.run_recipe``; ``--no-reuse`` repeats them).
 
 A stage's estimate is the wall time its JSON under ``--out`` recorded (``wall_seconds``; ``wall_s`` in
 ``collator.json``, the sum over the runs in ``speed.json``), else a fixed guess (`Stage`). ``--quick`` passes

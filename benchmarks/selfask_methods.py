@@ -27,31 +27,27 @@ Writes ``selfask_methods.{json,md,png}`` to ``--out``:
     .venv/bin/python benchmarks/selfask_methods.py [--steps 100] [--n 100] [--methods lora_r16 ia3] [--reuse]
 
 Runs live in ``--run-dir`` as ``selfask_<variant>`` (with ``train.log`` and ``selfask_eval.json``). ``--reuse``
-keeps a run whose ``train_config.yaml`` and ``results.json`` match (variant, model, steps) and an evaluation of the
-same questions; anything repeated starts from an empty directory. ``--quick``: LoRA r16 and BitFit only (unless
-``--methods``), 5 steps on 200 training trees, 10 questions, runs under ``outputs/bench_quick``. ``--model``
-trains another causal LM (the tests use a tiny one).
+keeps a run whose saved config (``train_config.yaml``, next to its ``results.json``) equals the requested one
+(`_runs.run_recipe`) and an evaluation of the same questions; anything repeated starts from an empty directory.
+``--quick``: LoRA r16 and BitFit only (unless ``--methods``), 5 steps on 200 training trees, 10 questions, runs
+under ``outputs/bench_quick``. ``--model`` trains another causal LM (the tests use a tiny one).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-import torch
 import yaml
 from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
 
 from _env import environment_record, provenance_line
 from _plot import params_scatter
+from _runs import run_recipe
 from peftprompt import load_adapter, load_backbone
 from peftprompt.recursive import convert
 from peftprompt.report import format_bytes
@@ -107,34 +103,9 @@ RATE_RULE = ("LoRA and QLoRA: the config's 1e-3; others: 1e-3 x (their tuned rat
              "mean over SST-2 and CoNLL-2003, one significant figure")
 
 
-def train_command(variant: str, steps: int, run: Path, model: str, extra: list[str],
-                  processes: int) -> tuple[list[str], dict]:
-    """The command line training `variant` into `run`, and its environment."""
-    overrides = [f"model={model}", *VARIANTS[variant].overrides(), f"max_steps={steps}", "data.generate_eval=0",
-                 f"output_dir={run}", *extra]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    recipe = [str(REPO / "recipes/selfask_sft.py"), "--config", str(CONFIG), *overrides]
-    accelerate = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file"]
-    if torch.cuda.is_available():
-        return [*accelerate, str(REPO / "recipes/accelerate/single_gpu.yaml"), *recipe], env
-    if processes == 2:  # see recipes/accelerate/cpu_2proc.yaml
-        env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-        return [*accelerate, str(REPO / "recipes/accelerate/cpu_2proc.yaml"), *recipe], env
-    return [sys.executable, *recipe], env
-
-
-def finished_training(run: Path, variant: str, steps: int, model: str) -> Optional[dict]:
-    """The ``results.json`` of a finished run of `variant` on `model` for `steps` steps in `run`, else `None`."""
-    results, config = run / "results.json", run / "train_config.yaml"
-    if not (results.is_file() and config.is_file()):
-        return None
-    v, trained = VARIANTS[variant], yaml.safe_load(config.read_text())
-    expected = {"model": model, "method": v.method, "method_args": v.method_args, "learning_rate": v.learning_rate,
-                "max_steps": steps, "per_device_train_batch_size": v.batch_size, "load_in_8bit": v.quantised == "8bit", "load_in_4bit": v.quantised == "4bit"}
-    if any(trained.get(key) != value for key, value in expected.items()):
-        return None
-    run_results = json.loads(results.read_text())
-    return run_results if run_results.get("global_step") == steps else None
+def train_overrides(variant: str, steps: int, model: str, extra: list[str]) -> list[str]:
+    """The recipe's config overrides that train `variant` for `steps` steps on `model`."""
+    return [f"model={model}", *VARIANTS[variant].overrides(), f"max_steps={steps}", "data.generate_eval=0", *extra]
 
 
 def load_trained(run: Path):
@@ -164,16 +135,8 @@ def run_variant(variant: str, args: argparse.Namespace, extra: list[str], trees:
     """Train `variant` (unless `args.reuse` finds it done), evaluate it (same), and return its row."""
     run = args.run_dir / f"selfask_{variant}"
     v = VARIANTS[variant]
-    trained = finished_training(run, variant, args.steps, args.model) if args.reuse else None
-    if trained is None:
-        shutil.rmtree(run, ignore_errors=True)
-        run.mkdir(parents=True)
-        command, env = train_command(variant, args.steps, run.resolve(), args.model, extra, args.processes)
-        with (run / "train.log").open("w") as log:
-            done = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=log)
-        if done.returncode != 0:
-            raise RuntimeError(f"training {variant} failed (exit {done.returncode}); see {run / 'train.log'}")
-        trained = json.loads((run / "results.json").read_text())
+    trained = run_recipe(CONFIG, train_overrides(variant, args.steps, args.model, extra), run,
+                         recipe="selfask_sft.py", processes=args.processes, reuse=args.reuse, log=run / "train.log")
     questions = {"source": SOURCE, "n": len(trees), "seed": SEED, "threshold": args.threshold}
     saved = run / "selfask_eval.json"
     scores = json.loads(saved.read_text()) if args.reuse and saved.is_file() else None

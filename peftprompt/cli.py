@@ -19,21 +19,24 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from .backbones import BackboneError
+from .errors import InputError
+from .methods import METHODS
+from .tasks import CLASSIFICATION_TASKS, TASK_NAMES
 
 EXIT_USAGE = 2
 
 
 def _info(args: argparse.Namespace) -> None:
     from .backbones import load_backbone
-    from .methods import METHODS, attach
+    from .methods import attach
     from .report import markdown_table, parameter_report
 
     methods = list(METHODS) if args.method == "all" else [args.method]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown adapter method {unknown[0]!r}; choose one of {', '.join(METHODS)} or 'all'")
-    num_labels = args.num_labels if args.task in ("seq_cls", "token_cls") else None
+        raise InputError(f"--method: unknown adapter method {unknown[0]!r}; choose one of {', '.join(METHODS)} or "
+                         "'all'", field="--method")
+    num_labels = args.num_labels if args.task in CLASSIFICATION_TASKS else None
     reports = []
     for method in methods:
         model, _ = load_backbone(args.model, task=args.task, num_labels=num_labels)
@@ -113,7 +116,7 @@ def _data_show(args: argparse.Namespace) -> None:
     from .recursive.unroll import TEMPLATES, Unroller
 
     if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
+        raise InputError(f"--n must be >= 1, got {args.n}", field="--n")
     trees = read_trees(args.trees)[: args.n]
     tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(args.model))
     unroller = Unroller(mode=args.mode, template=TEMPLATES[args.template], max_depth=args.max_depth)
@@ -167,7 +170,7 @@ def _export(args: argparse.Namespace) -> None:
     if not args.merge:
         for name in ("base_model", "task", "num_labels"):
             if getattr(args, name) is not None:
-                raise ValueError(f"--{name.replace('_', '-')} only applies with --merge")
+                raise InputError(f"--{name.replace('_', '-')} only applies with --merge", field="--merge")
         out, copied = export_adapter(args.adapter, args.out)
         print(f"copied adapter {args.adapter} to {out} ({', '.join(copied)})")
         return
@@ -185,7 +188,7 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--merge", action="store_true", help="merge the adapter into its base model (lora, ia3, "
                         "bitfit); without it, copy the adapter's config, weights, tokenizer and model card")
     export.add_argument("--base-model", default=None, help="with --merge: the backbone (default: from the adapter)")
-    export.add_argument("--task", default=None, choices=["seq_cls", "token_cls", "causal_lm", "feature"],
+    export.add_argument("--task", default=None, choices=TASK_NAMES,
                         help="with --merge: the task head (default: the adapter's task_type)")
     export.add_argument("--num-labels", type=int, default=None,
                         help="with --merge: classes of the head (default: read from the saved head)")
@@ -202,9 +205,10 @@ def _ask(args: argparse.Namespace) -> None:
     from .selfask import FEW_SHOT_SELF_ASK, RetrieverAnswerer, SelfAskRunner, answerers_from_names
     from .selfask.show import print_run
 
+    _check_recursion_arguments(args)
     names = args.answerers or (["retriever"] if args.kb else ["model"])
     if "retriever" in names and not args.kb:
-        raise ValueError("--answerers retriever needs --kb FILE (the facts it retrieves from)")
+        raise InputError("--answerers retriever needs --kb FILE (the facts it retrieves from)", field="--kb")
     retriever = RetrieverAnswerer.from_jsonl(args.kb, threshold=args.threshold) if args.kb else None
     answerer = answerers_from_names(names, retriever=retriever)  # bad names fail before the model loads
     model, tokenizer = load_backbone(args.model, task="causal_lm")
@@ -225,6 +229,11 @@ def _ask(args: argparse.Namespace) -> None:
             console.print(f"{escape(result.answer or '(no answer)')}  [dim]({escape(note)})[/]")
     if args.trace_out:
         write_trees(args.trace_out, [r.trace for r in results])
+
+
+def _check_recursion_arguments(args: argparse.Namespace) -> None:
+    if args.max_depth < 0:
+        raise InputError(f"--max-depth must be >= 0, got {args.max_depth}", field="--max-depth")
 
 
 def _add_recursion_arguments(parser: argparse.ArgumentParser) -> None:
@@ -264,23 +273,26 @@ def _eval_selfask(args: argparse.Namespace) -> None:
     from .selfask.evaluate import APPROACHES, compare_approaches, format_table, knowledge_base, sample_trees
 
     if args.n is not None and args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
+        raise InputError(f"--n must be >= 1, got {args.n}", field="--n")
+    _check_recursion_arguments(args)
     approaches = args.approaches or [a for a in APPROACHES if a != "fine_tuned_self_ask" or args.adapter]
     unknown = [a for a in approaches if a not in APPROACHES]
     if unknown:
-        raise ValueError(f"unknown approach {unknown[0]!r}; choose from {', '.join(APPROACHES)}")
+        raise InputError(f"--approaches: unknown approach {unknown[0]!r}; choose from {', '.join(APPROACHES)}",
+                         field="--approaches")
     if "fine_tuned_self_ask" in approaches and not args.adapter:
-        raise ValueError("approach 'fine_tuned_self_ask' needs --adapter")
+        raise InputError("approach 'fine_tuned_self_ask' needs --adapter", field="--adapter")
     names = args.answerers or (["model"] if args.no_kb else ["retriever"])
     if "retriever" in names and args.no_kb:
-        raise ValueError("--answerers retriever contradicts --no-kb")
+        raise InputError("--answerers retriever contradicts --no-kb", field="--answerers")
     if args.trees:
         trees = read_trees(args.trees)
     else:
         trees = convert(args.source, split=args.split, limit=None if args.sample_seed is not None else args.n)
     trees = sample_trees(trees, args.n, args.sample_seed)
     if not trees:
-        raise ValueError(f"no trees to evaluate from {args.trees or args.source}")
+        option = "--trees" if args.trees else "--source"
+        raise InputError(f"{option}: no trees to evaluate from {args.trees or args.source}", field=option)
     answerer = answerers_from_names(names, knowledge_base(trees, leaves_only=args.knowledge == "leaves"),
                                     args.threshold)  # bad names fail before the models load
 
@@ -354,9 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="trainable parameters and adapter size of a method on a backbone")
     info.add_argument("--model", default="minilm", help="embedded name (minilm, smollm2-135m), hub id or path")
-    info.add_argument("--method", default="all", help="adapter method, or 'all'")
-    info.add_argument("--task", default="seq_cls", choices=["seq_cls", "token_cls", "causal_lm", "feature"])
-    info.add_argument("--num-labels", type=int, default=2, help="classes of the head (seq_cls, token_cls)")
+    info.add_argument("--method", default="all", help=f"adapter method ({', '.join(METHODS)}), or 'all'")
+    info.add_argument("--task", default="seq_cls", choices=TASK_NAMES)
+    info.add_argument("--num-labels", type=int, default=2,
+                      help=f"classes of the head ({', '.join(CLASSIFICATION_TASKS)})")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
     info.set_defaults(run=_info)
 
@@ -374,14 +387,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line; errors in the user's input print one line and exit with status 2."""
+    """Run the command line. An `InputError` (a bad argument, file, line or field the user gave) prints one line
+    and exits with status 2; any other exception is a bug or an environment failure and keeps its traceback."""
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()  # no load reports for the freshly initialised task heads
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, BackboneError) as err:
+    except InputError as err:
         print(f"peftprompt {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     return 0

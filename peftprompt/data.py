@@ -9,7 +9,9 @@ from typing import Iterator, Optional, Union
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from .training.metrics import iob1_to_iob2
+from .errors import InputError, InputFileNotFoundError
+
+from .metrics import iob1_to_iob2
 
 DATA_ENV_VAR = "PEFTPROMPT_DATA"
 SST2_SPLITS = ("train", "dev", "test")
@@ -21,7 +23,9 @@ def data_root() -> Path:
     env = os.environ.get(DATA_ENV_VAR)
     root = Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "shared" / "data"
     if not root.is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist: set ${DATA_ENV_VAR} to the folder holding sst2/")
+        raise InputFileNotFoundError(
+            f"data folder {root} does not exist: set ${DATA_ENV_VAR} to the folder holding sst2/", file=root
+        )
     return root
 
 
@@ -32,7 +36,8 @@ def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
             try:
                 yield lineno, raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
+                raise InputError(f"not valid UTF-8 ({err.reason} at byte {err.start})", file=path,
+                                 line=lineno) from err
 
 
 def read_sst2(split: str, limit: Optional[int] = None) -> list[tuple[str, int]]:
@@ -43,13 +48,13 @@ def read_sst2(split: str, limit: Optional[int] = None) -> list[tuple[str, int]]:
         limit (`int`, *optional*): Read only the first `limit` rows.
 
     Raises:
-        `ValueError`: naming the file, line and field of the first malformed row, e.g.
+        `InputError`: naming the file, line and field of the first malformed row, e.g.
             ``.../train.tsv:17: field 'label' must be 0 or 1, got 'x'``.
     """
     if split not in SST2_SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SST2_SPLITS)}, got {split!r}")
+        raise InputError(f"split must be one of {', '.join(SST2_SPLITS)}, got {split!r}", field="split")
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise InputError(f"limit must be >= 0, got {limit}", field="limit")
     path = data_root() / "sst2" / f"{split}.tsv"
     rows: list[tuple[str, int]] = []
     for lineno, line in numbered_lines(path):
@@ -58,20 +63,20 @@ def read_sst2(split: str, limit: Optional[int] = None) -> list[tuple[str, int]]:
         fields = line.split("\t")
         if lineno == 1:
             if fields != SST2_HEADER:
-                raise ValueError(f"{path}:1: header must be 'sentence<TAB>label', got {line!r}")
+                raise InputError(f"header must be 'sentence<TAB>label', got {line!r}", file=path, line=1)
             continue
         if not line:
             continue
         if len(fields) != 2:
-            raise ValueError(f"{path}:{lineno}: expected 2 fields (sentence<TAB>label), got {len(fields)}")
+            raise InputError(f"expected 2 fields (sentence<TAB>label), got {len(fields)}", file=path, line=lineno)
         sentence, label = fields[0].strip(), fields[1].strip()
         if not sentence:
-            raise ValueError(f"{path}:{lineno}: field 'sentence' is empty")
+            raise InputError("field 'sentence' is empty", file=path, line=lineno, field="sentence")
         if label not in ("0", "1"):
-            raise ValueError(f"{path}:{lineno}: field 'label' must be 0 or 1, got {fields[1]!r}")
+            raise InputError(f"field 'label' must be 0 or 1, got {fields[1]!r}", file=path, line=lineno, field="label")
         rows.append((sentence, int(label)))
     if not rows and limit != 0:
-        raise ValueError(f"{path}: no rows after the header")
+        raise InputError("no rows after the header", file=path)
     return rows
 
 
@@ -107,17 +112,16 @@ def sst2_dataset(
 CONLL03_SPLITS = ("train", "testa", "testb")
 # The 9 NER tags in IOB2, in the order of the Hugging Face `conll2003` data set; label ids index this tuple.
 CONLL03_LABELS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
+# The columns of a line of the file; only the token and its NER tag are kept (the POS and chunk tags are checked
+# for presence and dropped).
 CONLL03_FIELDS = ("token", "pos", "chunk", "ner")
-# Columns of `conll03_dataset` that map token predictions back to words; drop them before a data collator
-# (`dataset.remove_columns(list(CONLL03_WORD_COLUMNS))`); `transformers.Trainer` drops them itself.
-CONLL03_WORD_COLUMNS = ("word_ids", "word_count")
 
 
 def read_conll03(split: str, limit: Optional[int] = None) -> list[tuple[list[str], list[str]]]:
     """Read ``conll2003/eng.{split}`` as `(words, ner_tags)` sentences, tags in IOB2 (`CONLL03_LABELS`).
 
     The file has one token per line as ``token POS chunk NER`` (space-separated) and a blank line between sentences;
-    ``-DOCSTART-`` lines are skipped. Tags are converted from IOB1 to IOB2 (`peftprompt.training.metrics.iob1_to_iob2`), so the original
+    ``-DOCSTART-`` lines are skipped. Tags are converted from IOB1 to IOB2 (`peftprompt.metrics.iob1_to_iob2`), so the original
     IOB1 release and the IOB2 re-release (the copy in ``../shared/data``, see its SOURCE.md) read the same.
 
     Args:
@@ -125,17 +129,19 @@ def read_conll03(split: str, limit: Optional[int] = None) -> list[tuple[list[str
         limit (`int`, *optional*): Read only the first `limit` sentences.
 
     Raises:
-        `ValueError`: naming the file, line and field of the first malformed line, e.g.
+        `InputError`: naming the file, line and field of the first malformed line, e.g.
             ``.../eng.train:12: field 'ner' must be one of O, B-PER, ..., got 'B-FOO'``.
-        `FileNotFoundError`: if the file is missing.
+        `InputFileNotFoundError` (a `FileNotFoundError`): if the file is missing.
     """
     if split not in CONLL03_SPLITS:
-        raise ValueError(f"split must be one of {', '.join(CONLL03_SPLITS)}, got {split!r}")
+        raise InputError(f"split must be one of {', '.join(CONLL03_SPLITS)}, got {split!r}", field="split")
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise InputError(f"limit must be >= 0, got {limit}", field="limit")
     path = data_root() / "conll2003" / f"eng.{split}"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: CoNLL-2003 is not redistributed, put eng.{split} there")
+        raise InputFileNotFoundError(
+            f"{path} is missing: CoNLL-2003 is not redistributed, put eng.{split} there", file=path
+        )
     sentences: list[tuple[list[str], list[str]]] = []
     words: list[str] = []
     tags: list[str] = []
@@ -157,20 +163,21 @@ def read_conll03(split: str, limit: Optional[int] = None) -> list[tuple[list[str
             close_sentence()
             continue
         if len(fields) != len(CONLL03_FIELDS):
-            raise ValueError(
-                f"{path}:{lineno}: expected {len(CONLL03_FIELDS)} space-separated fields "
-                f"({' '.join(CONLL03_FIELDS)}), got {len(fields)}"
+            raise InputError(
+                f"expected {len(CONLL03_FIELDS)} space-separated fields ({' '.join(CONLL03_FIELDS)}), "
+                f"got {len(fields)}", file=path, line=lineno,
             )
         if fields[3] not in CONLL03_LABELS:
-            raise ValueError(
-                f"{path}:{lineno}: field 'ner' must be one of {', '.join(CONLL03_LABELS)}, got {fields[3]!r}"
+            raise InputError(
+                f"field 'ner' must be one of {', '.join(CONLL03_LABELS)}, got {fields[3]!r}", file=path, line=lineno,
+                field="ner",
             )
         words.append(fields[0])
         tags.append(fields[3])
     if limit is None or len(sentences) < limit:
         close_sentence()
     if not sentences and limit != 0:
-        raise ValueError(f"{path}: no sentences")
+        raise InputError("no sentences", file=path)
     return sentences
 
 
@@ -183,15 +190,14 @@ def conll03_dataset(
 ) -> Dataset:
     """CoNLL-2003 `split` tokenised for token classification, labels aligned to sub-tokens.
 
-    Columns: ``input_ids``, ``attention_mask`` (``token_type_ids``), ``labels``, and for mapping predictions back to
-    words ``word_ids`` (the word index of each token, -1 for special tokens) and ``word_count`` (words in the
-    sentence, before truncation); see `conll03_word_tags`.
+    Columns: ``input_ids``, ``attention_mask`` (``token_type_ids``) and ``labels``. Training and evaluation score
+    the labelled sub-tokens only (one per word by default), so no word-level mapping is needed.
 
     Args:
         tokenizer (`PreTrainedTokenizerBase`): A fast tokenizer (``word_ids()`` is needed).
         split (`str`): ``"train"``, ``"testa"`` or ``"testb"``.
-        max_length (`int`, defaults to 128): Sentences are truncated to this many tokens (words cut off get no label;
-            `conll03_word_tags` predicts ``O`` for them, so they count as missed entities).
+        max_length (`int`, defaults to 128): Sentences are truncated to this many tokens (words cut off get no label
+            and are not scored).
         limit (`int`, *optional*): Use only the first `limit` sentences.
         label_all_subtokens (`bool`, defaults to `False`): By default only the FIRST sub-token of each word carries
             the word's label id (index into `CONLL03_LABELS`); the other sub-tokens and the special tokens get -100.
@@ -209,7 +215,7 @@ def conll03_dataset(
 
     def tokenize(batch: dict) -> dict:
         encoded = tokenizer(batch["tokens"], is_split_into_words=True, truncation=True, max_length=max_length)
-        labels, word_ids_column = [], []
+        labels = []
         for index, tags in enumerate(batch["ner_tags"]):
             word_ids = encoded.word_ids(index)
             row_labels, previous = [], None
@@ -222,31 +228,8 @@ def conll03_dataset(
                     row_labels.append(continuation_id[tags[word]] if label_all_subtokens else -100)
                 previous = word
             labels.append(row_labels)
-            word_ids_column.append([-1 if word is None else word for word in word_ids])
         encoded["labels"] = labels
-        encoded["word_ids"] = word_ids_column
-        encoded["word_count"] = [len(words) for words in batch["tokens"]]
         return encoded
 
     return raw.map(tokenize, batched=True, remove_columns=["tokens", "ner_tags"], desc=f"tokenising conll03 {split}")
 
-
-def conll03_word_tags(token_predictions, word_ids: list[int], word_count: int) -> list[str]:
-    """One predicted tag per word from token-level predictions, for `peftprompt.training.metrics.entity_f1`.
-
-    Args:
-        token_predictions: Predicted label ids (indices into `CONLL03_LABELS`) for the tokens of one row, aligned with
-            its ``input_ids`` (padding beyond ``len(word_ids)`` is ignored).
-        word_ids (`list[int]`): The row's ``word_ids`` column (-1 for special tokens).
-        word_count (`int`): The row's ``word_count``; words cut off by truncation are predicted ``O``.
-
-    Each word takes the prediction of its FIRST sub-token.
-    """
-    tags = ["O"] * word_count
-    seen: set[int] = set()
-    for position, word in enumerate(word_ids):
-        if word < 0 or word in seen:
-            continue
-        seen.add(word)
-        tags[word] = CONLL03_LABELS[int(token_predictions[position])]
-    return tags

@@ -25,14 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from transformers.utils import logging as transformers_logging
 
@@ -44,7 +41,8 @@ from peftprompt.report import format_bytes
 from peftprompt.selfask import FEW_SHOT_SELF_ASK, RetrieverAnswerer, SelfAskRunner
 from peftprompt.selfask.evaluate import evaluate_selfask, knowledge_base, sample_trees
 from peftprompt.selfask.show import print_run
-from peftprompt.training.metrics import exact_match
+from peftprompt.training.recipe import launch_command
+from peftprompt.metrics import exact_match
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "recipes/configs/smollm2/selfask_lora.yaml"
@@ -54,16 +52,10 @@ DEEP_QUESTION = "Which film has the director who died later, The More The Merrie
 
 
 def train_command(output_dir: Path, overrides: list[str]) -> tuple[list[str], dict]:
-    """The ``accelerate launch`` command line of the self-ask recipe and its environment."""
-    if torch.cuda.is_available():
-        launch, env = ["--config_file", str(REPO / "recipes/accelerate/single_gpu.yaml")], {}
-    else:  # see recipes/accelerate/cpu_2proc.yaml: ACCELERATE_USE_CPU makes torchrun's 2 processes use gloo
-        launch = ["--config_file", str(REPO / "recipes/accelerate/cpu_2proc.yaml")]
-        env = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    accelerate = Path(sys.executable).with_name("accelerate")
-    command = [str(accelerate), "launch", *launch, str(REPO / "recipes/selfask_sft.py"), "--config", str(CONFIG),
-               f"output_dir={output_dir}", "resume_from=latest", *overrides]
-    return command, {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env}
+    """The ``accelerate launch`` command line of the self-ask recipe (2 CPU processes, or one GPU), resuming from
+    the newest checkpoint in `output_dir`, and its environment."""
+    return launch_command(REPO / "recipes/selfask_sft.py", CONFIG,
+                          [f"output_dir={output_dir}", "resume_from=latest", *overrides], processes=2)
 
 
 def deep_question() -> Node:

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import random
 
-from peft import PromptLearningConfig
-
-from peftprompt.methods import METHOD_CONFIGS
+from peftprompt.methods import PROMPT_LEARNING_METHODS
 from peftprompt.recursive import EpisodeEncoder, SelfAskCollator, Unroller, check_trainable, convert, pack_rows
 from peftprompt.recursive.unroll import MODES
 from peftprompt.selfask import SelfAskRunner, answerers_from_names
@@ -66,7 +64,7 @@ def generation_settings(config) -> dict:
 def is_prompt_learning(method: str) -> bool:
     """Whether `method` is one of PEFT's prompt-learning methods (prompt tuning, P-tuning, prefix tuning), whose
     virtual tokens would let packed episodes attend to each other."""
-    return method in METHOD_CONFIGS and issubclass(METHOD_CONFIGS[method][0], PromptLearningConfig)
+    return method in PROMPT_LEARNING_METHODS
 
 
 def uses_packing(config) -> bool:
@@ -112,6 +110,9 @@ def main(argv=None) -> None:
     unknown = set(config.data) - DATA_KEYS
     if unknown:
         raise SystemExit(f"selfask_sft: unknown data option(s) {sorted(unknown)}; known: {sorted(DATA_KEYS)}")
+    if config.metrics is not None:
+        raise SystemExit("selfask_sft: field 'metrics' is not used by this recipe (it reports the eval loss, and "
+                         "self-ask EM / F1 with data.generate_eval=N): remove it")
     packing = uses_packing(config)
     unroller = unroller_for(config)
     settings = generation_settings(config)

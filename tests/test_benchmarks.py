@@ -74,10 +74,14 @@ def test_recursion_benchmark_dry_run_reuses_runs_and_cells(tiny_smollm, tmp_path
 
     from peftprompt import attach, save_adapter
 
+    from peftprompt.training import load_config
+
     runs = tmp_path / "runs"
-    for mode in ("flat", "recursive", "mix"):  # stand-ins for trained runs: no training starts
+    for mode in ("flat", "recursive", "mix"):  # stand-ins for trained runs of the same config: no training starts
         save_adapter(attach(AutoModelForCausalLM.from_pretrained(tiny_smollm), "lora"), runs / mode / "adapter")
         (runs / mode / "results.json").write_text(json.dumps({"global_step": 4, "train_seconds": 1.0}))
+        load_config(REPO / "recipes/configs/smollm2/selfask_lora.yaml",
+                    [f"data.mode={mode}", "data.generate_eval=0"]).save(runs / mode / "train_config.yaml")
     args = ("--model", str(tiny_smollm), "--runs", str(runs), "--n-cc", "3", "--n-deep", "4", "--depths", "0", "1",
             "2", "--out", str(tmp_path / "results"))
     run("recursion.py", *args)
@@ -176,6 +180,71 @@ def test_selfask_methods_dry_run(tiny_smollm, tmp_path):
     run("selfask_methods.py", *args, "--reuse")
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert json.loads((tmp_path / "results" / "selfask_methods.json").read_text())["results"] == rows
+
+
+def runs_module():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import _runs
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return _runs
+
+
+def test_a_run_is_done_when_its_saved_config_equals_the_requested_one(tmp_path, monkeypatch):
+    from peftprompt.training import load_config
+
+    _runs = runs_module()
+    config = REPO / "recipes/configs/smollm2/selfask_lora.yaml"
+    overrides = ["data.mode=flat", "max_steps=5", "method_args={r: 4}"]
+    run = tmp_path / "run"
+    requested = _runs.requested_config(config, overrides, run)
+    assert _runs.finished_run(run, requested) is None  # nothing there
+    saved = load_config(config, [*overrides, "output_dir=elsewhere", "resume_from=latest"]).as_dict()
+    (run / "results.json").parent.mkdir()
+    (run / "results.json").write_text(json.dumps({"global_step": 5}))
+    assert _runs.finished_run(run, requested) is None  # no train_config.yaml: the run did not finish
+
+    def saved_as(config_dict: dict) -> dict:
+        (run / "train_config.yaml").write_text(yaml.safe_dump(config_dict))
+        return _runs.finished_run(run, requested)
+
+    assert saved_as(saved) == {"global_step": 5}  # where it lives and how it resumed are not compared
+    assert saved_as({**saved, "learning_rate": 2e-3}) is None
+    assert saved_as({**saved, "max_steps": 6}) is None
+    assert saved_as({**saved, "data": {**saved["data"], "mode": "mix"}}) is None
+    assert saved_as({**saved, "no_longer_a_field": 1}) is None
+    # settings a run predates (a field or data key added since) are not compared; method_args is compared whole
+    older = {k: v for k, v in saved.items() if k != "frozen_dtype"}
+    assert saved_as({**older, "data": {k: v for k, v in saved["data"].items() if k != "leaf_episodes"}}) is not None
+    assert saved_as({**saved, "method_args": {k: v for k, v in saved["method_args"].items() if k != "r"}}) is None
+
+    # run_recipe reads a finished run instead of launching anything
+    saved_as(saved)
+    monkeypatch.setattr(_runs.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was launched again"))
+    assert _runs.run_recipe(config, overrides, run, recipe="selfask_sft.py") == {"global_step": 5}
+
+
+def test_launch_command(monkeypatch):
+    import torch
+
+    from peftprompt.training.recipe import launch_command
+
+    recipe, config = REPO / "recipes/selfask_sft.py", REPO / "recipes/configs/smollm2/selfask_lora.yaml"
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv, env = launch_command(recipe, config, ["max_steps=5"], processes=2)
+    assert argv == [accelerate, "launch", "--config_file", str(REPO / "recipes/accelerate/cpu_2proc.yaml"),
+                    str(recipe), "--config", str(config), "max_steps=5"]
+    assert (env["ACCELERATE_USE_CPU"], env["OMP_NUM_THREADS"], env["HF_HUB_OFFLINE"]) == ("1", "1", "1")
+    argv, env = launch_command(recipe, config, ["max_steps=5"], processes=1)
+    assert argv == [sys.executable, str(recipe), "--config", str(config), "max_steps=5"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    for processes in (1, 2):
+        argv, env = launch_command(recipe, config, [], processes=processes)
+        assert argv[:4] == [accelerate, "launch", "--config_file", str(REPO / "recipes/accelerate/single_gpu.yaml")]
+        assert "ACCELERATE_USE_CPU" not in env
 
 
 def result_file(path: Path, rows: list[dict], **extra) -> None:

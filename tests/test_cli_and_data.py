@@ -6,8 +6,11 @@ import json
 
 import pytest
 
+from peftprompt import cli
 from peftprompt.cli import main
 from peftprompt.data import read_sst2
+from peftprompt.errors import InputError, InputFileNotFoundError
+from peftprompt.training.config import load_config
 
 
 def test_info_prints_the_report_as_json(capsys):
@@ -42,6 +45,55 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert err.startswith(f"peftprompt {argv[0]}: error: ")
     assert message in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_input_error_names_file_line_and_field():
+    err = InputError("must be >= 1, got 0", file="run.yaml", line=3, field="max_steps")
+    assert str(err) == "run.yaml:3: field 'max_steps': must be >= 1, got 0"
+    assert isinstance(err, ValueError) and (err.file, err.line, err.field) == ("run.yaml", 3, "max_steps")
+    # what the message already says is not said twice
+    assert str(InputError("run.yaml:3: field 'x' is bad", file="run.yaml", line=3, field="x")) == (
+        "run.yaml:3: field 'x' is bad")
+    missing = InputFileNotFoundError("trees.jsonl does not exist", file="trees.jsonl")
+    assert isinstance(missing, FileNotFoundError) and isinstance(missing, InputError)
+
+
+def test_config_errors_carry_file_line_and_field(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("task: seq_cls\nnum_labels: 2\nmax_steps: 0\n")
+    with pytest.raises(InputError, match=r"field 'max_steps' must be >= 1, got 0 \(.*run.yaml:3\)") as info:
+        load_config(path)
+    assert (info.value.file, info.value.line, info.value.field) == (str(path), 3, "max_steps")
+    with pytest.raises(InputError) as info:
+        load_config(path, ["max_stpes=3"])
+    assert info.value.field == "max_stpes" and "did you mean 'max_steps'" in str(info.value)
+
+
+def test_bad_cli_argument_is_one_line_naming_the_field(tmp_path, capsys):
+    assert main(["data", "show", str(tmp_path / "trees.jsonl"), "--n", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == "peftprompt data: error: --n must be >= 1, got 0\n"
+
+
+def test_bad_tree_file_is_one_line_naming_file_line_and_field(tmp_path, capsys):
+    trees = tmp_path / "trees.jsonl"
+    trees.write_text('{"question": "a?", "answer": "b"}\n'
+                     '{"question": "c?", "answer": "d", "id": "x", "children": [{"answer": "e"}]}\n')
+    assert main(["data", "show", str(trees)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"peftprompt data: error: {trees}:2: ?/x at root/1: field 'question' is missing (give "
+                   "'question' or 'question_template')\n")
+
+
+def test_unexpected_errors_keep_their_traceback(monkeypatch):
+    """Only an `InputError` becomes a one-line exit 2: a plain ValueError from deep inside is a bug and propagates."""
+
+    def broken(args):
+        int("not a number")  # a ValueError that is not about the user's input
+
+    monkeypatch.setattr(cli, "_fetch", broken)
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        main(["fetch"])
 
 
 def test_sst2_reads_the_real_files():

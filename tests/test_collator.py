@@ -20,7 +20,6 @@ from peftprompt.recursive.collator import (
     SelfAskCollator,
     pack_episodes,
     pack_rows,
-    weighted_causal_lm_loss,
 )
 from peftprompt.recursive.unroll import LossPolicy, Unroller
 from test_unroll import golden_tree, trees
@@ -162,15 +161,18 @@ def test_packed_rows_attend_only_within_their_episode():
 
 
 def test_weighted_loss_matches_model_loss_for_binary_weights(smollm2_tokenizer):
+    """The collator's 0/1 loss weights, through the training engine's weighted loss, give the model's own loss."""
+    from peftprompt.training.losses import training_loss
+
     model = tiny_llama()
     batch = SelfAskCollator(smollm2_tokenizer, return_loss_weights=True)([golden_tree()])
     batch["input_ids"] = batch["input_ids"] % TINY_VOCAB
     batch["labels"] = torch.where(batch["labels"] == IGNORE_INDEX, IGNORE_INDEX, batch["labels"] % TINY_VOCAB)
-    weights = batch.pop("loss_weights")
-    output = model(**batch)
-    torch.testing.assert_close(weighted_causal_lm_loss(output.logits, batch["labels"], weights), output.loss)
-    halved = weighted_causal_lm_loss(output.logits, batch["labels"], weights * 0.5)
-    torch.testing.assert_close(halved, output.loss)  # normalised by the weight sum
+    expected = model(**{k: v for k, v in batch.items() if k != "loss_weights"}).loss
+    loss, items, _ = training_loss(model, batch, "causal_lm")
+    torch.testing.assert_close(loss / items.to(loss.dtype), expected)
+    loss, items, _ = training_loss(model, {**batch, "loss_weights": batch["loss_weights"] * 0.5}, "causal_lm")
+    torch.testing.assert_close(loss / items.to(loss.dtype), expected)  # normalised by the weight sum
 
 
 def test_too_long_episodes_are_dropped_and_counted_or_refused(smollm2_tokenizer):

@@ -22,7 +22,7 @@ from peftprompt.recursive import (
     write_trees,
 )
 
-JPI = {  # the example of DESIGN.md §2: the second child gives only its template
+JPI = {  # a worked example: the second child gives only its template
     "schema": SCHEMA,
     "id": "ex1",
     "dataset": "toy",

@@ -1,6 +1,6 @@
 """Recursive (self-ask) prompting data: decomposition trees, converters, the unroller and the collator."""
 
-from .collator import EncodedEpisode, EpisodeEncoder, SelfAskCollator, pack_rows, weighted_causal_lm_loss
+from .collator import EncodedEpisode, EpisodeEncoder, SelfAskCollator, pack_rows
 from .sources import SOURCES, convert, convert_report
 from .tree import (
     ANSWER_SOURCES,
@@ -35,7 +35,6 @@ __all__ = [
     "Unroller",
     "pack_rows",
     "parse_episode",
-    "weighted_causal_lm_loss",
     "DEFAULT_MAX_DEPTH",
     "EVALUATION_ONLY_DATASETS",
     "SCHEMA",

@@ -206,7 +206,8 @@ class SelfAskCollator:
         pad_to_multiple_of (`int`, *optional*): Round the batch length up to a multiple of this.
         unroller (`Unroller`, *optional*): How trees become episodes.
         return_loss_weights (`bool` or ``"auto"``): Add ``loss_weights`` (float, 0 where untrained); ``"auto"``
-            adds them only when some weight is neither 0 nor 1. Use `weighted_causal_lm_loss` with them.
+            adds them only when some weight is neither 0 nor 1; the training engine weights each token's loss by
+            them (``sum(w * ce) / sum(w)`` over the next-token predictions).
 
     Example:
         ```py
@@ -303,14 +304,3 @@ class SelfAskCollator:
     def _pad(rows: Sequence[Sequence], length: int, value, dtype: torch.dtype = torch.long) -> torch.Tensor:
         return torch.tensor([list(r) + [value] * (length - len(r)) for r in rows], dtype=dtype)
 
-
-def weighted_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_weights: torch.Tensor) -> torch.Tensor:
-    """Causal-LM cross-entropy with per-token weights: ``sum(w * ce) / sum(w)`` over next-token predictions.
-
-    With 0/1 weights equal to the labels' mask this is the model's own loss.
-    """
-    shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
-    shift_labels = labels[:, 1:].reshape(-1)
-    shift_weights = loss_weights[:, 1:].reshape(-1).to(shift_logits.dtype) * (shift_labels != IGNORE_INDEX)
-    losses = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="none")
-    return (losses * shift_weights).sum() / shift_weights.sum().clamp_min(1e-8)

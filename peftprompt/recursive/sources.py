@@ -29,6 +29,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
+from ..errors import InputError
 from .tree import Node, SkipReport, TreeError, question_key, resolve_templates, validate
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,14 +120,14 @@ def _check_split(source: str, split: Optional[str], splits: tuple[str, ...]) -> 
     if split is None:
         return splits[0]
     if split not in splits:
-        raise ValueError(f"source {source!r} has split(s) {', '.join(splits)}, got {split!r}")
+        raise InputError(f"source {source!r} has split(s) {', '.join(splits)}, got {split!r}", field="split")
     return split
 
 
 def _finish(trees: Iterable[Node], limit: Optional[int], report: Optional[SkipReport]) -> list[Node]:
     """Resolve and validate `trees` (lazily built), keep the valid ones (at most `limit`), count the others."""
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise InputError(f"limit must be >= 0, got {limit}", field="limit")
     report = report if report is not None else SkipReport()
     out: list[Node] = []
     if limit == 0:
@@ -598,7 +599,7 @@ def convert_report(source: str, split: Optional[str] = None,
                    limit: Optional[int] = None) -> tuple[list[Node], SkipReport]:
     """Like `convert`, also returning the `SkipReport` of the trees left out."""
     if source not in SOURCES:
-        raise ValueError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
+        raise InputError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}", field="source")
     report = SkipReport()
     return SOURCES[source](split=split, limit=limit, report=report), report
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
 
 from ..atomic import write_file_atomically
+from ..errors import InputError, InputFileNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +33,10 @@ MAX_REPORTED_MESSAGES = 5
 PathLike = Union[str, os.PathLike]
 
 
-class TreeError(ValueError):
+class TreeError(InputError):
     """An invalid tree. The message is ``"{dataset}/{id} at {path}: {problem}"``, prefixed ``"{file}:{line}: "``
-    when the tree was read from a file; `reason` is a short category (e.g. ``"forward reference"``) for counting."""
+    when the tree was read from a file (then also its `file` and `line`); `path` is the node's path in the tree;
+    `reason` is a short category (e.g. ``"forward reference"``) for counting."""
 
     def __init__(
         self,
@@ -44,18 +46,18 @@ class TreeError(ValueError):
         tree_id: Optional[str] = None,
         path: str = "root",
         reason: str = "invalid tree",
-        location: Optional[str] = None,
+        file: Optional[PathLike] = None,
+        line: Optional[int] = None,
     ):
+        super().__init__(f"{dataset or '?'}/{tree_id or '?'} at {path}: {problem}", file=file, line=line)
         self.problem, self.dataset, self.tree_id, self.path = problem, dataset, tree_id, path
-        self.reason, self.location = reason, location
-        message = f"{dataset or '?'}/{tree_id or '?'} at {path}: {problem}"
-        super().__init__(f"{location}: {message}" if location else message)
+        self.reason = reason
 
-    def at(self, location: str) -> "TreeError":
-        """The same error prefixed with ``file:line``."""
+    def at(self, file: PathLike, line: int) -> "TreeError":
+        """The same error, found at `line` of `file`."""
         return TreeError(
             self.problem, dataset=self.dataset, tree_id=self.tree_id, path=self.path, reason=self.reason,
-            location=location,
+            file=file, line=line,
         )
 
 
@@ -346,13 +348,21 @@ def validate(root: Node, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
     visit(root, [], 0, "root", 1)
 
 
+def _open_trees(path: Path):
+    try:
+        return path.open("rb")
+    except FileNotFoundError:
+        raise InputFileNotFoundError(f"{path}: No such file or directory", file=path) from None
+
+
 def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
-    with path.open("rb") as f:
+    with _open_trees(path) as f:
         for lineno, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
+                raise InputError(f"not valid UTF-8 ({err.reason} at byte {err.start})", file=path,
+                                 line=lineno) from err
             if line.strip():
                 yield lineno, line
 
@@ -361,13 +371,13 @@ def _parse_line(path: Path, lineno: int, line: str, max_depth: int) -> Node:
     try:
         data = json.loads(line)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from err
+        raise InputError(f"invalid JSON ({err.msg} at column {err.colno})", file=path, line=lineno) from err
     try:
         tree = Node.from_dict(data)
         resolve_templates(tree)
         validate(tree, max_depth)
     except TreeError as err:
-        raise err.at(f"{path}:{lineno}") from None
+        raise err.at(path, lineno) from None
     return tree
 
 
@@ -376,7 +386,7 @@ def read_trees_report(path: PathLike, max_depth: int = DEFAULT_MAX_DEPTH) -> tup
     path = Path(path)
     trees: list[Node] = []
     report = SkipReport()
-    with path.open("rb") as f:
+    with _open_trees(path) as f:
         for lineno, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")
@@ -389,7 +399,7 @@ def read_trees_report(path: PathLike, max_depth: int = DEFAULT_MAX_DEPTH) -> tup
                 trees.append(_parse_line(path, lineno, line, max_depth))
             except TreeError as err:
                 report.add(err.reason, str(err))
-            except ValueError as err:
+            except InputError as err:
                 report.add("invalid JSON", str(err))
     return trees, report
 
@@ -404,7 +414,8 @@ def read_trees(path: PathLike, max_depth: int = DEFAULT_MAX_DEPTH, skip_invalid:
             `read_trees_report` to get the counts) instead of raising.
 
     Raises:
-        `ValueError`: ``"{file}:{line}: invalid JSON (...)"``, or a `TreeError` prefixed with ``file:line``.
+        `InputError`: ``"{file}:{line}: invalid JSON (...)"``, or a `TreeError` prefixed with ``file:line``;
+        `InputFileNotFoundError` when `path` does not exist.
     """
     if skip_invalid:
         trees, report = read_trees_report(path, max_depth)
@@ -473,14 +484,14 @@ def check_trainable(trees: Iterable[Node], allow_evaluation_only: bool = False) 
     """Refuse evaluation-only trees (datasets in `EVALUATION_ONLY_DATASETS` or ``meta["evaluation_only"]``).
 
     Raises:
-        `ValueError`: naming each such dataset and its number of trees, unless `allow_evaluation_only`.
+        `InputError`: naming each such dataset and its number of trees, unless `allow_evaluation_only`.
     """
     if allow_evaluation_only:
         return
     found = Counter(tree.dataset or "unknown" for tree in trees if is_evaluation_only(tree))
     if found:
         listed = ", ".join(f"{name} ({count} tree{'s' if count != 1 else ''})" for name, count in sorted(found.items()))
-        raise ValueError(
+        raise InputError(
             f"refusing to train on evaluation-only data: {listed}; these are benchmarks "
             "(pass allow_evaluation_only=True only for evaluation)"
         )

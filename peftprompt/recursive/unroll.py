@@ -290,10 +290,6 @@ class Unroller:
             start += len(text)
         return Episode("".join(p[0] for p in parts), tuple(spans), tree.id, tree.dataset, path)
 
-    def unroll_all(self, trees) -> list[Episode]:
-        """Episodes of every tree in `trees`, in order."""
-        return [episode for tree in trees for episode in self(tree)]
-
 
 def parse_episode(text: str, template: Template = SELF_ASK) -> ParsedEpisode:
     """Read an episode's text back into its question, follow-ups with their answers, and final answer.

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
+from ..errors import InputError, InputFileNotFoundError
 from ..recursive.tree import Node
 
 UNKNOWN = "unknown"
@@ -130,6 +131,8 @@ class RetrieverAnswerer(Answerer):
         """Read facts from JSONL lines ``{"question": ..., "answer": ...}``; errors name ``file:line``."""
         path = Path(path)
         facts = []
+        if not path.is_file():
+            raise InputFileNotFoundError(f"facts file {path} does not exist", file=path)
         with path.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
@@ -137,12 +140,14 @@ class RetrieverAnswerer(Answerer):
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from err
+                    raise InputError(f"invalid JSON ({err.msg} at column {err.colno})", file=path,
+                                     line=lineno) from err
                 if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{lineno}: a fact must be a JSON object, got {type(row).__name__}")
+                    raise InputError(f"a fact must be a JSON object, got {type(row).__name__}", file=path, line=lineno)
                 for key in ("question", "answer"):
                     if not isinstance(row.get(key), str) or not row[key].strip():
-                        raise ValueError(f"{path}:{lineno}: field {key!r} must be a non-empty string")
+                        raise InputError(f"field {key!r} must be a non-empty string", file=path, line=lineno,
+                                         field=key)
                 facts.append((row["question"], row["answer"]))
         return cls(facts, **kwargs)
 
@@ -198,7 +203,7 @@ def answerer_from_name(
     ``"module:function"`` (a tool: that importable callable ``(question) -> str``).
 
     Raises:
-        ValueError: An unknown name, a tool that cannot be imported, or a retriever without facts.
+        InputError: An unknown name, a tool that cannot be imported, or a retriever without facts.
     """
     if name == "model":
         return None
@@ -206,15 +211,15 @@ def answerer_from_name(
         if retriever is not None:
             return retriever
         if facts is None:
-            raise ValueError("answerer 'retriever' needs facts (a knowledge base: --kb FILE or the evaluation trees)")
+            raise InputError("answerer 'retriever' needs facts (a knowledge base: --kb FILE or the evaluation trees)")
         return RetrieverAnswerer(list(facts), threshold=threshold)
     module, _, attr = name.partition(":")
     if not module or not attr:
-        raise ValueError(f"unknown answerer {name!r}; choose retriever, model or a tool as module:function")
+        raise InputError(f"unknown answerer {name!r}; choose retriever, model or a tool as module:function")
     try:
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"answerer {name!r}: cannot import the tool ({err})") from err
+        raise InputError(f"answerer {name!r}: cannot import the tool ({err})") from err
     return ToolAnswerer(fn)
 
 

@@ -5,14 +5,15 @@
 >>> config.to_yaml()          # saved next to the results as train_config.yaml
 ```
 
-Every error is a `ValueError` that names the field and where its value came from: ``file:line`` for a YAML key
-(lines from the YAML node marks) or the override as written. Unknown keys get the closest known key as a hint.
+Every error is a `peftprompt.errors.InputError` (a `ValueError`) that names the field and where its value came
+from: ``file:line`` for a YAML key (lines from the YAML node marks) or the override as written; its ``file``,
+``line`` and ``field`` attributes say the same. Unknown keys get the closest known key as a hint.
 Values are checked by the field's type: an int is fine for a float field, and so is a string such as ``"1e-4"``
 (YAML 1.1, which PyYAML implements, reads ``1e-4`` without a dot as a string).
 
 `resolve_mixed_precision` picks the precision the hardware does well: on CUDA bf16 where supported, else fp16; on
 the CPU bf16 only with native bf16 instructions (``avx512_bf16`` / ``amx_bf16`` in ``/proc/cpuinfo``): without
-them bf16 autocast was measured about 18x slower than fp32 (DESIGN.md section 4). With them it pays: on this
+them bf16 autocast was measured about 18x slower than fp32. With them it pays: on this
 project's current 2-core host (AMD EPYC, ``avx512_bf16``, no AMX) a MiniLM LoRA step (batch 16 x 64, one thread)
 took 0.89 s in bf16 against 1.59 s in fp32, and a small Llama LoRA step was 1.5-2.5x faster. So ``auto`` means bf16
 on that host, and runs there differ numerically from fp32 runs; pass ``mixed_precision: "no"`` to compare.
@@ -32,9 +33,12 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import yaml
 
+from ..errors import InputError, InputFileNotFoundError
+from ..metrics import metric_script
 from ..methods import METHODS
+from ..tasks import TRAINABLE_TASKS, get_task
 
-TASKS = ("seq_cls", "token_cls", "causal_lm")
+TASKS = TRAINABLE_TASKS  # the tasks the engine trains (`peftprompt.tasks`; ``feature`` has no labels)
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16", "auto")
 OPTIMIZERS = ("adamw", "adamw8bit")
 LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
@@ -116,9 +120,15 @@ class TrainConfig:
     num_epochs: float = 1.0
     max_grad_norm: Optional[float] = 1.0
     mixed_precision: str = "auto"
+    # shard the model over the processes with torch's fully_shard (FSDP2) instead of DDP: for CPU processes, where
+    # Accelerate's FSDP plugin does not apply (peftprompt.training.sharding); fp32, no evaluate_fn
+    fully_shard: bool = False
     seed: int = 0
     # evaluation, checkpoints, logging
     eval_every: int = 0
+    # evaluate modules the recipe scores its evaluations with: packaged names (accuracy, seqeval, squad) or paths to
+    # your own module (a .py file or a folder holding <folder name>.py); null: the recipe's default
+    metrics: Optional[list[str]] = None
     metric_for_best: Optional[str] = None
     greater_is_better: bool = True
     early_stopping_patience: Optional[int] = None
@@ -133,10 +143,10 @@ class TrainConfig:
             try:
                 setattr(self, f.name, check_field(f.name, getattr(self, f.name)))
             except FieldError as err:
-                raise ValueError(str(err)) from None
+                raise InputError(str(err), field=f.name) from None
         problem = cross_field_problem(self)
         if problem:
-            raise ValueError(problem)
+            raise InputError(problem)
 
     def as_dict(self) -> dict[str, Any]:
         """The config as plain YAML/JSON-serialisable data."""
@@ -157,7 +167,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPE_HINTS = typing.get_type_hints(TrainConfig)
 
 
-class FieldError(ValueError):
+class FieldError(InputError):
     """A field's value is wrong; the message has no location yet (the caller adds file:line or the override)."""
 
 
@@ -205,6 +215,17 @@ def check_field(name: str, value: Any) -> Any:
         if not isinstance(value, dict):
             raise FieldError(f"field {name!r} expects a mapping, got {value!r}")
         value = dict(value)
+    elif typing.get_origin(kind) is list:
+        value = [value] if isinstance(value, str) else value  # `metrics: accuracy` means [accuracy]
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+            raise FieldError(f"field {name!r} expects a non-empty list of strings{' or null' if optional else ''}, "
+                             f"got {value!r}")
+    if name == "metrics":
+        for entry in value:
+            try:
+                metric_script(entry)
+            except ValueError as err:
+                raise FieldError(f"field 'metrics': {err}") from None
     if name in CHOICES and value not in CHOICES[name]:
         raise FieldError(
             f"field {name!r} must be one of {', '.join(CHOICES[name])}, got {value!r}{_suggest(value, CHOICES[name])}"
@@ -246,7 +267,7 @@ def _as_float(value: Any) -> Optional[float]:
 
 def cross_field_problem(config: TrainConfig) -> Optional[str]:
     """A message for an inconsistent combination of fields, or None."""
-    if config.task in ("seq_cls", "token_cls") and config.num_labels is None:
+    if get_task(config.task).classification and config.num_labels is None:
         return (
             f"num_labels is required for task {config.task!r} (the size of the classification head): "
             "set num_labels: N in the config or pass num_labels=N"
@@ -276,15 +297,16 @@ def load_config(path: Union[str, Path, None], overrides: Sequence[str] = ()) -> 
             mapping field (``method_args.r=16``, ``data.packing=true``).
 
     Raises:
-        ValueError: unknown key (with the closest known key), wrong type, bad choice or range, missing
+        InputError: unknown key (with the closest known key), wrong type, bad choice or range, missing
             ``num_labels`` for a classification task; each message names the file and line or the override.
+        InputFileNotFoundError: `path` does not exist.
     """
     values: dict[str, Any] = {}
     where: dict[str, str] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
+            raise InputFileNotFoundError(f"config file {path} does not exist", file=path)
         values, where = _read_yaml(path)
     for override in overrides:
         _apply_override(values, where, override)
@@ -292,12 +314,20 @@ def load_config(path: Union[str, Path, None], overrides: Sequence[str] = ()) -> 
         try:
             values[name] = check_field(name, value)
         except FieldError as err:
-            raise ValueError(f"{err} ({where[name]})") from None
+            raise InputError(f"{err} ({where[name]})", field=name, **_located(where[name])) from None
     try:
         return TrainConfig(**values)
-    except ValueError as err:
+    except InputError as err:
         source = f" ({path})" if path is not None and "num_labels" in str(err) else ""
-        raise ValueError(f"{err}{source}") from None
+        raise InputError(f"{err}{source}", file=path, field=err.field) from None
+
+
+def _located(where: str) -> dict[str, Any]:
+    """``file`` and ``line`` of a ``where`` entry (``"path:line"``); nothing for an override."""
+    if where.startswith("override "):
+        return {}
+    file, _, line = where.rpartition(":")
+    return {"file": file, "line": int(line)}
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -308,19 +338,21 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
-        raise ValueError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', None) or err})") from None
+        raise InputError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', None) or err})", file=path,
+                         line=mark.line + 1 if mark is not None else None) from None
     if node is None:
         return {}, {}
     if not isinstance(node, yaml.MappingNode) or not isinstance(data, dict):
-        raise ValueError(f"{path}:{node.start_mark.line + 1}: expected a mapping of config keys at the top level")
+        raise InputError("expected a mapping of config keys at the top level", file=path,
+                         line=node.start_mark.line + 1)
     values: dict[str, Any] = {}
     where: dict[str, str] = {}
     for key_node, _ in node.value:
         key, line = key_node.value, key_node.start_mark.line + 1
         if key not in FIELDS:
-            raise ValueError(f"{path}:{line}: unknown key {key!r}{_suggest(key, list(FIELDS))}")
+            raise InputError(f"unknown key {key!r}{_suggest(key, list(FIELDS))}", file=path, line=line, field=key)
         if key in where:
-            raise ValueError(f"{path}:{line}: duplicate key {key!r} (first at {where[key]})")
+            raise InputError(f"duplicate key {key!r} (first at {where[key]})", file=path, line=line, field=key)
         where[key] = f"{path}:{line}"
         values[key] = data[key]
     return values, where
@@ -328,20 +360,22 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
 
 def _apply_override(values: dict[str, Any], where: dict[str, str], override: str) -> None:
     if "=" not in override:
-        raise ValueError(f"override {override!r}: expected key=value (e.g. learning_rate=1e-4)")
+        raise InputError(f"override {override!r}: expected key=value (e.g. learning_rate=1e-4)")
     key, text = override.split("=", 1)
     key = key.strip()
     parts = key.split(".")
     name = parts[0]
     if name not in FIELDS:
-        raise ValueError(f"override {override!r}: unknown key{_suggest(name, list(FIELDS))}")
+        raise InputError(f"override {override!r}: unknown key{_suggest(name, list(FIELDS))}", field=name)
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as err:
-        raise ValueError(f"override {override!r}: cannot parse the value ({getattr(err, 'problem', err)})") from None
+        raise InputError(f"override {override!r}: cannot parse the value ({getattr(err, 'problem', err)})",
+                         field=name) from None
     if len(parts) > 1:
         if _base_type(name)[0] is not dict:
-            raise ValueError(f"override {override!r}: {name!r} is not a mapping, so {key!r} cannot be set")
+            raise InputError(f"override {override!r}: {name!r} is not a mapping, so {key!r} cannot be set",
+                         field=name)
         current = values.get(name)
         target = dict(current) if isinstance(current, dict) else dict(FIELDS[name].default_factory())
         values[name] = target
@@ -384,14 +418,14 @@ def resolve_mixed_precision(requested: str) -> tuple[str, str]:
     """The mixed precision to use for `requested` (``no``, ``fp16``, ``bf16``, ``auto``) on this machine, and why.
 
     ``auto``: CUDA -> bf16 where `torch.cuda.is_bf16_supported()`, else fp16; CPU -> bf16 only with native bf16
-    instructions, else ``no``. ``fp16`` on the CPU is refused (ValueError): accelerate would run it through a
+    instructions, else ``no``. ``fp16`` on the CPU is refused (`InputError`): accelerate would run it through a
     gradient scaler on top of CPU fp16 kernels, which are slow and lose range for no gain; use bf16 or no.
     ``bf16`` on a CPU without native bf16 is honoured, with the expected slow-down as the reason.
     """
     if requested not in MIXED_PRECISION_CHOICES:
-        raise ValueError(
+        raise InputError(
             f"mixed_precision must be one of {', '.join(MIXED_PRECISION_CHOICES)}, got {requested!r}"
-            f"{_suggest(requested, MIXED_PRECISION_CHOICES)}"
+            f"{_suggest(requested, MIXED_PRECISION_CHOICES)}", field="mixed_precision"
         )
     if requested == "no":
         return "no", "mixed precision off (requested)"
@@ -401,12 +435,14 @@ def resolve_mixed_precision(requested: str) -> tuple[str, str]:
         if requested == "auto":
             return ("bf16", f"CUDA GPU {name} supports bf16") if bf16 else ("fp16", f"CUDA GPU {name} has no bf16")
         if requested == "bf16" and not bf16:
-            raise ValueError(f"mixed_precision 'bf16' requested but CUDA GPU {name} does not support it: use fp16")
+            raise InputError(f"mixed_precision 'bf16' requested but CUDA GPU {name} does not support it: use fp16",
+                             field="mixed_precision")
         return requested, f"requested, on CUDA GPU {name}"
     flags = cpu_bf16_flags()
     if requested == "fp16":
-        raise ValueError(
-            "mixed_precision 'fp16' needs a CUDA GPU; on the CPU use 'bf16' (fast with avx512_bf16/amx_bf16) or 'no'"
+        raise InputError(
+            "mixed_precision 'fp16' needs a CUDA GPU; on the CPU use 'bf16' (fast with avx512_bf16/amx_bf16) or 'no'",
+            field="mixed_precision",
         )
     if requested == "auto":
         if flags:

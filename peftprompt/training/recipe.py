@@ -1,22 +1,31 @@
-"""What every recipe script shares: read ``--config FILE key=value ...`` and ship the trained adapter.
+"""What every recipe script shares: read ``--config FILE key=value ...``, ship the trained adapter, and the
+command line that launches a recipe.
 
 A recipe is a thin script (``recipes/<name>.py``) that builds its data and calls `train`; this module gives it
 the command line and the end of the run (model card and ``results.json``), so all recipes behave the same:
 
     accelerate launch recipes/sst2_classification.py --config recipes/configs/minilm/sst2_lora.yaml max_steps=50
+
+Scripts that start a recipe themselves (``recipes/demo_selfask.py``, the benchmarks) build that command with
+`launch_command`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+
 from ..atomic import write_file_atomically
+from ..errors import InputError
 from .config import TrainConfig, load_config
-from .loop import TrainResult, distributed_state
+from .model_setup import distributed_state
+from .state import TrainResult
 from .shipping import write_model_card
 
 
@@ -34,7 +43,7 @@ def parse_recipe_args(description: str, argv: Optional[Sequence[str]] = None) ->
     args = parser.parse_args(argv)
     try:
         return load_config(args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as err:
+    except InputError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
@@ -74,3 +83,39 @@ def ship(result: TrainResult, metrics: dict, datasets: Sequence[str]) -> Optiona
     write_file_atomically(Path(config.output_dir) / "results.json", lambda f: f.write(text))
     print(f"adapter: {result.adapter_dir} ({parameters.adapter_bytes:,} bytes); model card: {card}", file=sys.stderr)
     return card
+
+
+# The accelerate configs `launch_command` uses, in the ``accelerate/`` folder next to the recipe scripts.
+SINGLE_GPU_CONFIG = "single_gpu.yaml"
+CPU_2PROC_CONFIG = "cpu_2proc.yaml"
+
+
+def launch_command(
+    recipe: str | os.PathLike, config: str | os.PathLike, overrides: Sequence[str] = (), processes: int = 2
+) -> tuple[list[str], dict[str, str]]:
+    """The command line that runs `recipe` (a ``recipes/*.py`` script) with ``--config`` `config` and the
+    ``key=value`` `overrides`, and the environment to run it in (``os.environ`` plus what the launch needs).
+
+    - CUDA available: ``accelerate launch --config_file recipes/accelerate/single_gpu.yaml`` (one GPU process).
+    - CPU, ``processes=2``: ``accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml`` with
+      ``ACCELERATE_USE_CPU=1`` (the launcher does not pass ``use_cpu`` on: this makes torchrun's two processes
+      pick the CPU and gloo) and ``OMP_NUM_THREADS=1`` (one core each; more threads oversubscribe a 2-core host).
+    - CPU, ``processes=1``: the recipe in this Python interpreter, one process.
+
+    Every launch runs offline (``HF_HUB_OFFLINE=1``: the backbones are local) with ``TOKENIZERS_PARALLELISM=false``.
+    """
+    if processes not in (1, 2):
+        raise InputError(f"processes must be 1 or 2, got {processes}", field="processes")
+    recipe = Path(recipe)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    script = [str(recipe), "--config", str(config), *overrides]
+    if torch.cuda.is_available():
+        accelerate_config = SINGLE_GPU_CONFIG
+    elif processes == 2:
+        accelerate_config = CPU_2PROC_CONFIG
+        env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    else:
+        return [sys.executable, *script], env
+    accelerate = Path(sys.executable).with_name("accelerate")
+    config_file = recipe.resolve().parent / "accelerate" / accelerate_config
+    return [str(accelerate), "launch", "--config_file", str(config_file), *script], env

@@ -1,0 +1,127 @@
+"""Training runs for the benchmarks: one recipe run per directory, reused when it is already done.
+
+`run_recipe` trains ``recipes/<recipe>`` with a config file and ``key=value`` overrides into a run directory, through
+`peftprompt.training.recipe.launch_command` (the ``accelerate launch`` line of ``make demo``, or one plain process),
+unless that directory already holds the same run. A run is done when its ``results.json`` exists and its saved
+config (``train_config.yaml``, written by training) equals the requested one (`same_run`). Every benchmark that trains
+goes through here, so they share that rule.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import yaml
+
+from peftprompt.training.config import load_config
+from peftprompt.training.recipe import launch_command
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_FILE = "results.json"
+CONFIG_FILE = "train_config.yaml"  # written by training at the end of a run (`TrainConfig.save`)
+# Where a run is, not what it is: never compared.
+NOT_COMPARED = ("output_dir", "resume_from")
+
+
+def requested_config(config: Union[str, Path], overrides: Sequence[str], run_dir: Path) -> dict:
+    """The config a run of `config` with `overrides` into `run_dir` trains with, as plain data (its
+    ``train_config.yaml`` holds the same); bad overrides fail here, before anything runs."""
+    return load_config(config, [*overrides, f"output_dir={run_dir}"]).as_dict()
+
+
+def same_run(saved: Mapping[str, Any], requested: Mapping[str, Any]) -> bool:
+    """Whether a saved run config (``train_config.yaml``) describes the requested run.
+
+    Every setting the saved file records must equal the requested one, except `NOT_COMPARED` (where the run lives
+    and how it was resumed). A top-level field or a ``data`` key the file does not record is not compared: it was
+    added to the config format, or to a recipe's data keys, after the run was trained, so runs trained before stay
+    reusable. ``method_args`` is compared whole: a key missing there is PEFT's default, not an older format.
+    """
+    for key, value in saved.items():
+        if key in NOT_COMPARED:
+            continue
+        if key not in requested:
+            return False  # a field the config no longer has
+        wanted = requested[key]
+        if key == "data" and isinstance(value, dict) and isinstance(wanted, dict):
+            if any(k not in wanted or wanted[k] != v for k, v in value.items()):
+                return False
+        elif value != wanted:
+            return False
+    return True
+
+
+def finished_run(run_dir: Path, requested: Mapping[str, Any]) -> Optional[dict]:
+    """The ``results.json`` of the run in `run_dir` when it is done and `same_run` as `requested`, else `None`."""
+    results, saved = run_dir / RESULTS_FILE, run_dir / CONFIG_FILE
+    if not (results.is_file() and saved.is_file()):
+        return None
+    recorded = yaml.safe_load(saved.read_text())
+    if not isinstance(recorded, dict) or not same_run(recorded, requested):
+        return None
+    return json.loads(results.read_text())
+
+
+def run_recipe(
+    config: Union[str, Path],
+    overrides: Sequence[str],
+    run_dir: Path,
+    *,
+    recipe: str,
+    processes: int = 1,
+    reuse: bool = True,
+    resume: bool = False,
+    log: Optional[Path] = None,
+    env: Optional[Mapping[str, str]] = None,
+) -> dict:
+    """Train ``recipes/<recipe>`` with `config` and `overrides` into `run_dir` and return its ``results.json``.
+
+    Args:
+        config: The recipe's YAML config file.
+        overrides: ``key=value`` overrides (``output_dir`` is set to `run_dir`).
+        run_dir: The run's directory.
+        recipe: The recipe script under ``recipes/``, e.g. ``"selfask_sft.py"``.
+        processes: 2: ``accelerate launch`` on 2 CPU processes; 1: one plain process (one GPU process under
+            ``accelerate launch`` wherever CUDA is available, either way): see `launch_command`.
+        reuse: Return the results of a run already done in `run_dir` (`finished_run`) instead of training again.
+        resume: Continue an interrupted run (checkpoints but no ``train_config.yaml`` yet) with
+            ``resume_from=latest``; otherwise, and always when `run_dir` holds a finished run of another config,
+            the run starts from an empty directory.
+        log: Write the run's output there (opened after `run_dir` is emptied, so it may lie inside); default: this
+            process's output, the command line printed first.
+        env: More environment variables for the run (e.g. ``OMP_NUM_THREADS=1`` for runs side by side).
+
+    Raises:
+        RuntimeError: the run failed (its exit status and where its output is).
+    """
+    run_dir = Path(run_dir).resolve()
+    requested = requested_config(config, overrides, run_dir)
+    if reuse:
+        done = finished_run(run_dir, requested)
+        if done is not None:
+            return done
+    continuing = resume and reuse and not (run_dir / CONFIG_FILE).is_file()
+    if not continuing:
+        shutil.rmtree(run_dir, ignore_errors=True)  # training refuses a directory with another run's checkpoints
+    run_dir.mkdir(parents=True, exist_ok=True)
+    command, run_env = launch_command(
+        REPO / "recipes" / recipe, config,
+        [*overrides, f"output_dir={run_dir}", *(["resume_from=latest"] if continuing else [])], processes,
+    )
+    run_env.update(env or {})
+    if log is None:
+        print("$", shlex.join(command), flush=True)
+        finished = subprocess.run(command, cwd=REPO, env=run_env)
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as out:
+            finished = subprocess.run(command, cwd=REPO, env=run_env, stdout=out, stderr=out)
+    if finished.returncode != 0:
+        where = f"see {log}" if log is not None else "its output is above"
+        raise RuntimeError(f"training {run_dir.name} failed (exit {finished.returncode}); {where}")
+    return json.loads((run_dir / RESULTS_FILE).read_text())
