@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 import peftprompt
 from conftest import TINY_VOCAB, tiny_bert_token_cls, tiny_llama
 from peftprompt.backbones import smollm2_path
+from peftprompt.errors import InputError
 from peftprompt.recursive import SelfAskCollator
 from peftprompt.training import (
     TrainConfig,
@@ -340,8 +341,11 @@ def test_resume_gives_the_same_run(tmp_path, monkeypatch, accumulation):
     assert resumed.metrics == straight.metrics and resumed.best_metric == straight.best_metric
     assert [r["loss"] for r in records(resumed, "train")] == [r["loss"] for r in records(straight, "train")]
     assert [r["step"] for r in records(resumed, "resume")] == [3]
-    with pytest.raises(ValueError, match="already holds checkpoints of an earlier run"):
+    with pytest.raises(InputError, match="already holds checkpoints of an earlier run") as refused:
         run("resumed")  # a fresh start must not mix with an earlier run's checkpoints
+    assert refused.value.field == "output_dir"
+    with pytest.raises(InputError, match="field 'resume_from': .* is not a complete checkpoint"):
+        run("elsewhere", resume_from=str(tmp_path))
 
 
 def test_early_stopping_and_token_classification_metrics(tmp_path):

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..atomic import write_dir_atomically
+from ..errors import InputError, InputFileNotFoundError
 from .config import TrainConfig
 from .sharding import gathered_optimizer_state, gathered_weights, is_sharded, load_optimizer_state, load_weights
 from .state import TRAINER_STATE, TrainerState
@@ -62,17 +63,17 @@ def resume_dir(config: TrainConfig, output_dir: Path) -> Optional[Path]:
     if config.resume_from is None:
         existing = list_checkpoints(output_dir)
         if existing:
-            raise ValueError(
+            raise InputError(
                 f"{output_dir} already holds checkpoints of an earlier run (newest {existing[-1][1].name}): pass "
-                "resume_from=latest to continue it, or choose another output_dir"
+                "resume_from=latest to continue it, or choose another output_dir", field="output_dir"
             )
         return None
     if config.resume_from == "latest":
         return latest_checkpoint(output_dir)
     path = Path(config.resume_from)
     if not (path / TRAINER_STATE).is_file():
-        raise FileNotFoundError(
-            f"resume_from={config.resume_from!r}: {path} is not a complete checkpoint ({TRAINER_STATE} missing)"
+        raise InputFileNotFoundError(
+            f"{path} is not a complete checkpoint ({TRAINER_STATE} missing)", field="resume_from"
         )
     return path
 
