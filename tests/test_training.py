@@ -463,6 +463,31 @@ def test_interrupted_saves_leave_the_previous_adapter_and_checkpoint_intact(tmp_
     assert resumed.resumed_from.endswith("step-4") and resumed.global_step == 6
 
 
+def test_4bit_weights_keep_their_training_layout_through_evaluations(tmp_path):
+    """bitsandbytes repacks a 4-bit layer's weight for its CPU inference kernel at the first eval-mode, no-grad
+    forward (on CPUs with avx512_bf16), after which the model stops learning: the trainer switches that off while it
+    trains (each evaluation, and the kept-logits probe, would trigger it) and switches it back afterwards."""
+    base = tmp_path / "tiny-llama"
+    tiny_llama().save_pretrained(base)
+    AutoTokenizer.from_pretrained(smollm2_path()).save_pretrained(base)
+    config = llm_config(tmp_path, model=str(base), load_in_4bit=True, max_steps=6, eval_every=1,
+                        learning_rate=1e-2)
+    model, tokenizer = build_model(config)
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert layers
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = True  # as on a CPU with avx512_bf16, whatever this one has
+    seen = []
+    result = train(config, model, tokenizer, token_rows(8), SelfAskCollator(IdTokenizer()),
+                   eval_dataset=token_rows(4, seed=1),
+                   evaluate_fn=lambda m, a: seen.append([l.support_avx512bf16_for_cpu for l in layers]) or {})
+    assert seen and not any(any(flags) for flags in seen)  # off during every evaluation
+    assert all(layer.support_avx512bf16_for_cpu for layer in layers)  # and back on afterwards
+    assert not any(getattr(l.weight.quant_state, "packing_format_for_cpu", False) for l in layers)
+    losses = [r["loss"] for r in records(result, "eval")]
+    assert losses[-1] < losses[0]
+
+
 def test_auto_mixed_precision_trains(tmp_path):
     """``auto`` as resolved on this machine (bf16 on a CPU with avx512_bf16 / amx_bf16), after runs in fp32 in
     the same process (train() resets Accelerate's state when the precision changes)."""

@@ -3,6 +3,8 @@ the adapter, and the optimizer."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from accelerate import PartialState
 from accelerate.utils import set_seed
@@ -91,3 +93,22 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.O
     # torch's fused kernel (CPU and CUDA) updates every tensor in one pass instead of a Python loop over them
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for _, p in named)
     return torch.optim.AdamW(groups, lr=config.learning_rate, fused=fused)
+
+
+@contextmanager
+def training_layout_kept(model: torch.nn.Module):
+    """Keep bitsandbytes' 4-bit weights in their training layout for the duration.
+
+    On a CPU with avx512_bf16, a 4-bit layer's first forward in eval mode without gradients (an evaluation, a
+    probe) repacks its weight for the inference kernel, and a model repacked so stops learning when training
+    resumes (measured: the loss of a 4-bit LoRA run stayed at 2.1 for 10 steps). Each layer's
+    ``support_avx512bf16_for_cpu`` switch is turned off while training and set back afterwards.
+    """
+    layers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False) is True]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.support_avx512bf16_for_cpu = True

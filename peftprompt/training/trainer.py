@@ -76,7 +76,7 @@ from .checkpoints import (
 from .config import TrainConfig, resolve_mixed_precision
 from .evaluation import ComputeMetrics, evaluate_loss
 from .losses import input_casts_skipped, supports_kept_logits, training_loss
-from .model_setup import make_optimizer
+from .model_setup import make_optimizer, training_layout_kept
 from .run_log import METRICS_FILE, RunLog, peak_memory_mb
 from .sharding import shard_model
 from .shipping import save_trained_adapter
@@ -178,7 +178,8 @@ class Trainer:
         if self.use_cache is not None:
             self.model_config.use_cache = False  # packed rows need it off (README), and training never uses the cache
         model.train()
-        self.kept_logits = supports_kept_logits(model, config.task)
+        with training_layout_kept(model):
+            self.kept_logits = supports_kept_logits(model, config.task)
         if config.fully_shard:
             model = shard_model(model)  # before the optimizer: its parameters become DTensor shards
         optimizer = make_optimizer(config, model)
@@ -318,8 +319,14 @@ class Trainer:
 
     def train(self) -> TrainResult:
         """Run `setup`, the epochs of `training_step` with evaluation and checkpoints when due, and `finish`."""
-        if self.state is None:
-            self.setup()
+        with training_layout_kept(self.model):  # 4-bit weights stay trainable through evaluations (see there)
+            if self.state is None:
+                self.setup()
+            self._run_epochs()
+            return self.finish()
+
+    def _run_epochs(self) -> None:
+        """The epochs from the current step on: `training_step` per micro-batch, `_after_step` per optimiser step."""
         state, accelerator = self.state, self.accelerator
         device = accelerator.device
         self.window = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, items, tokens since last log
@@ -357,7 +364,6 @@ class Trainer:
                 running.end()
             progress.close()
             self.log.progress = None
-        return self.finish()
 
     def _after_step(self) -> bool:
         """Log, evaluate and checkpoint after an optimiser step, as due; returns whether training is done."""
