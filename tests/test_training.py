@@ -630,7 +630,6 @@ import sys
 import torch
 from accelerate import PartialState
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 import peftprompt
 from peftprompt.recursive import SelfAskCollator
 from peftprompt.training import TrainConfig, Trainer
@@ -649,11 +648,10 @@ class CrashAfterFirstCheckpoint(Trainer):
 
 rows = {rows!r}
 out, mode = sys.argv[1], sys.argv[2]
-torch.manual_seed(0)
-model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                     pad_token_id=0))
-model = peftprompt.attach(model, "lora", task="causal_lm", lora_dropout=0.0)
+sys.path.insert(0, {tests!r})
+from conftest import tiny_llama
+
+model = peftprompt.attach(tiny_llama(), "lora", task="causal_lm", lora_dropout=0.0)
 config = TrainConfig(model="tiny-llama", task="causal_lm", learning_rate=1e-2, per_device_train_batch_size=2,
                      max_steps=4, save_every=2, log_every=1, mixed_precision="no", fully_shard=True, output_dir=out,
                      resume_from="latest" if mode == "resume" else None)
@@ -690,7 +688,7 @@ def test_sharded_training_saves_whole_adapters_and_resumes(tmp_path):
     """fully_shard (FSDP2) on 2 gloo processes: each process holds half of every trainable tensor, yet the adapter
     equals the trained weights gathered from the shards and reloads in a fresh process with identical logits; a
     run killed after its first (sharded) checkpoint resumes to the same adapter, bit for bit."""
-    script = SHARDED_SCRIPT.format(rows=token_rows())
+    script = SHARDED_SCRIPT.format(rows=token_rows(), tests=str(Path(__file__).resolve().parent))
 
     def run(name, mode):
         return launch(tmp_path / name, TWO_CPU_PROCESSES, script, str(tmp_path / name / "out"), mode,
@@ -710,11 +708,7 @@ def test_sharded_training_saves_whole_adapters_and_resumes(tmp_path):
         saved = adapter[name.replace(".default.", ".")]
         assert saved.shape == tensor.shape and saved.numel() > 0 and torch.equal(saved, tensor)
 
-    torch.manual_seed(0)  # the same base weights as the script's, in this (fresh) process
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                        pad_token_id=0))
-    reloaded = peftprompt.load_adapter(base, out / "adapter").eval()
+    reloaded = peftprompt.load_adapter(tiny_llama(), out / "adapter").eval()  # the script's base, in this process
     with torch.no_grad():
         logits = reloaded(input_ids=torch.tensor([[5, 9, 17, 33, 65, 2]])).logits
     torch.testing.assert_close(logits, torch.load(out / "logits.pt"), atol=1e-6, rtol=0)

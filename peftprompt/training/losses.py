@@ -68,33 +68,20 @@ def row_losses(
 
 
 def supports_kept_logits(model, task: str) -> bool:
-    """Whether `model` computes causal-LM logits at chosen positions only when given a boolean ``[batch, length]``
-    ``logits_to_keep`` mask (transformers' ``slice_logits_to_keep``: Llama, Mistral, Qwen, GPT-2, ... in
-    transformers >= 5), bare or under an adapter that does not prepend virtual tokens (not prefix / prompt tuning).
-
-    Checked by the forward's signature and one probe: a 3-token forward in eval mode (no dropout, no random numbers
-    drawn) must return the logits of exactly the kept positions, flattened to ``[kept, vocab]``.
-    """
+    """Whether `model` can compute causal-LM logits at chosen positions only: its forward takes a tensor
+    ``logits_to_keep`` (transformers' ``slice_logits_to_keep``, which reads a boolean ``[batch, length]`` mask:
+    Llama, Mistral, Qwen, GPT-2, ... in transformers >= 5), bare or under an adapter that does not prepend virtual
+    tokens (not prefix / prompt tuning). Read from the forward's signature; `kept_logits_loss` checks the shape it
+    gets back. (A probe forward is no option: one eval-mode forward changes a bitsandbytes 4-bit model, which then
+    stopped learning.)"""
     if get_task(task).labels != "next_token":
         return False
     peft_config = getattr(model, "active_peft_config", None)
     if peft_config is not None and peft_config.is_prompt_learning:
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
-        return False
-    device = next(base.parameters()).device
-    keep = torch.tensor([[True, False, True]], device=device)
-    was_training = base.training
-    base.eval()
-    try:
-        with torch.no_grad():
-            logits = base(input_ids=torch.zeros(1, 3, dtype=torch.long, device=device), logits_to_keep=keep).logits
-        return logits.dim() == 2 and logits.shape[0] == 2
-    except (TypeError, IndexError, RuntimeError, ValueError):
-        return False
-    finally:
-        base.train(was_training)
+    parameter = inspect.signature(base.forward).parameters.get("logits_to_keep")
+    return parameter is not None and "Tensor" in str(parameter.annotation)
 
 
 def trained_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -110,6 +97,11 @@ def kept_logits_loss(model, batch: dict, labels: torch.Tensor, weights: Optional
     vocabulary skip every prompt, padding and packed-in context position. Same loss as the full path."""
     keep = trained_positions(labels)
     logits = model(**batch, logits_to_keep=keep).logits  # [trained positions, vocab], in the order of:
+    if logits.dim() != 2 or logits.shape[0] != int(keep.sum()):
+        raise RuntimeError(
+            f"{type(model).__name__} returned logits of shape {tuple(logits.shape)} for a boolean logits_to_keep mask "
+            f"of {int(keep.sum())} positions: its forward does not slice with transformers' slice_logits_to_keep"
+        )
     targets = labels[:, 1:][keep[:, :-1]]
     kept_weights = weights[:, 1:][keep[:, :-1]][None] if weights is not None else None
     # `row_losses` without the causal shift (its token-classification branch), on one row of the kept positions

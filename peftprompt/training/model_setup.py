@@ -99,10 +99,10 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.O
 def training_layout_kept(model: torch.nn.Module):
     """Keep bitsandbytes' 4-bit weights in their training layout for the duration.
 
-    On a CPU with avx512_bf16, a 4-bit layer's first forward in eval mode without gradients (an evaluation, a
-    probe) repacks its weight for the inference kernel, and a model repacked so stops learning when training
-    resumes (measured: the loss of a 4-bit LoRA run stayed at 2.1 for 10 steps). Each layer's
-    ``support_avx512bf16_for_cpu`` switch is turned off while training and set back afterwards.
+    On a CPU with avx512_bf16, a 4-bit layer's first forward in eval mode without gradients (an evaluation)
+    repacks its weight in place for bitsandbytes' CPU inference kernel, a layout its training path does not read
+    (on a tiny model the next training step then failed). Each layer's ``support_avx512bf16_for_cpu`` switch is
+    turned off while training and set back afterwards.
     """
     layers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False) is True]
     for layer in layers:
