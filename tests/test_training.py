@@ -543,6 +543,16 @@ state.destroy_process_group()
 '''
 
 
+# 2 processes on the CPU: MULTI_GPU with use_cpu (accelerate's MULTI_CPU config starts ONE process, tested below).
+TWO_CPU_PROCESSES = """
+compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_GPU
+num_processes: 2
+num_machines: 1
+use_cpu: true
+mixed_precision: "no"
+"""
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -572,14 +582,7 @@ def test_two_real_processes_under_accelerate_launch(tmp_path):
     out = tmp_path / "out"
     done = launch(
         tmp_path,
-        """
-        compute_environment: LOCAL_MACHINE
-        distributed_type: MULTI_GPU
-        num_processes: 2
-        num_machines: 1
-        use_cpu: true
-        mixed_precision: "no"
-        """,
+        TWO_CPU_PROCESSES,
         TWO_PROCESS_SCRIPT.format(rows=rows),
         str(out),
         env={"ACCELERATE_USE_CPU": "1"},
@@ -671,15 +674,6 @@ if state.is_main_process:
 sys.stdout.write(f"RESULT rank={{state.process_index}} world={{result.world_size}} sharded={{is_sharded(trainer.model)}}\\n")
 sys.stdout.flush()
 state.destroy_process_group()
-"""
-
-TWO_CPU_PROCESSES = """
-compute_environment: LOCAL_MACHINE
-distributed_type: MULTI_GPU
-num_processes: 2
-num_machines: 1
-use_cpu: true
-mixed_precision: "no"
 """
 
 
