@@ -28,9 +28,9 @@ def test_speed_benchmark_dry_run(tiny_smollm, tmp_path):
     run("speed.py", "--model", str(tiny_smollm), "--steps", "4", "--quant-steps", "3", "--batch-size", "2",
         "--max-length", "256", "--out", str(tmp_path))
     result = json.loads((tmp_path / "speed.json").read_text())
-    assert set(result["runs"]) == {"baseline", "ours", "ours_fp32", "ours_8bit", "ours_4bit"}
+    assert set(result["runs"]) == {"baseline", "trl", "ours", "ours_fp32", "ours_8bit", "ours_4bit"}
     for name, r in result["runs"].items():
-        assert r["steps"] == (4 if name in ("baseline", "ours") else 3)
+        assert r["steps"] == (4 if name in ("baseline", "trl", "ours") else 3)
         assert len(r["losses"]) == r["steps"] and r["seconds_per_step"] > 0 and r["peak_rss_mb"] > 0
     # the same data, seed and initial adapter: the first-step losses agree (the curves then diverge by data order)
     assert result["runs"]["baseline"]["first_loss"] == pytest.approx(result["runs"]["ours"]["first_loss"], abs=1e-3)
@@ -38,6 +38,9 @@ def test_speed_benchmark_dry_run(tiny_smollm, tmp_path):
     runs = result["runs"]
     # the same episodes on both paths; ours computes fewer positions (packed, balanced rows) than padding does
     assert runs["baseline"]["tokens_per_step"] == runs["ours"]["tokens_per_step"]
+    # TRL padding-free trains exactly our tokens, and its packed batch scores as the episodes alone
+    assert result["trained_tokens_per_step_equal"] == {"baseline": True, "trl": True}
+    assert runs["trl"]["padding_free_check"]["max_abs_diff_token_log_prob"] < 1e-3
     assert runs["ours"]["tokens_per_step"] <= runs["ours"]["positions_per_step"] < runs["baseline"]["positions_per_step"]
     assert 0 < result["weight_bytes_ratio_4bit_vs_fp32"] < 1  # 4-bit linear weights (the tiny embedding dominates)
     assert {"machine", "versions", "git_commit", "command"} <= set(result["environment"])
