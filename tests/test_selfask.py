@@ -391,7 +391,8 @@ def test_real_generate_stops_per_row_at_the_markers():
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
-    runner = SelfAskRunner(Spelling(config).eval(), tokenizer, answerer=lambda q: "Y")
+    # the spelling reads "no cache yet" as a new generate call: every step encodes its whole prompt
+    runner = SelfAskRunner(Spelling(config).eval(), tokenizer, answerer=lambda q: "Y", reuse_kv_cache=False)
     prompts = ["Question: Who is the father-in-law of Queen Hyojeong?\n", "Question: Capital?\n"]
     outs = runner._step(prompts, [60, 60])
     assert outs[0].text == "Are follow up questions needed here: Yes.\nFollow up: Who is X?\nIntermediate answer:"
@@ -639,3 +640,37 @@ def test_trace_tree_names_each_layer_and_who_answered():
     text = console.export_text()
     assert "When did the director of A die? -> 1975 (layer 1: model; the tool had nothing)" in text
     assert "Who directed A? -> Stevens (layer 2: tool)" in text
+
+
+def test_at_most_batch_size_questions_in_flight_and_the_bar_counts_them_as_they_finish(monkeypatch):
+    """`run_batch` keeps `batch_size` questions in flight: a finished question makes room for the next one, so the
+    first answers are in (and counted by the progress bar) before the last questions start."""
+    import peftprompt.selfask.runner as runner_module
+
+    one_step = ["Are follow up questions needed here: No.\nSo the final answer is: A\n"]
+    questions = [QUESTION, "Q2?", "Q3?", "Q4?", "Q5?"]
+    model = Scripted({QUESTION: TWO_STEPS, **{q: one_step for q in questions[1:]}})
+    counted = []
+
+    class Bar:
+        def __init__(self, *args, **kwargs):
+            self.n = 0
+
+        def update(self, n):
+            self.n += n
+            counted.append(self.n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(runner_module, "tqdm", Bar)
+    runner = SelfAskRunner(generate_fn=model, answerer=tool(FACTS), batch_size=2, progress="questions")
+    results = runner.run_batch(questions)
+    assert [r.answer for r in results] == ["Crown Prince Hyomyeong", "A", "A", "A", "A"]
+    firsts = [[p.split("\n", 1)[0] for p in call] for call in model.calls]
+    assert firsts == [[f"Question: {QUESTION}", "Question: Q2?"], [f"Question: {QUESTION}", "Question: Q3?"],
+                      [f"Question: {QUESTION}", "Question: Q4?"], ["Question: Q5?"]]
+    assert counted == [1, 2, 3, 4, 5]

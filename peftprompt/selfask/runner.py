@@ -62,7 +62,9 @@ from tqdm.auto import tqdm
 
 from ..recursive.tree import Node, question_key
 from ..recursive.unroll import SELF_ASK, Template, Unroller, clean_text, parse_episode
+from . import kv_cache
 from .answerers import UNKNOWN, Answer, Answerer, as_answerer
+from .kv_cache import PromptCache
 
 
 def format_episode(
@@ -109,11 +111,13 @@ normalise_question = question_key
 
 @dataclass
 class Continuation:
-    """What one generation step wrote: its `text`, how many `tokens` it took, and whether it ended with EOS."""
+    """What one generation step wrote: its `text`, how many `tokens` it took, whether it ended with EOS, and the KV
+    `cache` of the prompt and these tokens (when the runner reuses caches)."""
 
     text: str
     tokens: int
     eos: bool = False
+    cache: Optional[PromptCache] = None
 
 
 @dataclass
@@ -162,6 +166,7 @@ class _State:
     prefill: str = ""  # written for the model before its next step (a retried follow-up)
     banned: Optional[str] = None  # a word its next step may not start with
     retried_at: int = -1  # the step (follow-ups accepted so far) last asked again
+    cache: Optional[PromptCache] = None  # the KV cache of the last step's prompt and continuation
 
 
 GenerateFn = Callable[..., list[Union[str, Continuation]]]
@@ -199,7 +204,7 @@ class SelfAskRunner:
             (0: the question itself is answered directly).
         max_new_tokens (`int`, defaults to 64): Tokens per generation step.
         max_total_tokens (`int`, defaults to 384): Tokens generated per question at most, over all its steps.
-        batch_size (`int`, defaults to 8): Prompts per `model.generate` call.
+        batch_size (`int`, defaults to 32): Questions in flight, and prompts per `model.generate` call.
         few_shot (`str`, defaults to ``""``): Prefix of every self-ask prompt (e.g. `FEW_SHOT_SELF_ASK`).
         few_shot_direct (`str`, defaults to ``""``): Prefix of every direct prompt (e.g. `FEW_SHOT_DIRECT`).
         final_answer_tokens (`int`, defaults to 16): Tokens of `max_total_tokens` kept for a forced final answer.
@@ -211,6 +216,13 @@ class SelfAskRunner:
             the module docstring).
         progress (`str`, *optional*): Show a tqdm bar with this description over the questions of each top-level
             `run_batch` and each `answer_directly` (questions finished).
+        reuse_kv_cache (`bool`, defaults to `True`): Keep each question's KV cache from one step to the next and
+            share the few-shot prefixes' (`peftprompt.selfask.kv_cache`), so each step feeds only its new tokens;
+            off (or for a model that cannot, e.g. under prefix tuning), every step encodes its whole prompt again.
+
+    Scheduling: `run_batch` keeps at most `batch_size` questions in flight and steps them together (one
+    `generate` call a step); a finished question makes room for the next one, so the progress bar moves as
+    questions finish.
     """
 
     def __init__(
@@ -224,13 +236,14 @@ class SelfAskRunner:
         max_depth: int = 2,
         max_new_tokens: int = 64,
         max_total_tokens: int = 384,
-        batch_size: int = 8,
+        batch_size: int = 32,
         few_shot: str = "",
         few_shot_direct: str = "",
         final_answer_tokens: int = 16,
         generate_fn: Optional[GenerateFn] = None,
         progress: Optional[str] = None,
         retry_repeats: bool = True,
+        reuse_kv_cache: bool = True,
     ):
         if model is None and generate_fn is None:
             raise ValueError("SelfAskRunner needs a model (and tokenizer) or a generate_fn")
@@ -261,6 +274,8 @@ class SelfAskRunner:
         self.generate_fn = generate_fn
         self.retry_repeats = retry_repeats
         self.progress = progress
+        self.reuse_kv_cache = reuse_kv_cache and model is not None and kv_cache.supports_reuse(model)
+        self._prefix_caches: dict[str, PromptCache] = {}
         head, tail = template.follow_up.split("{question}")
         self.follow_up_prefix = head.strip()  # "Follow up:"
         self.marker = tail  # "\nIntermediate answer:"
@@ -279,46 +294,57 @@ class SelfAskRunner:
         if depth >= self.max_depth:
             return self.answer_directly(questions, depth=depth)
         states = [_State(q, self.template.question.format(question=q)) for q in questions]
-        bar = tqdm(total=len(states), desc=self.progress, unit="question", disable=self.progress is None or depth > 0)
-        while True:
-            active = [s for s in states if not s.done]
-            bar.update(len(states) - len(active) - bar.n)
-            if not active:
-                break
-            limits = []
-            for s in active:
-                limit = self._limit(s)
-                if limit <= 0 and not s.forcing:
-                    s.issues.append("token budget exhausted")
-                    self._begin_force(s)
-                    limit = self._limit(s)
-                limits.append(limit)
-            stepping = [(s, n) for s, n in zip(active, limits) if n > 0]
-            for s, n in zip(active, limits):
-                if n <= 0:
-                    self._finish(s, "")
-            if not stepping:
-                continue
-            outputs = self._step([self.few_shot + s.text + s.prefill for s, _ in stepping],
-                                 [n for _, n in stepping], [s.banned for s, _ in stepping])
-            pending: list[tuple[_State, str]] = []
-            for (s, n), out in zip(stepping, outputs):
-                s.tokens += out.tokens
-                if s.prefill:
-                    out = Continuation(s.prefill + out.text, out.tokens, out.eos)
-                    s.prefill, s.banned = "", None
-                follow_up = self._advance(s, out, budget_cut=n < self.max_new_tokens and out.tokens >= n)
-                if follow_up is not None:
-                    pending.append((s, follow_up))
-            if pending:
-                answers = self.answer_layer([q for _, q in pending], depth + 1)
-                for (s, q), (answer, meta) in zip(pending, answers):
-                    text = clean_text(answer.text) or UNKNOWN
-                    s.follow_ups.append((q, Answer(text, answer.source, answer.trace), meta))
-                    s.deeper_tokens += answer.generated_tokens
-                    s.text += self.template.intermediate_answer.format(answer=text)
-        bar.close()
+        waiting = list(reversed(states))
+        running: list[_State] = []
+        with tqdm(total=len(states), desc=self.progress, unit="question",
+                  disable=self.progress is None or depth > 0) as bar:
+            while waiting or running:
+                while waiting and len(running) < self.batch_size:
+                    running.append(waiting.pop())
+                self._run_step(running, depth)
+                for s in running:
+                    if s.done:
+                        s.cache = None
+                        bar.update(1)
+                running = [s for s in running if not s.done]
         return [self._result(s) for s in states]
+
+    def _run_step(self, active: list[_State], depth: int) -> None:
+        """One generation step for the questions `active` (one `generate` call), then their follow-ups answered."""
+        limits = []
+        for s in active:
+            limit = self._limit(s)
+            if limit <= 0 and not s.forcing:
+                s.issues.append("token budget exhausted")
+                self._begin_force(s)
+                limit = self._limit(s)
+            limits.append(limit)
+        stepping = [(s, n) for s, n in zip(active, limits) if n > 0]
+        for s, n in zip(active, limits):
+            if n <= 0:
+                self._finish(s, "")
+        if not stepping:
+            return
+        outputs = self._step([self.few_shot + s.text + s.prefill for s, _ in stepping],
+                             [n for _, n in stepping], [s.banned for s, _ in stepping],
+                             [s.cache for s, _ in stepping])
+        pending: list[tuple[_State, str]] = []
+        for (s, n), out in zip(stepping, outputs):
+            s.tokens += out.tokens
+            s.cache = out.cache
+            if s.prefill:
+                out = Continuation(s.prefill + out.text, out.tokens, out.eos)
+                s.prefill, s.banned = "", None
+            follow_up = self._advance(s, out, budget_cut=n < self.max_new_tokens and out.tokens >= n)
+            if follow_up is not None:
+                pending.append((s, follow_up))
+        if pending:
+            answers = self.answer_layer([q for _, q in pending], depth + 1)
+            for (s, q), (answer, meta) in zip(pending, answers):
+                text = clean_text(answer.text) or UNKNOWN
+                s.follow_ups.append((q, Answer(text, answer.source, answer.trace), meta))
+                s.deeper_tokens += answer.generated_tokens
+                s.text += self.template.intermediate_answer.format(answer=text)
 
     def layer_answerer(self, depth: int) -> Answerer:
         """Who answers the follow-ups of layer `depth` (1: the question's follow-ups)."""
@@ -476,10 +502,13 @@ class SelfAskRunner:
             return i if i >= 0 else None
         return i_marker + len(self.marker) if i_marker >= 0 else None
 
-    def _step(self, prompts: list[str], limits: list[int], banned: Optional[list[Optional[str]]] = None
-              ) -> list[Continuation]:
-        generate = self.generate_fn if self.generate_fn is not None else self._generate
-        outputs = generate(prompts, limits, banned) if banned and any(banned) else generate(prompts, limits)
+    def _step(self, prompts: list[str], limits: list[int], banned: Optional[list[Optional[str]]] = None,
+              caches: Optional[list[Optional[PromptCache]]] = None) -> list[Continuation]:
+        if self.generate_fn is not None:
+            outputs = (self.generate_fn(prompts, limits, banned) if banned and any(banned)
+                       else self.generate_fn(prompts, limits))
+        else:
+            outputs = self._generate(prompts, limits, banned, caches)
         if len(outputs) != len(prompts):
             raise RuntimeError(f"generation returned {len(outputs)} continuations for {len(prompts)} prompts")
         results = []
@@ -488,7 +517,8 @@ class SelfAskRunner:
             stop = self.stop_index(raw, prompt.endswith(self.final_prefix))
             text = raw if stop is None else raw[:stop]
             tokens = self._count_tokens(text) if isinstance(out, str) else out.tokens
-            results.append(Continuation(text, min(tokens, limit), getattr(out, "eos", False)))
+            results.append(Continuation(text, min(tokens, limit), getattr(out, "eos", False),
+                                        getattr(out, "cache", None)))
         return results
 
     def _count_tokens(self, text: str) -> int:
@@ -496,11 +526,24 @@ class SelfAskRunner:
             return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return len(text.split())
 
+    def _prefix_cache(self, prompt: str) -> Optional[PromptCache]:
+        """The KV cache of the few-shot prefix `prompt` starts with (computed once), if any."""
+        for prefix in (self.few_shot, self.few_shot_direct):
+            if prefix and prompt.startswith(prefix):
+                if prefix not in self._prefix_caches:
+                    ids = self.tokenizer(prefix)["input_ids"]
+                    self._prefix_caches[prefix] = kv_cache.encode(self.model, ids)
+                return self._prefix_caches[prefix]
+        return None
+
     def _generate(self, prompts: list[str], max_new_tokens: list[int],
-                  banned: Optional[list[Optional[str]]] = None) -> list[Continuation]:
+                  banned: Optional[list[Optional[str]]] = None,
+                  caches: Optional[list[Optional[PromptCache]]] = None) -> list[Continuation]:
         """Greedy `model.generate` on `prompts` in batches of `batch_size` (left padding, KV cache on); row i
         stops at `stop_index`, at EOS or after ``max_new_tokens[i]`` tokens, and may not start with the word
-        ``banned[i]`` (its first token, with and without a leading space)."""
+        ``banned[i]`` (its first token, with and without a leading space). With `reuse_kv_cache`, row i continues
+        from ``caches[i]`` (its previous step) or its few-shot prefix's cache, whichever holds more of its tokens,
+        and its continuation carries the cache of its prompt and kept tokens."""
         import torch
         from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
@@ -509,17 +552,27 @@ class SelfAskRunner:
             tokenizer.pad_token = tokenizer.eos_token
         eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        device = next(self.model.parameters()).device
+        caches = caches or [None] * len(prompts)
         results: list[Continuation] = []
         for start in range(0, len(prompts), self.batch_size):
             chunk, limits = prompts[start : start + self.batch_size], max_new_tokens[start : start + self.batch_size]
             answer_only = [p.endswith(self.final_prefix) for p in chunk]
-            side = tokenizer.padding_side
-            tokenizer.padding_side = "left"
-            try:
-                batch = tokenizer(chunk, return_tensors="pt", padding=True)
-            finally:
-                tokenizer.padding_side = side
-            width = batch["input_ids"].shape[1]
+            encoded = tokenizer(chunk)["input_ids"]
+            lengths = [len(ids) for ids in encoded]
+            width = max(lengths)
+            reused: list[Optional[PromptCache]] = [None] * len(chunk)
+            fed = width
+            if self.reuse_kv_cache:
+                for row, (prompt, ids) in enumerate(zip(chunk, encoded)):
+                    options = [c for c in (caches[start + row], self._prefix_cache(prompt)) if c is not None]
+                    reused[row] = max(options, key=lambda c: c.reusable(ids), default=None)
+                fed = max(n - (c.reusable(ids) if c is not None else 0)
+                          for n, c, ids in zip(lengths, reused, encoded))
+            pads = [width - n for n in lengths]
+            input_ids = torch.tensor([[pad] * p + ids for p, ids in zip(pads, encoded)], device=device)
+            attention_mask = torch.tensor([[0] * p + [1] * n for p, n in zip(pads, lengths)], device=device)
+            past = kv_cache.batched(reused, lengths, fed, self.model.config) if self.reuse_kv_cache else None
             stopped_at = [None] * len(chunk)
             words = (banned or [None] * len(prompts))[start : start + self.batch_size]
             first_tokens = {row: sorted({tokenizer(text, add_special_tokens=False)["input_ids"][0]
@@ -547,18 +600,26 @@ class SelfAskRunner:
                         done.append(stopped_at[row] is not None)
                     return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
-            device = next(self.model.parameters()).device
             with torch.no_grad():
                 out = self.model.generate(
-                    **{k: v.to(device) for k, v in batch.items()}, max_new_tokens=max(limits), do_sample=False,
+                    input_ids=input_ids, attention_mask=attention_mask, past_key_values=past,
+                    max_new_tokens=max(limits), do_sample=False, return_dict_in_generate=True,
                     stopping_criteria=StoppingCriteriaList([_Stop()]), pad_token_id=pad, eos_token_id=eos,
                     logits_processor=LogitsProcessorList([_BanFirst()] if first_tokens else []),
                 )
-            for row, ids in enumerate(out[:, width:].tolist()):
+            kept = []
+            for row, ids in enumerate(out.sequences[:, width:].tolist()):
                 n = min(len(ids), limits[row], stopped_at[row] if stopped_at[row] is not None else len(ids))
                 ids = ids[:n]
                 hit_eos = eos is not None and eos in ids
                 if hit_eos:
                     ids = ids[: ids.index(eos) + 1]
+                kept.append(len(ids))
                 results.append(Continuation(tokenizer.decode(ids, skip_special_tokens=True), len(ids), hit_eos))
+            if self.reuse_kv_cache:
+                rows = out.sequences.tolist()
+                new_caches = kv_cache.split(out.past_key_values, pads, [r[p:] for r, p in zip(rows, pads)],
+                                            [n + k for n, k in zip(lengths, kept)])
+                for result, cache in zip(results[-len(chunk):], new_caches):
+                    result.cache = cache
         return results
