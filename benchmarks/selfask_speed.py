@@ -1,0 +1,220 @@
+"""Self-ask inference speed: questions per second of `evaluate_selfask` (what ``peftprompt eval selfask`` runs per
+approach) before and after the runner kept KV caches across steps and 32 questions in flight, with every answer
+compared, transcript by transcript, against the runner before.
+
+Settings, each in its own process (torch's default threads, greedy decoding):
+
+- **before**: the runner at ``--baseline-ref`` (a `git worktree` of that commit on ``PYTHONPATH``): every step
+  encodes each whole prompt again, all questions stepped together in `generate` calls of 8;
+- **no reuse, 32 in flight**: this commit with ``reuse_kv_cache=False`` (what scheduling alone buys);
+- **reuse, 8 in flight** and **reuse, 32 in flight** (this commit's defaults): each question's KV cache kept from
+  one step to the next and the few-shot prefix encoded once (`peftprompt.selfask.kv_cache`).
+
+Approaches: zero-shot self-ask with the fine-tuned adapter (``--adapter``, ``--n`` questions) and the base model's
+4-shot self-ask (``--n-few-shot`` questions; its prompts start with a 400-token prefix), on Compositional
+Celebrities drawn at random (seed 0); follow-ups answered by the MiniLM retriever over the questions' own gold
+sub-answers. Seconds cover `evaluate_selfask` only (models loaded before). Writes ``selfask_speed.{json,md,png}``:
+
+    .venv/bin/python benchmarks/selfask_speed.py [--adapter outputs/demo_selfask/adapter] [--n 100]
+        [--n-few-shot 50] [--baseline-ref f295b32] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _env import environment_record, provenance_line
+
+NAME = "selfask_speed"
+REPO = Path(__file__).resolve().parents[1]
+SEED = 0
+BASELINE_REF = "f295b32"  # the last commit before KV-cache reuse
+SETTINGS = {  # name: (label, runner arguments; None: the runner at --baseline-ref with its defaults)
+    "before": ("before (re-encode every step, generate calls of 8)", None),
+    "no_reuse_32": ("no reuse, 32 in flight", {"reuse_kv_cache": False, "batch_size": 32}),
+    "reuse_8": ("reuse, 8 in flight", {"reuse_kv_cache": True, "batch_size": 8}),
+    "reuse_32": ("reuse, 32 in flight (default)", {"reuse_kv_cache": True, "batch_size": 32}),
+}
+APPROACHES = {"fine_tuned_self_ask": "fine-tuned, zero-shot", "few_shot_self_ask": "base model, 4-shot"}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One setting, one approach: answer the questions, write seconds, scores and transcripts to ``--result``."""
+    import peftprompt
+    from transformers.utils import logging as transformers_logging
+
+    from peftprompt import load_adapter, load_backbone
+    from peftprompt.recursive import convert
+    from peftprompt.selfask import FEW_SHOT_SELF_ASK, RetrieverAnswerer, SelfAskRunner
+    from peftprompt.selfask.evaluate import evaluate_selfask, knowledge_base, sample_trees
+
+    transformers_logging.set_verbosity_error()
+    code = Path(peftprompt.__file__).resolve().parents[1]
+    if code != Path(args.code).resolve():
+        raise SystemExit(f"selfask_speed: imported peftprompt from {code}, expected {args.code}")
+    fine_tuned = args.approach == "fine_tuned_self_ask"
+    trees = sample_trees(convert("compositional_celebrities"), args.n if fine_tuned else args.n_few_shot, seed=SEED)
+    retriever = RetrieverAnswerer(knowledge_base(trees))
+    model, tokenizer = load_backbone("smollm2-135m", task="causal_lm")
+    if fine_tuned:
+        model = load_adapter(model, args.adapter)
+    runner_args = json.loads(args.runner_args)
+    runner = SelfAskRunner(model.eval(), tokenizer, answerer=retriever, **runner_args,
+                           **({} if fine_tuned else {"few_shot": FEW_SHOT_SELF_ASK}))
+    started = time.perf_counter()
+    scores = evaluate_selfask(trees, runner, "self_ask", sub_question_check=False, return_records=True)
+    seconds = time.perf_counter() - started
+    records = scores.pop("records")
+    Path(args.result).write_text(json.dumps({
+        "seconds": seconds, "n": len(trees), "questions_per_second": len(trees) / seconds,
+        "em": scores["em"], "well_formed": scores["well_formed"],
+        "mean_generated_tokens": scores["mean_generated_tokens"],
+        "texts": [r["text"] for r in records], "questions": [r["question"] for r in records],
+    }))
+
+
+def run_setting(setting: str, approach: str, args: argparse.Namespace, code: Path, out: Path) -> dict:
+    """`worker` in a fresh process with `code` first on ``PYTHONPATH``."""
+    runner_args = SETTINGS[setting][1] or {}
+    result = out / f"{setting}_{approach}.json"
+    env = {**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.setdefault("PEFTPROMPT_DATA", str(REPO.parent / "shared" / "data"))
+    subprocess.run([sys.executable, __file__, "--worker", "--approach", approach, "--code", str(code),
+                    "--adapter", str(args.adapter.resolve()), "--n", str(args.n), "--n-few-shot", str(args.n_few_shot),
+                    "--runner-args", json.dumps(runner_args), "--result", str(result)], check=True, env=env,
+                   cwd=REPO)
+    return json.loads(result.read_text())
+
+
+def first_difference(a: str, b: str) -> str:
+    """The line where two transcripts part, as ``line k: before | after``."""
+    for k, (x, y) in enumerate(zip(a.split("\n"), b.split("\n")), start=1):
+        if x != y:
+            return f"line {k}: {x!r} | {y!r}"
+    return "one transcript is longer"
+
+
+def compare(before: dict, after: dict) -> dict:
+    """How many transcripts are identical, and where the others part."""
+    pairs = list(zip(before["questions"], before["texts"], after["texts"]))
+    differing = [{"question": q, "where": first_difference(a, b)} for q, a, b in pairs if a != b]
+    return {"identical": len(pairs) - len(differing), "of": len(pairs), "differing": differing}
+
+
+def write_results(result: dict, out: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{NAME}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# Self-ask inference speed on {result['model']}: questions per second, before and after KV-cache "
+             "reuse", "",
+             f"Compositional Celebrities questions drawn at random (seed {SEED}); follow-ups answered by the MiniLM "
+             "retriever over the questions' gold sub-answers; greedy decoding; seconds of `evaluate_selfask` (what "
+             "`peftprompt eval selfask` runs per approach), models already loaded; each setting in its own process. "
+             f"Before: the runner at commit {result['baseline_ref']}. Identical: transcripts equal to before's, "
+             "character for character.", "",
+             "| approach | setting | questions | seconds | questions/s | speed-up | EM | well-formed | identical |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for approach, label in APPROACHES.items():
+        runs = result["runs"][approach]
+        for setting, (name, _) in SETTINGS.items():
+            r = runs[setting]
+            same = r.get("vs_before", {"identical": r["n"], "of": r["n"]})
+            lines.append(f"| {label} | {name} | {r['n']} | {r['seconds']:.1f} | {r['questions_per_second']:.2f} | "
+                         f"{r['speedup']:.2f}x | {r['em']:.3f} | {r['well_formed']:.3f} | "
+                         f"{same['identical']}/{same['of']} |")
+    target = result["target"]
+    lines += ["", f"Fine-tuned self-ask, default settings: **{target['speedup']:.2f}x** the questions per second of "
+              f"before (target >= 2x), {target['identical']}/{target['of']} transcripts identical."]
+    differing = [(approach, setting, d) for approach in APPROACHES for setting in SETTINGS
+                 for d in result["runs"][approach][setting].get("vs_before", {}).get("differing", [])]
+    if differing:
+        lines += ["", "Transcripts that differ from before (where they part):", ""]
+        lines += [f"- {APPROACHES[a]}, {SETTINGS[s][0]}: {d['question']} — {d['where']}" for a, s, d in differing]
+    lines += ["", provenance_line(result["environment"])]
+    (out / f"{NAME}.md").write_text("\n".join(lines) + "\n")
+
+    figure = Figure(figsize=(8, 3.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    width = 0.8 / len(SETTINGS)
+    for i, (setting, (name, _)) in enumerate(SETTINGS.items()):
+        values = [result["runs"][a][setting]["questions_per_second"] for a in APPROACHES]
+        bars = ax.bar([x + (i - (len(SETTINGS) - 1) / 2) * width for x in range(len(APPROACHES))], values, width,
+                      label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks(range(len(APPROACHES)), list(APPROACHES.values()))
+    ax.set_ylabel("questions per second")
+    ax.set_title(f"self-ask on {result['model']}, Compositional Celebrities "
+                 f"({result['environment']['machine']['cpu_model']})", fontsize=9)
+    ax.legend(fontsize=8)
+    figure.savefig(out / f"{NAME}.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", type=Path, default=Path("outputs/demo_selfask/adapter"),
+                        help="the fine-tuned self-ask adapter (default: the one `make demo` trains)")
+    parser.add_argument("--n", type=int, default=100, help="questions for the fine-tuned adapter (default 100)")
+    parser.add_argument("--n-few-shot", type=int, default=50, help="questions for the base model (default 50)")
+    parser.add_argument("--baseline-ref", default=BASELINE_REF, help="the commit measured as before")
+    parser.add_argument("--quick", action="store_true", help="8 questions each")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--approach", choices=list(APPROACHES), help=argparse.SUPPRESS)
+    parser.add_argument("--code", help=argparse.SUPPRESS)
+    parser.add_argument("--runner-args", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    if not (args.adapter / "adapter_config.json").is_file():
+        parser.error(f"no adapter at {args.adapter}: train one first (`make demo`)")
+    if args.quick:
+        args.n = args.n_few_shot = 8
+    started = time.perf_counter()
+    result: dict = {"benchmark": NAME, "model": "smollm2-135m", "seed": SEED, "adapter": str(args.adapter),
+                    "baseline_ref": args.baseline_ref, "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        before_code = Path(tmp) / "before"
+        subprocess.run(["git", "worktree", "add", "--detach", str(before_code), args.baseline_ref], cwd=REPO,
+                       check=True, capture_output=True)
+        try:
+            for approach, label in APPROACHES.items():
+                runs = result["runs"][approach] = {}
+                for setting, (name, runner_args) in SETTINGS.items():
+                    print(f"{label}: {name}", flush=True)
+                    runs[setting] = run_setting(setting, approach, args,
+                                                before_code if runner_args is None else REPO, Path(tmp))
+                    print(f"  {runs[setting]['seconds']:.1f} s, {runs[setting]['questions_per_second']:.2f} "
+                          f"questions/s, EM {runs[setting]['em']:.3f}", flush=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(before_code)], cwd=REPO, check=False)
+    for approach in APPROACHES:
+        runs = result["runs"][approach]
+        for setting, r in runs.items():
+            r["speedup"] = r["questions_per_second"] / runs["before"]["questions_per_second"]
+            if setting != "before":
+                r["vs_before"] = compare(runs["before"], r)
+        for r in runs.values():  # the transcripts are compared; keep the JSON readable
+            del r["texts"], r["questions"]
+    default = result["runs"]["fine_tuned_self_ask"]["reuse_32"]
+    result["target"] = {"speedup": default["speedup"], "identical": default["vs_before"]["identical"],
+                        "of": default["vs_before"]["of"],
+                        "met": default["speedup"] >= 2 and default["vs_before"]["identical"] == default["n"]}
+    result["wall_seconds"] = time.perf_counter() - started
+    result["environment"] = environment_record()
+    write_results(result, args.out)
+    print((args.out / f"{NAME}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
