@@ -194,3 +194,18 @@ def test_selfask_bad_mode_and_generation_settings_are_refused():
         with pytest.raises(SystemExit, match=message):
             module.unroller_for(config)
             module.generation_settings(config)
+
+
+def test_demo_schedule_overrides_the_shipped_config_and_yields_to_the_user():
+    """`make demo` trains the shipped self-ask config on its shorter schedule; its overrides are valid keys, come
+    after the config and before the user's own (which win)."""
+    spec = importlib.util.spec_from_file_location("demo_selfask", REPO / "recipes/demo_selfask.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    shipped = load_config(demo.CONFIG)
+    config = load_config(demo.CONFIG, demo.DEMO_SCHEDULE)
+    assert (shipped.max_steps, shipped.method_args["lora_dropout"]) == (200, 0.1)
+    assert (config.max_steps, config.method_args["lora_dropout"], config.data["generate_eval"]) == (150, 0.0, 0)
+    assert config.method_args["r"] == shipped.method_args["r"] and config.data["mode"] == shipped.data["mode"]
+    command, _ = demo.train_command(Path("out"), ["max_steps=20"])
+    assert command[-4:] == [*demo.DEMO_SCHEDULE, "max_steps=20"]
