@@ -1,13 +1,13 @@
 """Self-ask inference speed: questions per second of `evaluate_selfask` (what ``peftprompt eval selfask`` runs per
-approach) before and after the runner kept KV caches across steps and 32 questions in flight, with every answer
+approach) before and after the runner kept KV caches across steps and 64 questions in flight, with every answer
 compared, transcript by transcript, against the runner before.
 
 Settings, each in its own process (torch's default threads, greedy decoding):
 
 - **before**: the runner at ``--baseline-ref`` (a `git worktree` of that commit on ``PYTHONPATH``): every step
   encodes each whole prompt again, all questions stepped together in `generate` calls of 8;
-- **no reuse, 32 in flight**: this commit with ``reuse_kv_cache=False`` (what scheduling alone buys);
-- **reuse, 8 in flight** and **reuse, 32 in flight** (this commit's defaults): each question's KV cache kept from
+- **no reuse, 64 in flight**: this commit with ``reuse_kv_cache=False`` (what scheduling alone buys);
+- **reuse, 8 in flight** and **reuse, 64 in flight** (this commit's defaults): each question's KV cache kept from
   one step to the next and the few-shot prefix encoded once (`peftprompt.selfask.kv_cache`).
 
 Approaches: zero-shot self-ask with the fine-tuned adapter (``--adapter``, ``--n`` questions) and the base model's
@@ -16,7 +16,7 @@ Celebrities drawn at random (seed 0); follow-ups answered by the MiniLM retrieve
 sub-answers. Seconds cover `evaluate_selfask` only (models loaded before). Writes ``selfask_speed.{json,md,png}``:
 
     .venv/bin/python benchmarks/selfask_speed.py [--adapter outputs/demo_selfask/adapter] [--n 100]
-        [--n-few-shot 50] [--baseline-ref f295b32] [--quick]
+        [--n-few-shot 50] [--baseline-ref f295b32] [--model smollm2-135m] [--quick]
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ SEED = 0
 BASELINE_REF = "f295b32"  # the last commit before KV-cache reuse
 SETTINGS = {  # name: (label, runner arguments; None: the runner at --baseline-ref with its defaults)
     "before": ("before (re-encode every step, generate calls of 8)", None),
-    "no_reuse_32": ("no reuse, 32 in flight", {"reuse_kv_cache": False, "batch_size": 32}),
+    "no_reuse_64": ("no reuse, 64 in flight", {"reuse_kv_cache": False, "batch_size": 64}),
     "reuse_8": ("reuse, 8 in flight", {"reuse_kv_cache": True, "batch_size": 8}),
-    "reuse_32": ("reuse, 32 in flight (default)", {"reuse_kv_cache": True, "batch_size": 32}),
+    "reuse_64": ("reuse, 64 in flight (default)", {"reuse_kv_cache": True, "batch_size": 64}),
 }
 APPROACHES = {"fine_tuned_self_ask": "fine-tuned, zero-shot", "few_shot_self_ask": "base model, 4-shot"}
 
@@ -62,7 +62,7 @@ def worker(args: argparse.Namespace) -> None:
     fine_tuned = args.approach == "fine_tuned_self_ask"
     trees = sample_trees(convert("compositional_celebrities"), args.n if fine_tuned else args.n_few_shot, seed=SEED)
     retriever = RetrieverAnswerer(knowledge_base(trees))
-    model, tokenizer = load_backbone("smollm2-135m", task="causal_lm")
+    model, tokenizer = load_backbone(args.model, task="causal_lm")
     if fine_tuned:
         model = load_adapter(model, args.adapter)
     runner_args = json.loads(args.runner_args)
@@ -87,6 +87,7 @@ def run_setting(setting: str, approach: str, args: argparse.Namespace, code: Pat
     env = {**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("PEFTPROMPT_DATA", str(REPO.parent / "shared" / "data"))
     subprocess.run([sys.executable, __file__, "--worker", "--approach", approach, "--code", str(code),
+                    "--model", args.model,
                     "--adapter", str(args.adapter.resolve()), "--n", str(args.n), "--n-few-shot", str(args.n_few_shot),
                     "--runner-args", json.dumps(runner_args), "--result", str(result)], check=True, env=env,
                    cwd=REPO)
@@ -163,6 +164,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", type=Path, default=Path("outputs/demo_selfask/adapter"),
                         help="the fine-tuned self-ask adapter (default: the one `make demo` trains)")
+    parser.add_argument("--model", default="smollm2-135m", help="the base causal LM of the adapter")
     parser.add_argument("--n", type=int, default=100, help="questions for the fine-tuned adapter (default 100)")
     parser.add_argument("--n-few-shot", type=int, default=50, help="questions for the base model (default 50)")
     parser.add_argument("--baseline-ref", default=BASELINE_REF, help="the commit measured as before")
@@ -181,7 +183,7 @@ def main() -> None:
     if args.quick:
         args.n = args.n_few_shot = 8
     started = time.perf_counter()
-    result: dict = {"benchmark": NAME, "model": "smollm2-135m", "seed": SEED, "adapter": str(args.adapter),
+    result: dict = {"benchmark": NAME, "model": args.model, "seed": SEED, "adapter": str(args.adapter),
                     "baseline_ref": args.baseline_ref, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         before_code = Path(tmp) / "before"
@@ -206,7 +208,7 @@ def main() -> None:
                 r["vs_before"] = compare(runs["before"], r)
         for r in runs.values():  # the transcripts are compared; keep the JSON readable
             del r["texts"], r["questions"]
-    default = result["runs"]["fine_tuned_self_ask"]["reuse_32"]
+    default = result["runs"]["fine_tuned_self_ask"]["reuse_64"]
     result["target"] = {"speedup": default["speedup"], "identical": default["vs_before"]["identical"],
                         "of": default["vs_before"]["of"],
                         "met": default["speedup"] >= 2 and default["vs_before"]["identical"] == default["n"]}

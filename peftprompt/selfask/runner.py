@@ -10,8 +10,10 @@ Intermediate answer:                              this marker
 So the final answer is: {answer}                  generated; stops at the end of the line or at EOS
 ```
 
-Generation is batched over the questions still running (left padding, KV cache on) and stops at the intermediate
-answer marker, at the end of the final answer's line (newline or EOS), or at `max_new_tokens`.
+Generation is greedy and batched over the questions in flight (`batch_size`, left padding) and stops at the
+intermediate answer marker, at the end of the final answer's line (newline or EOS), or at `max_new_tokens`. Each
+question keeps its KV cache from one step to the next, and the few-shot prefix's is computed once
+(`peftprompt.selfask.kv_cache`), so a step feeds only the tokens its prompt gained.
 
 Recursion. The question is layer 0, its follow-ups layer 1, theirs layer 2, ... Each layer's follow-ups go to that
 layer's answerer (`answerers.py`; ``answerer`` may be one for every layer or a list, one per layer, the last
@@ -204,7 +206,7 @@ class SelfAskRunner:
             (0: the question itself is answered directly).
         max_new_tokens (`int`, defaults to 64): Tokens per generation step.
         max_total_tokens (`int`, defaults to 384): Tokens generated per question at most, over all its steps.
-        batch_size (`int`, defaults to 32): Questions in flight, and prompts per `model.generate` call.
+        batch_size (`int`, defaults to 64): Questions in flight, and prompts per `model.generate` call.
         few_shot (`str`, defaults to ``""``): Prefix of every self-ask prompt (e.g. `FEW_SHOT_SELF_ASK`).
         few_shot_direct (`str`, defaults to ``""``): Prefix of every direct prompt (e.g. `FEW_SHOT_DIRECT`).
         final_answer_tokens (`int`, defaults to 16): Tokens of `max_total_tokens` kept for a forced final answer.
@@ -236,7 +238,7 @@ class SelfAskRunner:
         max_depth: int = 2,
         max_new_tokens: int = 64,
         max_total_tokens: int = 384,
-        batch_size: int = 32,
+        batch_size: int = 64,
         few_shot: str = "",
         few_shot_direct: str = "",
         final_answer_tokens: int = 16,
