@@ -50,6 +50,29 @@ def test_speed_benchmark_dry_run(tiny_smollm, tmp_path):
 
 
 @pytest.mark.slow
+def test_selfask_speed_benchmark_dry_run(tiny_smollm, tmp_path):
+    """Every setting on a tiny model, against the committed runner as "before" (HEAD: no history needed): the
+    same transcripts whatever the scheduling and cache reuse."""
+    from transformers import AutoModelForCausalLM
+
+    from peftprompt import attach, save_adapter
+
+    adapter = save_adapter(attach(AutoModelForCausalLM.from_pretrained(tiny_smollm), "lora"), tmp_path / "adapter")
+    run("selfask_speed.py", "--model", str(tiny_smollm), "--adapter", str(adapter), "--quick", "--baseline-ref",
+        "HEAD", "--out", str(tmp_path / "results"))
+    result = json.loads((tmp_path / "results" / "selfask_speed.json").read_text())
+    for approach in ("fine_tuned_self_ask", "few_shot_self_ask"):
+        runs = result["runs"][approach]
+        assert set(runs) == {"before", "no_reuse_64", "reuse_8", "reuse_64"}
+        assert all(r["n"] == 8 and r["questions_per_second"] > 0 for r in runs.values())
+        for name in ("no_reuse_64", "reuse_8", "reuse_64"):
+            assert runs[name]["vs_before"] == {"identical": 8, "of": 8, "differing": []}
+    assert result["target"]["identical"] == 8 and result["target"]["speedup"] > 0
+    assert "| fine-tuned, zero-shot | before" in (tmp_path / "results" / "selfask_speed.md").read_text()
+    assert (tmp_path / "results" / "selfask_speed.png").stat().st_size > 0
+
+
+@pytest.mark.slow
 def test_selfask_benchmark_dry_run(tiny_smollm, tmp_path):
     from transformers import AutoModelForCausalLM
 
