@@ -130,19 +130,23 @@ def run_baseline(args, mixed_precision: str) -> dict:
     collator = CountingCollator(SelfAskCollator(tokenizer, max_length=args.max_length, packing=False))
     step_ends, losses = [], []
     with tempfile.TemporaryDirectory() as output_dir:
-        training_args = TrainingArguments(
-            output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-            learning_rate=LEARNING_RATE, lr_scheduler_type="cosine", warmup_steps=0, logging_steps=1,
-            save_strategy="no", report_to=[], use_cpu=args.cpu, seed=SEED, bf16=mixed_precision == "bf16",
-            fp16=mixed_precision == "fp16", remove_unused_columns=False, dataloader_num_workers=0,
-            disable_tqdm=True,
-        )
+        training_args = TrainingArguments(**peer_arguments(args, output_dir, mixed_precision),
+                                          remove_unused_columns=False)
         trainer = Trainer(model=model, args=training_args, train_dataset=data, data_collator=collator,
                           callbacks=[recording_callback(step_ends, losses)])
         started = time.perf_counter()
         trainer.train()
     return {"step_ends": [t - started for t in step_ends], "losses": losses, "trained_tokens": collator.trained,
             "tokens": collator.tokens, "positions": collator.positions, "peak_rss_mb": peak_rss_mb()}
+
+
+def peer_arguments(args, output_dir: str, mixed_precision: str) -> dict:
+    """The `TrainingArguments` both peers (Trainer and TRL's `SFTTrainer`) share: steps, batch, rate, schedule,
+    seed, precision; no saving, logging or progress bar."""
+    return dict(output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+                learning_rate=LEARNING_RATE, lr_scheduler_type="cosine", warmup_steps=0, logging_steps=1,
+                save_strategy="no", report_to=[], use_cpu=args.cpu, seed=SEED, bf16=mixed_precision == "bf16",
+                fp16=mixed_precision == "fp16", dataloader_num_workers=0, disable_tqdm=True)
 
 
 def trl_features(features: list[dict]) -> list[dict]:
@@ -211,10 +215,7 @@ def run_trl(args, mixed_precision: str) -> dict:
     step_ends, losses = [], []
     with tempfile.TemporaryDirectory() as output_dir:
         config = SFTConfig(
-            output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-            learning_rate=LEARNING_RATE, lr_scheduler_type="cosine", warmup_steps=0, logging_steps=1,
-            save_strategy="no", report_to=[], use_cpu=args.cpu, seed=SEED, bf16=mixed_precision == "bf16",
-            fp16=mixed_precision == "fp16", dataloader_num_workers=0, disable_tqdm=True,
+            **peer_arguments(args, output_dir, mixed_precision),
             gradient_checkpointing=False,  # TRL's default is True; the other paths train without it
             padding_free=True, packing=False, completion_only_loss=True, shuffle_dataset=False,
             max_length=None,  # padding-free without packing refuses a max_length; the episodes fit --max-length
