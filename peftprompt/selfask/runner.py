@@ -545,7 +545,8 @@ class SelfAskRunner:
         stops at `stop_index`, at EOS or after ``max_new_tokens[i]`` tokens, and may not start with the word
         ``banned[i]`` (its first token, with and without a leading space). With `reuse_kv_cache`, row i continues
         from ``caches[i]`` (its previous step) or its few-shot prefix's cache, whichever holds more of its tokens,
-        and its continuation carries the cache of its prompt and kept tokens."""
+        and, when `caches` is given (the caller keeps them), its continuation carries the cache of its prompt and
+        kept tokens."""
         import torch
         from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
@@ -555,6 +556,7 @@ class SelfAskRunner:
         eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         device = next(self.model.parameters()).device
+        keep_caches = self.reuse_kv_cache and caches is not None
         caches = caches or [None] * len(prompts)
         results: list[Continuation] = []
         for start in range(0, len(prompts), self.batch_size):
@@ -618,7 +620,7 @@ class SelfAskRunner:
                     ids = ids[: ids.index(eos) + 1]
                 kept.append(len(ids))
                 results.append(Continuation(tokenizer.decode(ids, skip_special_tokens=True), len(ids), hit_eos))
-            if self.reuse_kv_cache:
+            if keep_caches:
                 rows = out.sequences.tolist()
                 new_caches = kv_cache.split(out.past_key_values, pads, [r[p:] for r, p in zip(rows, pads)],
                                             [n + k for n, k in zip(lengths, kept)])
