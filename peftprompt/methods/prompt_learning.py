@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import inspect
 from types import MethodType
+from typing import Optional
 
 import torch
 from torch import nn
@@ -86,3 +88,18 @@ def refuse_gradient_checkpointing(model: PeftModel) -> None:
         raise ValueError(PREFIX_CHECKPOINTING_ERROR)
 
     model.gradient_checkpointing_enable = MethodType(gradient_checkpointing_enable, model)
+
+
+def adds_virtual_tokens(model) -> bool:
+    """Whether `model`'s active adapter is a prompt-learning one (prefix, prompt or P-tuning), which prepends
+    virtual tokens or key/value prefixes at run time."""
+    peft_config = getattr(model, "active_peft_config", None)
+    return peft_config is not None and peft_config.is_prompt_learning
+
+
+def base_forward_parameter(model, name: str) -> Optional[inspect.Parameter]:
+    """The parameter `name` of the forward of `model`'s base model (the model itself when it has no adapter), or
+    `None` when that forward does not take it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inspect.signature(base.forward).parameters.get(name)
+

@@ -19,13 +19,14 @@ window layers) or whose adapter prepends virtual tokens (prefix, prompt, P-tunin
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from ..methods.prompt_learning import adds_virtual_tokens, base_forward_parameter
 
 
 @dataclass
@@ -35,9 +36,6 @@ class PromptCache:
     ids: list[int]
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
     def reusable(self, ids: Sequence[int]) -> int:
         """How many leading tokens of `ids` this cache holds (their longest common prefix), leaving at least one
@@ -53,11 +51,7 @@ def supports_reuse(model) -> bool:
     """Whether `model`'s generation can continue from a `PromptCache`: its forward takes ``position_ids`` (which
     `generate` then derives from the attention mask, so a left-padded row keeps its cache's positions), its cache
     is a plain per-token cache (no sliding-window layers) and no adapter prepends virtual tokens."""
-    peft_config = getattr(model, "active_peft_config", None)
-    if peft_config is not None and peft_config.is_prompt_learning:
-        return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "position_ids" not in inspect.signature(base.forward).parameters:
+    if adds_virtual_tokens(model) or base_forward_parameter(model, "position_ids") is None:
         return False
     try:
         cache = DynamicCache(config=model.config)

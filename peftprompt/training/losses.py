@@ -12,12 +12,12 @@ The engine normalises by the number of loss items over the whole accumulation wi
 
 from __future__ import annotations
 
-import inspect
 from contextlib import contextmanager
 from typing import Optional
 
 import torch
 
+from ..methods.prompt_learning import adds_virtual_tokens, base_forward_parameter
 from ..recursive.collator import IGNORE_INDEX
 from ..tasks import get_task
 
@@ -76,11 +76,9 @@ def supports_kept_logits(model, task: str) -> bool:
     stopped learning.)"""
     if get_task(task).labels != "next_token":
         return False
-    peft_config = getattr(model, "active_peft_config", None)
-    if peft_config is not None and peft_config.is_prompt_learning:
+    if adds_virtual_tokens(model):
         return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parameter = inspect.signature(base.forward).parameters.get("logits_to_keep")
+    parameter = base_forward_parameter(model, "logits_to_keep")
     return parameter is not None and "Tensor" in str(parameter.annotation)
 
 
