@@ -5,7 +5,8 @@ Stages, in order (`STAGES`): ``methods_overview``, ``collator``, ``speed``, ``ss
 (``adapter_methods.py``, all 11 method variants, 300 steps, learning rates 0.3 / 1 / 3 / 9 x the config's),
 ``demo_adapter`` (trains the self-ask LoRA of ``make demo`` by running ``recipes/demo_selfask.py --n 5``, only when
 ``outputs/demo_selfask/adapter`` is missing), ``selfask`` (that adapter against the base model), ``selfask_speed``
-(questions per second with and without KV-cache reuse, that adapter and the base model), ``selfask_methods``,
+(questions per second with and without KV-cache reuse, that adapter and the base model), ``demo_time`` (the
+main job from scratch: its minutes and exact match), ``selfask_methods``,
 ``params_vs_accuracy`` and ``recursion`` (flat / recursive / mix training against ``max_depth``; its trained runs
 and evaluated cells under ``outputs/recursion`` are reused). Every script writes its JSON, Markdown and PNG to
 ``--out``. The sweeps (``adapter_methods.py``, ``selfask_methods.py``) reuse the runs they finished before under
@@ -60,6 +61,7 @@ STAGES = (
     Stage("demo_adapter", "recipes/demo_selfask.py", ("--n", "5"), "", 1000, 90),
     Stage("selfask", "benchmarks/selfask.py", (), "selfask.json", 2700, 300),
     Stage("selfask_speed", "benchmarks/selfask_speed.py", (), "selfask_speed.json", 1000, 200),
+    Stage("demo_time", "benchmarks/demo_time.py", (), "demo_time.json", 600, 120),
     Stage("selfask_methods", "benchmarks/selfask_methods.py", (), "selfask_methods.json", 7200, 700),
     Stage("params_vs_accuracy", "benchmarks/params_vs_accuracy.py", (), "params_vs_accuracy.json", 10, 10),
     Stage("recursion", "benchmarks/recursion.py", (), "recursion.json", 5400, 300),

@@ -16,7 +16,8 @@
    fine-tuning (zero-shot self-ask with the adapter) on ``--n`` Compositional Celebrities questions drawn at random
    (seed 0).
 
-Each step prints the minutes it took.
+Each step prints the minutes it took; ``--output_dir``/demo_summary.json records them with the scores
+(`benchmarks/demo_time.py` turns it into ``benchmarks/results/demo_time.{json,md}``).
 
     .venv/bin/python recipes/demo_selfask.py [--output_dir outputs/demo_selfask] [--n 100] [key=value ...]
 
@@ -40,6 +41,7 @@ from transformers.utils import logging as transformers_logging
 
 from peftprompt import load_adapter, load_backbone
 from peftprompt.adapters import directory_bytes
+from peftprompt.atomic import write_file_atomically
 from peftprompt.recursive import Node, convert
 from peftprompt.recursive.sources import deep_eval_trees
 from peftprompt.report import format_bytes
@@ -83,11 +85,13 @@ class Clock:
     def __init__(self, console: Console):
         self.console, self.started = console, time.perf_counter()
         self.section = self.started
+        self.minutes: dict[str, float] = {}
 
     def lap(self, what: str) -> None:
         now = time.perf_counter()
         self.console.print(f"({what}: {(now - self.section) / 60:.1f} min; {(now - self.started) / 60:.1f} min in all)",
                            style="dim", markup=False)
+        self.minutes[what] = (now - self.section) / 60
         self.section = now
 
 
@@ -148,6 +152,11 @@ def main() -> None:
         console.print(f"{name}  EM {result['em']:.3f}  F1 {result['f1']:.3f}  "
                       f"well-formed {result['well_formed']:.3f}  follow-ups/question {result['mean_follow_ups']:.2f}")
     clock.lap("the base model's few-shot self-ask")
+    summary = {"minutes": clock.minutes, "total_minutes": sum(clock.minutes.values()), "n": len(trees),
+               "schedule": DEMO_SCHEDULE + args.overrides, "deep_question_correct": bool(correct == "correct"),
+               **{f"{key}_{metric}": result[metric] for key, result in (("before", before), ("after", after))
+                  for metric in ("em", "f1", "well_formed")}}
+    write_file_atomically(args.output_dir / "demo_summary.json", lambda f: json.dump(summary, f, indent=2))
 
 
 if __name__ == "__main__":
