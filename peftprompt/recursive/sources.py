@@ -177,27 +177,28 @@ def musique(split: Optional[str] = None, limit: Optional[int] = None,
     split = _check_split("musique", split, tuple(MUSIQUE_FILES))
     path = MUSIQUE_FILES[split]
     rows = _load_jsonl(path) if path.endswith(".jsonl") else _load_json(path)
+    return _finish((musique_tree(row, split) for row in rows), limit, report)
 
-    def build(row: dict) -> Node:
-        children = []
-        for position, step in enumerate(row["question_decomposition"], start=1):
-            children.append(Node(
-                question="",
-                question_template=musique_step_question(step["question"]),
-                answer=step["answer"].strip(),
-                answer_source="gold",
-                id=str(position),
-                meta={"step_id": step["id"], "paragraph_support_idx": step.get("paragraph_support_idx"),
-                      "raw_question": step["question"]},
-            ))
-        answer, aliases = _first_rest([row["answer"], *row.get("answer_aliases", [])])
-        return Node(
-            question=row["question"].strip(), answer=answer, aliases=aliases, answer_source="gold",
-            children=children, id=row["id"], dataset="musique", split=split,
-            meta={"hops": row["id"].split("__")[0], "answerable": row.get("answerable", True)},
-        )
 
-    return _finish((build(row) for row in rows), limit, report)
+def musique_tree(row: dict, split: str) -> Node:
+    """One MuSiQue row as an unresolved tree (see `musique`)."""
+    children = []
+    for position, step in enumerate(row["question_decomposition"], start=1):
+        children.append(Node(
+            question="",
+            question_template=musique_step_question(step["question"]),
+            answer=step["answer"].strip(),
+            answer_source="gold",
+            id=str(position),
+            meta={"step_id": step["id"], "paragraph_support_idx": step.get("paragraph_support_idx"),
+                  "raw_question": step["question"]},
+        ))
+    answer, aliases = _first_rest([row["answer"], *row.get("answer_aliases", [])])
+    return Node(
+        question=row["question"].strip(), answer=answer, aliases=aliases, answer_source="gold",
+        children=children, id=row["id"], dataset="musique", split=split,
+        meta={"hops": row["id"].split("__")[0], "answerable": row.get("answerable", True)},
+    )
 
 
 # --------------------------------------------------------------------------------------------------- ProbTree ---
