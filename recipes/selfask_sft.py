@@ -10,6 +10,14 @@ token F1 and well-formed rate. Their follow-ups go to ``data.eval_answerers`` (o
 repeating: ``retriever``, ``model`` or a tool ``module:function``; default ``[retriever]``), the retriever holding
 the trees' own sub-answers (``data.eval_knowledge``: ``leaves``, the default, or ``all`` nodes); what it cannot
 answer the model self-asks, down to ``data.eval_max_depth`` (default 2).
+Reader episodes (``data.reader_sources``: open-book sources such as ``2wikimultihopqa_context``, ``musique_context``
+and ``hotpotqa_distractor``, train split only; default none) teach answering one follow-up from retrieved paragraphs:
+one per gold hop (or question, for HotpotQA) with ``data.reader_passages`` paragraphs (default 3: its gold ones and
+distractors from the same question), each cut to ``data.reader_max_words`` words (default 120), and with
+``data.reader_unanswerable`` (a share, default 0) as many more without their gold paragraphs, answered ``unknown``; see
+`peftprompt.retrieval.reader`. They are shuffled in with the tree episodes; ``data.sources: []`` with reader sources
+trains a reader-only adapter. ``max_train_samples`` caps the trees and the reader examples each. Evaluation stays on
+the held-out trees.
 Episodes are unrolled (``data.mode``: flat, recursive or mix, see `peftprompt.recursive.unroll`), tokenised once and
 packed over the data set into rows of ``max_length`` (``data.packing``: auto, true or false). Prompt tuning, P-tuning and prefix tuning train on padded
 episodes instead, one per row: PEFT drops the ``position_ids`` of the first two and prefix tuning's
@@ -19,19 +27,78 @@ episodes instead, one per row: PEFT drops the ``position_ids`` of the first two 
 from __future__ import annotations
 
 import random
+import sys
+from collections import Counter
+from typing import Optional, Sequence
 
+from peftprompt.errors import InputError
 from peftprompt.methods import PROMPT_LEARNING_METHODS
 from peftprompt.recursive import EpisodeEncoder, SelfAskCollator, Unroller, check_trainable, convert, pack_rows
-from peftprompt.recursive.unroll import MODES
+from peftprompt.recursive.unroll import MODES, Episode
+from peftprompt.retrieval.passages import OPEN_BOOK_SOURCES, read_questions
+from peftprompt.retrieval.reader import reader_examples
 from peftprompt.selfask import SelfAskRunner, answerers_from_names
 from peftprompt.selfask.evaluate import evaluate_selfask, knowledge_base
-from peftprompt.training import build_model, train
+from peftprompt.training import build_model, distributed_state, train
 from peftprompt.training.recipe import parse_recipe_args, ship
 
 DEFAULT_SOURCES = ["musique", "probtree_hotpotqa", "probtree_musique", "2wikimultihopqa"]
 DEFAULT_EVAL_SOURCES = ["probtree_2wiki"]
 DATA_KEYS = {"sources", "eval_sources", "mode", "leaf_episodes", "allow_evaluation_only", "generate_eval", "packing",
-             "eval_answerers", "eval_knowledge", "eval_max_depth"}
+             "eval_answerers", "eval_knowledge", "eval_max_depth", "reader_sources", "reader_passages",
+             "reader_max_words", "reader_unanswerable"}
+
+
+def check_data_keys(config) -> None:
+    """Refuse ``data`` keys this recipe does not know."""
+    unknown = set(config.data) - DATA_KEYS
+    if unknown:
+        raise SystemExit(f"selfask_sft: unknown data option(s) {sorted(unknown)}; known: {sorted(DATA_KEYS)}")
+
+
+def training_sources(config) -> tuple[list[str], list[str]]:
+    """``data.sources`` (trees; default `DEFAULT_SOURCES`) and ``data.reader_sources`` (open-book sources for reader
+    episodes; default none), checked: at least one source in all."""
+    sources = config.data.get("sources", DEFAULT_SOURCES)
+    reader_sources = config.data.get("reader_sources", [])
+    for name, value in (("sources", sources), ("reader_sources", reader_sources)):
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise SystemExit(f"selfask_sft: data.{name} must be a list of source names, got {value!r}")
+    unknown = [s for s in reader_sources if s not in OPEN_BOOK_SOURCES]
+    if unknown:
+        raise SystemExit(f"selfask_sft: data.reader_sources: unknown open-book source(s) {unknown}; "
+                         f"choose from {', '.join(OPEN_BOOK_SOURCES)}")
+    if not sources and not reader_sources:
+        raise SystemExit("selfask_sft: nothing to train on: data.sources is empty and data.reader_sources is not "
+                         "given; name tree sources, reader sources (a reader-only adapter), or both")
+    return sources, reader_sources
+
+
+def reader_settings(config) -> dict:
+    """``data.reader_passages`` (paragraphs per reader episode, default 3) and ``data.reader_max_words`` (words kept
+    of each, default 120), checked."""
+    settings = {"passages": config.data.get("reader_passages", 3),
+                "max_words": config.data.get("reader_max_words", 120)}
+    for name, value in settings.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SystemExit(f"selfask_sft: data.reader_{name} must be an integer >= 1, got {value!r}")
+    unanswerable = config.data.get("reader_unanswerable", 0.0)
+    if isinstance(unanswerable, bool) or not isinstance(unanswerable, (int, float)) or not 0 <= unanswerable <= 1:
+        raise SystemExit(f"selfask_sft: data.reader_unanswerable must be a share in [0, 1], got {unanswerable!r}")
+    return {**settings, "unanswerable": float(unanswerable)}
+
+
+def reader_training_episodes(reader_sources: list[str], config, passages: int, max_words: int,
+                             unanswerable: float = 0.0) -> list[Episode]:
+    """Reader episodes of the train split of `reader_sources`, at most ``config.max_train_samples`` (a seeded
+    sample)."""
+    try:
+        questions = [q for source in reader_sources for q in read_questions(source, "train")]
+    except InputError as err:
+        raise SystemExit(f"selfask_sft: data.reader_sources: {err}") from None
+    examples = reader_examples(questions, passages_per_example=passages, seed=config.seed, unanswerable=unanswerable)
+    random.Random(config.seed).shuffle(examples)
+    return [example.episode(max_words=max_words) for example in examples[: config.max_train_samples]]
 
 
 def unroller_for(config) -> Unroller:
@@ -78,13 +145,21 @@ def uses_packing(config) -> bool:
     return not is_prompt_learning(config.method) if packing == "auto" else packing
 
 
-def episode_rows(trees, tokenizer, config, unroller: Unroller, packing: bool) -> list[dict]:
-    """Episodes of `trees`, tokenised and shuffled, then packed by `pack_rows` into rows of
-    ``config.max_length`` or, without `packing`, one episode a row."""
+def episode_rows(trees, tokenizer, config, unroller: Unroller, packing: bool, episodes: Sequence[Episode] = (),
+                 dropped: Optional[Counter] = None) -> list[dict]:
+    """Episodes of `trees` and the ready-made `episodes` (reader episodes), tokenised and shuffled together, then
+    packed by `pack_rows` into rows of ``config.max_length`` or, without `packing`, one episode a row.
+
+    Episodes over ``config.max_length`` tokens are dropped; `dropped`, if given, counts them under ``"trees"`` and
+    ``"episodes"``."""
     encoder = EpisodeEncoder(tokenizer, max_length=config.max_length, unroller=unroller)
-    episodes = [e.as_features() for e in encoder.encode_all(trees)]
-    random.Random(config.seed).shuffle(episodes)
-    return pack_rows(episodes, config.max_length) if packing else episodes
+    rows = [e.as_features() for e in encoder.encode_all(trees)]
+    from_trees = encoder.dropped.total()
+    rows += [e.as_features() for e in map(encoder.encode, episodes) if e is not None]
+    if dropped is not None:
+        dropped.update(trees=from_trees, episodes=encoder.dropped.total() - from_trees)
+    random.Random(config.seed).shuffle(rows)
+    return pack_rows(rows, config.max_length) if packing else rows
 
 
 def generation_eval(trees, tokenizer, answerers: list[str], leaves_only: bool, max_depth: int):
@@ -107,25 +182,30 @@ def generation_eval(trees, tokenizer, answerers: list[str], leaves_only: bool, m
 
 def main(argv=None) -> None:
     config = parse_recipe_args(__doc__, argv)
-    unknown = set(config.data) - DATA_KEYS
-    if unknown:
-        raise SystemExit(f"selfask_sft: unknown data option(s) {sorted(unknown)}; known: {sorted(DATA_KEYS)}")
+    check_data_keys(config)
     if config.metrics is not None:
         raise SystemExit("selfask_sft: field 'metrics' is not used by this recipe (it reports the eval loss, and "
                          "self-ask EM / F1 with data.generate_eval=N): remove it")
     packing = uses_packing(config)
     unroller = unroller_for(config)
     settings = generation_settings(config)
-    sources = config.data.get("sources", DEFAULT_SOURCES)
+    sources, reader_sources = training_sources(config)
+    reader = reader_settings(config)
     eval_sources = config.data.get("eval_sources", DEFAULT_EVAL_SOURCES)
     train_trees = [tree for source in sources for tree in convert(source)]
     check_trainable(train_trees, allow_evaluation_only=config.data.get("allow_evaluation_only", False))
     random.Random(config.seed).shuffle(train_trees)
     train_trees = train_trees[: config.max_train_samples]
     eval_trees = [tree for source in eval_sources for tree in convert(source)][: config.max_eval_samples]
+    readers = reader_training_episodes(reader_sources, config, **reader)
 
     model, tokenizer = build_model(config)
-    train_rows = episode_rows(train_trees, tokenizer, config, unroller, packing)
+    dropped: Counter = Counter()
+    train_rows = episode_rows(train_trees, tokenizer, config, unroller, packing, readers, dropped)
+    if distributed_state().is_main_process:
+        print(f"selfask_sft: {len(train_trees)} training trees ({dropped['trees']} of their episodes over "
+              f"max_length={config.max_length} dropped); {len(readers)} reader episodes "
+              f"({dropped['episodes']} over max_length dropped)", file=sys.stderr)
     eval_rows = episode_rows(eval_trees, tokenizer, config, unroller, packing)
     collator = SelfAskCollator(tokenizer, max_length=config.max_length)
     generate_eval = int(config.data.get("generate_eval", 0))
@@ -133,7 +213,7 @@ def main(argv=None) -> None:
     result = train(config, model, tokenizer, train_rows, collator, eval_rows, evaluate_fn=evaluate_fn)
     metrics = {"eval_loss": result.metrics["loss"], "eval_perplexity": result.metrics.get("perplexity")}
     metrics.update({k: v for k, v in result.metrics.items() if k.startswith("selfask_")})
-    ship(result, metrics, sources)
+    ship(result, metrics, sources + reader_sources)
 
 
 if __name__ == "__main__":

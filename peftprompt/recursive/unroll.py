@@ -37,7 +37,7 @@ from .tree import ANSWER_SOURCES, Node
 
 Mode = Literal["recursive", "flat", "mix"]
 MODES = ("flat", "recursive", "mix")
-SPAN_KINDS = ("question", "decision", "follow_up", "intermediate_answer", "final_answer")
+SPAN_KINDS = ("context", "question", "decision", "follow_up", "intermediate_answer", "final_answer")
 WHITESPACE = re.compile(r"\s+")
 
 
