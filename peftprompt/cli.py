@@ -10,6 +10,9 @@
     peftprompt export --adapter out/lora --out merged --merge   a plain transformers model with the adapter merged in
     peftprompt eval selfask --source compositional_celebrities --n 100 --out results.json
                                                          direct vs few-shot vs fine-tuned self-ask, side by side
+    peftprompt index build --source musique_context --split dev --out idx/
+                                                         a BM25 + dense passage index, and its recall@k
+    peftprompt index search --index idx/ "Who directed Jaws?"   the best passages, BM25 and dense fused
 """
 
 from __future__ import annotations
@@ -199,21 +202,41 @@ def _ask(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.markup import escape
 
-    from .adapters import load_adapter
+    from .adapters import check_adapter_dir, load_adapter
     from .backbones import load_backbone
     from .recursive import write_trees
-    from .selfask import FEW_SHOT_SELF_ASK, RetrieverAnswerer, SelfAskRunner, answerers_from_names
+    from .retrieval.index import PassageIndex
+    from .selfask import FEW_SHOT_SELF_ASK, Answerer, RetrieverAnswerer, SelfAskRunner, answerers_from_names
+    from .selfask.open_book import ModelReader, RetrievalAnswerer, few_shot_reader
     from .selfask.show import print_run
 
     _check_recursion_arguments(args)
-    names = args.answerers or (["retriever"] if args.kb else ["model"])
+    names = args.answerers or (["retrieval"] if args.index else ["retriever"] if args.kb else ["model"])
     if "retriever" in names and not args.kb:
         raise InputError("--answerers retriever needs --kb FILE (the facts it retrieves from)", field="--kb")
+    if "retrieval" in names and not args.index:
+        raise InputError("--answerers retrieval needs --index DIR (a passage index: peftprompt index build)",
+                         field="--index")
+    if args.k < 1:
+        raise InputError(f"--k must be >= 1, got {args.k}", field="--k")
     retriever = RetrieverAnswerer.from_jsonl(args.kb, threshold=args.threshold) if args.kb else None
-    answerer = answerers_from_names(names, retriever=retriever)  # bad names fail before the model loads
+    index = PassageIndex.load(args.index) if args.index else None  # a bad index fails before the model loads
+    answerers_from_names(names, retriever=retriever, retrieval=index and Answerer())  # so do bad names
     model, tokenizer = load_backbone(args.model, task="causal_lm")
     if args.adapter:
         model = load_adapter(model, args.adapter)
+    if args.reader_adapter:
+        if not args.adapter:
+            raise InputError("--reader-adapter is a second adapter: give the decomposer's with --adapter",
+                             field="--reader-adapter")
+        check_adapter_dir(args.reader_adapter)
+        model.load_adapter(args.reader_adapter, adapter_name="reader")
+    retrieval = None
+    if index is not None:
+        reader = ModelReader(model.eval(), tokenizer, adapter="reader" if args.reader_adapter else None,
+                             few_shot="" if args.adapter else few_shot_reader())
+        retrieval = RetrievalAnswerer(index, reader, k=args.k)
+    answerer = answerers_from_names(names, retriever=retriever, retrieval=retrieval)
     runner = SelfAskRunner(
         model.eval(), tokenizer, answerer=answerer,
         recurse=not args.no_recurse, max_depth=args.max_depth, few_shot=FEW_SHOT_SELF_ASK if args.few_shot else "",
@@ -242,8 +265,9 @@ def _add_recursion_arguments(parser: argparse.ArgumentParser) -> None:
                         help="layer at which the model answers directly instead of self-asking (0: answer the "
                              "question directly; default %(default)s)")
     parser.add_argument("--answerers", nargs="+", default=None, metavar="NAME",
-                        help="who answers the follow-ups of layer 1, 2, ... (the last repeats): retriever, model, or "
-                             "a tool as module:function (default: retriever with facts, else model)")
+                        help="who answers the follow-ups of layer 1, 2, ... (the last repeats): retrieval (passages of "
+                             "--index, read by the model), retriever (facts of --kb), model, or a tool as "
+                             "module:function (default: retrieval with an index, retriever with facts, else model)")
     parser.add_argument("--no-recurse", action="store_true",
                         help="a follow-up the retriever or tool cannot answer stays 'unknown' instead of being "
                              "self-asked by the model one layer deeper")
@@ -257,6 +281,11 @@ def _add_ask(commands: argparse._SubParsersAction) -> None:
     ask.add_argument("--kb", default=None, help="facts JSONL ({question, answer} per line) answering follow-ups; "
                      "without it the model answers them itself, one level deeper")
     ask.add_argument("--threshold", type=float, default=0.8, help="retriever similarity needed to answer")
+    ask.add_argument("--index", default=None, help="a passage index (peftprompt index build): each follow-up's top "
+                     "--k passages are read by the model (open-book self-ask); traces record the passage ids")
+    ask.add_argument("--k", type=int, default=3, help="passages read per follow-up (default: %(default)s)")
+    ask.add_argument("--reader-adapter", default=None, help="a second adapter that reads the passages (trained on "
+                     "reader episodes only), on the same backbone as --adapter")
     _add_recursion_arguments(ask)
     ask.add_argument("--few-shot", action="store_true", help="prefix the 4-shot self-ask prompt (for base models)")
     ask.add_argument("--show", action="store_true", help="print each transcript and its trace tree")
@@ -360,6 +389,102 @@ def _add_eval_selfask(eval_commands: argparse._SubParsersAction) -> None:
 EVAL_SUBCOMMANDS = [_add_eval_selfask]
 
 
+class _SourceSplits(argparse.Action):
+    """``--source S [--split X ...] [--source T ...]``: each ``--split`` belongs to the ``--source`` before it;
+    collected as ``[(source, [split, ...]), ...]`` (a ``--split`` before any ``--source`` gets source `None`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        groups = list(getattr(namespace, self.dest) or [])
+        if option_string == "--source":
+            groups.append((values, []))
+        elif groups:
+            groups[-1][1].append(values)
+        else:
+            groups.append((None, [values]))
+        setattr(namespace, self.dest, groups)
+
+
+def _index_build(args: argparse.Namespace) -> None:
+    import time
+
+    from .retrieval.embed import SentenceEncoder
+    from .retrieval.index import PassageIndex, check_index_target
+    from .retrieval.passages import OPEN_BOOK_SOURCES, pooled_passages, read_questions
+    from .retrieval.recall import recall_at_k
+
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be >= 1, got {args.limit}", field="--limit")
+    if not args.sources:
+        raise InputError(f"name at least one --source ({', '.join(OPEN_BOOK_SOURCES)})", field="--source")
+    if args.sources[0][0] is None:
+        raise InputError(f"--split {args.sources[0][1][0]} must follow the --source it belongs to", field="--split")
+    check_index_target(args.out)  # before the slow part
+    splits = {}
+    for source, names in args.sources:
+        for split in names or [None]:
+            questions = read_questions(source, split, limit=args.limit)
+            splits[f"{source}/{split or next(iter(OPEN_BOOK_SOURCES[source]))}"] = questions
+    passages = pooled_passages(q for questions in splits.values() for q in questions)
+    counts = ", ".join(f"{name} {len(questions)} questions" for name, questions in splits.items())
+    print(f"{len(passages):,} passages from {counts}")
+    encoder = SentenceEncoder(args.encoder)
+    start = time.perf_counter()
+    index = PassageIndex.build(passages, encoder, bf16=False if args.fp32 else None)
+    print(f"built in {time.perf_counter() - start:.1f} s (encoder {args.encoder}); wrote {index.save(args.out)}")
+    for name, questions in splits.items():
+        print(f"{name}:")
+        for line in recall_at_k(index, questions, mode=args.mode).lines():
+            print(f"  {line}")
+
+
+def _add_index_build(index_commands: argparse._SubParsersAction) -> None:
+    from .retrieval.index import MODES
+
+    build = index_commands.add_parser("build", help="index the paragraphs of multi-hop questions (BM25 + dense), "
+                                      "then print recall@k on each split")
+    build.add_argument("--source", dest="sources", action=_SourceSplits, metavar="SOURCE",
+                       help="a key of peftprompt.retrieval.passages.OPEN_BOOK_SOURCES (repeatable)")
+    build.add_argument("--split", dest="sources", action=_SourceSplits, metavar="SPLIT",
+                       help="a split of the --source before it (repeatable; default: the source's first split)")
+    build.add_argument("--out", required=True, help="index directory (written atomically)")
+    build.add_argument("--encoder", default="minilm", help="dense encoder: embedded name, hub id or path")
+    build.add_argument("--fp32", action="store_true", help="embed the passages in float32 even where the CPU has "
+                       "native bfloat16 (slower; bf16 autocast is the default there)")
+    build.add_argument("--limit", type=int, default=None, help="read at most N questions of each split")
+    build.add_argument("--mode", choices=MODES, default="hybrid", help="search mode of the recall report")
+    build.set_defaults(run=_index_build)
+
+
+def _index_search(args: argparse.Namespace) -> None:
+    from .retrieval.index import PassageIndex
+
+    if args.k < 1:
+        raise InputError(f"--k must be >= 1, got {args.k}", field="--k")
+    index = PassageIndex.load(args.index)
+    for query, hits in zip(args.queries, index.search_batch(args.queries, k=args.k, mode=args.mode)):
+        print(query)
+        for hit in hits:
+            print(f"  {hit.rank:>2}. {hit.score:8.4f}  {hit.passage.title}  [{hit.passage.id}]")
+        if not hits:
+            print("  (no passage)")
+
+
+def _add_index_search(index_commands: argparse._SubParsersAction) -> None:
+    from .retrieval.index import MODES
+
+    search = index_commands.add_parser("search", help="the best passages of an index for each query")
+    search.add_argument("queries", nargs="+", metavar="QUERY")
+    search.add_argument("--index", required=True, help="an index directory (from `peftprompt index build`)")
+    search.add_argument("--k", type=int, default=5, help="passages per query (default: %(default)s)")
+    search.add_argument("--mode", choices=MODES, default="hybrid",
+                        help="bm25, dense or hybrid (reciprocal rank fusion of both; default)")
+    search.set_defaults(run=_index_search)
+
+
+# `peftprompt index SUBCOMMAND`: to add one, write `_add_index_<name>(index_commands)` and list it here.
+INDEX_SUBCOMMANDS = [_add_index_build, _add_index_search]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftprompt", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -383,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(commands)
     _add_ask(commands)
     _add_group(commands, "eval", "evaluate models (self-ask: direct vs few-shot vs fine-tuned)", EVAL_SUBCOMMANDS)
+    _add_group(commands, "index", "build and search a passage index (BM25 + dense, fused)", INDEX_SUBCOMMANDS)
     return parser
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -26,13 +26,15 @@ UNKNOWN = "unknown"
 
 @dataclass
 class Answer:
-    """An answer to a follow-up: its `text`, where it came from (`source`: ``"tool"``, ``"model"`` or ``"none"``)
-    and, when a model self-asked it, that run's `trace` (its root; its children become the follow-up's children)."""
+    """An answer to a follow-up: its `text`, where it came from (`source`: ``"tool"``, ``"model"`` or ``"none"``),
+    when a model self-asked it, that run's `trace` (its root; its children become the follow-up's children), and
+    `meta`: what the trace records about how it was found (e.g. ``{"passages": [...]}``, the retrieved passage ids)."""
 
     text: str
     source: str = "tool"
     trace: Optional[Node] = None
     generated_tokens: int = 0
+    meta: dict = field(default_factory=dict)
 
 
 class Answerer:
@@ -114,11 +116,10 @@ class RetrieverAnswerer(Answerer):
         batch_size: int = 32,
         check_types: bool = True,
     ):
-        if model is None or tokenizer is None:
-            from ..backbones import load_backbone
+        from ..retrieval.embed import SentenceEncoder
 
-            model, tokenizer = load_backbone(backbone, task="feature")
-        self.model, self.tokenizer = model.eval(), tokenizer
+        self.encoder = SentenceEncoder(backbone, model=model, tokenizer=tokenizer)
+        self.model, self.tokenizer = self.encoder.model, self.encoder.tokenizer
         self.facts = [(str(q), str(a)) for q, a in facts]
         self.threshold = threshold
         self.check_types = check_types
@@ -152,19 +153,8 @@ class RetrieverAnswerer(Answerer):
         return cls(facts, **kwargs)
 
     def embed(self, texts: list[str]):
-        """Mean-pooled, L2-normalised embeddings of `texts`, shape ``(len(texts), hidden)``."""
-        import torch
-
-        chunks = []
-        with torch.no_grad():
-            for start in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(texts[start : start + self.batch_size], padding=True, truncation=True,
-                                       max_length=128, return_tensors="pt")
-                hidden = self.model(**batch).last_hidden_state
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                chunks.append(torch.nn.functional.normalize(pooled, dim=-1))
-        return torch.cat(chunks)
+        """Mean-pooled, L2-normalised embeddings of `texts` (128 tokens at most), shape ``(len(texts), hidden)``."""
+        return self.encoder.encode(texts, batch_size=self.batch_size, max_length=128)
 
     def answer_batch(self, questions: list[str], depth: int = 0) -> list[Answer]:
         if not questions:
@@ -191,22 +181,29 @@ def as_answerer(obj: Any) -> Answerer:
     return ToolAnswerer(obj)
 
 
-ANSWERER_NAMES = ("retriever", "model", "module:function")
+ANSWERER_NAMES = ("retrieval", "retriever", "model", "module:function")
 """What `answerer_from_name` understands."""
 
 
 def answerer_from_name(
-    name: str, facts: Optional[Sequence[tuple[str, str]]] = None, threshold: float = 0.8, retriever=None
+    name: str, facts: Optional[Sequence[tuple[str, str]]] = None, threshold: float = 0.8, retriever=None,
+    retrieval: Optional[Answerer] = None,
 ) -> Optional[Answerer]:
-    """The answerer `name` stands for: ``"retriever"`` (a `RetrieverAnswerer` over `facts`, or `retriever` when
-    given, shared between layers), ``"model"`` (`None`: the runner's own model, one level deeper) or
+    """The answerer `name` stands for: ``"retrieval"`` (`retrieval`: passages read by the model, a
+    `peftprompt.selfask.open_book.RetrievalAnswerer`), ``"retriever"`` (a `RetrieverAnswerer` over `facts`, or
+    `retriever` when given, shared between layers), ``"model"`` (`None`: the runner's own model, one level deeper) or
     ``"module:function"`` (a tool: that importable callable ``(question) -> str``).
 
     Raises:
-        InputError: An unknown name, a tool that cannot be imported, or a retriever without facts.
+        InputError: An unknown name, a tool that cannot be imported, a retriever without facts, or retrieval without
+            a retrieval answerer.
     """
     if name == "model":
         return None
+    if name == "retrieval":
+        if retrieval is None:
+            raise InputError("answerer 'retrieval' needs a passage index (--index DIR)")
+        return retrieval
     if name == "retriever":
         if retriever is not None:
             return retriever
@@ -215,7 +212,7 @@ def answerer_from_name(
         return RetrieverAnswerer(list(facts), threshold=threshold)
     module, _, attr = name.partition(":")
     if not module or not attr:
-        raise InputError(f"unknown answerer {name!r}; choose retriever, model or a tool as module:function")
+        raise InputError(f"unknown answerer {name!r}; choose retrieval, retriever, model or a tool as module:function")
     try:
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as err:
@@ -224,12 +221,14 @@ def answerer_from_name(
 
 
 def answerers_from_names(
-    names: Sequence[str], facts: Optional[Sequence[tuple[str, str]]] = None, threshold: float = 0.8, retriever=None
+    names: Sequence[str], facts: Optional[Sequence[tuple[str, str]]] = None, threshold: float = 0.8, retriever=None,
+    retrieval: Optional[Answerer] = None,
 ) -> list[Optional[Answerer]]:
     """One `answerer_from_name` per layer, every ``"retriever"`` layer sharing one `RetrieverAnswerer` (`retriever`,
-    or one built over `facts`): the ``answerer`` list of `SelfAskRunner`."""
+    or one built over `facts`) and every ``"retrieval"`` layer `retrieval`: the ``answerer`` list of
+    `SelfAskRunner`."""
     layers: list[Optional[Answerer]] = []
     for name in names:
-        layers.append(answerer_from_name(name, facts, threshold, retriever))
+        layers.append(answerer_from_name(name, facts, threshold, retriever, retrieval))
         retriever = layers[-1] if name == "retriever" else retriever
     return layers
