@@ -22,8 +22,9 @@ follow-up as a new question one layer deeper. When a tool or retriever cannot an
 below the retriever's threshold, the tool returned nothing) and `recurse` is on, the model self-asks that follow-up
 instead. At `max_depth` the model answers directly (``... here: No.`` then the final answer), so ``max_depth=0``
 answers the question itself directly and ``max_depth=1`` lets the model answer unanswered follow-ups directly. Each
-follow-up of the trace records its layer (``meta["depth"]``) and who answered it (``meta["answerer"]``, and
-``meta["unanswered_by"]`` when the model stepped in).
+follow-up of the trace records its layer (``meta["depth"]``), who answered it (``meta["answerer"]``, and
+``meta["unanswered_by"]`` when the model stepped in) and what that answerer reported (`Answer.meta`, e.g. the
+retrieved passages of a `peftprompt.selfask.open_book.RetrievalAnswerer`).
 
 Malformed output, and what the runner does (each case is recorded in `SelfAskResult.issues`):
 
@@ -357,14 +358,15 @@ class SelfAskRunner:
         cannot answer are self-asked by the model one layer deeper. Each answer comes with its trace ``meta``."""
         answerer = self.layer_answerer(depth)
         answers = answerer.answer_batch(list(questions), depth)
-        metas = [{"depth": depth, "answerer": answerer.name} for _ in questions]
+        metas = [{"depth": depth, "answerer": answerer.name, **a.meta} for a in answers]
         if self.recurse and answerer is not self.model_answerer:
             unanswered = [i for i, a in enumerate(answers) if a.source == "none"]
             if unanswered:
                 deeper = self.model_answerer.answer_batch([questions[i] for i in unanswered], depth)
                 for i, answer in zip(unanswered, deeper):
+                    metas[i] = {**answers[i].meta, "depth": depth, "answerer": "model",
+                                "unanswered_by": answerer.name}
                     answers[i] = answer
-                    metas[i] = {"depth": depth, "answerer": "model", "unanswered_by": answerer.name}
         return list(zip(answers, metas))
 
     def answer_directly(self, questions: Sequence[str], depth: int = 0) -> list[SelfAskResult]:
@@ -394,6 +396,16 @@ class SelfAskRunner:
             s.text += self.template.final_answer.format(answer=answer) if answer else ""
             results.append(self._result(s))
         return results
+
+    def complete(self, prompts: Sequence[str], max_new_tokens: Optional[int] = None) -> list[Continuation]:
+        """Greedy answers to `prompts` that end with the final-answer prefix (``So the final answer is:``): each
+        continuation stops at the end of its line, at EOS or after `max_new_tokens` (default: the runner's),
+        batched by `batch_size`. The readers of `peftprompt.selfask.open_book` generate through it."""
+        prompts = list(prompts)
+        if any(not p.endswith(self.final_prefix) for p in prompts):
+            raise ValueError(f"complete: every prompt must end with {self.final_prefix!r}")
+        outputs = self._step(prompts, [max_new_tokens or self.max_new_tokens] * len(prompts)) if prompts else []
+        return [Continuation(clean_text(out.text.split("\n")[0]), out.tokens, out.eos) for out in outputs]
 
     # ------------------------------------------------------------------ one question's steps
     def _limit(self, s: _State) -> int:
