@@ -339,17 +339,18 @@ def test_run_all_plan(tmp_path):
     out = run("run_all.py", "--plan", "--quick", "--out", str(tmp_path)).stdout.splitlines()
     stages = {line.split()[0]: line for line in out[1:]}
     assert list(stages) == ["methods_overview", "collator", "speed", "sst2", "conll03", "demo_adapter", "selfask",
-                            "selfask_speed", "demo_time", "selfask_methods", "params_vs_accuracy", "recursion"]
+                            "selfask_speed", "demo_time", "selfask_methods", "params_vs_accuracy", "recursion",
+                            "openbook"]
     assert "~ 10.0 min (recorded in sst2.json)" in stages["sst2"] and "~  2.0 min (recorded in speed.json)" in stages[
         "speed"]
     assert "(guess)" in stages["conll03"] and "--task conll03" in stages["conll03"]
     for name in ("methods_overview", "collator", "speed", "sst2", "conll03", "selfask", "selfask_speed", "demo_time",
-                 "selfask_methods", "recursion"):
+                 "selfask_methods", "recursion", "openbook"):
         assert stages[name].endswith(f"--quick --out {tmp_path}") and "--reuse" not in stages[name]
     assert "--adapter" in stages["selfask_speed"]
     assert stages["params_vs_accuracy"].endswith(f"--results {tmp_path} --out {tmp_path}")
     assert "skipped" in stages["demo_adapter"] or "max_steps=5" in stages["demo_adapter"]
-    assert out[0].startswith(f"12 stages into {tmp_path}; estimated total ~")
+    assert out[0].startswith(f"13 stages into {tmp_path}; estimated total ~")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["speed.json", "sst2.json"]  # nothing ran
 
     out = run("run_all.py", "--plan", "--only", "params_vs_accuracy", "sst2", "--out", str(tmp_path)).stdout
@@ -375,3 +376,54 @@ def test_collator_benchmark_quick_run(tmp_path):
     assert result["counts"]["episodes_kept"] > 0 and result["episodes_per_s"] > 0
     assert {"machine", "versions", "git_commit", "command"} <= set(result["environment"])
     assert (tmp_path / "collator.md").stat().st_size > 0 and (tmp_path / "collator.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_openbook_benchmark_dry_run_reuses_indexes_and_cells(tiny_smollm, tiny_bert, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from peftprompt import attach, save_adapter
+    from peftprompt.training import load_config
+
+    runs = tmp_path / "runs"
+    trained = {"openbook": "selfask_openbook_lora.yaml", "decomposer": "selfask_lora.yaml", "reader": "reader_lora.yaml"}
+    for name, config in trained.items():  # stand-ins for trained runs of the same configs: no training starts
+        save_adapter(attach(AutoModelForCausalLM.from_pretrained(tiny_smollm), "lora"), runs / name / "adapter")
+        (runs / name / "results.json").write_text(json.dumps({"global_step": 4, "train_seconds": 1.0}))
+        overrides = ["data.mode=flat", "data.generate_eval=0"] if name == "decomposer" else ["data.generate_eval=0"]
+        load_config(REPO / "recipes/configs/smollm2" / config, overrides).save(runs / name / "train_config.yaml")
+    args = ("--model", str(tiny_smollm), "--encoder", str(tiny_bert), "--runs", str(runs), "--decomposer-run",
+            str(runs / "decomposer"), "--n", "3", "--datasets", "musique", "2wikimultihopqa", "--out",
+            str(tmp_path / "results"))
+    run("openbook.py", *args)
+    result = json.loads((tmp_path / "results" / "openbook.json").read_text())
+    assert result["n"] == {"musique": 3, "2wikimultihopqa": 3}
+    assert result["partial"] and {key.split("/")[-1] for key in result["missing"]} == {"hotpotqa"}
+    # evaluation questions asked in a training tree (ProbTree MuSiQue trees hold MuSiQue dev questions) are dropped
+    assert result["dropped"]["musique"] > 0 and result["available"]["musique"] == 135
+    systems = {"closed_book", "few_shot_self_ask"} | {f"{s}/{v}" for s in (
+        "single_step", "fine_tuned_self_ask", "fine_tuned_recursive", "fine_tuned_fallback") for v in ("one", "two")}
+    assert set(result["cells"]) == {f"{s}/{d}" for s in systems for d in ("musique", "2wikimultihopqa")}
+    for key, cell in result["cells"].items():
+        summary = cell["summary"]
+        assert summary["n"] == 3 and 0 <= summary["em"] <= summary["f1"] + 1e-9 <= 1 + 1e-9
+        assert sum(kind["n"] for kind in cell["per_kind"].values()) == 3
+        if key.startswith("closed_book"):
+            assert summary["support_recall"] == 0 and summary["follow_ups"] == 0
+        if key.startswith("single_step"):
+            assert summary["support_recall"] > 0  # three passages of the question's own index were read
+    index = result["indexes"]["musique"]
+    assert index["passages"] == 2279 and set(index["recall"]) == {"bm25", "dense", "hybrid"}
+    assert index["recall"]["bm25"]["hops"]["n"] > 135
+    md = (tmp_path / "results" / "openbook.md").read_text()
+    assert "retrieved paragraphs" in md and "MuSiQue-Ans (dev)" in md and "## Passage indexes" in md
+    assert (tmp_path / "results" / "openbook.png").stat().st_size > 0
+    cells = sorted((runs / "cells").iterdir())
+    stamps = [c.stat().st_mtime_ns for c in cells]
+    run("openbook.py", *args, "--systems", "closed_book", "--index-speed")  # nothing is evaluated again,
+    assert [c.stat().st_mtime_ns for c in sorted((runs / "cells").iterdir())] == stamps
+    again = json.loads((tmp_path / "results" / "openbook.json").read_text())  # and every cell is still reported
+    assert set(again["cells"]) == set(result["cells"])
+    speed = again["index_speed"]  # one index over the three evaluation splits pooled: built, loaded, queried
+    assert speed["passages"] > 5000 and speed["load_seconds"] > 0 and speed["queries"] == 200
+    assert "passages): built in" in (tmp_path / "results" / "openbook.md").read_text()

@@ -1,0 +1,483 @@
+"""Open-book multi-hop QA: self-ask with retrieval per follow-up against single-step retrieval and closed-book
+answers, on SmolLM2-135M.
+
+Data (`peftprompt.retrieval.passages`): HotpotQA distractor ``test``, 2WikiMultiHopQA ``dev`` and MuSiQue ``dev``,
+minus every question that a training tree of the adapters asks (any node, normalised text; counts reported).
+Each data set's paragraphs, all questions pooled, make one passage index (BM25 + MiniLM, reciprocal rank fusion;
+built once under ``--runs/index``). Every follow-up is answered from RETRIEVED paragraphs: never from gold
+sub-answers or a question's own paragraphs.
+
+Systems:
+
+- ``closed_book``: the base model answers directly (4-shot, `FEW_SHOT_DIRECT`); no retrieval.
+- ``single_step``: the top ``k`` passages of the whole question, read by the fine-tuned reader.
+- ``few_shot_self_ask``: the base model self-asks (4-shot, `FEW_SHOT_SELF_ASK`); each follow-up's top ``k``
+  passages are read by the base model (2-shot reader prompt, `few_shot_reader`).
+- ``fine_tuned_self_ask``: the fine-tuned decomposer self-asks (0-shot); each follow-up's top ``k`` passages are
+  read by the fine-tuned reader; ``max_depth`` 1 (a follow-up the reader cannot answer stays ``unknown``).
+- ``fine_tuned_recursive``: the same with ``max_depth`` 2: a follow-up the reader cannot answer is self-asked one
+  layer deeper, its own follow-ups retrieved and read again (answered directly at the depth limit).
+
+The fine-tuned systems run with each adapter variant (``--variants``): ``one`` (decomposer and reader episodes in
+one LoRA, ``recipes/configs/smollm2/selfask_openbook_lora.yaml``) and ``two`` (the shipped self-ask LoRA,
+``selfask_lora.yaml``, as adapter ``decomposer`` and ``reader_lora.yaml`` as adapter ``reader`` on one backbone).
+
+Metrics per system and data set, and per question type (HotpotQA bridge / comparison; 2WikiMultiHopQA
+compositional / comparison / bridge_comparison / inference; MuSiQue 2- / 3- / 4-hop): exact match and token F1
+(best over the answer and its aliases), supporting-paragraph recall (the share of a question's supporting
+paragraphs among all passages its run retrieved), follow-ups and seconds per question.
+
+Runs are reused: the trained adapters (`_runs.run_recipe`, an interrupted training continues from its newest
+checkpoint), the indexes, and every evaluated cell (system x variant x data set, under ``--runs/cells``), so the
+benchmark can span several sessions; results written before every cell is done say so (``partial``). Writes
+``openbook.{json,md,png}`` to ``--out``:
+
+    .venv/bin/python benchmarks/openbook.py [--n 0] [--systems ...] [--variants one two] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from transformers.utils import logging as transformers_logging
+
+from _env import environment_record, provenance_line
+from _runs import finished_run, requested_config, run_recipe
+from peftprompt import load_adapter, load_backbone
+from peftprompt.atomic import write_file_atomically
+from peftprompt.metrics import exact_match, token_f1
+from peftprompt.recursive import convert
+from peftprompt.recursive.tree import question_key
+from peftprompt.retrieval.index import PassageIndex
+from peftprompt.retrieval.passages import OpenBookQuestion, pooled_passages, read_questions
+from peftprompt.retrieval.recall import recall_at_k
+from peftprompt.selfask import FEW_SHOT_DIRECT, FEW_SHOT_SELF_ASK, SelfAskRunner
+from peftprompt.selfask.answerers import UNKNOWN
+from peftprompt.selfask.open_book import ModelReader, RetrievalAnswerer, few_shot_reader
+from peftprompt.training import load_config
+
+NAME = "openbook"
+SEED = 0
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "recipes/configs/smollm2"
+DATASETS = {  # key: (source, split, title)
+    "hotpotqa": ("hotpotqa_distractor", "test", "HotpotQA (distractor test)"),
+    "2wikimultihopqa": ("2wikimultihopqa_context", "dev", "2WikiMultiHopQA (dev)"),
+    "musique": ("musique_context", "dev", "MuSiQue-Ans (dev)"),
+}
+SYSTEMS = ("closed_book", "single_step", "few_shot_self_ask", "fine_tuned_self_ask", "fine_tuned_recursive")
+FINE_TUNED = ("single_step", "fine_tuned_self_ask", "fine_tuned_recursive", "fine_tuned_fallback")
+DERIVED = {"fine_tuned_fallback": ("fine_tuned_self_ask", "single_step")}
+"""Rows computed from two evaluated cells: the first system's answer, or the second's where the first ends
+``unknown`` (the same model, reader and index answer the same question the same way, so nothing runs again)."""
+ROWS = (*SYSTEMS, *DERIVED)
+LABELS = {
+    "closed_book": "closed-book, direct (base, 4-shot)",
+    "single_step": "single-step retrieval + reader",
+    "few_shot_self_ask": "few-shot self-ask + retrieval (base, 4-shot)",
+    "fine_tuned_self_ask": "fine-tuned self-ask + retrieval",
+    "fine_tuned_recursive": "fine-tuned recursive self-ask + retrieval",
+    "fine_tuned_fallback": "fine-tuned self-ask, single-step where it ends unknown (derived)",
+}
+VARIANTS = ("one", "two")
+TRAININGS = {  # run name: (config, overrides)
+    "openbook": ("selfask_openbook_lora.yaml", ["data.generate_eval=0"]),
+    "decomposer": ("selfask_lora.yaml", ["data.mode=flat", "data.generate_eval=0"]),  # = recursion.py's flat run
+    "reader": ("reader_lora.yaml", ["data.generate_eval=0"]),
+}
+KNOWLEDGE = "retrieved paragraphs (top k of the data set's pooled index); never gold sub-answers"
+RECALL_KS = (2, 5, 10)
+TARGETS = {"self_ask_over_single_step_em": 0.10, "2wikimultihopqa_em": 0.30}
+
+
+def train(run: str, run_dir: Path, overrides: list[str]) -> Path:
+    """Train (or reuse) run `run` of `TRAININGS` in `run_dir`; returns it."""
+    config, extra = TRAININGS[run]
+    run_dir = run_dir.resolve()
+    overrides = [*extra, *overrides]
+    if finished_run(run_dir, requested_config(CONFIGS / config, overrides, run_dir)) is None:
+        try:
+            run_recipe(CONFIGS / config, overrides, run_dir, recipe="selfask_sft.py", processes=2, resume=True)
+        except RuntimeError as err:
+            raise SystemExit(f"openbook: {err}") from None
+    return run_dir
+
+
+def training_questions() -> set[str]:
+    """Normalised text of every question (any node) of the training trees of every run in `TRAININGS`, and of the
+    questions their reader episodes come from (training splits): the same set whichever variants run."""
+    keys: set[str] = set()
+    for config, overrides in TRAININGS.values():
+        data = load_config(CONFIGS / config, overrides).data
+        for source in data.get("sources", []):
+            keys |= {question_key(node.question) for tree in convert(source) for _, node in tree.iter_nodes()}
+        for source in data.get("reader_sources", []):
+            keys |= {question_key(q.question) for q in read_questions(source, "train")}
+    return keys
+
+
+def load_index(source: str, split: str, runs: Path, encoder: str) -> tuple[PassageIndex, dict]:
+    """The passage index of every paragraph of every question of `source`'s `split` (built once under
+    ``runs/index``), and its recall@k of supporting paragraphs for whole questions and gold hops, per ranking."""
+    directory = runs / "index" / f"{source}_{split}"
+    report_file = directory.parent / f"{source}_{split}.recall.json"
+    if (directory / "manifest.json").is_file() and report_file.is_file():
+        return PassageIndex.load(directory), json.loads(report_file.read_text())
+    questions = read_questions(source, split)
+    index = PassageIndex.build(pooled_passages(questions), encoder=encoder)
+    index.save(directory)
+    info = {"passages": len(index), "build_seconds": index.settings["build_seconds"],
+            "recall": {mode: recall_at_k(index, questions, ks=RECALL_KS, mode=mode).as_dict()
+                       for mode in ("bm25", "dense", "hybrid")}}
+    info = json.loads(json.dumps(info))  # the same keys (k as text) whether built now or read back
+    write_file_atomically(report_file, lambda f: json.dump(info, f))
+    return index, info
+
+
+def index_speed(runs: Path, encoder: str, queries: int = 200) -> dict:
+    """Build, load and query times of one index over every paragraph of the three evaluation splits pooled (over
+    5,000 passages), measured once and kept in ``runs/index/speed.json``: build seconds (embedding and BM25), save,
+    `PassageIndex.load` (the encoder loads apart, at the first query: timed separately), and hybrid search latency
+    one query at a time over `queries` questions."""
+    path = runs / "index" / "speed.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    questions = [q for source, split, _ in DATASETS.values() for q in read_questions(source, split)]
+    passages = pooled_passages(questions)
+    began = time.perf_counter()
+    index = PassageIndex.build(passages, encoder=encoder)
+    built = time.perf_counter() - began
+    directory = runs / "index" / "speed_index"
+    index.save(directory)
+    began = time.perf_counter()
+    loaded = PassageIndex.load(directory)
+    load_seconds = time.perf_counter() - began
+    began = time.perf_counter()
+    loaded.search("warm up: loads the encoder", k=3)
+    encoder_seconds = time.perf_counter() - began
+    latencies = []
+    for question in random.Random(SEED).sample(questions, queries):
+        began = time.perf_counter()
+        loaded.search(question.question, k=3)
+        latencies.append(1000 * (time.perf_counter() - began))
+    latencies.sort()
+    info = {"passages": len(passages), "build_seconds": built, "load_seconds": load_seconds,
+            "encoder_load_seconds": encoder_seconds, "queries": queries,
+            "query_ms": {"mean": sum(latencies) / queries, "p50": latencies[queries // 2],
+                         "p95": latencies[int(0.95 * queries)]},
+            "targets": {"build_seconds": 60, "load_seconds": 1, "query_ms": 20}}
+    write_file_atomically(path, lambda f: json.dump(info, f))
+    return info
+
+
+def record(question: OpenBookQuestion, answer: str, passages: list[str], follow_ups: int, well_formed: bool,
+           trace: Optional[dict] = None) -> dict[str, Any]:
+    gold = question.answers
+    found = set(passages)
+    return {"id": question.id, "kind": question.kind, "answer": answer, "em": exact_match(answer, gold),
+            "f1": token_f1(answer, gold), "follow_ups": follow_ups, "well_formed": well_formed,
+            "support_recall": (sum(p in found for p in question.supporting) / len(question.supporting)
+                               if question.supporting else None),
+            "passages": len(found), "trace": trace}
+
+
+def trace_passages(trace: dict) -> list[str]:
+    """Every passage id a self-ask trace (a ``decomp-tree/v1`` dict) retrieved, at any depth."""
+    ids = list(trace.get("meta", {}).get("passages", []))
+    for child in trace.get("children", []):
+        ids += trace_passages(child)
+    return ids
+
+
+def base_model(model):
+    """A context in which `model` runs without its adapters."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+
+
+def run_system(system: str, questions: list[OpenBookQuestion], index: PassageIndex, model, tokenizer,
+               variant: Optional[str], k: int) -> list[dict]:
+    """Answer `questions` with `system` (see the module docstring); one record per question."""
+    texts = [q.question for q in questions]
+    two = variant == "two"
+    if system == "closed_book":
+        runner = SelfAskRunner(model, tokenizer, few_shot_direct=FEW_SHOT_DIRECT, progress=system)
+        with base_model(model):
+            results = runner.answer_directly(texts)
+        return [record(q, r.answer, [], 0, r.well_formed, r.trace.to_dict()) for q, r in zip(questions, results)]
+    if system == "few_shot_self_ask":
+        with base_model(model):
+            reader = ModelReader(model, tokenizer, few_shot=few_shot_reader())
+            runner = SelfAskRunner(model, tokenizer, answerer=RetrievalAnswerer(index, reader, k=k), recurse=False,
+                                   max_depth=1, few_shot=FEW_SHOT_SELF_ASK, progress=system)
+            results = runner.run_batch(texts)
+    else:
+        reader = ModelReader(model, tokenizer, adapter="reader" if two else None)
+        answerer = RetrievalAnswerer(index, reader, k=k)
+        if system == "single_step":
+            answers = answerer.answer_batch(texts)
+            return [record(q, a.text if a.source != "none" else "", a.meta["passages"], 0, a.source != "none")
+                    for q, a in zip(questions, answers)]
+        depth = 2 if system == "fine_tuned_recursive" else 1
+        runner = SelfAskRunner(model, tokenizer, answerer=answerer, recurse=depth > 1, max_depth=depth,
+                               progress=f"{system} ({variant})")
+        results = runner.run_batch(texts)
+    return [record(q, r.answer, trace_passages(r.trace.to_dict()), r.follow_ups, r.well_formed, r.trace.to_dict())
+            for q, r in zip(questions, results)]
+
+
+def summarise(records: list[dict]) -> dict[str, Any]:
+    n = len(records)
+    recalls = [r["support_recall"] for r in records if r["support_recall"] is not None]
+    return {"n": n, "em": sum(r["em"] for r in records) / n, "f1": sum(r["f1"] for r in records) / n,
+            "support_recall": sum(recalls) / len(recalls) if recalls else None,
+            "follow_ups": sum(r["follow_ups"] for r in records) / n,
+            "well_formed": sum(r["well_formed"] for r in records) / n}
+
+
+def per_kind(records: list[dict]) -> dict[str, dict]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[r["kind"]].append(r)
+    return {kind: summarise(rs) for kind, rs in sorted(groups.items())}
+
+
+def derived_cell(first: dict, second: dict) -> dict:
+    """`DERIVED`: `first`'s records, with `second`'s answer (and its passages) where `first` answered ``unknown``;
+    seconds: `first`'s plus `second`'s per question for each fallback."""
+    records = []
+    for a, b in zip(first["records"], second["records"]):
+        fallback = a["answer"].strip().lower() in ("", UNKNOWN)
+        records.append({**a, **{k: b[k] for k in ("answer", "em", "f1")}, "fallback": True,
+                        "support_recall": max(x for x in (a["support_recall"], b["support_recall"], 0) if x is not None)}
+                       if fallback else {**a, "fallback": False})
+    falls = sum(r["fallback"] for r in records)
+    seconds = first["seconds"] + second["seconds"] * falls / len(records)
+    return {"ids": first["ids"], "k": first["k"], "dtype": first.get("dtype"), "seconds": seconds,
+            "fallbacks": falls, "summary": summarise(records), "per_kind": per_kind(records), "records": records}
+
+
+def cell_key(system: str, variant: Optional[str], dataset: str) -> str:
+    return f"{system}/{variant}/{dataset}" if variant else f"{system}/{dataset}"
+
+
+def write_results(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{NAME}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    cells = result["cells"]
+    datasets = [d for d in DATASETS if any(key.endswith(f"/{d}") for key in cells)]
+    lines = [f"# Open-book multi-hop QA on {result['model']}{' (PARTIAL: cells missing)' if result['partial'] else ''}",
+             "", f"Follow-ups answered from: {KNOWLEDGE}. Weights in {result['dtype']}, greedy decoding. Top k = {result['k']} passages per question or follow-up,"
+             f" hybrid ranking. Questions asked in a training tree dropped: "
+             + ", ".join(f"{DATASETS[d][2]} {result['dropped'][d]} of {result['available'][d]}" for d in result["dropped"])
+             + ".", "",
+             "| system | adapters | " + " | ".join(f"{DATASETS[d][2]} EM / F1 / recall / follow-ups / s" for d in datasets)
+             + " |", "|---|---|" + "---|" * len(datasets)]
+    for system in ROWS:
+        for variant in (VARIANTS if system in FINE_TUNED else (None,)):
+            row = [cells.get(cell_key(system, variant, d)) for d in datasets]
+            if not any(row):
+                continue
+            parts = []
+            for cell in row:
+                if cell is None:
+                    parts.append("—")
+                    continue
+                s = cell["summary"]
+                recall = "—" if s["support_recall"] is None else f"{s['support_recall']:.2f}"
+                parts.append(f"{s['em']:.3f} / {s['f1']:.3f} / {recall} / {s['follow_ups']:.1f} / "
+                             f"{cell['seconds'] / s['n']:.2f}")
+            lines.append(f"| {LABELS[system]} | {variant or 'base'} | " + " | ".join(parts) + " |")
+    lines += ["", "n per data set: " + ", ".join(f"{DATASETS[d][2]} {result['n'][d]}" for d in datasets), "",
+              "## Per question type (exact match)", ""]
+    for d in datasets:
+        kinds = sorted({kind for key, cell in cells.items() if key.endswith(f"/{d}") for kind in cell["per_kind"]})
+        lines += [f"{DATASETS[d][2]}:", "", "| system | adapters | " + " | ".join(kinds) + " |",
+                  "|---|---|" + "---:|" * len(kinds)]
+        for system in ROWS:
+            for variant in (VARIANTS if system in FINE_TUNED else (None,)):
+                cell = cells.get(cell_key(system, variant, d))
+                if cell:
+                    lines.append(f"| {LABELS[system]} | {variant or 'base'} | " + " | ".join(
+                        f"{cell['per_kind'][k]['em']:.3f} (n={cell['per_kind'][k]['n']})" if k in cell["per_kind"]
+                        else "—" for k in kinds) + " |")
+        lines.append("")
+    lines += ["## Passage indexes", "",
+              "Every paragraph of every question of the split, pooled. Recall@k: the mean share of the supporting "
+              "paragraphs in the top k, for whole questions (query: the question) and gold hops (query: the gold "
+              "sub-question; none for HotpotQA).", "",
+              "| data set | passages | build s | ranking | " + " | ".join(
+                  f"questions @{k}" for k in RECALL_KS) + " | " + " | ".join(f"hops @{k}" for k in RECALL_KS) + " |",
+              "|---|---:|---:|---|" + "---:|" * (2 * len(RECALL_KS))]
+    for d, info in result["indexes"].items():
+        for mode, report in info["recall"].items():
+            hops = report["hops"]
+            lines.append(f"| {DATASETS[d][2]} | {info['passages']} | {info['build_seconds']:.1f} | {mode} | "
+                         + " | ".join(f"{report['questions']['recall'][str(k)]:.3f}" for k in RECALL_KS) + " | "
+                         + " | ".join(f"{hops['recall'][str(k)]:.3f}" if hops else "—" for k in RECALL_KS) + " |")
+    speed = result.get("index_speed")
+    if speed:
+        lines += ["", f"One index over the three evaluation splits pooled ({speed['passages']:,} passages): built in "
+                  f"{speed['build_seconds']:.1f} s (target < {speed['targets']['build_seconds']} s), loaded in "
+                  f"{speed['load_seconds']:.2f} s (target < {speed['targets']['load_seconds']} s; the encoder loads "
+                  f"apart at the first query, {speed['encoder_load_seconds']:.2f} s), hybrid search "
+                  f"{speed['query_ms']['mean']:.1f} ms a query on average (p50 {speed['query_ms']['p50']:.1f}, p95 "
+                  f"{speed['query_ms']['p95']:.1f}; target < {speed['targets']['query_ms']} ms), one query at a time "
+                  f"over {speed['queries']} questions."]
+    lines += ["", f"Targets: {json.dumps(result['targets'])}.", "", provenance_line(result["environment"]), ""]
+    (out / f"{NAME}.md").write_text("\n".join(lines))
+    plot(result, out / f"{NAME}.png", datasets)
+
+
+def plot(result: dict, path: Path, datasets: list[str]) -> None:
+    cells = result["cells"]
+    rows = [(system, variant) for system in ROWS for variant in (VARIANTS if system in FINE_TUNED else (None,))
+            if any(cell_key(system, variant, d) in cells for d in datasets)]
+    figure = Figure(figsize=(10, 4.5))
+    FigureCanvasAgg(figure)
+    axis = figure.add_subplot()
+    width = 0.8 / max(len(rows), 1)
+    for i, (system, variant) in enumerate(rows):
+        values = [cells.get(cell_key(system, variant, d), {}).get("summary", {}).get("em", 0.0) for d in datasets]
+        axis.bar([x + i * width for x in range(len(datasets))], values, width,
+                 label=f"{LABELS[system]}" + (f" [{variant}]" if variant else ""))
+    axis.set_xticks([x + width * (len(rows) - 1) / 2 for x in range(len(datasets))],
+                    [DATASETS[d][2] for d in datasets])
+    axis.set_ylabel("exact match")
+    axis.set_title(f"Open-book multi-hop QA, {result['model']} (follow-ups: retrieved paragraphs)")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--n", type=int, default=0,
+                        help="questions per data set (0: all; else n drawn at random, seed 0, in file order)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="the model's weights while evaluating (bfloat16: reading 3 paragraphs is prefill-bound, "
+                             "about 2x faster on a CPU with AMX)")
+    parser.add_argument("--k", type=int, default=3, help="passages read per question or follow-up")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--runs", type=Path, default=REPO / "outputs/openbook", help="trained runs, indexes, cells")
+    parser.add_argument("--decomposer-run", type=Path, default=REPO / "outputs/recursion/flat",
+                        help="the two-adapter variant's decomposer run (default: the run benchmarks/recursion.py trains "
+                             "as flat, the same config, so the two benchmarks share it)")
+    parser.add_argument("--encoder", default="minilm", help="the passage index's dense encoder")
+    parser.add_argument("--cached-only", action="store_true", help="evaluate nothing: write the cells done before")
+    parser.add_argument("--index-speed", action="store_true",
+                        help="also time one index over the three evaluation splits pooled (build, load, query)")
+    parser.add_argument("--quick", action="store_true", help="5 training steps, 6 questions per data set")
+    parser.add_argument("--train-args", nargs="*", default=[], metavar="key=value", help="training overrides")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    overrides = list(args.train_args)
+    if args.quick:
+        args.n, args.runs, args.decomposer_run = 6, args.runs / "quick", args.runs / "quick" / "decomposer"
+        overrides += ["max_steps=5", "max_train_samples=200", "max_eval_samples=16"]
+    transformers_logging.set_verbosity_error()
+
+    runs_needed = {"one": ["openbook"], "two": ["decomposer", "reader"]}
+    run_dirs = {}
+    for variant in args.variants:
+        for run in runs_needed[variant]:
+            run_dir = args.decomposer_run if run == "decomposer" else args.runs / run
+            run_dirs[run] = run_dir if args.cached_only else train(run, run_dir, overrides)
+    seen = training_questions()
+
+    questions, available, dropped = {}, {}, {}
+    for key in args.datasets:
+        source, split, _ = DATASETS[key]
+        every = read_questions(source, split)
+        fresh = [q for q in every if question_key(q.question) not in seen]
+        available[key], dropped[key] = len(every), len(every) - len(fresh)
+        if args.n and args.n < len(fresh):
+            drawn = set(random.Random(SEED).sample(range(len(fresh)), args.n))
+            fresh = [q for i, q in enumerate(fresh) if i in drawn]
+        questions[key] = fresh
+
+    cell_dir = args.runs / "cells"
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    cells: dict[str, dict] = {}
+    indexes: dict[str, dict] = {}
+    models: dict[Optional[str], Any] = {}
+
+    def model_for(variant: Optional[str]):
+        if variant not in models:
+            models.clear()  # one model in memory at a time
+            base, tokenizer = load_backbone(args.model, task="causal_lm", dtype=getattr(torch, args.dtype))
+            if variant == "one":
+                base = load_adapter(base, run_dirs["openbook"] / "adapter")
+            elif variant == "two":
+                base = load_adapter(base, run_dirs["decomposer"] / "adapter", adapter_name="decomposer")
+                base.load_adapter(str(run_dirs["reader"] / "adapter"), adapter_name="reader")
+                base.set_adapter("decomposer")
+            models[variant] = (base.to(getattr(torch, args.dtype)).eval(), tokenizer)
+        return models[variant]
+
+    for system in SYSTEMS:  # every cell evaluated before is reported; the asked-for ones are evaluated
+        for variant in (VARIANTS if system in FINE_TUNED else [None]):
+            for key in args.datasets:
+                source, split, title = DATASETS[key]
+                path = cell_dir / f"{system}_{variant or 'base'}_{key}.json"
+                ids = [q.id for q in questions[key]]
+                cached = json.loads(path.read_text()) if path.is_file() else None
+                if cached is not None and (cached["ids"], cached["k"], cached.get("dtype")) == (ids, args.k, args.dtype):
+                    cells[cell_key(system, variant, key)] = cached
+                    continue
+                if args.cached_only or system not in args.systems or (variant and variant not in args.variants):
+                    continue
+                index, indexes[key] = load_index(source, split, args.runs, args.encoder)
+                # the base systems run with the adapters off, on whichever model is loaded
+                model, tokenizer = model_for(variant if system in FINE_TUNED else next(iter(models), args.variants[0]))
+                print(f"{LABELS[system]} [{variant or 'base'}] / {title}: {len(ids)} questions", flush=True)
+                began = time.perf_counter()
+                records = run_system(system, questions[key], index, model, tokenizer, variant, args.k)
+                cell = {"ids": ids, "k": args.k, "dtype": args.dtype, "seconds": time.perf_counter() - began,
+                        "summary": summarise(records), "per_kind": per_kind(records), "records": records}
+                text = json.dumps(cell, ensure_ascii=False)
+                write_file_atomically(path, lambda f: f.write(text))
+                cells[cell_key(system, variant, key)] = cell
+
+    for key in args.datasets:
+        source, split, _ = DATASETS[key]
+        report_file = args.runs / "index" / f"{source}_{split}.recall.json"
+        if key not in indexes and report_file.is_file():
+            indexes[key] = json.loads(report_file.read_text())
+    expected = {cell_key(s, v, d) for s in ROWS for v in (VARIANTS if s in FINE_TUNED else [None])
+                for d in DATASETS}
+    speed_file = args.runs / "index" / "speed.json"
+    speed = index_speed(args.runs, args.encoder) if args.index_speed and not args.cached_only else (
+        json.loads(speed_file.read_text()) if speed_file.is_file() else None)
+    for row, (first, second) in DERIVED.items():
+        for variant in VARIANTS:
+            for key in args.datasets:
+                a, b = cells.get(cell_key(first, variant, key)), cells.get(cell_key(second, variant, key))
+                if a and b and a["ids"] == b["ids"]:
+                    cells[cell_key(row, variant, key)] = derived_cell(a, b)
+    result = {
+        "benchmark": NAME, "model": args.model, "dtype": args.dtype, "k": args.k, "seed": SEED, "knowledge": KNOWLEDGE,
+        "targets": TARGETS, "partial": bool(expected - set(cells)), "missing": sorted(expected - set(cells)),
+        "n": {key: len(qs) for key, qs in questions.items()}, "available": available, "dropped": dropped,
+        "indexes": indexes, "index_speed": speed, "cells": {k: {kk: vv for kk, vv in c.items() if kk != "records"} for k, c in cells.items()},
+        "wall_seconds": time.perf_counter() - started, "environment": environment_record(),
+    }
+    write_results(result, args.out)
+    print((args.out / f"{NAME}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
