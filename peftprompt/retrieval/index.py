@@ -142,8 +142,8 @@ class PassageIndex:
             max_length (`int`, defaults to `PASSAGE_MAX_LENGTH`): Tokens embedded per passage.
             batch_size (`int`, defaults to 32): Passages per forward pass.
             bf16 (`bool`, *optional*): Embed the passages under CPU bfloat16 autocast (queries stay float32); by
-                default where the CPU has native bfloat16 (`native_bf16`): several times faster there, and on the
-                HotpotQA test questions the same top-1 and 99.7% of the top-10 as float32.
+                default where the CPU has native bfloat16 (`native_bf16`), where it is several times faster and
+                ranks as float32 does but for rare ties (`benchmarks/openbook.py` records build times).
         """
         start = time.perf_counter()
         encoder = encoder if isinstance(encoder, SentenceEncoder) else SentenceEncoder(encoder)
