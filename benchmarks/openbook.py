@@ -270,6 +270,34 @@ def cell_key(system: str, variant: Optional[str], dataset: str) -> str:
     return f"{system}/{variant}/{dataset}" if variant else f"{system}/{dataset}"
 
 
+def summarise_targets(cells: dict) -> Optional[dict]:
+    """The shipped variant (the one whose fine-tuned self-ask has the higher mean exact match over the data sets
+    evaluated) and the targets: its exact match minus the best single-step system's per data set, and its exact
+    match on 2WikiMultiHopQA. `None` until a fine-tuned self-ask cell exists."""
+    means = {}
+    for variant in VARIANTS:
+        ems = [cells[cell_key("fine_tuned_self_ask", variant, d)]["summary"]["em"] for d in DATASETS
+               if cell_key("fine_tuned_self_ask", variant, d) in cells]
+        if ems:
+            means[variant] = sum(ems) / len(ems)
+    if not means:
+        return None
+    shipped = max(means, key=means.get)
+    gains = {}
+    for d in DATASETS:
+        ours = cells.get(cell_key("fine_tuned_self_ask", shipped, d))
+        single = [cells[cell_key("single_step", v, d)]["summary"]["em"] for v in VARIANTS
+                  if cell_key("single_step", v, d) in cells]
+        if ours and single:
+            gains[d] = ours["summary"]["em"] - max(single)
+    twowiki = cells.get(cell_key("fine_tuned_self_ask", shipped, "2wikimultihopqa"))
+    return {"shipped_variant": shipped, "mean_em": means, "gain_over_best_single_step": gains,
+            "met": {"2wikimultihopqa_gain": gains.get("2wikimultihopqa", -1) >= TARGETS["self_ask_over_single_step_em"],
+                    "musique_gain": gains.get("musique", -1) >= TARGETS["self_ask_over_single_step_em"],
+                    "hotpotqa_not_worse": gains.get("hotpotqa", -1) >= 0,
+                    "2wikimultihopqa_em": bool(twowiki) and twowiki["summary"]["em"] >= TARGETS["2wikimultihopqa_em"]}}
+
+
 def write_results(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{NAME}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
@@ -333,6 +361,15 @@ def write_results(result: dict, out: Path) -> None:
                   f"{speed['query_ms']['mean']:.1f} ms a query on average (p50 {speed['query_ms']['p50']:.1f}, p95 "
                   f"{speed['query_ms']['p95']:.1f}; target < {speed['targets']['query_ms']} ms), one query at a time "
                   f"over {speed['queries']} questions."]
+    summary = result.get("summary")
+    if summary:
+        gains = ", ".join(f"{DATASETS[d][2]} {g:+.3f}" for d, g in summary["gain_over_best_single_step"].items())
+        lines += ["", f"Shipped variant (higher mean fine-tuned self-ask EM): **{summary['shipped_variant']}** "
+                  f"({', '.join(f'{v} {m:.3f}' for v, m in summary['mean_em'].items())}). Its EM minus the best "
+                  f"single-step system's: {gains} (targets: >= +{TARGETS['self_ask_over_single_step_em']:.2f} on "
+                  "2WikiMultiHopQA and MuSiQue, >= 0 on HotpotQA; >= "
+                  f"{TARGETS['2wikimultihopqa_em']:.2f} EM on 2WikiMultiHopQA). Met: "
+                  + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in summary["met"].items()) + "."]
     lines += ["", f"Targets: {json.dumps(result['targets'])}.", "", provenance_line(result["environment"]), ""]
     (out / f"{NAME}.md").write_text("\n".join(lines))
     plot(result, out / f"{NAME}.png", datasets)
@@ -473,7 +510,7 @@ def main() -> None:
         "targets": TARGETS, "partial": bool(expected - set(cells)), "missing": sorted(expected - set(cells)),
         "n": {key: len(qs) for key, qs in questions.items()}, "available": available, "dropped": dropped,
         "indexes": indexes, "index_speed": speed, "cells": {k: {kk: vv for kk, vv in c.items() if kk != "records"} for k, c in cells.items()},
-        "wall_seconds": time.perf_counter() - started, "environment": environment_record(),
+        "summary": summarise_targets(cells), "wall_seconds": time.perf_counter() - started, "environment": environment_record(),
     }
     write_results(result, args.out)
     print((args.out / f"{NAME}.md").read_text())
