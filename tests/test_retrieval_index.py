@@ -281,3 +281,15 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, m
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("peftprompt index: error: ") and message in err and err.count("\n") == 1
+
+
+def test_single_thread_restores_the_thread_count():
+    import torch
+
+    from peftprompt.retrieval.embed import single_thread
+
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError), single_thread():
+        assert torch.get_num_threads() == 1
+        raise RuntimeError
+    assert torch.get_num_threads() == before

@@ -16,6 +16,7 @@ every other file, the build settings and time).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ from safetensors.numpy import save as save_safetensors
 
 from ..atomic import write_dir_atomically
 from ..errors import InputError, InputFileNotFoundError
-from .embed import SentenceEncoder, describe_encoder, native_bf16, same_encoder
+from .embed import SentenceEncoder, describe_encoder, native_bf16, same_encoder, single_thread
 from .passages import Passage, as_dict
 
 INDEX_FORMAT_VERSION = 1
@@ -53,6 +54,8 @@ RRF_DEPTH = 50
 PASSAGE_MAX_LENGTH = 256
 """Tokens of ``"{title}: {text}"`` embedded per passage."""
 QUERY_MAX_LENGTH = 128
+FEW_QUERIES = 8
+"""Up to this many queries are encoded on one thread (`single_thread`)."""
 STOPWORDS = "en"
 BM25_PARAMETERS = {"method": "lucene", "k1": 1.5, "b": 0.75}
 
@@ -226,7 +229,11 @@ class PassageIndex:
         return scores
 
     def _dense_scores(self, queries: Sequence[str]) -> np.ndarray:
-        vectors = self.encoder.encode(list(queries), batch_size=64, max_length=QUERY_MAX_LENGTH).numpy()
+        # A few short queries are matrices too small to split over threads: one thread skips the synchronisation
+        # that costs more than the arithmetic, most of all on a busy machine.
+        threads = single_thread() if len(queries) <= FEW_QUERIES else contextlib.nullcontext()
+        with threads:
+            vectors = self.encoder.encode(list(queries), batch_size=64, max_length=QUERY_MAX_LENGTH).numpy()
         return vectors @ self.embeddings.T
 
     def save(self, directory: Union[str, os.PathLike]) -> Path:
