@@ -350,7 +350,7 @@ def _grouped(triples: list[list[str]]) -> list[tuple[str, str, list[str]]]:
     return list(groups.values())
 
 
-def _entity_key(name: str) -> str:
+def entity_key(name: str) -> str:
     """An entity's name without its disambiguation (``"George King (film director)"`` -> ``"george king"``)."""
     return question_key(re.sub(r"\s*\([^)]*\)", "", name)) or question_key(name)
 
@@ -382,12 +382,12 @@ def twowiki_tree(row: dict, dataset: str = "2wikimultihopqa", split: str = "trai
     facts = _grouped(row["evidences"])
     if not facts:
         raise TreeError("no evidences", dataset=dataset, tree_id=tree_id, reason="bad source row")
-    objects = {_entity_key(o) for _, _, objs in facts for o in objs}
-    first_hop = [f for f in facts if _entity_key(f[0]) not in objects]
+    objects = {entity_key(o) for _, _, objs in facts for o in objs}
+    first_hop = [f for f in facts if entity_key(f[0]) not in objects]
     if kind == "bridge_comparison" and first_hop and len(first_hop) < len(facts):
         children = []
         for position, (subject, relation, objs) in enumerate(_by_mention(question, first_hop), start=1):
-            second = [f for f in facts if _entity_key(f[0]) in {_entity_key(o) for o in objs}]
+            second = [f for f in facts if entity_key(f[0]) in {entity_key(o) for o in objs}]
             if not second:
                 raise TreeError(f"no second hop after {subject!r}", dataset=dataset, tree_id=tree_id,
                                 reason="bad source row")
@@ -398,7 +398,7 @@ def twowiki_tree(row: dict, dataset: str = "2wikimultihopqa", split: str = "trai
             children.append(inner)
     elif kind in ("compositional", "inference") and len(facts) == 2:
         (s1, r1, o1), (s2, r2, o2) = facts
-        chained = _entity_key(s2) in {_entity_key(o) for o in o1}
+        chained = entity_key(s2) in {entity_key(o) for o in o1}
         children = [_fact(s1, r1, o1, 1), _fact("#1" if chained else s2, r2, o2, 2)]
     else:
         children = [_fact(s, r, o, k) for k, (s, r, o) in enumerate(_by_mention(question, facts), start=1)]

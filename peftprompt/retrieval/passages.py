@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from ..errors import InputError
-from ..recursive.sources import _entity_key, musique_tree, twowiki_tree
+from ..recursive.sources import entity_key, musique_tree, twowiki_tree
 from ..recursive.tree import Node, TreeError, question_key, resolve_templates
 from ..recursive.unroll import clean_text
 
@@ -143,9 +143,9 @@ def _twowiki_hop_support(leaf: Node, supporting: list[Passage]) -> tuple[str, ..
     """The supporting passage about the leaf's subject: the one whose title (without its disambiguation) the
     leaf's question names, else the one that contains the answer, else all supporting passages."""
     text = question_key(leaf.question)
-    named = [p for p in supporting if _entity_key(p.title) and f" {_entity_key(p.title)} " in f" {text} "]
+    named = [p for p in supporting if entity_key(p.title) and f" {entity_key(p.title)} " in f" {text} "]
     if named:
-        return (max(named, key=lambda p: len(_entity_key(p.title))).id,)
+        return (max(named, key=lambda p: len(entity_key(p.title))).id,)
     answers = [question_key(a) for a in [leaf.answer or "", *leaf.aliases] if question_key(a)]
     holding = [p for p in supporting if any(a in question_key(p.text) for a in answers)]
     return tuple(p.id for p in (holding or supporting))
