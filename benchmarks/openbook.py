@@ -379,7 +379,7 @@ def plot(result: dict, path: Path, datasets: list[str]) -> None:
     cells = result["cells"]
     rows = [(system, variant) for system in ROWS for variant in (VARIANTS if system in FINE_TUNED else (None,))
             if any(cell_key(system, variant, d) in cells for d in datasets)]
-    figure = Figure(figsize=(10, 4.5))
+    figure = Figure(figsize=(14, 4.8))
     FigureCanvasAgg(figure)
     axis = figure.add_subplot()
     width = 0.8 / max(len(rows), 1)
@@ -391,7 +391,7 @@ def plot(result: dict, path: Path, datasets: list[str]) -> None:
                     [DATASETS[d][2] for d in datasets])
     axis.set_ylabel("exact match")
     axis.set_title(f"Open-book multi-hop QA, {result['model']} (follow-ups: retrieved paragraphs)")
-    axis.legend(fontsize=7)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
