@@ -26,6 +26,8 @@ RESULTS_FILE = "results.json"
 CONFIG_FILE = "train_config.yaml"  # written by training at the end of a run (`TrainConfig.save`)
 # Where a run is, not what it is: never compared.
 NOT_COMPARED = ("output_dir", "resume_from")
+QUICK_TRAINING = ("max_steps=5", "max_train_samples=200", "max_eval_samples=16")
+"""The overrides of every benchmark's ``--quick`` training: a check that it runs, not a figure."""
 
 
 def requested_config(config: Union[str, Path], overrides: Sequence[str], run_dir: Path) -> dict:

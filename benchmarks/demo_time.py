@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 
 from _env import environment_record, provenance_line
+from _runs import QUICK_TRAINING
 
 NAME = "demo_time"
 REPO = Path(__file__).resolve().parents[1]
 GOAL_MINUTES = 10
 GOAL_EM = 0.78
-QUICK = ["--n", "5", "max_steps=5", "max_train_samples=200", "max_eval_samples=16"]
+QUICK = ["--n", "5", *QUICK_TRAINING]
 
 
 def main() -> None:

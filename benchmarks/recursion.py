@@ -38,7 +38,7 @@ from matplotlib.figure import Figure
 from transformers.utils import logging as transformers_logging
 
 from _env import environment_record, provenance_line
-from _runs import finished_run, requested_config, run_recipe
+from _runs import QUICK_TRAINING, finished_run, requested_config, run_recipe
 from peftprompt import load_adapter, load_backbone
 from peftprompt.atomic import write_file_atomically
 from peftprompt.recursive import Node, convert
@@ -278,7 +278,7 @@ def main() -> None:
     overrides = list(args.train_args)
     if args.quick:  # its own runs, so the full benchmark's trained adapters and cells stay untouched
         args.n_cc, args.n_deep, args.depths, args.runs = 8, 8, [0, 2], args.runs / "quick"
-        overrides += ["max_steps=5", "max_train_samples=200", "max_eval_samples=16"]
+        overrides += QUICK_TRAINING
     import yaml
 
     config = yaml.safe_load(CONFIG.read_text())
