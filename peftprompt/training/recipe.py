@@ -48,9 +48,21 @@ def parse_recipe_args(description: str, argv: Optional[Sequence[str]] = None) ->
 
 
 def ship(result: TrainResult, metrics: dict, datasets: Sequence[str]) -> Optional[Path]:
-    """On the main process: write the adapter's model card and ``output_dir/results.json``; return the card path."""
-    if not distributed_state().is_main_process:
-        return None
+    """End a recipe: the main process writes the adapter's model card and ``output_dir/results.json``, then every
+    process waits for it and the process group is closed (what ``Accelerator.end_training`` does). Call it on every
+    process; returns the card path on the main process, ``None`` on the others.
+
+    Closing the group matters: a launched process that exits with its gloo group still open can abort
+    (``terminate called without an active exception``) and fail the whole launch after the adapter was saved.
+    """
+    state = distributed_state()
+    card = _write_card_and_results(result, metrics, datasets) if state.is_main_process else None
+    state.wait_for_everyone()
+    state.destroy_process_group()
+    return card
+
+
+def _write_card_and_results(result: TrainResult, metrics: dict, datasets: Sequence[str]) -> Path:
     config = result.config
     parameters = result.parameters
     card = write_model_card(
