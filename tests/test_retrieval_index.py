@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -81,6 +82,19 @@ def test_equal_fused_scores_keep_passage_order(order):
     hits = index.search(QUERY, k=2)
     assert hits[0].score == hits[1].score == 1 / (RRF_K + 1) + 1 / (RRF_K + 2)
     assert titles(hits) == [["A", "B"][i] for i in order]
+
+
+@pytest.mark.parametrize("positive_only", [False, True])
+def test_partial_ranking_is_the_stable_full_sort(positive_only):
+    # Many ties, including at the cut: the partitioned ranking must equal a stable sort of the whole corpus.
+    rng = np.random.default_rng(0)
+    for size in (1, 7, 60, 500):
+        scores = rng.integers(0, 4, size).astype(np.float32)
+        for depth in (1, 3, 50, 1000):
+            expected = np.argsort(-scores, kind="stable")[:depth]
+            if positive_only:
+                expected = expected[scores[expected] > 0]
+            assert index_module._ranking(scores, depth, positive_only).tolist() == expected.tolist()
 
 
 def test_bad_mode_and_k_are_input_errors(stub_index):

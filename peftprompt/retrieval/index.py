@@ -81,8 +81,15 @@ def _tokenize(texts: Sequence[str]) -> list[list[str]]:
 
 
 def _ranking(scores: np.ndarray, depth: int, positive_only: bool = False) -> np.ndarray:
-    """Indices of the `depth` best `scores`, best first; equal scores keep passage order."""
-    order = np.argsort(-scores, kind="stable")[:depth]
+    """Indices of the `depth` best `scores`, best first; equal scores keep passage order.
+
+    Only the passages scoring at least the `depth`-th best score are sorted (a partition finds it), not the corpus.
+    """
+    candidates = np.arange(len(scores))
+    if depth < len(scores):
+        threshold = np.partition(scores, len(scores) - depth)[len(scores) - depth]
+        candidates = np.flatnonzero(scores >= threshold)  # ascending, so the stable sort keeps ties in passage order
+    order = candidates[np.argsort(-scores[candidates], kind="stable")][:depth]
     return order[scores[order] > 0] if positive_only else order
 
 
