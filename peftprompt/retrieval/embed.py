@@ -11,6 +11,7 @@ L2-normalised, so that the dot product of two embeddings is their cosine similar
 from __future__ import annotations
 
 import contextlib
+import copy
 from functools import cached_property
 from typing import Any, Iterator, Optional, Sequence
 
@@ -79,8 +80,8 @@ class SentenceEncoder:
             batch_size (`int`, defaults to 32): Texts per forward pass (batched by token length, longest first).
             max_length (`int`, defaults to 128): Tokens kept of each text (the rest is cut).
             progress (`bool`, defaults to `False`): Show a progress bar.
-            bf16 (`bool`, defaults to `False`): Run the encoder under CPU bfloat16 autocast: several times faster
-                where the CPU has native bfloat16 (`native_bf16`), slower elsewhere; the result is float32 either way.
+            bf16 (`bool`, defaults to `False`): Run a bfloat16 copy of the encoder: several times faster where the
+                CPU has native bfloat16 (`native_bf16`), slower elsewhere; the result is float32 either way.
         """
         if not texts:
             return torch.empty(0, self.hidden_size)
@@ -89,19 +90,24 @@ class SentenceEncoder:
         # Longest first: batches of similar lengths pad little, and a memory problem shows up in the first batch.
         order = sorted(range(len(texts)), key=lambda i: -len(encodings["input_ids"][i]))
         out = torch.empty(len(texts), self.hidden_size)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        model = self._bf16_model if bf16 else self.model
         starts = range(0, len(texts), batch_size)
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode():
             for start in tqdm(starts, desc="embedding", unit="batch", disable=not progress):
                 rows = order[start : start + batch_size]
                 batch = self.tokenizer.pad({key: [encodings[key][i] for i in rows] for key in keys},
                                            return_tensors="pt")
                 batch = {key: value.to(self.model.device) for key, value in batch.items()}
-                hidden = self.model(**batch).last_hidden_state.float()
+                hidden = model(**batch).last_hidden_state.float()
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 out[rows] = torch.nn.functional.normalize(pooled, dim=-1).cpu()
         return out
+
+    @cached_property
+    def _bf16_model(self):
+        # bfloat16 weights rather than autocast, which casts every weight again at every forward pass
+        return copy.deepcopy(self.model).to(torch.bfloat16)
 
 
 @contextlib.contextmanager
@@ -116,7 +122,7 @@ def single_thread() -> Iterator[None]:
 
 
 def native_bf16() -> bool:
-    """Whether this CPU computes in bfloat16 natively (AMX or AVX512-BF16), so that bf16 autocast pays off."""
+    """Whether this CPU computes in bfloat16 natively (AMX or AVX512-BF16), so that bfloat16 weights pay off."""
     capabilities = getattr(torch.cpu, "get_capabilities", dict)()  # an older torch cannot tell: assume not
     return bool(capabilities.get("amx_bf16") or capabilities.get("avx512_bf16"))
 

@@ -151,7 +151,7 @@ class PassageIndex:
             progress (`bool`, defaults to `True`): Show a progress bar while embedding.
             max_length (`int`, defaults to `PASSAGE_MAX_LENGTH`): Tokens embedded per passage.
             batch_size (`int`, defaults to 32): Passages per forward pass.
-            bf16 (`bool`, *optional*): Embed the passages under CPU bfloat16 autocast (queries stay float32); by
+            bf16 (`bool`, *optional*): Embed the passages with a bfloat16 copy of the encoder (queries stay float32); by
                 default where the CPU has native bfloat16 (`native_bf16`), where it is several times faster and
                 ranks as float32 does but for rare ties (`benchmarks/openbook.py` records build times).
         """
