@@ -30,7 +30,8 @@ paragraphs among all passages its run retrieved), follow-ups and seconds per que
 Runs are reused: the trained adapters (`_runs.run_recipe`, an interrupted training continues from its newest
 checkpoint), the indexes, and every evaluated cell (system x variant x data set, under ``--runs/cells``), so the
 benchmark can span several sessions; results written before every cell is done say so (``partial``). Writes
-``openbook.{json,md,png}`` to ``--out``:
+``openbook.{json,md,png}`` to ``--out`` (``openbook_n{N}.*``, with cells of their own, for ``--n N`` questions
+drawn per data set):
 
     .venv/bin/python benchmarks/openbook.py [--n 0] [--systems ...] [--variants one two] [--quick]
 """
@@ -296,9 +297,9 @@ def summarise_targets(cells: dict) -> Optional[dict]:
                     "2wikimultihopqa_em": bool(twowiki) and twowiki["summary"]["em"] >= TARGETS["2wikimultihopqa_em"]}}
 
 
-def write_results(result: dict, out: Path) -> None:
+def write_results(result: dict, out: Path, name: str = NAME) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{NAME}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     cells = result["cells"]
     datasets = [d for d in DATASETS if any(key.endswith(f"/{d}") for key in cells)]
     lines = [f"# Open-book multi-hop QA on {result['model']}{' (PARTIAL: cells missing)' if result['partial'] else ''}",
@@ -369,8 +370,8 @@ def write_results(result: dict, out: Path) -> None:
                   f"{TARGETS['2wikimultihopqa_em']:.2f} EM on 2WikiMultiHopQA). Met: "
                   + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in summary["met"].items()) + "."]
     lines += ["", f"Targets: {json.dumps(result['targets'])}.", "", provenance_line(result["environment"]), ""]
-    (out / f"{NAME}.md").write_text("\n".join(lines))
-    plot(result, out / f"{NAME}.png", datasets)
+    (out / f"{name}.md").write_text("\n".join(lines))
+    plot(result, out / f"{name}.png", datasets)
 
 
 def plot(result: dict, path: Path, datasets: list[str]) -> None:
@@ -444,7 +445,10 @@ def main() -> None:
             fresh = [q for i, q in enumerate(fresh) if i in drawn]
         questions[key] = fresh
 
-    cell_dir = args.runs / "cells"
+    # a sample of n questions per data set has its own cells and result files (openbook_n100.*), so sampled and
+    # whole-split results live side by side; --quick keeps the plain names in its own directories
+    sample = f"_n{args.n}" if args.n and not args.quick else ""
+    cell_dir = args.runs / f"cells{sample}"
     cell_dir.mkdir(parents=True, exist_ok=True)
     cells: dict[str, dict] = {}
     indexes: dict[str, dict] = {}
@@ -510,8 +514,8 @@ def main() -> None:
         "indexes": indexes, "index_speed": speed, "cells": {k: {kk: vv for kk, vv in c.items() if kk != "records"} for k, c in cells.items()},
         "summary": summarise_targets(cells), "wall_seconds": time.perf_counter() - started, "environment": environment_record(),
     }
-    write_results(result, args.out)
-    print((args.out / f"{NAME}.md").read_text())
+    write_results(result, args.out, NAME + sample)
+    print((args.out / f"{NAME}{sample}.md").read_text())
 
 
 if __name__ == "__main__":

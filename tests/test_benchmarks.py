@@ -396,7 +396,7 @@ def test_openbook_benchmark_dry_run_reuses_indexes_and_cells(tiny_smollm, tiny_b
             str(runs / "decomposer"), "--n", "3", "--datasets", "musique", "2wikimultihopqa", "--out",
             str(tmp_path / "results"))
     run("openbook.py", *args)
-    result = json.loads((tmp_path / "results" / "openbook.json").read_text())
+    result = json.loads((tmp_path / "results" / "openbook_n3.json").read_text())
     assert result["n"] == {"musique": 3, "2wikimultihopqa": 3}
     assert result["partial"] and {key.split("/")[-1] for key in result["missing"]} == {"hotpotqa"}
     # evaluation questions asked in a training tree (ProbTree MuSiQue trees hold MuSiQue dev questions) are dropped
@@ -415,15 +415,15 @@ def test_openbook_benchmark_dry_run_reuses_indexes_and_cells(tiny_smollm, tiny_b
     index = result["indexes"]["musique"]
     assert index["passages"] == 2279 and set(index["recall"]) == {"bm25", "dense", "hybrid"}
     assert index["recall"]["bm25"]["hops"]["n"] > 135
-    md = (tmp_path / "results" / "openbook.md").read_text()
+    md = (tmp_path / "results" / "openbook_n3.md").read_text()
     assert "retrieved paragraphs" in md and "MuSiQue-Ans (dev)" in md and "## Passage indexes" in md
-    assert (tmp_path / "results" / "openbook.png").stat().st_size > 0
-    cells = sorted((runs / "cells").iterdir())
+    assert (tmp_path / "results" / "openbook_n3.png").stat().st_size > 0
+    cells = sorted((runs / "cells_n3").iterdir())
     stamps = [c.stat().st_mtime_ns for c in cells]
     run("openbook.py", *args, "--systems", "closed_book", "--index-speed")  # nothing is evaluated again,
-    assert [c.stat().st_mtime_ns for c in sorted((runs / "cells").iterdir())] == stamps
-    again = json.loads((tmp_path / "results" / "openbook.json").read_text())  # and every cell is still reported
+    assert [c.stat().st_mtime_ns for c in sorted((runs / "cells_n3").iterdir())] == stamps
+    again = json.loads((tmp_path / "results" / "openbook_n3.json").read_text())  # and every cell is still reported
     assert set(again["cells"]) == set(result["cells"])
     speed = again["index_speed"]  # one index over the three evaluation splits pooled: built, loaded, queried
     assert speed["passages"] > 5000 and speed["load_seconds"] > 0 and speed["queries"] == 200
-    assert "passages): built in" in (tmp_path / "results" / "openbook.md").read_text()
+    assert "passages): built in" in (tmp_path / "results" / "openbook_n3.md").read_text()
