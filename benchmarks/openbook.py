@@ -448,7 +448,7 @@ def main() -> None:
     # a sample of n questions per data set has its own cells and result files (openbook_n100.*), so sampled and
     # whole-split results live side by side; --quick keeps the plain names in its own directories
     sample = f"_n{args.n}" if args.n and not args.quick else ""
-    cell_dir = args.runs / f"cells{sample}"
+    name, cell_dir = NAME + sample, args.runs / f"cells{sample}"
     cell_dir.mkdir(parents=True, exist_ok=True)
     cells: dict[str, dict] = {}
     indexes: dict[str, dict] = {}
@@ -514,8 +514,8 @@ def main() -> None:
         "indexes": indexes, "index_speed": speed, "cells": {k: {kk: vv for kk, vv in c.items() if kk != "records"} for k, c in cells.items()},
         "summary": summarise_targets(cells), "wall_seconds": time.perf_counter() - started, "environment": environment_record(),
     }
-    write_results(result, args.out, NAME + sample)
-    print((args.out / f"{NAME}{sample}.md").read_text())
+    write_results(result, args.out, name)
+    print((args.out / f"{name}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -85,10 +85,11 @@ def _ranking(scores: np.ndarray, depth: int, positive_only: bool = False) -> np.
 
     Only the passages scoring at least the `depth`-th best score are sorted (a partition finds it), not the corpus.
     """
-    candidates = np.arange(len(scores))
     if depth < len(scores):
         threshold = np.partition(scores, len(scores) - depth)[len(scores) - depth]
         candidates = np.flatnonzero(scores >= threshold)  # ascending, so the stable sort keeps ties in passage order
+    else:
+        candidates = np.arange(len(scores))
     order = candidates[np.argsort(-scores[candidates], kind="stable")][:depth]
     return order[scores[order] > 0] if positive_only else order
 
