@@ -324,8 +324,10 @@ def write_results(result: dict, out: Path, name: str = NAME) -> None:
                 parts.append(f"{s['em']:.3f} / {s['f1']:.3f} / {recall} / {s['follow_ups']:.1f} / "
                              f"{cell['seconds'] / s['n']:.2f}")
             lines.append(f"| {LABELS[system]} | {variant or 'base'} | " + " | ".join(parts) + " |")
-    lines += ["", "n per data set: " + ", ".join(f"{DATASETS[d][2]} {result['n'][d]}" for d in datasets), "",
-              "## Per question type (exact match)", ""]
+    lines += ["", "n per data set: " + ", ".join(f"{DATASETS[d][2]} {result['n'][d]}" for d in datasets), ""]
+    if result["partial"]:
+        lines += ["Not evaluated: " + ", ".join(result["missing"]) + ".", ""]
+    lines += ["## Per question type (exact match)", ""]
     for d in datasets:
         kinds = sorted({kind for key, cell in cells.items() if key.endswith(f"/{d}") for kind in cell["per_kind"]})
         lines += [f"{DATASETS[d][2]}:", "", "| system | adapters | " + " | ".join(kinds) + " |",
@@ -395,6 +397,12 @@ def plot(result: dict, path: Path, datasets: list[str]) -> None:
     figure.savefig(path, dpi=120)
 
 
+def sample_suffix(args: argparse.Namespace) -> str:
+    """``_n{N}`` for a sample of ``--n N`` questions (its own cells and result files), else nothing (``--quick``
+    keeps the plain names in its own directories)."""
+    return f"_n{args.n}" if args.n and not args.quick else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
@@ -413,6 +421,8 @@ def main() -> None:
                              "as flat, the same config, so the two benchmarks share it)")
     parser.add_argument("--encoder", default="minilm", help="the passage index's dense encoder")
     parser.add_argument("--cached-only", action="store_true", help="evaluate nothing: write the cells done before")
+    parser.add_argument("--render", action="store_true",
+                        help="evaluate nothing: rewrite the .md and .png from the .json this command wrote before")
     parser.add_argument("--index-speed", action="store_true",
                         help="also time one index over the three evaluation splits pooled (build, load, query)")
     parser.add_argument("--quick", action="store_true", help="5 training steps, 6 questions per data set")
@@ -424,6 +434,12 @@ def main() -> None:
     if args.quick:
         args.n, args.runs, args.decomposer_run = 6, args.runs / "quick", args.runs / "quick" / "decomposer"
         overrides += QUICK_TRAINING
+    if args.render:
+        name = NAME + sample_suffix(args)
+        result = json.loads((args.out / f"{name}.json").read_text())
+        write_results(result, args.out, name)
+        print((args.out / f"{name}.md").read_text())
+        return
     transformers_logging.set_verbosity_error()
 
     runs_needed = {"one": ["openbook"], "two": ["decomposer", "reader"]}
@@ -445,9 +461,7 @@ def main() -> None:
             fresh = [q for i, q in enumerate(fresh) if i in drawn]
         questions[key] = fresh
 
-    # a sample of n questions per data set has its own cells and result files (openbook_n100.*), so sampled and
-    # whole-split results live side by side; --quick keeps the plain names in its own directories
-    sample = f"_n{args.n}" if args.n and not args.quick else ""
+    sample = sample_suffix(args)  # sampled and whole-split results live side by side
     name, cell_dir = NAME + sample, args.runs / f"cells{sample}"
     cell_dir.mkdir(parents=True, exist_ok=True)
     cells: dict[str, dict] = {}

@@ -426,4 +426,9 @@ def test_openbook_benchmark_dry_run_reuses_indexes_and_cells(tiny_smollm, tiny_b
     assert set(again["cells"]) == set(result["cells"])
     speed = again["index_speed"]  # one index over the three evaluation splits pooled: built, loaded, queried
     assert speed["passages"] > 5000 and speed["load_seconds"] > 0 and speed["queries"] == 200
-    assert "passages): built in" in (tmp_path / "results" / "openbook_n3.md").read_text()
+    md = (tmp_path / "results" / "openbook_n3.md").read_text()
+    assert "passages): built in" in md
+    assert "Not evaluated: closed_book/hotpotqa, few_shot_self_ask/hotpotqa, fine_tuned_fallback/one/hotpotqa" in md
+    (tmp_path / "results" / "openbook_n3.md").unlink()  # --render: the same page again from the JSON alone
+    run("openbook.py", "--render", "--n", "3", "--out", str(tmp_path / "results"), "--runs", str(tmp_path / "none"))
+    assert (tmp_path / "results" / "openbook_n3.md").read_text() == md and not (tmp_path / "none").exists()
