@@ -115,6 +115,8 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     per_device_train_batch_size: int = 16
     per_device_eval_batch_size: int = 64
+    # batches of examples of similar length (less padding; tokenised examples only), as Trainer's group_by_length
+    group_by_length: bool = False
     gradient_accumulation_steps: int = 1
     max_steps: Optional[int] = None
     num_epochs: float = 1.0

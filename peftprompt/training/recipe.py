@@ -86,6 +86,7 @@ def _write_card_and_results(result: TrainResult, metrics: dict, datasets: Sequen
         **metrics,
         "global_step": result.global_step,
         "train_seconds": result.train_seconds,
+        "step_seconds": result.step_seconds,
         "peak_memory_mb": result.peak_memory_mb,
         "world_size": result.world_size,
         "mixed_precision": result.mixed_precision,

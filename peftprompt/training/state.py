@@ -37,6 +37,7 @@ class TrainerState:
     evals_without_improvement: int = 0
     last_metrics: dict = field(default_factory=dict)
     eval_history: list = field(default_factory=list)
+    step_seconds: float = 0.0  # spent in optimiser steps (data included; evaluation, checkpoints excluded), all resumes
 
     @property
     def examples_per_step(self) -> int:
@@ -56,7 +57,7 @@ class TrainerState:
     def resume_from(self, saved: "TrainerState") -> Optional[str]:
         """Take the progress of `saved` (step, epoch, best metric, history), keeping this run's layout and
         ``total_steps``. Returns a warning when the examples per step differ (the data order then differs)."""
-        for name in ("global_step", "epoch", "best_metric", "best_step", "evals_without_improvement"):
+        for name in ("global_step", "epoch", "best_metric", "best_step", "evals_without_improvement", "step_seconds"):
             setattr(self, name, getattr(saved, name))
         self.last_metrics, self.eval_history = dict(saved.last_metrics), list(saved.eval_history)
         if saved.examples_per_step == self.examples_per_step:
@@ -78,7 +79,8 @@ class TrainerState:
                 self.best_metric, self.best_step, self.evals_without_improvement = value, self.global_step, 0
             else:
                 self.evals_without_improvement += 1
-        record = {"type": "eval", "step": self.global_step, "epoch": self.epoch, **metrics}
+        record = {"type": "eval", "step": self.global_step, "epoch": self.epoch,
+                  "step_seconds": round(self.step_seconds, 3), **metrics}
         self.last_metrics = metrics
         self.eval_history.append(record)
         return record
@@ -104,7 +106,8 @@ class TrainResult:
     mixed_precision_reason: str = ""
     stopped_early: bool = False
     resumed_from: Optional[str] = None
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # this process's wall clock from setup to the end (evaluations included)
+    step_seconds: float = 0.0  # `TrainerState.step_seconds`: optimiser steps only, over every resume
     peak_memory_mb: Optional[float] = None  # the largest over the processes (peak RSS on a CPU, CUDA max allocated)
     eval_history: list = field(default_factory=list)
 
@@ -113,6 +116,7 @@ class TrainResult:
         """The result of a run that ended in `state`; `fields` give the rest (paths, config, timings...)."""
         return cls(global_step=state.global_step, epoch=state.epoch, metrics=state.last_metrics,
                    best_metric=state.best_metric, best_step=state.best_step, world_size=state.world_size,
+                   step_seconds=state.step_seconds,
                    eval_history=state.eval_history, **fields)
 
     def final_record(self) -> dict:
@@ -131,6 +135,7 @@ class TrainResult:
             "trainable_params": self.parameters.trainable_params if self.parameters else None,
             "world_size": self.world_size,
             "train_seconds": round(self.train_seconds, 3),
+            "step_seconds": round(self.step_seconds, 3),
             "peak_memory_mb": self.peak_memory_mb,
         }
 

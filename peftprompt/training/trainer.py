@@ -38,9 +38,10 @@ What Accelerate does here, and what was measured (accelerate 1.15, torch 2.13 CP
   summed loss and, when gradients sync, they are scaled by ``accumulation steps x world size / items``. So
   gradient accumulation 2 x batch 2 gives the update of batch 4 even when the micro-batches hold different numbers
   of tokens (the mean of per-micro-batch means would not).
-- Data order is a function of (seed, epoch) only (``use_seedable_sampler``); resuming skips the batches already
-  seen in the current epoch with `Accelerator.skip_first_batches`. 6 steps straight and 3 steps + resume to 6 give
-  bit-identical parameters (tests/test_training.py).
+- Data order is a function of (seed, epoch) only (``use_seedable_sampler``, or `EpochLengthGroupedSampler` with
+  ``group_by_length``); resuming skips the batches already seen in the current epoch with
+  `Accelerator.skip_first_batches`. 6 steps straight and 3 steps + resume to 6 give bit-identical parameters
+  (tests/test_training.py).
 - Accelerate keeps one process-wide state: a second run in the same process with another mixed precision is
   refused with a clear error (each recipe runs in its own process).
 """
@@ -78,6 +79,7 @@ from .evaluation import ComputeMetrics, evaluate_loss
 from .losses import input_casts_skipped, supports_kept_logits, training_loss
 from .model_setup import make_optimizer, training_layout_kept
 from .run_log import METRICS_FILE, RunLog, peak_memory_mb
+from .sampling import EpochLengthGroupedSampler, example_lengths
 from .sharding import shard_model
 from .shipping import save_trained_adapter
 from .state import TrainerState, TrainResult
@@ -183,11 +185,14 @@ class Trainer:
         if config.fully_shard:
             model = shard_model(model)  # before the optimizer: its parameters become DTensor shards
         optimizer = make_optimizer(config, model)
+        sampler = (EpochLengthGroupedSampler(example_lengths(self.train_dataset), config.per_device_train_batch_size,
+                                             config.seed) if config.group_by_length else None)
         self.train_loader = accelerator.prepare(
             DataLoader(
                 self.train_dataset,
                 batch_size=config.per_device_train_batch_size,
-                shuffle=True,
+                shuffle=sampler is None,
+                sampler=sampler,
                 collate_fn=self.data_collator,
                 generator=torch.Generator().manual_seed(config.seed),
             )
@@ -331,6 +336,7 @@ class Trainer:
         device = accelerator.device
         self.window = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, items, tokens since last log
         self.window_started, self.paused = time.perf_counter(), 0.0  # paused: evaluating / checkpointing seconds
+        self.step_started = self.window_started  # each step's seconds go to state.step_seconds
         self.accumulated_items = torch.zeros((), dtype=torch.float64, device=device)
         self.grad_norm = None
         self.last_eval_step = state.eval_history[-1]["step"] if state.eval_history else None
@@ -368,6 +374,7 @@ class Trainer:
     def _after_step(self) -> bool:
         """Log, evaluate and checkpoint after an optimiser step, as due; returns whether training is done."""
         state, config = self.state, self.config
+        state.step_seconds += time.perf_counter() - self.step_started
         state.global_step += 1
         step = state.global_step
         state.epoch = step / self.steps_per_epoch
@@ -390,6 +397,7 @@ class Trainer:
         if (config.save_every and step % config.save_every == 0) or (not config.save_every and evaluated) or done:
             self.save_checkpoint()
         self.paused += time.perf_counter() - pause_started
+        self.step_started = time.perf_counter()
         return done
 
     def _log_window(self) -> None:

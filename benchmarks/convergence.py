@@ -1,0 +1,295 @@
+"""Every MiniLM adapter method trained to its plateau on SST-2 and CoNLL-2003: learning curves, the best validation
+score, the test score at that step, and the steps and training time to reach 99 % of it.
+
+Each method variant of `adapter_methods.VARIANTS` trains through its recipe for at most `BUDGETS` epochs (3 on SST-2,
+10 on CoNLL-2003) and stops early when its validation score (SST-2 ``dev.tsv`` accuracy, CoNLL ``eng.testa`` entity
+F1; first 1000) has not improved for ``patience`` evaluations; validation and test are scored every ``eval_every``
+steps. Batches are grouped by length (``group_by_length``: dynamic padding pads little) and every run has one
+thread, ``--parallel`` runs side by side.
+
+Learning rates: the short-budget sweep (`adapter_methods.py`, 300 steps, ``<task>.json``'s ``sweep`` under
+``--results``) ranks each method's rates on validation; its best (rank 1) and second best (rank 2) rates train at the
+long budget, and the rate with the better best validation score there is chosen. Both are shown when they differ.
+
+Runs live in ``--run-dir`` as ``<task>_<variant>_lr<LR>`` and survive interruptions: an interrupted run continues
+from its newest checkpoint (one per evaluation) and a finished one is read, not repeated (`_runs.run_recipe`), so the
+sweep can span several sessions; results written before every run is done are marked PARTIAL. Writes
+``convergence.{json,md,png}`` to ``--out``: per method the chosen rate, best validation score and its step, the test
+score at that step, steps / epochs / training seconds to reach 99 % of the best validation score, training seconds
+in all, peak memory; the curves (test score against steps and against training seconds, one line per method).
+
+    .venv/bin/python benchmarks/convergence.py [--tasks sst2 conll03] [--methods full lora bitfit] [--ranks 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Optional
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from _env import environment_record, provenance_line
+from _runs import run_recipe
+from adapter_methods import LABELS, METHODS, TASKS, VARIANTS, config_path
+from peftprompt.report import format_bytes
+
+NAME = "convergence"
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+# task: epochs at most, evaluation every N optimiser steps (a tenth / a half of an epoch of batch 16), patience in
+# evaluations (one epoch / three epochs), the validation metric watched (a key of the recipe's evaluations)
+BUDGETS = {
+    "sst2": {"num_epochs": 3, "eval_every": 421, "patience": 10, "metric": "accuracy"},
+    "conll03": {"num_epochs": 10, "eval_every": 439, "patience": 6, "metric": "entity_f1"},
+}
+TARGETS = {  # task: (full fine-tuning's test score at least, {variant: at most this far below full})
+    "sst2": (0.90, {"lora": 0.01, "bitfit": 0.02}),
+    "conll03": (0.88, {"lora": 0.015}),
+}
+REACHED = 0.99  # the share of the best validation score whose first reaching is timed
+QUICK = {"num_epochs": 2, "eval_every": 3, "patience": 2, "max_train_samples": 48, "max_eval_samples": 16}
+QUICK_METHODS = ("lora", "bitfit")
+
+
+def ranked_rates(task: str, results: Path) -> dict[str, list[float]]:
+    """Each method's learning rates of the short-budget sweep (``<task>.json``), best validation score first (ties:
+    the smaller rate)."""
+    dev = TASKS[task][2]
+    sweep = json.loads((results / f"{task}.json").read_text())["sweep"]
+    rates: dict[str, list[tuple[float, float]]] = {}
+    for run in sweep:
+        rates.setdefault(run["method"], []).append((run[dev], run["learning_rate"]))
+    return {method: [lr for _, lr in sorted(runs, key=lambda x: (-x[0], x[1]))] for method, runs in rates.items()}
+
+
+def run_name(task: str, method: str, lr: float) -> str:
+    return f"{task}_{method}_lr{lr:g}"
+
+
+def overrides(task: str, method: str, lr: float, quick: bool, model: Optional[str]) -> list[str]:
+    budget = {**BUDGETS[task], **(QUICK if quick else {})}
+    return [
+        "max_steps=null", f"num_epochs={budget['num_epochs']}", f"eval_every={budget['eval_every']}",
+        f"early_stopping_patience={budget['patience']}", f"metric_for_best={budget['metric']}",
+        "group_by_length=true", "save_every=0", "keep_checkpoints=1", f"learning_rate={lr:g}", *VARIANTS[method][1],
+        *([f"max_train_samples={budget['max_train_samples']}", f"max_eval_samples={budget['max_eval_samples']}"]
+          if quick else []),
+        *([f"model={model}"] if model else []),
+    ]
+
+
+def read_curve(run_dir: Path, metric: str) -> list[dict]:
+    """The run's evaluations (``metrics.jsonl``), one per step (an evaluation repeated after an interruption: the
+    last), in step order: step, epoch, training seconds, validation and test score."""
+    evals: dict[int, dict] = {}
+    log = run_dir / "metrics.jsonl"
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        record = json.loads(line)
+        if record.get("type") == "eval":
+            evals[record["step"]] = {"step": record["step"], "epoch": record["epoch"],
+                                     "seconds": record.get("step_seconds"), "dev": record[metric],
+                                     "test": record[f"test_{metric}"]}
+    return [evals[step] for step in sorted(evals)]
+
+
+def summarise_run(task: str, method: str, lr: float, run: dict, curve: list[dict]) -> dict:
+    """A finished run's row: its best validation evaluation (first of equals), the test score there, and the
+    first evaluation reaching `REACHED` of the best validation score."""
+    best = max(curve, key=lambda e: e["dev"])
+    reached = next(e for e in curve if e["dev"] >= REACHED * best["dev"])
+    return {
+        "task": task, "method": method, "label": LABELS[method], "learning_rate": lr,
+        "best_dev": best["dev"], "best_step": best["step"], "best_epoch": best["epoch"], "test_at_best": best["test"],
+        "reached_step": reached["step"], "reached_epoch": reached["epoch"], "reached_seconds": reached["seconds"],
+        "steps": run["global_step"], "epochs": curve[-1]["epoch"], "step_seconds": run.get("step_seconds"),
+        "stopped_early": run["global_step"] < run["total_steps"] if "total_steps" in run else None,
+        "trainable_params": run["trainable_params"], "trainable_pct": run["trainable_pct"],
+        "adapter_bytes": run["adapter_bytes"], "peak_memory_mb": run.get("peak_memory_mb"),
+        "mixed_precision": run.get("mixed_precision"), "curve": curve,
+    }
+
+
+def run_jobs(jobs: list[tuple[str, str, float]], args: argparse.Namespace) -> dict[tuple[str, str, float], dict]:
+    """Train (or read, or continue) each ``(task, method, lr)`` of `jobs`, `args.parallel` at a time; returns the
+    ``results.json`` of those that finished. A failed run is reported and the others go on."""
+    done: dict[tuple[str, str, float], dict] = {}
+
+    def train(task: str, method: str, lr: float) -> dict:
+        name = run_name(task, method, lr)
+        run = run_recipe(config_path(task, method), overrides(task, method, lr, args.quick, args.model),
+                         args.run_dir / name, recipe=TASKS[task][0], resume=True,
+                         log=args.run_dir / f"{name}.log", env={"OMP_NUM_THREADS": "1"})
+        total = json.loads((args.run_dir / name / "metrics.jsonl").read_text().splitlines()[0])["total_steps"]
+        return {**run, "total_steps": total}
+
+    with tqdm(total=len(jobs), desc="convergence runs", unit="run") as bar, ThreadPoolExecutor(args.parallel) as pool:
+        futures = {pool.submit(train, *job): job for job in jobs}
+        for future in as_completed(futures):
+            job = futures[future]
+            try:
+                done[job] = future.result()
+            except RuntimeError as err:
+                tqdm.write(f"convergence: {err}")
+            bar.set_postfix_str(run_name(*job))
+            bar.update()
+    return done
+
+
+def choose(rows: list[dict], rates: dict[str, list[float]]) -> list[dict]:
+    """Per (task, method), the finished run with the best validation score; ``short_budget_lr`` is the sweep's
+    choice and ``other_rates`` the other long-budget runs (rate, best validation, test at best)."""
+    chosen = []
+    for key in dict.fromkeys((r["task"], r["method"]) for r in rows):
+        runs = [r for r in rows if (r["task"], r["method"]) == key]
+        best = max(runs, key=lambda r: (r["best_dev"], -r["learning_rate"]))
+        chosen.append({**best, "short_budget_lr": rates[key[0]][key[1]][0],
+                       "other_rates": [{k: r[k] for k in ("learning_rate", "best_dev", "test_at_best")}
+                                       for r in runs if r is not best]})
+    return chosen
+
+
+def targets(chosen: list[dict]) -> dict:
+    """Each task's targets against the chosen runs: full fine-tuning's test score, and each named method's gap to
+    it (test at the best validation step); None where a run is missing."""
+    out = {}
+    for task, (floor, gaps) in TARGETS.items():
+        test = {r["method"]: r["test_at_best"] for r in chosen if r["task"] == task}
+        if "full" not in test:
+            continue
+        out[task] = {"full": {"value": test["full"], "target": floor, "met": test["full"] >= floor}}
+        for method, gap in gaps.items():
+            if method in test:
+                below = test["full"] - test[method]
+                out[task][method] = {"below_full": below, "target": gap, "met": below <= gap}
+    return out
+
+
+def write_results(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{NAME}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# PEFT methods at convergence, MiniLM{' (PARTIAL: runs missing)' if result['partial'] else ''}", ""]
+    for task, budget in result["budgets"].items():
+        lines.append(f"- {TASKS[task][3]}: at most {budget['num_epochs']} epochs of batch 16, validation and test every "
+                     f"{budget['eval_every']} steps, early stopping after {budget['patience']} evaluations without a "
+                     f"better validation {budget['metric']}.")
+    lines += ["", "Batches grouped by length, linear schedule with 6 % warm-up, one thread per run, "
+              f"{result['parallel']} runs side by side. Learning rate: the short-budget sweep's best and second best "
+              "(300 steps, `adapter_methods.py`) trained at the long budget, the better validation score chosen. "
+              "Test: the score at the step of the best validation score. Reach 99 %: the first evaluation with "
+              "at least 99 % of the best validation score (training seconds exclude evaluation).", ""]
+    for task in result["budgets"]:
+        rows = [r for r in result["chosen"] if r["task"] == task]
+        if not rows:
+            continue
+        metric = TASKS[task][1]
+        lines += [f"## {TASKS[task][3]}", "",
+                  f"| method | trainable params | adapter size | learning rate (300-step choice) | best validation "
+                  f"| test {metric} at best | best at step (epoch) | 99 % at step (epoch) | 99 % at s | steps run "
+                  "| training s | peak MB | 300-step test |",
+                  "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            short = "" if r["short_budget_lr"] == r["learning_rate"] else f" ({r['short_budget_lr']:g})"
+            peak = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+            at_300 = result["short_budget"].get(task, {}).get(r["method"])
+            lines.append(
+                f"| {r['label']} | {r['trainable_params']:,} | {format_bytes(r['adapter_bytes'])} | "
+                f"{r['learning_rate']:g}{short} | {r['best_dev']:.4f} | {r['test_at_best']:.4f} | "
+                f"{r['best_step']} ({r['best_epoch']:.2f}) | {r['reached_step']} ({r['reached_epoch']:.2f}) | "
+                f"{r['reached_seconds']:.0f} | {r['steps']}{' (stopped early)' if r['stopped_early'] else ''} | "
+                f"{r['step_seconds']:.0f} | {peak} | {'-' if at_300 is None else f'{at_300:.4f}'} |")
+        others = [f"{r['label']} at {o['learning_rate']:g}: validation {o['best_dev']:.4f}, test {o['test_at_best']:.4f}"
+                  for r in rows for o in r["other_rates"]]
+        if others:
+            lines += ["", "Other long-budget rates: " + "; ".join(others) + "."]
+        lines.append("")
+    for task, checks in result["targets"].items():
+        parts = [f"full {checks['full']['value']:.4f} (target >= {checks['full']['target']:.2f}: "
+                 f"{'met' if checks['full']['met'] else 'missed'})"]
+        parts += [f"{LABELS[m]} {c['below_full'] * 100:+.2f} points below full (target <= {c['target'] * 100:.1f}: "
+                  f"{'met' if c['met'] else 'missed'})" for m, c in checks.items() if m != "full"]
+        lines.append(f"Targets, {TASKS[task][3]}: " + "; ".join(parts) + ".")
+    if result["missing"]:
+        lines += ["", "Not finished yet: " + ", ".join(result["missing"]) + "."]
+    lines += ["", provenance_line(result["environment"]), ""]
+    (out / f"{NAME}.md").write_text("\n".join(lines))
+    plot(result, out / f"{NAME}.png")
+
+
+def plot(result: dict, path: Path) -> None:
+    """Per task: test score against optimiser steps and against training seconds, one line per method."""
+    tasks = [t for t in result["budgets"] if any(r["task"] == t for r in result["chosen"])]
+    figure = Figure(figsize=(13, 4.2 * max(len(tasks), 1)))
+    FigureCanvasAgg(figure)
+    for i, task in enumerate(tasks):
+        for j, (x, xlabel) in enumerate((("step", "optimiser steps (batch 16)"), ("seconds", "training seconds"))):
+            axis = figure.add_subplot(len(tasks), 2, 2 * i + j + 1)
+            for r in (r for r in result["chosen"] if r["task"] == task):
+                axis.plot([e[x] for e in r["curve"]], [e["test"] for e in r["curve"]], marker=".", markersize=3,
+                          linewidth=1, label=f"{r['label']} (lr {r['learning_rate']:g})")
+            axis.set_xlabel(xlabel)
+            axis.set_ylabel(f"test {TASKS[task][1]}")
+            axis.set_title(f"{TASKS[task][3]}: up to {result['budgets'][task]['num_epochs']} epochs", fontsize=9)
+            axis.grid(alpha=0.3)
+            if j == 1:
+                axis.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["sst2", "conll03"])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None, help="default: all")
+    parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2],
+                        help="which of the short-budget sweep's rates train at the long budget (1: its best)")
+    parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
+    parser.add_argument("--run-dir", type=Path, default=None, help="default outputs/convergence (_quick)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the short-budget sweeps' JSON lies")
+    parser.add_argument("--model", default=None, help="train this backbone instead of the config's (model=...)")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: report the finished runs")
+    parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK}, methods {QUICK_METHODS}")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    args.methods = args.methods or list(QUICK_METHODS if args.quick else METHODS)
+    args.run_dir = (args.run_dir or REPO / "outputs" / ("convergence_quick" if args.quick else "convergence")).resolve()
+    started = time.perf_counter()
+    rates = {task: ranked_rates(task, args.results) for task in args.tasks}
+    jobs = [(task, method, rates[task][method][rank - 1]) for rank in sorted(args.ranks) for task in args.tasks
+            for method in args.methods if rank <= len(rates[task][method])]
+    finished = {} if args.report_only else run_jobs(jobs, args)
+    rows, missing = [], []
+    for task, method, lr in jobs:
+        run_dir = args.run_dir / run_name(task, method, lr)
+        run = finished.get((task, method, lr))
+        if run is None and (run_dir / "results.json").is_file() and (run_dir / "train_config.yaml").is_file():
+            log = (run_dir / "metrics.jsonl").read_text().splitlines()
+            run = {**json.loads((run_dir / "results.json").read_text()), "total_steps": json.loads(log[0])["total_steps"]}
+        curve = read_curve(run_dir, BUDGETS[task]["metric"])
+        if run is None or not curve:
+            missing.append(run_name(task, method, lr))
+            continue
+        rows.append(summarise_run(task, method, lr, run, curve))
+    chosen = choose(rows, rates)
+    short_budget = {}
+    for task in args.tasks:
+        sweep_rows = json.loads((args.results / f"{task}.json").read_text())["results"]
+        short_budget[task] = {r["method"]: r[TASKS[task][1]] for r in sweep_rows}
+    result = {
+        "benchmark": NAME, "budgets": {t: {**BUDGETS[t], **(QUICK if args.quick else {})} for t in args.tasks},
+        "reached_share": REACHED, "ranks": sorted(args.ranks), "parallel": args.parallel, "quick": args.quick,
+        "model": args.model or "minilm", "partial": bool(missing), "missing": missing, "runs": rows,
+        "chosen": chosen, "short_budget": short_budget, "targets": targets(chosen),
+        "wall_seconds": time.perf_counter() - started, "environment": environment_record(),
+    }
+    write_results(result, args.out)
+    print((args.out / f"{NAME}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
