@@ -432,3 +432,73 @@ def test_openbook_benchmark_dry_run_reuses_indexes_and_cells(tiny_smollm, tiny_b
     (tmp_path / "results" / "openbook_n3.md").unlink()  # --render: the same page again from the JSON alone
     run("openbook.py", "--render", "--n", "3", "--out", str(tmp_path / "results"), "--runs", str(tmp_path / "none"))
     assert (tmp_path / "results" / "openbook_n3.md").read_text() == md and not (tmp_path / "none").exists()
+
+
+def benchmark_module(name: str):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+def test_convergence_dry_run_reads_finished_runs_and_picks_the_best_validation_step(tiny_bert, tmp_path):
+    args = ["--quick", "--tasks", "sst2", "--methods", "lora", "--model", str(tiny_bert), "--parallel", "1",
+            "--run-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "results")]
+    run("convergence.py", *args)
+    result = json.loads((tmp_path / "results" / "convergence.json").read_text())
+    assert not result["partial"] and result["missing"] == []
+    # the short-budget sweep's best and second best LoRA rates (sst2.json: 0.003, then 0.001) at the long budget
+    assert [r["learning_rate"] for r in result["runs"]] == [0.003, 0.001]
+    (chosen,) = result["chosen"]
+    assert chosen["short_budget_lr"] == 0.003 and chosen["learning_rate"] in (0.003, 0.001)
+    assert chosen["best_dev"] == max(r["best_dev"] for r in result["runs"])
+    curve = chosen["curve"]
+    assert [e["step"] for e in curve] == [3, 6]  # 48 examples / batch 16 = 3 steps an epoch, 2 epochs, eval every 3
+    assert 0 < curve[0]["seconds"] < curve[1]["seconds"]
+    best = max(curve, key=lambda e: e["dev"])
+    assert (chosen["best_step"], chosen["test_at_best"]) == (best["step"], best["test"])
+    assert chosen["reached_step"] <= chosen["best_step"] and chosen["steps"] == 6
+    md = (tmp_path / "results" / "convergence.md").read_text()
+    assert "## SST-2 accuracy" in md and "| LoRA r8 |" in md and "Other long-budget rates: LoRA r8 at" in md
+    assert (tmp_path / "results" / "convergence.png").stat().st_size > 0
+    finished = tmp_path / "runs" / "sst2_lora_lr0.003" / "results.json"
+    before = finished.stat().st_mtime_ns
+    run("convergence.py", *args)  # finished runs are read, not repeated
+    assert finished.stat().st_mtime_ns == before
+    assert json.loads((tmp_path / "results" / "convergence.json").read_text())["chosen"][0]["curve"] == curve
+
+
+def test_convergence_curve_keeps_one_evaluation_per_step(tmp_path):
+    convergence = benchmark_module("convergence")
+    lines = [{"type": "start", "total_steps": 9}, {"type": "eval", "step": 3, "epoch": 1.0, "step_seconds": 1.0,
+             "accuracy": 0.5, "test_accuracy": 0.4}, {"type": "train", "step": 4, "loss": 0.3},
+             {"type": "eval", "step": 6, "epoch": 2.0, "step_seconds": 2.0, "accuracy": 0.7, "test_accuracy": 0.6},
+             {"type": "resume", "step": 3},  # killed after the evaluation at 6, before its checkpoint
+             {"type": "eval", "step": 6, "epoch": 2.0, "step_seconds": 2.5, "accuracy": 0.8, "test_accuracy": 0.7},
+             {"type": "eval", "step": 9, "epoch": 3.0, "step_seconds": 3.5, "accuracy": 0.795, "test_accuracy": 0.9}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+    curve = convergence.read_curve(tmp_path, "accuracy")
+    assert [(e["step"], e["dev"], e["seconds"]) for e in curve] == [(3, 0.5, 1.0), (6, 0.8, 2.5), (9, 0.795, 3.5)]
+    row = convergence.summarise_run("sst2", "lora", 1e-3, {"global_step": 9, "total_steps": 30, "trainable_params": 1,
+                                                         "trainable_pct": 0.1, "adapter_bytes": 10}, curve)
+    # best validation at step 6 (its test score, not the later higher one); 99 % of 0.8 first reached at step 6
+    assert (row["best_step"], row["test_at_best"], row["reached_step"], row["stopped_early"]) == (6, 0.7, 6, True)
+    targets = convergence.targets([{**row, "method": "full", "test_at_best": 0.905},
+                                   {**row, "method": "lora", "test_at_best": 0.893},
+                                   {**row, "method": "bitfit", "test_at_best": 0.886}])
+    assert targets["sst2"]["full"]["met"] and not targets["sst2"]["lora"]["met"] and targets["sst2"]["bitfit"]["met"]
+    assert targets["sst2"]["lora"]["below_full"] == pytest.approx(0.012)
+
+
+def test_speed_encoder_dry_run(tiny_bert, tmp_path):
+    run("speed_encoder.py", "--quick", "--methods", "lora", "--model", str(tiny_bert), "--threads", "1", "--out",
+        str(tmp_path))
+    result = json.loads((tmp_path / "speed_encoder.json").read_text())
+    assert result["same_batches"]  # in random order both paths padded the same positions at every step
+    assert set(result["runs"]) == {f"lora/{o}/{p}" for o in ("random", "grouped") for p in ("trainer", "ours")}
+    assert set(result["ratios"]) == {"lora, random", "lora, grouped"}
+    grouped, shuffled = result["runs"]["lora/grouped/ours"], result["runs"]["lora/random/ours"]
+    assert grouped["positions_per_step"] < shuffled["positions_per_step"]
+    assert all(run["examples_per_s"] > 0 and run["losses"] for run in result["runs"].values())
+    assert "Ours / Trainer" in (tmp_path / "speed_encoder.md").read_text()

@@ -312,14 +312,16 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_resume_gives_the_same_run(tmp_path, monkeypatch, accumulation):
-    """6 steps straight == 3 steps, a crash, and resume_from=latest to 6 (bit for bit, dropout on, mid-epoch)."""
+@pytest.mark.parametrize("accumulation, grouped", [(1, False), (2, False), (1, True)])
+def test_resume_gives_the_same_run(tmp_path, monkeypatch, accumulation, grouped):
+    """6 steps straight == 3 steps, a crash, and resume_from=latest to 6 (bit for bit, dropout on, mid-epoch), in
+    shuffled or length-grouped order; the training seconds add up over the resume."""
 
     def run(name, resume_from=None):
         model = llama_lora(dropout=0.1)
         config = llm_config(tmp_path, name, per_device_train_batch_size=4 // accumulation,
-                            gradient_accumulation_steps=accumulation, eval_every=3, resume_from=resume_from)
+                            gradient_accumulation_steps=accumulation, eval_every=3, resume_from=resume_from,
+                            group_by_length=grouped)
         result = train(config, model, None, token_rows(), SelfAskCollator(IdTokenizer(), max_length=64),
                        eval_dataset=token_rows(5, seed=1))
         return result, trainable(model)
@@ -341,6 +343,8 @@ def test_resume_gives_the_same_run(tmp_path, monkeypatch, accumulation):
     assert resumed.metrics == straight.metrics and resumed.best_metric == straight.best_metric
     assert [r["loss"] for r in records(resumed, "train")] == [r["loss"] for r in records(straight, "train")]
     assert [r["step"] for r in records(resumed, "resume")] == [3]
+    first, last = (r["step_seconds"] for r in records(resumed, "eval"))  # steps 3 and 6, across the resume
+    assert 0 < first < last == pytest.approx(resumed.step_seconds, abs=1e-3)
     with pytest.raises(InputError, match="already holds checkpoints of an earlier run") as refused:
         run("resumed")  # a fresh start must not mix with an earlier run's checkpoints
     assert refused.value.field == "output_dir"
@@ -831,3 +835,27 @@ def test_frozen_dtype_auto_follows_the_mixed_precision(tmp_path, monkeypatch):
     monkeypatch.setattr(config_module, "cpu_bf16_flags", lambda *_: set())  # a CPU without native bf16: auto -> no
     assert resolve(llm_config(tmp_path, frozen_dtype="auto", mixed_precision="auto")) == torch.float32
     assert resolve(llm_config(tmp_path, frozen_dtype="float16", mixed_precision="no")) == torch.float16
+
+
+def test_length_grouped_order_depends_on_seed_and_epoch_only():
+    from peftprompt.training.sampling import EpochLengthGroupedSampler, example_lengths
+
+    rows = token_rows(400, seed=3)
+    lengths = example_lengths(rows)
+    assert lengths == [len(r["input_ids"]) for r in rows]
+    sampler = EpochLengthGroupedSampler(lengths, batch_size=4, seed=0)
+    first = list(sampler)
+    assert sorted(first) == list(range(400)) and list(sampler) == first  # a permutation, repeated within an epoch
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    sampler.set_epoch(0)
+    assert list(EpochLengthGroupedSampler(lengths, batch_size=4, seed=0)) == first == list(sampler)
+    assert list(EpochLengthGroupedSampler(lengths, batch_size=4, seed=1)) != first
+
+    def padded(order):  # positions a batch of 4 pads to, summed over the epoch
+        return sum(4 * max(lengths[i] for i in order[j:j + 4]) for j in range(0, len(order), 4))
+
+    shuffled = torch.randperm(400, generator=torch.Generator().manual_seed(0)).tolist()
+    assert padded(first) < padded(shuffled) and padded(first) <= sum(lengths) * 1.05
+    with pytest.raises(ValueError, match="training example 0 has no input_ids .*packed instead"):
+        example_lengths([small_trees()[0]])
