@@ -317,10 +317,29 @@ def test_params_vs_accuracy_pareto_front(tmp_path):
     assert result["sources"]["conll03"]["command"] == "make conll03" and result["sources"]["sst2"]["steps"] == 300
     assert {"machine", "versions", "git_commit", "command"} <= set(result["environment"])
     md = (tmp_path / "out" / "params_vs_accuracy.md").read_text()
-    assert "| SST-2 | MiniLM | LoRA r8 | 100 | 10.000 | 400 B | accuracy | 0.8500 | 60 | - | yes |" in md
-    assert "| SST-2 | MiniLM | full | 1,000 | 100.000 | 3.9 KB | accuracy | 0.9000 | 60 | 900 | yes |" in md
-    assert "| self-ask | SmolLM2-135M | full |" in md and md.count("| yes |") == 8
+    assert "| SST-2 | 300 steps | MiniLM | LoRA r8 | 100 | 10.000 | 400 B | accuracy | 0.8500 | 60 | - | yes |" in md
+    assert "| SST-2 | 300 steps | MiniLM | full | 1,000 | 100.000 | 3.9 KB | accuracy | 0.9000 | 60 | 900 | yes |" in md
+    assert "| self-ask | " in md and "SmolLM2-135M | full |" in md and md.count("| yes |") == 8
     assert (tmp_path / "out" / "params_vs_accuracy.png").stat().st_size > 0
+
+    # methods trained to their plateau (convergence.json) are a budget of their own, with a front of their own
+    converged = [{**method_row(m, params, "accuracy", 0.0, label=m), "task": "sst2", "test_at_best": value,
+                  "step_seconds": 600.0, "learning_rate": 1e-3, "peak_memory_mb": None} for m, params, value in
+                 (("full", 1000, 0.91), ("lora", 100, 0.905), ("bitfit", 50, 0.89))]
+    (tmp_path / "convergence.json").write_text(json.dumps({
+        "chosen": converged, "budgets": {"sst2": {"num_epochs": 3}}, "model": "minilm", "partial": True,
+        "environment": {"git_commit": "abc", "command": "convergence.py"}}))
+    run("params_vs_accuracy.py", "--results", str(tmp_path), "--out", str(tmp_path / "out"))
+    result = json.loads((tmp_path / "out" / "params_vs_accuracy.json").read_text())
+    plateau = [r for r in result["results"] if r["budget"].startswith("plateau")]
+    assert [(r["method"], r["value"], r["pareto"]) for r in plateau] == [
+        ("bitfit", 0.89, True), ("lora", 0.905, True), ("full", 0.91, True)]
+    assert plateau[0]["budget"] == "plateau, <= 3 epochs (PARTIAL: 3 of 11 methods)"
+    assert [r["pareto"] for r in result["results"] if r["budget"] == "300 steps" and r["task"] == "SST-2"] == [
+        True, True, False, True, False, True]  # the 300-step front is unchanged
+    md = (tmp_path / "out" / "params_vs_accuracy.md").read_text()
+    assert "| SST-2 | plateau, <= 3 epochs (PARTIAL: 3 of 11 methods) | MiniLM | lora |" in md
+    assert "convergence.json` (PARTIAL, commit abc, `convergence.py`)" in md
 
 
 def test_params_vs_accuracy_names_the_command_of_a_missing_input(tmp_path):
