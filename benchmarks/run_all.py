@@ -1,8 +1,10 @@
 """Regenerate every result under ``benchmarks/results/`` (``make bench``): the benchmark scripts in turn, under one
 progress bar whose time estimate comes from what each stage took last time.
 
-Stages, in order (`STAGES`): ``methods_overview``, ``collator``, ``speed``, ``sst2`` and ``conll03``
-(``adapter_methods.py``, all 11 method variants, 300 steps, learning rates 0.3 / 1 / 3 / 9 x the config's),
+Stages, in order (`STAGES`): ``methods_overview``, ``collator``, ``speed``, ``speed_encoder`` (MiniLM training
+against Trainer + PEFT), ``sst2`` and ``conll03`` (``adapter_methods.py``, all 11 method variants, 300 steps,
+learning rates 0.3 / 1 / 3 / 9 x the config's), ``convergence`` (the same methods trained to their plateau, at the
+two best rates of those sweeps; hours; its runs under ``outputs/convergence`` are resumed or reused),
 ``demo_adapter`` (trains the self-ask LoRA of ``make demo`` by running ``recipes/demo_selfask.py --n 5``, only when
 ``outputs/demo_selfask/adapter`` is missing), ``selfask`` (that adapter against the base model), ``selfask_speed``
 (questions per second with and without KV-cache reuse, that adapter and the base model), ``demo_time`` (the
@@ -57,9 +59,11 @@ STAGES = (
     Stage("methods_overview", "benchmarks/methods_overview.py", (), "methods_overview.json", 240, 120),
     Stage("collator", "benchmarks/collator.py", (), "collator.json", 150, 60),
     Stage("speed", "benchmarks/speed.py", (), "speed.json", 600, 240),
+    Stage("speed_encoder", "benchmarks/speed_encoder.py", (), "speed_encoder.json", 900, 240),
     Stage("sst2", "benchmarks/adapter_methods.py", ("--task", "sst2", *ADAPTER_GRID), "sst2.json", 1800, 180),
     Stage("conll03", "benchmarks/adapter_methods.py", ("--task", "conll03", *ADAPTER_GRID), "conll03.json", 2700,
           360),
+    Stage("convergence", "benchmarks/convergence.py", (), "convergence.json", 36000, 300),  # its runs are reused
     Stage("demo_adapter", "recipes/demo_selfask.py", ("--n", "5"), "", 1000, 90),
     Stage("selfask", "benchmarks/selfask.py", (), "selfask.json", 2700, 300),
     Stage("selfask_speed", "benchmarks/selfask_speed.py", (), "selfask_speed.json", 1000, 200),

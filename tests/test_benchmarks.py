@@ -357,7 +357,8 @@ def test_run_all_plan(tmp_path):
     (tmp_path / "speed.json").write_text(json.dumps({"runs": {"a": {"wall_seconds": 50}, "b": {"wall_seconds": 70}}}))
     out = run("run_all.py", "--plan", "--quick", "--out", str(tmp_path)).stdout.splitlines()
     stages = {line.split()[0]: line for line in out[1:]}
-    assert list(stages) == ["methods_overview", "collator", "speed", "sst2", "conll03", "demo_adapter", "selfask",
+    assert list(stages) == ["methods_overview", "collator", "speed", "speed_encoder", "sst2", "conll03", "convergence",
+                            "demo_adapter", "selfask",
                             "selfask_speed", "demo_time", "selfask_methods", "params_vs_accuracy", "recursion",
                             "openbook"]
     assert "~ 10.0 min (recorded in sst2.json)" in stages["sst2"] and "~  2.0 min (recorded in speed.json)" in stages[
@@ -369,7 +370,7 @@ def test_run_all_plan(tmp_path):
     assert "--adapter" in stages["selfask_speed"]
     assert stages["params_vs_accuracy"].endswith(f"--results {tmp_path} --out {tmp_path}")
     assert "skipped" in stages["demo_adapter"] or "max_steps=5" in stages["demo_adapter"]
-    assert out[0].startswith(f"13 stages into {tmp_path}; estimated total ~")
+    assert out[0].startswith(f"15 stages into {tmp_path}; estimated total ~")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["speed.json", "sst2.json"]  # nothing ran
 
     out = run("run_all.py", "--plan", "--only", "params_vs_accuracy", "sst2", "--out", str(tmp_path)).stdout
