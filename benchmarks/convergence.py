@@ -260,8 +260,9 @@ def main() -> None:
     args.run_dir = (args.run_dir or REPO / "outputs" / ("convergence_quick" if args.quick else "convergence")).resolve()
     started = time.perf_counter()
     rates = {task: ranked_rates(task, args.results) for task in args.tasks}
-    jobs = [(task, method, rates[task][method][rank - 1]) for rank in sorted(args.ranks) for task in args.tasks
-            for method in args.methods if rank <= len(rates[task][method])]
+    # method by method (the order of --methods), so the methods a target names can come first
+    jobs = [(task, method, rates[task][method][rank - 1]) for method in args.methods for task in args.tasks
+            for rank in sorted(args.ranks) if rank <= len(rates[task][method])]
     finished = {} if args.report_only else run_jobs(jobs, args)
     rows, missing = [], []
     for task, method, lr in jobs:
