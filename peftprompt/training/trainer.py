@@ -35,7 +35,8 @@ What Accelerate does here, and what was measured (accelerate 1.15, torch 2.13 CP
 - The loss is normalised by the number of loss items (trained tokens for ``causal_lm`` / ``token_cls``, with
   ``loss_weights`` their weight sum; examples for ``seq_cls``) over the whole accumulation window on all
   processes, as `transformers.Trainer` does with ``num_items_in_batch``: each micro-batch back-propagates its
-  summed loss and, when gradients sync, they are scaled by ``accumulation steps x world size / items``. So
+  summed loss and, when gradients sync, they are scaled by ``accumulation steps x world size / items`` (without
+  accumulation the items are known before the backward, which then scales the loss instead of every gradient). So
   gradient accumulation 2 x batch 2 gives the update of batch 4 even when the micro-batches hold different numbers
   of tokens (the mean of per-micro-batch means would not).
 - Data order is a function of (seed, epoch) only (``use_seedable_sampler``, or `EpochLengthGroupedSampler` with
@@ -296,22 +297,28 @@ class Trainer:
     def training_step(self, batch: dict) -> bool:
         """Forward and backward one micro-batch; at the end of an accumulation window, rescale the gradients to the
         mean over every loss item of the window on every process, clip, and step. Returns whether it stepped."""
-        accelerator = self.accelerator
+        accelerator, accumulation = self.accelerator, self.config.gradient_accumulation_steps
         with accelerator.accumulate(self.model):
             with input_casts_skipped(self.castable):
                 loss_sum, items, tokens = training_loss(self.model, batch, self.config.task, self.kept_logits)
-            accelerator.backward(loss_sum)
-            self.accumulated_items += items
             self.window += torch.stack([loss_sum.detach().double(), items.double(), tokens.double()])
-            if not accelerator.sync_gradients:
-                return False
-            # Each micro-batch back-propagated its summed loss, divided by the accumulation steps by accelerate and
-            # averaged over processes by DDP: rescale to the mean over every item of the window on every process.
-            total_items = accelerator.reduce(self.accumulated_items.clone(), reduction="sum").item()
-            scale = self.config.gradient_accumulation_steps * self.state.world_size / max(total_items, 1e-12)
-            for p in self.trainable:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
+            if accumulation == 1:
+                # The window is this micro-batch: its items on every process are known before the backward, so the
+                # loss is scaled (DDP then averages over processes) instead of every gradient after it.
+                total_items = accelerator.reduce(items.clone(), reduction="sum").item()
+                accelerator.backward(loss_sum * (self.state.world_size / max(total_items, 1e-12)))
+            else:
+                accelerator.backward(loss_sum)
+                self.accumulated_items += items
+                if not accelerator.sync_gradients:
+                    return False
+                # Each micro-batch back-propagated its summed loss, divided by the accumulation steps by accelerate
+                # and averaged over processes by DDP: rescale to the mean over every item of the window everywhere.
+                total_items = accelerator.reduce(self.accumulated_items.clone(), reduction="sum").item()
+                scale = accumulation * self.state.world_size / max(total_items, 1e-12)
+                for p in self.trainable:
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
             if self.config.max_grad_norm is not None:
                 norm = accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
                 self.grad_norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
