@@ -11,11 +11,12 @@ Paths, each in a process of its own with the same threads (``--threads``), one a
 Both train ``--steps`` optimiser steps of batch 16 (the recipe's rate, linear schedule with 6 % warm-up, seed 0, fp32,
 no evaluation or saving) on SST-2 ``train.tsv``, in random order and with ``group_by_length`` (the Trainer's own
 option; ours: `EpochLengthGroupedSampler`). In random order both draw the same batches (Accelerate's seedable
-sampler, seed 0; the padded positions of every step are checked equal). Timing: a wrapper around the collator
-stamps each batch; trained examples per second over the steps after the first ``WARMUP_STEPS``. Writes
-``speed_encoder.{json,md,png}`` to ``--out``:
+sampler, seed 0; the padded positions of every step are checked equal). Every path runs ``--repeats`` times,
+alternating with the other, and each ratio is the median over the paired runs (run-to-run noise on a shared
+2-core machine is about 5 %). Timing: a wrapper around the collator stamps each batch; trained examples per second
+over the steps after the first ``WARMUP_STEPS``. Writes ``speed_encoder.{json,md,png}`` to ``--out``:
 
-    .venv/bin/python benchmarks/speed_encoder.py [--steps 300] [--threads 2] [--methods lora full] [--quick]
+    .venv/bin/python benchmarks/speed_encoder.py [--steps 200] [--repeats 3] [--threads 2] [--methods lora full] [--quick]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -139,7 +141,8 @@ def write_results(result: dict, out: Path) -> None:
     lines = [f"# Encoder training speed: peftprompt vs Trainer + PEFT (MiniLM, SST-2)", "",
              f"{result['steps']} optimiser steps x batch {BATCH} of SST-2 `train.tsv` per run, the recipe's learning "
              f"rate, linear schedule with 6 % warm-up, seed 0, fp32, {result['threads']} threads, no evaluation or "
-             "saving; each run in a process of its own, one after another. Examples per second over the steps after "
+             f"saving; each run in a process of its own, one after another, every path {result['repeats']} times "
+             "(alternating; medians). Examples per second over the steps after "
              f"the first {WARMUP_STEPS}; positions = the padded tokens the model computes per step. Random order: "
              f"both paths draw the same batches (padded positions equal at every step: "
              f"{'yes' if result['same_batches'] else 'NO'}). Grouped: each path's own length-grouped sampler.", "",
@@ -149,8 +152,9 @@ def write_results(result: dict, out: Path) -> None:
         method, order, path = key.split("/")
         lines.append(f"| {method} | {order} | {path} | {run['s_per_step']:.3f} | {run['examples_per_s']:.1f} | "
                      f"{run['positions_per_step']:.0f} | {run['peak_rss_mb']:.0f} | {run['final_loss']:.3f} |")
-    lines += ["", "Ours / Trainer, examples per second (target >= 1.0x):", ""]
-    lines += [f"- {key}: **{ratio:.2f}x**" for key, ratio in result["ratios"].items()]
+    lines += ["", f"Ours / Trainer, examples per second (target >= {TARGET:.1f}x), the median of the "
+              f"{result['repeats']} paired runs (min - max):", ""]
+    lines += [f"- {key}: **{r['median']:.2f}x** ({r['min']:.2f} - {r['max']:.2f})" for key, r in result["ratios"].items()]
     lines += ["", provenance_line(result["environment"]), ""]
     (out / f"{NAME}.md").write_text("\n".join(lines))
     plot(result, out / f"{NAME}.png")
@@ -176,16 +180,17 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each path, alternating (medians reported)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--model", default=None, help="another backbone than the config's (model=...)")
-    parser.add_argument("--quick", action="store_true", help="10 steps")
+    parser.add_argument("--quick", action="store_true", help="10 steps, once")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--worker", nargs=4, metavar=("PATH", "METHOD", "ORDER", "FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.steps = 10
+        args.steps, args.repeats = 10, 1
     if args.worker:
         import torch
 
@@ -194,26 +199,39 @@ def main() -> None:
         Path(file).write_text(json.dumps(run_path(path, method, order, args.steps, args.model)))
         return
     started = time.perf_counter()
-    runs, raw = {}, {}
+    raw: dict[str, list[dict]] = {}
     env = {"OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with tempfile.TemporaryDirectory() as scratch:
-        for method in args.methods:
-            for order in ORDERS:
-                for path in PATHS:
-                    key, file = f"{method}/{order}/{path}", Path(scratch) / f"{method}_{order}_{path}.json"
-                    print(f"{key}: {args.steps} steps", flush=True)
-                    subprocess.run([sys.executable, __file__, "--worker", path, method, order, str(file), "--steps",
-                                    str(args.steps), "--threads", str(args.threads),
-                                    *(["--model", args.model] if args.model else [])],
-                                   check=True, env={**os.environ, **env})
-                    raw[key] = json.loads(file.read_text())
-                    tail = raw[key]["losses"][-max(1, 50 // min(10, args.steps)):]
-                    runs[key] = {**throughput(raw[key]), "peak_rss_mb": raw[key]["peak_rss_mb"],
-                                 "final_loss": sum(tail) / len(tail), "losses": raw[key]["losses"]}
-    same = all(raw[f"{m}/random/trainer"]["positions"] == raw[f"{m}/random/ours"]["positions"] for m in args.methods)
-    ratios = {f"{m}, {o}": runs[f"{m}/{o}/ours"]["examples_per_s"] / runs[f"{m}/{o}/trainer"]["examples_per_s"]
-              for m in args.methods for o in ORDERS}
-    result = {"benchmark": NAME, "steps": args.steps, "threads": args.threads, "batch_size": BATCH,
+        for repeat in range(args.repeats):  # the paths alternate, so a slow spell of the machine hits both
+            for method in args.methods:
+                for order in ORDERS:
+                    for path in PATHS:
+                        key, file = f"{method}/{order}/{path}", Path(scratch) / f"{method}_{order}_{path}.json"
+                        print(f"{key} ({repeat + 1}/{args.repeats}): {args.steps} steps", flush=True)
+                        subprocess.run([sys.executable, __file__, "--worker", path, method, order, str(file),
+                                        "--steps", str(args.steps), "--threads", str(args.threads),
+                                        *(["--model", args.model] if args.model else [])],
+                                       check=True, env={**os.environ, **env})
+                        raw.setdefault(key, []).append(json.loads(file.read_text()))
+    runs = {}
+    for key, repeats in raw.items():
+        speeds = [throughput(r) for r in repeats]
+        tail = repeats[0]["losses"][-max(1, 50 // min(10, args.steps)):]
+        runs[key] = {"examples_per_s": statistics.median(s["examples_per_s"] for s in speeds),
+                     "s_per_step": statistics.median(s["s_per_step"] for s in speeds),
+                     "positions_per_step": speeds[0]["positions_per_step"],
+                     "examples_per_s_each": [s["examples_per_s"] for s in speeds],
+                     "peak_rss_mb": max(r["peak_rss_mb"] for r in repeats),
+                     "final_loss": sum(tail) / len(tail), "losses": repeats[0]["losses"]}
+    same = all(r["positions"] == raw[f"{m}/random/ours"][0]["positions"]
+               for m in args.methods for r in raw[f"{m}/random/trainer"] + raw[f"{m}/random/ours"])
+    ratios = {}
+    for m in args.methods:  # paired: ours / the Trainer's run just before it
+        for o in ORDERS:
+            each = [a / b for a, b in zip(runs[f"{m}/{o}/ours"]["examples_per_s_each"],
+                                          runs[f"{m}/{o}/trainer"]["examples_per_s_each"])]
+            ratios[f"{m}, {o}"] = {"median": statistics.median(each), "min": min(each), "max": max(each), "each": each}
+    result = {"benchmark": NAME, "steps": args.steps, "repeats": args.repeats, "threads": args.threads, "batch_size": BATCH,
               "model": args.model or "minilm", "same_batches": same, "runs": runs, "ratios": ratios,
               "target": TARGET, "quick": args.quick, "wall_seconds": time.perf_counter() - started,
               "environment": environment_record()}

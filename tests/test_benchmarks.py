@@ -517,7 +517,10 @@ def test_speed_encoder_dry_run(tiny_bert, tmp_path):
     result = json.loads((tmp_path / "speed_encoder.json").read_text())
     assert result["same_batches"]  # in random order both paths padded the same positions at every step
     assert set(result["runs"]) == {f"lora/{o}/{p}" for o in ("random", "grouped") for p in ("trainer", "ours")}
-    assert set(result["ratios"]) == {"lora, random", "lora, grouped"}
+    assert set(result["ratios"]) == {"lora, random", "lora, grouped"} and result["repeats"] == 1
+    ratio = result["ratios"]["lora, random"]
+    assert ratio["median"] == ratio["each"][0] == pytest.approx(result["runs"]["lora/random/ours"]["examples_per_s"]
+                                                                / result["runs"]["lora/random/trainer"]["examples_per_s"])
     grouped, shuffled = result["runs"]["lora/grouped/ours"], result["runs"]["lora/random/ours"]
     assert grouped["positions_per_step"] < shuffled["positions_per_step"]
     assert all(run["examples_per_s"] > 0 and run["losses"] for run in result["runs"].values())
