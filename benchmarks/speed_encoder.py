@@ -12,8 +12,8 @@ Both train ``--steps`` optimiser steps of batch 16 (the recipe's rate, linear sc
 no evaluation or saving) on SST-2 ``train.tsv``, in random order and with ``group_by_length`` (the Trainer's own
 option; ours: `EpochLengthGroupedSampler`). In random order both draw the same batches (Accelerate's seedable
 sampler, seed 0; the padded positions of every step are checked equal). Every path runs ``--repeats`` times,
-alternating with the other, and each ratio is the median over the paired runs (run-to-run noise on a shared
-2-core machine is about 5 %). Timing: a wrapper around the collator stamps each batch; trained examples per second
+alternating with the other, and each ratio is the median over the paired runs (a slow spell of a shared machine
+then hits both paths). Timing: a wrapper around the collator stamps each batch; trained examples per second
 over the steps after the first ``WARMUP_STEPS``. Writes ``speed_encoder.{json,md,png}`` to ``--out``:
 
     .venv/bin/python benchmarks/speed_encoder.py [--steps 200] [--repeats 3] [--threads 2] [--methods lora full] [--quick]
