@@ -40,12 +40,15 @@ def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
                                  line=lineno) from err
 
 
-def read_sst2(split: str, limit: Optional[int] = None) -> list[tuple[str, int]]:
+def read_sst2(split: str, limit: Optional[int] = None, min_words: int = 0) -> list[tuple[str, int]]:
     """Read ``sst2/{split}.tsv`` (header ``sentence<TAB>label``) as `(sentence, label)` pairs.
 
     Args:
         split (`str`): ``"train"``, ``"dev"`` or ``"test"``.
-        limit (`int`, *optional*): Read only the first `limit` rows.
+        limit (`int`, *optional*): Read only the first `limit` rows (of those kept).
+        min_words (`int`, defaults to 0): Keep only rows of at least this many words. ``train`` and ``dev`` hold
+            GLUE's training phrases (median 7 words, most of them fragments of a sentence) while ``test`` holds
+            whole sentences (median 19): ``min_words=10`` makes a validation set shaped like the test set.
 
     Raises:
         `InputError`: naming the file, line and field of the first malformed row, e.g.
@@ -74,7 +77,8 @@ def read_sst2(split: str, limit: Optional[int] = None) -> list[tuple[str, int]]:
             raise InputError("field 'sentence' is empty", file=path, line=lineno, field="sentence")
         if label not in ("0", "1"):
             raise InputError(f"field 'label' must be 0 or 1, got {fields[1]!r}", file=path, line=lineno, field="label")
-        rows.append((sentence, int(label)))
+        if len(sentence.split()) >= min_words:
+            rows.append((sentence, int(label)))
     if not rows and limit != 0:
         raise InputError("no rows after the header", file=path)
     return rows
@@ -86,6 +90,7 @@ def sst2_dataset(
     max_length: int = 64,
     limit: Optional[int] = None,
     padding: Union[bool, str] = False,
+    min_words: int = 0,
 ) -> Dataset:
     """SST-2 `split` tokenised: columns ``input_ids``, ``attention_mask`` (``token_type_ids``) and ``labels``.
 
@@ -96,8 +101,9 @@ def sst2_dataset(
         limit (`int`, *optional*): Use only the first `limit` rows.
         padding (`bool` or `str`, defaults to `False`): Passed to the tokenizer; ``"max_length"`` gives rows of
             exactly `max_length` tokens, `False` leaves padding to the data collator.
+        min_words (`int`, defaults to 0): Only rows of at least this many words (`read_sst2`).
     """
-    rows = read_sst2(split, limit)
+    rows = read_sst2(split, limit, min_words)
     raw = Dataset.from_dict({"sentence": [s for s, _ in rows], "labels": [label for _, label in rows]})
     return raw.map(
         lambda batch: tokenizer(batch["sentence"], truncation=True, max_length=max_length, padding=padding),
