@@ -24,6 +24,7 @@ from peftprompt.training.recipe import launch_command
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "train_config.yaml"  # written by training at the end of a run (`TrainConfig.save`)
+REQUEST_FILE = "run_request.yaml"  # written here before a run starts: what an interrupted run was asked to train
 # Where a run is, not what it is: never compared.
 NOT_COMPARED = ("output_dir", "resume_from")
 QUICK_TRAINING = ("max_steps=5", "max_train_samples=200", "max_eval_samples=16")
@@ -91,9 +92,9 @@ def run_recipe(
         processes: 2: ``accelerate launch`` on 2 CPU processes; 1: one plain process (one GPU process under
             ``accelerate launch`` wherever CUDA is available, either way): see `launch_command`.
         reuse: Return the results of a run already done in `run_dir` (`finished_run`) instead of training again.
-        resume: Continue an interrupted run (checkpoints but no ``train_config.yaml`` yet) with
-            ``resume_from=latest``; otherwise, and always when `run_dir` holds a finished run of another config,
-            the run starts from an empty directory.
+        resume: Continue an interrupted run of the same config (no ``train_config.yaml`` yet, and the
+            ``run_request.yaml`` written when it started equals the request) with ``resume_from=latest``; otherwise,
+            and always when `run_dir` holds a run of another config, the run starts from an empty directory.
         log: Write the run's output there (opened after `run_dir` is emptied, so it may lie inside); default: this
             process's output, the command line printed first.
         env: More environment variables for the run (e.g. ``OMP_NUM_THREADS=1`` for runs side by side).
@@ -107,10 +108,13 @@ def run_recipe(
         done = finished_run(run_dir, requested)
         if done is not None:
             return done
-    continuing = resume and reuse and not (run_dir / CONFIG_FILE).is_file()
+    request = run_dir / REQUEST_FILE
+    continuing = (resume and reuse and not (run_dir / CONFIG_FILE).is_file() and request.is_file()
+                  and same_run(yaml.safe_load(request.read_text()), requested))
     if not continuing:
         shutil.rmtree(run_dir, ignore_errors=True)  # training refuses a directory with another run's checkpoints
     run_dir.mkdir(parents=True, exist_ok=True)
+    request.write_text(yaml.safe_dump(requested, sort_keys=False))
     command, run_env = launch_command(
         REPO / "recipes" / recipe, config,
         [*overrides, f"output_dir={run_dir}", *(["resume_from=latest"] if continuing else [])], processes,

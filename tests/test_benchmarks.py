@@ -251,6 +251,28 @@ def test_a_run_is_done_when_its_saved_config_equals_the_requested_one(tmp_path, 
     assert _runs.run_recipe(config, overrides, run, recipe="selfask_sft.py") == {"global_step": 5}
 
 
+def test_an_interrupted_run_continues_only_when_it_was_asked_for_the_same_config(tmp_path, monkeypatch):
+    _runs = runs_module()
+    config, run, launched = REPO / "recipes/configs/minilm/sst2_lora.yaml", tmp_path / "run", []
+
+    def fake_run(command, **_):  # a run that is interrupted after its first checkpoint
+        launched.append(command)
+        (run / "checkpoints" / "step-2").mkdir(parents=True, exist_ok=True)
+        (run / "results.json").write_text("{}")
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(_runs.subprocess, "run", fake_run)
+    _runs.run_recipe(config, ["max_steps=5"], run, recipe="sst2_classification.py", resume=True)
+    assert "resume_from=latest" not in launched[-1]
+    _runs.run_recipe(config, ["max_steps=5"], run, recipe="sst2_classification.py", resume=True)
+    assert "resume_from=latest" in launched[-1]  # the same request: it continues
+    (run / "checkpoints" / "step-2" / "kept").touch()
+    _runs.run_recipe(config, ["max_steps=6"], run, recipe="sst2_classification.py", resume=True)
+    assert "resume_from=latest" not in launched[-1]  # another request: an empty directory, a fresh start
+    assert not (run / "checkpoints" / "step-2" / "kept").exists()
+    assert yaml.safe_load((run / "run_request.yaml").read_text())["max_steps"] == 6
+
+
 def test_launch_command(monkeypatch):
     import torch
 
