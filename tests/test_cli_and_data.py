@@ -101,6 +101,9 @@ def test_sst2_reads_the_real_files():
     assert len(test) == 698
     assert {label for _, label in test} == {0, 1}
     assert read_sst2("train", limit=3) == read_sst2("train")[:3]
+    long = read_sst2("dev", limit=50, min_words=10)  # the first 50 validation rows of at least 10 words
+    assert len(long) == 50 and min(len(s.split()) for s, _ in long) >= 10
+    assert long == [row for row in read_sst2("dev") if len(row[0].split()) >= 10][:50]
 
 
 @pytest.mark.parametrize(

@@ -67,6 +67,19 @@ def test_sst2_recipe(tiny_bert, tmp_path):
     assert model.peft_config["default"].peft_type == "BITFIT"
 
 
+def test_sst2_recipe_data_options():
+    sys.path.insert(0, str(REPO / "recipes"))
+    try:
+        from sst2_classification import eval_min_words
+    finally:
+        sys.path.remove(str(REPO / "recipes"))
+    assert eval_min_words({}) == 0 and eval_min_words({"eval_min_words": 10}) == 10
+    with pytest.raises(SystemExit, match=r"unknown data option\(s\) \['eval_min_word'\]; known: \['eval_min_words'\]"):
+        eval_min_words({"eval_min_word": 10})
+    with pytest.raises(SystemExit, match="data.eval_min_words must be an int >= 0, got -1"):
+        eval_min_words({"eval_min_words": -1})
+
+
 def test_conll03_recipe(tiny_bert, tmp_path):
     out = tmp_path / "conll"
     records = launch(
