@@ -12,8 +12,10 @@ Learning rates: the short-budget sweep (`adapter_methods.py`, 300 steps, ``<task
 long budget, and the rate with the better best validation score there is chosen. Both are shown when they differ.
 
 Runs live in ``--run-dir`` as ``<task>_<variant>_lr<LR>`` and survive interruptions: an interrupted run continues
-from its newest checkpoint (one per evaluation) and a finished one is read, not repeated (`_runs.run_recipe`), so the
-sweep can span several sessions; results written before every run is done are marked PARTIAL. Writes
+from its newest checkpoint (one per evaluation; `_runs.run_recipe`), and each finished run leaves a record (results,
+config, evaluations: a few KB) under ``--records``, ``benchmarks/results/convergence_runs/`` in the repository, which
+later sessions read instead of training again; so the sweep spans sessions, and results written before every run is
+done are marked PARTIAL. Writes
 ``convergence.{json,md,png}`` to ``--out``: per method the chosen rate, best validation score and its step, the test
 score at that step, steps / epochs / training seconds to reach 99 % of the best validation score, training seconds
 in all, peak memory; the curves (test score against steps and against training seconds, one line per method).
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -35,7 +38,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from _env import environment_record, provenance_line
-from _runs import run_recipe
+from _runs import CONFIG_FILE, RESULTS_FILE, finished_run, requested_config, run_recipe
 from adapter_methods import LABELS, METHODS, TASKS, VARIANTS, config_path
 from peftprompt.report import format_bytes
 
@@ -119,30 +122,59 @@ def summarise_run(task: str, method: str, lr: float, run: dict, curve: list[dict
     }
 
 
-def run_jobs(jobs: list[tuple[str, str, float]], args: argparse.Namespace) -> dict[tuple[str, str, float], dict]:
-    """Train (or read, or continue) each ``(task, method, lr)`` of `jobs`, `args.parallel` at a time; returns the
-    ``results.json`` of those that finished. A failed run is reported and the others go on."""
-    done: dict[tuple[str, str, float], dict] = {}
+def finished_dir(job: tuple[str, str, float], args: argparse.Namespace) -> Optional[Path]:
+    """Where the finished run of `job` with the requested config lies: its record under ``--records`` (kept in the
+    repository, so a later session reads it) or its run directory; `None` when it has not finished."""
+    task, method, lr = job
+    name = run_name(*job)
+    requested = requested_config(config_path(task, method), overrides(task, method, lr, args.quick, args.model),
+                                 args.run_dir / name)
+    for directory in (args.records / name, args.run_dir / name):
+        if finished_run(directory, requested) is not None:
+            return directory
+    return None
 
-    def train(task: str, method: str, lr: float) -> dict:
+
+def keep_record(run_dir: Path, records: Path) -> None:
+    """Copy what this report reads of a finished run (``results.json``, ``train_config.yaml`` and ``metrics.jsonl``
+    without its ``train`` records) to ``records/<run>``, written aside and renamed into place."""
+    target, scratch = records / run_dir.name, records / f".{run_dir.name}.partial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    for name in (RESULTS_FILE, CONFIG_FILE):
+        shutil.copy2(run_dir / name, scratch / name)
+    kept = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"type": "train"' not in line]
+    (scratch / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    scratch.rename(target)
+
+
+def read_run(directory: Path) -> dict:
+    """A finished run's ``results.json`` with ``total_steps`` (the budget in steps, from its ``start`` record)."""
+    start = json.loads((directory / "metrics.jsonl").read_text().splitlines()[0])
+    return {**json.loads((directory / RESULTS_FILE).read_text()), "total_steps": start["total_steps"]}
+
+
+def run_jobs(jobs: list[tuple[str, str, float]], args: argparse.Namespace) -> None:
+    """Train (or continue) each ``(task, method, lr)`` of `jobs`, `args.parallel` at a time, and keep a record of
+    each as it finishes (`keep_record`). A failed run is reported and the others go on."""
+
+    def train(task: str, method: str, lr: float) -> None:
         name = run_name(task, method, lr)
-        run = run_recipe(config_path(task, method), overrides(task, method, lr, args.quick, args.model),
-                         args.run_dir / name, recipe=TASKS[task][0], resume=True,
-                         log=args.run_dir / f"{name}.log", env={"OMP_NUM_THREADS": "1"})
-        total = json.loads((args.run_dir / name / "metrics.jsonl").read_text().splitlines()[0])["total_steps"]
-        return {**run, "total_steps": total}
+        run_recipe(config_path(task, method), overrides(task, method, lr, args.quick, args.model), args.run_dir / name,
+                   recipe=TASKS[task][0], resume=True, log=args.run_dir / f"{name}.log", env={"OMP_NUM_THREADS": "1"})
+        keep_record(args.run_dir / name, args.records)
 
     with tqdm(total=len(jobs), desc="convergence runs", unit="run") as bar, ThreadPoolExecutor(args.parallel) as pool:
         futures = {pool.submit(train, *job): job for job in jobs}
         for future in as_completed(futures):
             job = futures[future]
             try:
-                done[job] = future.result()
+                future.result()
             except RuntimeError as err:
                 tqdm.write(f"convergence: {err}")
             bar.set_postfix_str(run_name(*job))
             bar.update()
-    return done
 
 
 def choose(rows: list[dict], rates: dict[str, list[float]]) -> list[dict]:
@@ -258,6 +290,9 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--run-dir", type=Path, default=None, help="default outputs/convergence (_quick)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the short-budget sweeps' JSON lies")
+    parser.add_argument("--records", type=Path, default=None,
+                        help="where each finished run's record is kept and read (default benchmarks/results/"
+                             "convergence_runs, in the repository; with --quick, records/ in --run-dir)")
     parser.add_argument("--model", default=None, help="train this backbone instead of the config's (model=...)")
     parser.add_argument("--report-only", action="store_true", help="train nothing: report the finished runs")
     parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK}, methods {QUICK_METHODS}")
@@ -265,24 +300,24 @@ def main() -> None:
     args = parser.parse_args()
     args.methods = args.methods or list(QUICK_METHODS if args.quick else METHODS)
     args.run_dir = (args.run_dir or REPO / "outputs" / ("convergence_quick" if args.quick else "convergence")).resolve()
+    args.records = (args.records or (args.run_dir / "records" if args.quick else RESULTS / "convergence_runs")).resolve()
     started = time.perf_counter()
     rates = {task: ranked_rates(task, args.results) for task in args.tasks}
     # method by method (the order of --methods), so the methods a target names can come first
     jobs = [(task, method, rates[task][method][rank - 1]) for method in args.methods for task in args.tasks
             for rank in sorted(args.ranks) if rank <= len(rates[task][method])]
-    finished = {} if args.report_only else run_jobs(jobs, args)
+    if not args.report_only:
+        run_jobs([job for job in jobs if finished_dir(job, args) is None], args)
     rows, missing = [], []
-    for task, method, lr in jobs:
-        run_dir = args.run_dir / run_name(task, method, lr)
-        run = finished.get((task, method, lr))
-        if run is None and (run_dir / "results.json").is_file() and (run_dir / "train_config.yaml").is_file():
-            log = (run_dir / "metrics.jsonl").read_text().splitlines()
-            run = {**json.loads((run_dir / "results.json").read_text()), "total_steps": json.loads(log[0])["total_steps"]}
-        curve = read_curve(run_dir, BUDGETS[task]["metric"])
-        if run is None or not curve:
-            missing.append(run_name(task, method, lr))
+    for job in jobs:
+        directory = finished_dir(job, args)
+        if directory is not None and directory.parent == args.run_dir:  # finished before records were kept
+            keep_record(directory, args.records)
+        curve = read_curve(directory, BUDGETS[job[0]]["metric"]) if directory else []
+        if not curve:
+            missing.append(run_name(*job))
             continue
-        rows.append(summarise_run(task, method, lr, run, curve))
+        rows.append(summarise_run(*job, read_run(directory), curve))
     chosen = choose(rows, rates)
     short_budget = {}
     for task in args.tasks:

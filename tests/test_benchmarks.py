@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -508,6 +509,17 @@ def test_convergence_dry_run_reads_finished_runs_and_picks_the_best_validation_s
     before = finished.stat().st_mtime_ns
     run("convergence.py", *args)  # finished runs are read, not repeated
     assert finished.stat().st_mtime_ns == before
+    assert json.loads((tmp_path / "results" / "convergence.json").read_text())["chosen"][0]["curve"] == curve
+    # each finished run left a small record (no checkpoints, no train records) that a fresh checkout reads alone
+    records = tmp_path / "records"
+    shutil.move(tmp_path / "runs" / "records", records)
+    assert sorted(p.name for p in records.iterdir()) == ["sst2_lora_lr0.001", "sst2_lora_lr0.003"]
+    assert sorted(p.name for p in (records / "sst2_lora_lr0.003").iterdir()) == [
+        "metrics.jsonl", "results.json", "train_config.yaml"]
+    assert '"type": "train"' not in (records / "sst2_lora_lr0.003" / "metrics.jsonl").read_text()
+    shutil.rmtree(tmp_path / "runs")
+    run("convergence.py", *args, "--records", str(records))
+    assert not (tmp_path / "runs" / "sst2_lora_lr0.003").exists()  # nothing trained again
     assert json.loads((tmp_path / "results" / "convergence.json").read_text())["chosen"][0]["curve"] == curve
 
 
