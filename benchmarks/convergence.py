@@ -269,11 +269,14 @@ def plot(result: dict, path: Path) -> None:
         for j, (x, xlabel) in enumerate((("step", "optimiser steps (batch 16)"), ("seconds", "training seconds"))):
             axis = figure.add_subplot(len(tasks), 2, 2 * i + j + 1)
             for r in (r for r in result["chosen"] if r["task"] == task):
-                axis.plot([e[x] for e in r["curve"]], [e["test"] for e in r["curve"]], marker=".", markersize=3,
-                          linewidth=1, label=f"{r['label']} (lr {r['learning_rate']:g})")
+                line, = axis.plot([e[x] for e in r["curve"]], [e["test"] for e in r["curve"]], marker=".",
+                                  markersize=3, linewidth=1, label=f"{r['label']} (lr {r['learning_rate']:g})")
+                best = next(e for e in r["curve"] if e["step"] == r["best_step"])  # the step validation chose
+                axis.plot(best[x], best["test"], marker="*", markersize=10, color=line.get_color())
             axis.set_xlabel(xlabel)
             axis.set_ylabel(f"test {TASKS[task][1]}")
-            axis.set_title(f"{TASKS[task][3]}: up to {result['budgets'][task]['num_epochs']} epochs", fontsize=9)
+            axis.set_title(f"{TASKS[task][3]}: up to {result['budgets'][task]['num_epochs']} epochs "
+                           "(star: the best validation step)", fontsize=9)
             axis.grid(alpha=0.3)
             if j == 1:
                 axis.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from _env import environment_record
 from _plot import scatter_labelled
@@ -164,6 +165,7 @@ def write_results(result: dict, out: Path) -> None:
         ax.step([r["trainable_params"] for r in front], [r["value"] for r in front], where="post", color="tab:red",
                 linewidth=1, label="Pareto front")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # a panel spanning under a decade would label minor ticks
         ax.set_xlim(min(r["trainable_params"] for r in points) / 2, max(r["trainable_params"] for r in points) * 10)
         scatter_labelled(ax, renderer, [(r["trainable_params"], r["value"]) for r in points],
                          [r["label"] for r in points], ["tab:red" if r["pareto"] else "tab:blue" for r in points],
