@@ -115,7 +115,7 @@ def summarise_run(task: str, method: str, lr: float, run: dict, curve: list[dict
         "best_dev": best["dev"], "best_step": best["step"], "best_epoch": best["epoch"], "test_at_best": best["test"],
         "reached_step": reached["step"], "reached_epoch": reached["epoch"], "reached_seconds": reached["seconds"],
         "steps": run["global_step"], "epochs": curve[-1]["epoch"], "step_seconds": run.get("step_seconds"),
-        "stopped_early": run["global_step"] < run["total_steps"] if "total_steps" in run else None,
+        "stopped_early": run["global_step"] < run["total_steps"],
         "trainable_params": run["trainable_params"], "trainable_pct": run["trainable_pct"],
         "adapter_bytes": run["adapter_bytes"], "peak_memory_mb": run.get("peak_memory_mb"),
         "mixed_precision": run.get("mixed_precision"), "curve": curve,
@@ -143,7 +143,7 @@ def keep_record(run_dir: Path, records: Path) -> None:
     scratch.mkdir(parents=True)
     for name in (RESULTS_FILE, CONFIG_FILE):
         shutil.copy2(run_dir / name, scratch / name)
-    kept = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"type": "train"' not in line]
+    kept = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if json.loads(line)["type"] != "train"]
     (scratch / "metrics.jsonl").write_text("\n".join(kept) + "\n")
     shutil.rmtree(target, ignore_errors=True)
     scratch.rename(target)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -86,14 +87,14 @@ def read_converged_rows(data: dict) -> list[dict]:
     """The methods trained to their plateau (``convergence.json``'s chosen runs: the test score at the best
     validation step) as rows of this table, a budget of their own per task (``PARTIAL`` while methods are missing)."""
     rows = []
+    done = Counter(r["task"] for r in data["chosen"])  # methods per task
     for r in data["chosen"]:
-        task, key, metric, _ = SOURCES[r["task"]]
+        task, _, metric, _ = SOURCES[r["task"]]
         budget = data["budgets"][r["task"]]
-        done = sum(c["task"] == r["task"] for c in data["chosen"])
         rows.append({
             "task": task, "model": MODELS.get(data["model"], data["model"]), "method": r["method"], "label": r["label"],
-            "budget": f"plateau, <= {budget['num_epochs']} epochs" + ("" if done == len(LABELS) else
-                                                                       f" (PARTIAL: {done} of {len(LABELS)} methods)"),
+            "budget": f"plateau, <= {budget['num_epochs']} epochs" + (
+                "" if done[r["task"]] == len(LABELS) else f" (PARTIAL: {done[r['task']]} of {len(LABELS)} methods)"),
             "trainable_params": r["trainable_params"], "trainable_pct": r["trainable_pct"],
             "adapter_bytes": r["adapter_bytes"], "metric": metric, "value": r["test_at_best"],
             "learning_rate": r["learning_rate"], "train_seconds": r["step_seconds"], "peak_memory_mb": r["peak_memory_mb"],

@@ -5,8 +5,8 @@
 Trains on ``sst2/train.tsv``; each evaluation scores the first ``max_eval_samples`` sentences of ``sst2/dev.tsv``
 (the validation set: best step, early stopping, learning-rate choice) and all of ``sst2/test.tsv`` (698 labelled
 GLUE-dev sentences, reported, never used to choose). ``data.eval_min_words: N`` keeps only the validation rows of
-at least N words: ``dev.tsv`` holds GLUE training phrases, mostly fragments, the test set whole sentences. ``results.json`` has ``accuracy`` (test, at the last step)
-and ``dev_accuracy``.
+at least N words: ``dev.tsv`` holds GLUE training phrases, mostly fragments, the test set whole sentences.
+``results.json`` has ``accuracy`` (test, at the last step) and ``dev_accuracy``.
 
 Each evaluation is scored by the `evaluate` modules of the config's ``metrics`` (default ``[accuracy]``, the
 packaged module): each gets the predicted and gold labels (ints) as ``predictions`` / ``references``, and the
