@@ -8,6 +8,7 @@
 | `ptuning` | `PromptEncoderConfig`  | 20 virtual embeddings produced by a small MLP encoder        |
 | `ia3`     | `IA3Config`            | scaling vectors on keys, values and feed-forward activations |
 | `bitfit`  | `BitFitConfig` (ours)  | a delta for every bias term                                  |
+| `osf`     | `OSFConfig`            | the lower half of every linear weight's singular directions  |
 | `full`    | none                   | every parameter (the plain model is returned)                |
 
 The task head (`classifier` / `score`) of a classification model is always trained and saved with the adapter.
@@ -23,6 +24,7 @@ from typing import Any, Callable, Optional, Union
 from peft import (
     IA3Config,
     LoraConfig,
+    OSFConfig,
     PeftConfig,
     PeftModel,
     PrefixTuningConfig,
@@ -60,6 +62,12 @@ def _bias_free_linear_names(model: nn.Module) -> list[str]:
     )
 
 
+def _osf_defaults(model: PreTrainedModel) -> dict[str, Any]:
+    # PEFT's fallback ("all-linear") would also wrap a token classifier, which is trained in full instead
+    linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    return {"target_modules": sorted(linear - set(HEAD_NAMES))}
+
+
 def _has_bias_terms(model: nn.Module) -> bool:
     return any(
         isinstance(m, (nn.Linear, nn.LayerNorm)) and m.bias is not None and n.rsplit(".", 1)[-1] not in HEAD_NAMES
@@ -81,6 +89,8 @@ METHOD_CONFIGS: dict[str, tuple[type[PeftConfig], Callable[[PreTrainedModel], di
     "ptuning": (PromptEncoderConfig, lambda model: {"num_virtual_tokens": 20, "encoder_hidden_size": 128}),
     "ia3": (IA3Config, lambda model: {}),
     "bitfit": (BitFitConfig, _bitfit_defaults),
+    # PEFT's default: each weight's top half of singular directions frozen (``effective_rank``), the rest trained
+    "osf": (OSFConfig, _osf_defaults),
 }
 METHODS = (*METHOD_CONFIGS, "full")
 
@@ -92,6 +102,7 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
     "ptuning": "P-tuning (virtual tokens produced by a small prompt encoder)",
     "ia3": "IA3 (rescaling vectors on keys, values and feed-forward activations)",
     "bitfit": "BitFit (a trained delta on every bias term; registered with PEFT by `import peftprompt`)",
+    "osf": "OSF (orthogonal subspace fine-tuning: each weight's top singular directions frozen, the rest trained)",
     "full": "full fine-tuning (every weight)",
 }
 assert tuple(METHOD_DESCRIPTIONS) == METHODS, "describe every method of METHODS, in its order"
@@ -145,7 +156,7 @@ def attach(
     Args:
         model (`PreTrainedModel`): The backbone, e.g. from `load_backbone`.
         method (`str`): One of `METHODS`: ``lora``, ``prefix``, ``prompt``, ``ptuning``, ``ia3``, ``bitfit``,
-            ``full``.
+            ``osf``, ``full``.
         task (`str`, *optional*): A task of `peftprompt.tasks.TASKS` (``seq_cls``, ``token_cls``, ``causal_lm``,
             ``feature``); inferred from the model class when omitted.
         adapter_name (`str`): Name of the adapter inside the `PeftModel`.

@@ -50,8 +50,9 @@ def prepare_backbone(model, config: TrainConfig):
     return model
 
 
-def build_model(config: TrainConfig):
-    """`load_backbone` + `prepare_backbone` + `attach` as the config says; returns ``(model, tokenizer)``.
+def build_model(config: TrainConfig, adapter_name: str = "default"):
+    """`load_backbone` + `prepare_backbone` + `attach` as the config says, the adapter named `adapter_name`; returns
+    ``(model, tokenizer)``.
 
     Seeds the RNGs with ``config.seed`` first, so the new head and adapter weights repeat from run to run. With
     ``frozen_dtype`` bfloat16 / float16 (or ``auto`` under bf16 / fp16 mixed precision; see `resolve_frozen_dtype`)
@@ -70,7 +71,7 @@ def build_model(config: TrainConfig):
         dtype=frozen_dtype,
     )
     model = prepare_backbone(model, config)
-    model = attach(model, config.method, task=config.task, **config.method_args)
+    model = attach(model, config.method, task=config.task, adapter_name=adapter_name, **config.method_args)
     if frozen_dtype != torch.float32:
         cast_mixed_precision_params(model, frozen_dtype)
     return model, tokenizer

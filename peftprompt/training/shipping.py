@@ -105,7 +105,8 @@ def adapter_state_for_saving(model, accelerator, state_dict: Optional[dict] = No
 
 
 def _check_saved_weights(directory: Path) -> None:
-    files = sorted(directory.glob("*.safetensors"))
+    # PEFT saves an adapter not named "default" in a folder of its name
+    files = sorted([*directory.glob("*.safetensors"), *directory.glob(f"*/{ADAPTER_WEIGHTS}")])
     if not files:
         raise EmptyAdapterError(f"no weights file was written: {ZERO3_HINT}")
     for path in files:
@@ -250,7 +251,7 @@ def write_model_card(
         base_model (`str`): Embedded name, hub id or path of the backbone; embedded backbones are named by their
             Hub id in the front matter and by their short name in the loading code.
         method (`str`): One of `peftprompt.METHODS`: ``lora``, ``prefix``, ``prompt``, ``ptuning``, ``ia3``,
-            ``bitfit`` or ``full``.
+            ``bitfit``, ``osf`` or ``full``.
         task (`str`): A task of `peftprompt.tasks.TASKS`: ``seq_cls``, ``token_cls``, ``causal_lm`` or ``feature``.
         trainable_params / total_params (`int`): From `peftprompt.parameter_report`.
         adapter_bytes (`int`): Size of the saved weights (`peftprompt.adapters.directory_bytes`).
