@@ -10,9 +10,11 @@ two best rates of those sweeps; hours; its runs under ``outputs/convergence`` ar
 (questions per second with and without KV-cache reuse, that adapter and the base model), ``demo_time`` (the
 main job from scratch: its minutes and exact match), ``selfask_methods``,
 ``params_vs_accuracy``, ``recursion`` (flat / recursive / mix training against ``max_depth``; its trained runs
-and evaluated cells under ``outputs/recursion`` are reused) and ``openbook`` (self-ask with retrieval per follow-up
+and evaluated cells under ``outputs/recursion`` are reused), ``openbook`` (self-ask with retrieval per follow-up
 against single-step retrieval; its decomposer is recursion's ``flat`` run; adapters, indexes and cells under
-``outputs/openbook`` are reused). Every script writes its JSON, Markdown and PNG to
+``outputs/openbook`` are reused) and ``continual`` (five classification tasks in three orders, every
+continual-learning strategy; its finished runs are kept under ``benchmarks/results/continual_runs`` and reused).
+Every script writes its JSON, Markdown and PNG to
 ``--out``. The sweeps (``adapter_methods.py``, ``selfask_methods.py``) reuse the runs they finished before under
 ``outputs/bench`` with the same config (``_runs.run_recipe``; ``--no-reuse`` repeats them).
 
@@ -72,6 +74,7 @@ STAGES = (
     Stage("params_vs_accuracy", "benchmarks/params_vs_accuracy.py", (), "params_vs_accuracy.json", 10, 10),
     Stage("recursion", "benchmarks/recursion.py", (), "recursion.json", 5400, 300),
     Stage("openbook", "benchmarks/openbook.py", ("--index-speed",), "openbook.json", 14400, 900),
+    Stage("continual", "benchmarks/continual.py", (), "continual.json", 9000, 600),  # its runs are reused
 )
 REUSING = {"sst2", "conll03", "selfask_methods"}
 

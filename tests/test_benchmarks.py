@@ -383,17 +383,17 @@ def test_run_all_plan(tmp_path):
     assert list(stages) == ["methods_overview", "collator", "speed", "speed_encoder", "sst2", "conll03", "convergence",
                             "demo_adapter", "selfask",
                             "selfask_speed", "demo_time", "selfask_methods", "params_vs_accuracy", "recursion",
-                            "openbook"]
+                            "openbook", "continual"]
     assert "~ 10.0 min (recorded in sst2.json)" in stages["sst2"] and "~  2.0 min (recorded in speed.json)" in stages[
         "speed"]
     assert "(guess)" in stages["conll03"] and "--task conll03" in stages["conll03"]
     for name in ("methods_overview", "collator", "speed", "sst2", "conll03", "selfask", "selfask_speed", "demo_time",
-                 "selfask_methods", "recursion", "openbook"):
+                 "selfask_methods", "recursion", "openbook", "continual"):
         assert stages[name].endswith(f"--quick --out {tmp_path}") and "--reuse" not in stages[name]
     assert "--adapter" in stages["selfask_speed"]
     assert stages["params_vs_accuracy"].endswith(f"--results {tmp_path} --out {tmp_path}")
     assert "skipped" in stages["demo_adapter"] or "max_steps=5" in stages["demo_adapter"]
-    assert out[0].startswith(f"15 stages into {tmp_path}; estimated total ~")
+    assert out[0].startswith(f"16 stages into {tmp_path}; estimated total ~")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["speed.json", "sst2.json"]  # nothing ran
 
     out = run("run_all.py", "--plan", "--only", "params_vs_accuracy", "sst2", "--out", str(tmp_path)).stdout
@@ -559,3 +559,30 @@ def test_speed_encoder_dry_run(tiny_bert, tmp_path):
     assert grouped["positions_per_step"] < shuffled["positions_per_step"]
     assert all(run["examples_per_s"] > 0 and run["losses"] for run in result["runs"].values())
     assert "Ours / Trainer" in (tmp_path / "speed_encoder.md").read_text()
+
+
+def test_continual_dry_run_scores_every_strategy_and_reuses_finished_runs(tiny_bert, tmp_path):
+    args = ["--quick", "--model", str(tiny_bert), "--strategies", "sequential", "adapter_per_task", "joint",
+            "--orders", "1", "2", "--threads", "1", "--run-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    run("continual.py", *args)
+    result = json.loads((tmp_path / "out" / "continual.json").read_text())
+    assert not result["partial"] and result["train_per_task"] == 32 and result["test_per_task"] == 16
+    assert set(result["per_order"]) == {"sequential", "adapter_per_task", "adapter_per_task_routed", "joint"}
+    assert sorted(result["per_order"]["sequential"]) == ["1", "2"] and list(result["per_order"]["joint"]) == ["1"]
+    order_1 = result["per_order"]["sequential"]["1"]
+    assert len(order_1["matrix"]) == 5 and order_1["matrix"][0][1:] == [None] * 4
+    mean = result["summary"]["sequential"]["average_accuracy"]
+    values = [result["per_order"]["sequential"][k]["average_accuracy"] for k in ("1", "2")]
+    assert mean["mean"] == pytest.approx(sum(values) / 2) and (mean["min"], mean["max"]) == (min(values), max(values))
+    assert 0 <= result["summary"]["adapter_per_task_routed"]["routing_accuracy"]["mean"] <= 1
+    assert result["targets"]["best_without_task_id"] in ("sequential", "adapter_per_task_routed")
+    md = (tmp_path / "out" / "continual.md").read_text()
+    assert "| LoRA per task, routed | no |" in md and "| joint multi-task LoRA (upper bound) | no |" in md
+    assert (tmp_path / "out" / "continual.png").stat().st_size > 0
+    records = tmp_path / "runs" / "records"
+    assert sorted(p.name for p in records.iterdir()) == [
+        "adapter_per_task_order1", "adapter_per_task_order2", "joint_order1", "sequential_order1", "sequential_order2"]
+    shutil.rmtree(tmp_path / "runs" / "sequential_order1")
+    run("continual.py", *args)  # finished runs are read from their records, not trained again
+    assert not (tmp_path / "runs" / "sequential_order1").exists()
+    assert json.loads((tmp_path / "out" / "continual.json").read_text())["per_order"] == result["per_order"]

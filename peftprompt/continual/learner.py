@@ -1,0 +1,361 @@
+"""Train one backbone through a sequence of classification tasks with a continual-learning strategy, and measure the
+accuracy matrix after every task.
+
+Strategies (`STRATEGIES`), each trained with the config's adapter ``method`` (LoRA in the recipe configs):
+
+- ``sequential``: one adapter and head trained task after task (the forgetting lower bound).
+- ``replay``: as ``sequential``, each later task's training rows mixed with `ContinualOptions.replay_fraction` of
+  every earlier task's (`ReplayMemory`).
+- ``adapter_per_task``: a PEFT named adapter (with its own head) per task on one frozen backbone. Scored twice:
+  with the task given (each task's test rows through its own adapter) and routed (`CentroidRouter` over the frozen
+  backbone's sentence embeddings picks the adapter of each input among the tasks trained so far).
+- ``osf``: PEFT's orthogonal subspace fine-tuning as its continual-learning example uses it: for each task a fresh
+  OSF adapter (method ``osf``) whose frozen share of every weight's singular directions (``effective_rank``) grows
+  linearly over the tasks (`ContinualOptions.osf_effective_rank`, first -> last), trained, then merged into the
+  backbone (``merge_and_unload``) before the next task.
+- ``joint``: one adapter trained once on every task's rows together (the multi-task upper bound; one matrix row).
+
+Every model predicts over all of `label_space()`: no strategy is told which labels a task has. After task ``i``
+the accuracy on the test rows of every task trained so far fills row ``i`` of the matrix (later tasks: ``None``).
+
+A run writes under ``config.output_dir``: ``stages/<i>-<task>/`` (each task's training run: ``metrics.jsonl`` and
+``adapter/``; its checkpoints are removed once the task is done, as a sequence is not resumed half-way), and
+``adapters/`` (``adapter_per_task``: every task's adapter and ``router.safetensors``; the other strategies: the
+final adapter, for ``osf`` the final merged model). Under several processes every process evaluates every test
+row (the same numbers); only the main process writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from datasets import Dataset
+from transformers import DataCollatorWithPadding
+
+from ..adapters import directory_bytes
+from ..atomic import write_dir_atomically
+from ..errors import InputError
+from ..methods import attach, default_config
+from ..retrieval.embed import SentenceEncoder
+from ..training import TrainConfig, build_model, distributed_state, train
+from .metrics import continual_scores
+from .replay import ReplayMemory
+from .routing import CentroidRouter
+from .tasks import TASK_NAMES, ClassificationTask, label_space
+
+STRATEGIES = ("sequential", "replay", "adapter_per_task", "osf", "joint")
+STAGES_DIR = "stages"
+ADAPTERS_DIR = "adapters"
+ROUTER_FILE = "router.safetensors"
+
+
+@dataclass
+class ContinualOptions:
+    """The ``data`` options of a continual run (``data.<name>`` in a recipe config).
+
+    Attributes:
+        strategy: One of `STRATEGIES`.
+        tasks: The task order, names of `TASK_NAMES` (each once).
+        train_per_task / test_per_task: Rows sampled from each task's training / test split (``None``: all).
+        replay_fraction: ``replay``: the share of each finished task's training rows trained again with each later
+            task.
+        router_examples: ``adapter_per_task``: training rows per task whose mean embedding is its routing centroid.
+        osf_effective_rank: ``osf``: the frozen share of each weight's singular directions for the first and the
+            last task (linear in between).
+    """
+
+    strategy: str
+    tasks: list[str]
+    train_per_task: Optional[int] = 2000
+    test_per_task: Optional[int] = 500
+    replay_fraction: float = 0.02
+    router_examples: int = 200
+    osf_effective_rank: list[float] = field(default_factory=lambda: [0.3, 0.7])
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> "ContinualOptions":
+        """Read and check a config's ``data`` dict; a wrong key or value raises `InputError` naming ``data.<key>``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise InputError(f"unknown option(s) {unknown}; known: {sorted(names)}", field=f"data.{unknown[0]}")
+        for required in ("strategy", "tasks"):
+            if required not in data:
+                raise InputError(f"is required (one of {', '.join(STRATEGIES)})" if required == "strategy" else
+                                 f"is required: a list of tasks from {', '.join(TASK_NAMES)}", field=f"data.{required}")
+        options = cls(**data)
+        options.check()
+        return options
+
+    def check(self) -> None:
+        def bad(name: str, why: str) -> InputError:
+            return InputError(f"{why}, got {getattr(self, name)!r}", field=f"data.{name}")
+
+        if self.strategy not in STRATEGIES:
+            raise bad("strategy", f"must be one of {', '.join(STRATEGIES)}")
+        if (not isinstance(self.tasks, list) or not self.tasks or len(set(self.tasks)) != len(self.tasks)
+                or any(task not in TASK_NAMES for task in self.tasks)):
+            raise bad("tasks", f"must list tasks of {', '.join(TASK_NAMES)}, each once")
+        for name in ("train_per_task", "test_per_task"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise bad(name, "must be an int >= 1 or null")
+        if not isinstance(self.replay_fraction, (int, float)) or not 0 <= self.replay_fraction <= 1:
+            raise bad("replay_fraction", "must be a number in [0, 1]")
+        if not isinstance(self.router_examples, int) or self.router_examples < 1:
+            raise bad("router_examples", "must be an int >= 1")
+        ranks = self.osf_effective_rank
+        if not (isinstance(ranks, list) and len(ranks) == 2 and all(isinstance(r, (int, float)) and 0 < r < 1
+                                                                    for r in ranks)):
+            raise bad("osf_effective_rank", "must be [first, last], each a share in (0, 1)")
+
+    def osf_rank(self, position: int) -> float:
+        """The frozen share of singular directions for the task at `position` of the sequence."""
+        first, last = self.osf_effective_rank
+        steps = len(self.tasks) - 1
+        return first if steps == 0 else first + (last - first) * position / steps
+
+
+@dataclass
+class ContinualResult:
+    """What a continual run measured (``results.json``): the accuracy matrix and its scores, per-task costs, and for
+    ``adapter_per_task`` the routed matrix and the routing accuracy."""
+
+    strategy: str
+    tasks: list[str]
+    accuracy_matrix: list[list[Optional[float]]]
+    scores: dict[str, Optional[float]]
+    stages: list[dict]
+    routed: Optional[dict] = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def tokenised(tokenizer, rows: Sequence[tuple[str, int]], max_length: int) -> Dataset:
+    """``(text, label id)`` rows as a tokenised `Dataset` (``input_ids``, ``attention_mask``, ``labels``)."""
+    raw = Dataset.from_dict({"text": [text for text, _ in rows], "labels": [label for _, label in rows]})
+    return raw.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length), batched=True,
+                   remove_columns=["text"], desc="tokenising")
+
+
+@torch.no_grad()
+def predict(model, tokenizer, texts: Sequence[str], max_length: int, batch_size: int) -> list[int]:
+    """The argmax label id of each text (batches of similar lengths, in eval mode)."""
+    was_training = model.training
+    model.eval()
+    encodings = tokenizer(list(texts), truncation=True, max_length=max_length)
+    order = sorted(range(len(texts)), key=lambda i: len(encodings["input_ids"][i]))
+    predictions = [0] * len(texts)
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = tokenizer.pad({key: [values[i] for i in rows] for key, values in encodings.items()},
+                              return_tensors="pt")
+        logits = model(**{key: value.to(device) for key, value in batch.items()}).logits
+        for i, label in zip(rows, logits.argmax(-1).tolist()):
+            predictions[i] = label
+    model.train(was_training)
+    return predictions
+
+
+def accuracy(model, tokenizer, rows: Sequence[tuple[str, int]], config: TrainConfig) -> float:
+    """The share of `rows` whose predicted label id is their label."""
+    predictions = predict(model, tokenizer, [text for text, _ in rows], config.max_length,
+                          config.per_device_eval_batch_size)
+    return sum(p == label for p, (_, label) in zip(predictions, rows)) / len(rows)
+
+
+class ContinualLearner:
+    """Runs `ContinualOptions.strategy` over `tasks` (in order) with the training settings of `config`.
+
+    Args:
+        config: The training config of every task's run (``method``, rates, epochs, batch...); ``task`` must be
+            ``seq_cls`` and ``num_labels`` the size of `label_space()` (25).
+        options: The strategy, the task order and their sizes.
+        tasks: The loaded tasks, in `options.tasks` order (`load_task`).
+    """
+
+    def __init__(self, config: TrainConfig, options: ContinualOptions, tasks: Sequence[ClassificationTask]):
+        if config.task != "seq_cls":
+            raise InputError(f"continual learning trains sequence classifiers: task must be 'seq_cls', got "
+                             f"{config.task!r}", field="task")
+        if [task.name for task in tasks] != options.tasks:
+            raise ValueError(f"tasks {[task.name for task in tasks]} are not in the order of options.tasks "
+                             f"{options.tasks}")
+        if config.resume_from is not None:
+            raise InputError("a task sequence is not resumed half-way: leave resume_from out (an interrupted run starts "
+                             "over)", field="resume_from")
+        if options.strategy == "osf" and config.method != "osf":
+            raise InputError(f"strategy 'osf' trains PEFT's OSF adapters: set method: osf (got {config.method!r})",
+                             field="method")
+        n_labels = len(label_space())
+        if config.num_labels != n_labels:
+            raise InputError(f"the continual tasks share {n_labels} labels: set num_labels: {n_labels}, got "
+                             f"{config.num_labels}", field="num_labels")
+        self.config = config
+        self.options, self.tasks = options, list(tasks)
+        self.output_dir = Path(config.output_dir)
+        self.is_main = distributed_state().is_main_process
+        self.tokenizer = None
+        self._test_embeddings: dict[str, torch.Tensor] = {}  # routing: each task's test rows, embedded once
+
+    # ------------------------------------------------------------------------------------------------------- run
+    def run(self) -> ContinualResult:
+        """Train every task in order (``joint``: all at once), measure the matrix, save the adapters."""
+        self._start_over()
+        if self.options.strategy == "joint":
+            model = self._model_for(0, None)
+            model, stage = self._train_stage(model, "joint", 0, [row for task in self.tasks for row in task.train])
+            started = time.perf_counter()
+            matrix = [[accuracy(model, self.tokenizer, task.test, self.config) for task in self.tasks]]
+            stage["eval_seconds"] = round(time.perf_counter() - started, 2)
+            self._save_final(model)
+            return self._result(matrix, [stage])
+        rows_of: dict[str, list] = {"given": [], "routed": [], "routing": []}
+        stages = []
+        memory = ReplayMemory(self.options.replay_fraction, seed=self.config.seed)
+        router = encoder = None
+        if self.options.strategy == "adapter_per_task":
+            router, encoder = CentroidRouter(), SentenceEncoder(self.config.model)
+        model = None
+        for position, task in enumerate(self.tasks):
+            model = self._model_for(position, model)
+            rows = memory.mix(task.train) if self.options.strategy == "replay" else task.train
+            model, stage = self._train_stage(model, task.name, position, rows)
+            stage["replayed_examples"] = len(rows) - len(task.train)
+            if self.options.strategy == "replay":
+                memory.add(task.train)
+            started = time.perf_counter()
+            seen = self.tasks[: position + 1]
+            if router is not None:
+                train_texts = [text for text, _ in task.train[: self.options.router_examples]]
+                router.add_task(task.name, encoder.encode(train_texts, max_length=self.config.max_length))
+                measured = dict(zip(("given", "routed", "routing"), self._evaluate_adapters(model, router, encoder,
+                                                                                             seen)))
+            else:
+                measured = {"given": [accuracy(model, self.tokenizer, earlier.test, self.config) for earlier in seen]}
+            for key, row in measured.items():
+                rows_of[key].append(row + [None] * (len(self.tasks) - len(seen)))
+            stage["eval_seconds"] = round(time.perf_counter() - started, 2)
+            stages.append(stage)
+        if self.options.strategy == "osf":
+            model = model.merge_and_unload()
+        self._save_final(model, router)
+        routed = None
+        if router is not None:
+            last = rows_of["routing"][-1]
+            routed = {"accuracy_matrix": rows_of["routed"], "scores": continual_scores(rows_of["routed"]),
+                      "routing_accuracy": rows_of["routing"], "routing_accuracy_last": sum(last) / len(last)}
+        return self._result(rows_of["given"], stages, routed)
+
+    def _start_over(self) -> None:
+        """Refuse a directory holding a finished run; remove the stages an interrupted one left (not resumable)."""
+        if (self.output_dir / "results.json").is_file():
+            raise InputError(f"{self.output_dir} holds a finished continual run (results.json): choose another "
+                             "output_dir", field="output_dir")
+        if self.is_main and (self.output_dir / STAGES_DIR).is_dir():
+            print(f"removing the stages of an interrupted run in {self.output_dir / STAGES_DIR} (a sequence starts "
+                  "over)", file=sys.stderr)
+            shutil.rmtree(self.output_dir / STAGES_DIR)
+        distributed_state().wait_for_everyone()
+
+    def _result(self, matrix, stages, routed=None) -> ContinualResult:
+        return ContinualResult(self.options.strategy, [task.name for task in self.tasks], matrix,
+                               continual_scores(matrix), stages, routed)
+
+    # ---------------------------------------------------------------------------------------------------- models
+    def _model_for(self, position: int, model):
+        """The model that trains the task at `position`: the backbone with the config's adapter first (named after
+        the task for ``adapter_per_task``); then the same model (``sequential``, ``replay``), a new named adapter made
+        the active and only trainable one (``adapter_per_task``), or a new OSF adapter on the merged backbone."""
+        strategy, config = self.options.strategy, self.config
+        if strategy == "adapter_per_task" and config.method == "full":
+            raise InputError("adapter_per_task needs an adapter method, not 'full'", field="method")
+        name = self.tasks[position].name if strategy != "joint" else "joint"
+        method_args = dict(config.method_args)
+        if strategy == "osf":
+            method_args["effective_rank"] = self.options.osf_rank(position)
+        if model is None:
+            model, self.tokenizer = build_model(dataclasses.replace(config, method_args=method_args),
+                                                adapter_name=name if strategy == "adapter_per_task" else "default")
+            return model
+        if strategy == "adapter_per_task":
+            model.add_adapter(name, default_config(model.get_base_model(), config.method, "seq_cls", **method_args))
+            model.set_adapter(name)
+        elif strategy == "osf":
+            model = attach(model.merge_and_unload(), "osf", task="seq_cls", **method_args)
+        return model
+
+    def _train_stage(self, model, name: str, position: int, rows: Sequence[tuple[str, int]]) -> tuple[Any, dict]:
+        """Train `model` on `rows` as one run under ``stages/<position>-<name>``; returns the model and the stage's
+        record."""
+        stage_dir = self.output_dir / STAGES_DIR / f"{position}-{name}"
+        config = dataclasses.replace(self.config, output_dir=str(stage_dir), resume_from=None)
+        dataset = tokenised(self.tokenizer, rows, config.max_length)
+        result = train(config, model, self.tokenizer, dataset, DataCollatorWithPadding(self.tokenizer))
+        if self.is_main:
+            shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)  # a sequence is not resumed half-way
+        adapter_dir = result.adapter_dir / name if (result.adapter_dir / name).is_dir() else result.adapter_dir
+        stage = {
+            "task": name,
+            "train_examples": len(rows),
+            "global_step": result.global_step,
+            "trainable_params": result.parameters.trainable_params,
+            "total_params": result.parameters.total_params,
+            "adapter_bytes": directory_bytes(adapter_dir),
+            "train_seconds": round(result.train_seconds, 2),
+            "step_seconds": round(result.step_seconds, 2),
+            "peak_memory_mb": result.peak_memory_mb,
+            "mixed_precision": result.mixed_precision,
+            "world_size": result.world_size,
+        }
+        if self.options.strategy == "osf":
+            stage["effective_rank"] = self.options.osf_rank(position)
+        return model, stage
+
+    # ------------------------------------------------------------------------------------------------ evaluation
+    def _evaluate_adapters(self, model, router: CentroidRouter, encoder: SentenceEncoder,
+                           seen: Sequence[ClassificationTask]) -> tuple[list[float], list[float], list[float]]:
+        """Per task trained so far: accuracy with its own adapter, accuracy with routed adapters, routing accuracy."""
+        given, routed, routing = [], [], []
+        for task in seen:
+            model.set_adapter(task.name)
+            given.append(accuracy(model, self.tokenizer, task.test, self.config))
+            texts = [text for text, _ in task.test]
+            if task.name not in self._test_embeddings:
+                self._test_embeddings[task.name] = encoder.encode(texts, max_length=self.config.max_length)
+            chosen = router.route(self._test_embeddings[task.name])
+            predictions = [0] * len(texts)
+            for adapter in sorted(set(chosen)):
+                picked = [i for i, c in enumerate(chosen) if c == adapter]
+                model.set_adapter(adapter)
+                labels = predict(model, self.tokenizer, [texts[i] for i in picked], self.config.max_length,
+                                 self.config.per_device_eval_batch_size)
+                for i, label in zip(picked, labels):
+                    predictions[i] = label
+            routed.append(sum(p == label for p, (_, label) in zip(predictions, task.test)) / len(texts))
+            routing.append(sum(c == task.name for c in chosen) / len(chosen))
+        model.set_adapter(seen[-1].name)
+        return given, routed, routing
+
+    # ---------------------------------------------------------------------------------------------------- saving
+    def _save_final(self, model, router: Optional[CentroidRouter] = None) -> None:
+        """``adapters/``: the final adapter(s) (and the router), or for ``osf`` the merged model, atomically."""
+        if not self.is_main:
+            return
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            if router is not None:
+                router.save(tmp / ROUTER_FILE)
+
+        write_dir_atomically(self.output_dir / ADAPTERS_DIR, write)

@@ -1,0 +1,232 @@
+"""Continual learning: the tasks and their splits, the accuracy-matrix scores, replay, routing, adapters per task, and
+every strategy end to end on a tiny BERT."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftprompt import attach, load_backbone
+from peftprompt.continual import (
+    STRATEGIES,
+    CentroidRouter,
+    ContinualOptions,
+    ReplayMemory,
+    average_accuracy,
+    backward_transfer,
+    continual_scores,
+    forgetting,
+    label_space,
+    load_task,
+)
+from peftprompt.continual.learner import predict
+from peftprompt.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# Tasks -------------------------------------------------------------------------------------------------------------
+
+
+def test_label_space_shares_the_star_labels_and_keeps_sst2_apart():
+    space = label_space()
+    assert len(space) == 25 and len(set(space)) == 25
+    amazon, yelp, sst2 = (load_task(name, train_size=5, test_size=5) for name in ("amazon", "yelp", "sst2"))
+    assert amazon.label_ids == yelp.label_ids == [space.index(f"stars/{label}") for label in
+                                                  ("very negative", "negative", "neutral", "positive", "very positive")]
+    assert [space[i] for i in sst2.label_ids] == ["sst2/negative", "sst2/positive"]
+    assert not set(sst2.label_ids) & set(amazon.label_ids)
+
+
+@pytest.mark.parametrize(("name", "rows"), [("yelp", 5000), ("dbpedia", 7600)])
+def test_single_file_tasks_split_disjointly_and_always_the_same(name, rows):
+    task, again = load_task(name), load_task(name, seed=123)  # the run's seed does not move the split
+    assert len(task.test) == round(0.2 * rows) and len(task.train) + len(task.test) == rows
+    assert task.test == again.test and task.train == again.train
+    assert not {text for text, _ in task.train} & {text for text, _ in task.test}
+
+
+def test_sampling_is_seeded_and_keeps_labels_of_the_task():
+    first, same, other = (load_task("agnews", 50, 20, seed=s) for s in (0, 0, 1))
+    assert first.train == same.train and first.train != other.train
+    assert len(first.train) == 50 and len(first.test) == 20
+    assert {label for _, label in first.train + first.test} <= set(first.label_ids)
+
+
+def test_a_bad_row_names_the_file_the_row_and_the_field(tmp_path, monkeypatch):
+    from peftprompt.data import data_root
+
+    folder = tmp_path / "cl_benchmark"
+    folder.mkdir()
+    for name in ("agnews_labels.json", "agnews_test.json"):
+        (folder / name).write_text((data_root() / "cl_benchmark" / name).read_text())
+    rows = [{"label": "World", "sentence": "fine"}, {"label": "Weather", "sentence": "not a label"}]
+    (folder / "agnews_train.json").write_text(json.dumps(rows))
+    monkeypatch.setenv("PEFTPROMPT_DATA", str(tmp_path))
+    with pytest.raises(InputError, match=r"agnews_train\.json: .*row 2: field 'label' must be one of .*'Weather'"):
+        load_task("agnews")
+    (folder / "agnews_train.json").write_text('[{"label": "World", "sentence": "a"},\n{"label": }]')
+    with pytest.raises(InputError, match=r"agnews_train\.json:2: not valid JSON"):
+        load_task("agnews")
+
+
+def test_options_name_the_data_key_they_refuse():
+    with pytest.raises(InputError, match=r"data\.strategy.*one of sequential"):
+        ContinualOptions.from_data({"strategy": "ewc", "tasks": ["agnews"]})
+    with pytest.raises(InputError, match=r"data\.tasks.*each once"):
+        ContinualOptions.from_data({"strategy": "replay", "tasks": ["agnews", "agnews"]})
+    with pytest.raises(InputError, match=r"data\.replay_fraction"):
+        ContinualOptions.from_data({"strategy": "replay", "tasks": ["agnews"], "replay_fraction": 1.5})
+    with pytest.raises(InputError, match=r"data\.replay_fractoin"):
+        ContinualOptions.from_data({"strategy": "replay", "tasks": ["agnews"], "replay_fractoin": 0.1})
+    options = ContinualOptions.from_data({"strategy": "osf", "tasks": ["agnews", "yelp", "sst2"]})
+    assert [options.osf_rank(i) for i in range(3)] == pytest.approx([0.3, 0.5, 0.7])
+
+
+# Scores ------------------------------------------------------------------------------------------------------------
+
+# after task 0: 0.9 on task 0; after 1: 0.8, 0.7; after 2: 0.6, 0.75, 0.85
+MATRIX = [[0.9, None, None], [0.8, 0.7, None], [0.6, 0.75, 0.85]]
+
+
+def test_scores_of_a_hand_made_matrix():
+    assert average_accuracy(MATRIX) == pytest.approx((0.6 + 0.75 + 0.85) / 3)
+    assert backward_transfer(MATRIX) == pytest.approx(((0.6 - 0.9) + (0.75 - 0.7)) / 2)
+    # task 0: best before the last task 0.9 -> 0.6; task 1: best 0.7 -> 0.75 (a gain: -0.05)
+    assert forgetting(MATRIX) == pytest.approx(((0.9 - 0.6) + (0.7 - 0.75)) / 2)
+    assert continual_scores([[0.5, 0.7]]) == {"average_accuracy": pytest.approx(0.6), "backward_transfer": None,
+                                              "forgetting": None}
+    with pytest.raises(ValueError, match=r"entry \[1\]\[1\]"):
+        backward_transfer([[0.9, None, None], [0.8, None, None], [0.6, 0.7, 0.8]])
+
+
+# Replay ------------------------------------------------------------------------------------------------------------
+
+
+def test_replay_keeps_the_stated_fraction_of_each_task_and_mixes_all_of_it():
+    memory = ReplayMemory(fraction=0.05, seed=0)
+    first = [("a", i) for i in range(200)]
+    second = [("b", i) for i in range(100)]
+    kept = memory.add(first)
+    assert len(kept) == 10 and set(kept) <= set(first)
+    mixed = memory.mix(second)
+    assert len(mixed) == 110 and sorted(mixed) == sorted(second + kept)
+    memory.add(second)
+    assert len(memory) == 15 and sum(example[0] == "b" for example in memory.kept) == 5
+    assert ReplayMemory(0.05, seed=0).add(first) == kept and ReplayMemory(0.05, seed=1).add(first) != kept
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        ReplayMemory(1.2)
+
+
+# Routing -----------------------------------------------------------------------------------------------------------
+
+
+def test_router_picks_the_task_of_separable_clusters_and_survives_a_round_trip(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.eye(8)[:3] * 5
+    clusters = {name: centres[i] + 0.5 * torch.randn(40, 8, generator=generator)
+                for i, name in enumerate(("news", "reviews", "films"))}
+    router = CentroidRouter()
+    for name, points in clusters.items():
+        router.add_task(name, points[:20])
+    for name, points in clusters.items():
+        assert router.route(points[20:]) == [name] * 20
+    loaded = CentroidRouter.load(router.save(tmp_path / "router.safetensors"))
+    assert loaded.tasks == ["news", "reviews", "films"] and torch.equal(loaded.centroids, router.centroids)
+    with pytest.raises(ValueError, match="already added"):
+        router.add_task("news", clusters["news"])
+
+
+# Adapters per task -------------------------------------------------------------------------------------------------
+
+
+def test_switching_the_adapter_switches_the_predictions(tiny_bert):
+    from transformers import AutoTokenizer
+
+    model, tokenizer = load_backbone(str(tiny_bert), task="seq_cls", num_labels=25)
+    model = attach(model, "lora", task="seq_cls", adapter_name="first")
+    from peft import LoraConfig
+
+    model.add_adapter("second", LoraConfig(task_type="SEQ_CLS", r=8, target_modules=["query", "value"]))
+    with torch.no_grad():  # make the two adapters (and their heads) different
+        for name, parameter in model.named_parameters():
+            if ".second" in name:
+                parameter.add_(torch.randn_like(parameter))
+    texts = [f"sentence number {i} about {topic}" for i in range(16) for topic in ("news", "stars")]
+    model.set_adapter("first")
+    first = predict(model, tokenizer, texts, max_length=16, batch_size=8)
+    model.set_adapter("second")
+    second = predict(model, tokenizer, texts, max_length=16, batch_size=8)
+    model.set_adapter("first")
+    assert predict(model, tokenizer, texts, max_length=16, batch_size=8) == first
+    assert first != second
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".first" in n for n in trainable), "only the active adapter (and its head) trains"
+
+
+# End to end --------------------------------------------------------------------------------------------------------
+
+
+def run_recipe(strategy: str, tiny_bert: Path, output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    config = REPO / "recipes" / "configs" / "minilm" / f"continual_{strategy}.yaml"
+    command = [sys.executable, str(REPO / "recipes" / "continual_classification.py"), "--config", str(config),
+               f"model={tiny_bert}", "data.tasks=[agnews,yelp]", "data.train_per_task=24", "data.test_per_task=8",
+               "data.router_examples=8", "max_length=24", "per_device_train_batch_size=8", "mixed_precision=no",
+               f"output_dir={output_dir}", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_trains_the_sequence_and_fills_its_matrix(strategy, tiny_bert, tmp_path):
+    done = run_recipe(strategy, tiny_bert, tmp_path / "run")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    matrix = results["accuracy_matrix"]
+    if strategy == "joint":
+        assert len(matrix) == 1 and all(value is not None for value in matrix[0])
+        assert results["stages"][0]["train_examples"] == 48 and results["backward_transfer"] is None
+    else:
+        assert [[value is None for value in row] for row in matrix] == [[False, True], [False, False]]
+        assert [stage["task"] for stage in results["stages"]] == ["agnews", "yelp"]
+        assert results["stages"][0]["global_step"] == 3  # 24 rows, batch 8, one epoch
+        assert results["backward_transfer"] == pytest.approx(matrix[1][0] - matrix[0][0])
+    replayed = [stage.get("replayed_examples") for stage in results["stages"]]
+    assert replayed == ([None] if strategy == "joint" else [0, 0])  # 2 % of 24 rows rounds to 0
+    assert all(0 <= value <= 1 for row in matrix for value in row if value is not None)
+    adapters = tmp_path / "run" / "adapters"
+    if strategy == "adapter_per_task":
+        routed = results["routed"]
+        assert routed["routing_accuracy"][0] == [1.0, None]  # one task: every input goes to it
+        assert (adapters / "agnews" / "adapter_model.safetensors").is_file()
+        assert CentroidRouter.load(adapters / "router.safetensors").tasks == ["agnews", "yelp"]
+        assert results["stages"][0]["trainable_params"] == results["stages"][1]["trainable_params"]
+    elif strategy == "osf":
+        assert [stage["effective_rank"] for stage in results["stages"]] == [0.3, 0.7]
+        assert (adapters / "model.safetensors").is_file()  # the merged model
+    else:
+        assert (adapters / "adapter_model.safetensors").is_file()
+    assert not list((tmp_path / "run" / "stages").glob("*/checkpoints"))
+
+
+def test_replay_trains_the_stated_share_of_earlier_rows(tiny_bert, tmp_path):
+    done = run_recipe("replay", tiny_bert, tmp_path / "run", "data.replay_fraction=0.25")
+    assert done.returncode == 0, done.stderr[-3000:]
+    stages = json.loads((tmp_path / "run" / "results.json").read_text())["stages"]
+    assert [stage["replayed_examples"] for stage in stages] == [0, 6]
+    assert [stage["train_examples"] for stage in stages] == [24, 30]
+
+
+def test_a_finished_run_is_never_overwritten(tiny_bert, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text("{}")
+    done = run_recipe("sequential", tiny_bert, run)
+    assert done.returncode != 0 and "holds a finished continual run" in done.stderr
+    assert "Traceback" not in done.stderr and (run / "results.json").read_text() == "{}"
