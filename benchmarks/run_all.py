@@ -13,7 +13,9 @@ main job from scratch: its minutes and exact match), ``selfask_methods``,
 and evaluated cells under ``outputs/recursion`` are reused), ``openbook`` (self-ask with retrieval per follow-up
 against single-step retrieval; its decomposer is recursion's ``flat`` run; adapters, indexes and cells under
 ``outputs/openbook`` are reused) and ``continual`` (five classification tasks in three orders, every
-continual-learning strategy; its finished runs are kept under ``benchmarks/results/continual_runs`` and reused).
+continual-learning strategy; its finished runs are kept under ``benchmarks/results/continual_runs`` and reused)
+and ``selfask_continual`` (self-ask that keeps learning from its verified traces; its rounds under
+``outputs/selfask_continual`` are reused).
 Every script writes its JSON, Markdown and PNG to
 ``--out``. The sweeps (``adapter_methods.py``, ``selfask_methods.py``) reuse the runs they finished before under
 ``outputs/bench`` with the same config (``_runs.run_recipe``; ``--no-reuse`` repeats them).
@@ -75,6 +77,7 @@ STAGES = (
     Stage("recursion", "benchmarks/recursion.py", (), "recursion.json", 5400, 300),
     Stage("openbook", "benchmarks/openbook.py", ("--index-speed",), "openbook.json", 14400, 900),
     Stage("continual", "benchmarks/continual.py", (), "continual.json", 9000, 600),  # its runs are reused
+    Stage("selfask_continual", "benchmarks/selfask_continual.py", (), "selfask_continual.json", 3600, 300),
 )
 REUSING = {"sst2", "conll03", "selfask_methods"}
 

@@ -3,7 +3,7 @@
     accelerate launch recipes/selfask_sft.py --config recipes/configs/smollm2/selfask_lora.yaml [key=value ...]
 
 Training trees come from ``data.sources`` (default: MuSiQue's gold decompositions and the ProbTree trees of
-HotpotQA and MuSiQue); evaluation-only sets (Compositional Celebrities, Bamboogle) are refused. The ProbTree
+HotpotQA and MuSiQue; a name of `peftprompt.recursive.SOURCES` or a ``.jsonl`` file of trees); evaluation-only sets (Compositional Celebrities, Bamboogle) are refused. The ProbTree
 2WikiMultiHopQA trees (``data.eval_sources``) are held out and scored by loss, and with ``data.generate_eval=N``
 also by generation: the first N held-out questions are answered by recursive self-ask and scored by exact match,
 token F1 and well-formed rate. Their follow-ups go to ``data.eval_answerers`` (one name per layer, the last
@@ -33,7 +33,15 @@ from typing import Optional, Sequence
 
 from peftprompt.errors import InputError
 from peftprompt.methods import PROMPT_LEARNING_METHODS
-from peftprompt.recursive import EpisodeEncoder, SelfAskCollator, Unroller, check_trainable, convert, pack_rows
+from peftprompt.recursive import (
+    EpisodeEncoder,
+    SelfAskCollator,
+    Unroller,
+    check_trainable,
+    convert,
+    load_trees,
+    pack_rows,
+)
 from peftprompt.recursive.unroll import MODES, Episode
 from peftprompt.retrieval.passages import OPEN_BOOK_SOURCES, read_questions
 from peftprompt.retrieval.reader import reader_examples
@@ -192,7 +200,7 @@ def main(argv=None) -> None:
     sources, reader_sources = training_sources(config)
     reader = reader_settings(config)
     eval_sources = config.data.get("eval_sources", DEFAULT_EVAL_SOURCES)
-    train_trees = [tree for source in sources for tree in convert(source)]
+    train_trees = [tree for source in sources for tree in load_trees(source)]
     check_trainable(train_trees, allow_evaluation_only=config.data.get("allow_evaluation_only", False))
     random.Random(config.seed).shuffle(train_trees)
     train_trees = train_trees[: config.max_train_samples]

@@ -383,17 +383,17 @@ def test_run_all_plan(tmp_path):
     assert list(stages) == ["methods_overview", "collator", "speed", "speed_encoder", "sst2", "conll03", "convergence",
                             "demo_adapter", "selfask",
                             "selfask_speed", "demo_time", "selfask_methods", "params_vs_accuracy", "recursion",
-                            "openbook", "continual"]
+                            "openbook", "continual", "selfask_continual"]
     assert "~ 10.0 min (recorded in sst2.json)" in stages["sst2"] and "~  2.0 min (recorded in speed.json)" in stages[
         "speed"]
     assert "(guess)" in stages["conll03"] and "--task conll03" in stages["conll03"]
     for name in ("methods_overview", "collator", "speed", "sst2", "conll03", "selfask", "selfask_speed", "demo_time",
-                 "selfask_methods", "recursion", "openbook", "continual"):
+                 "selfask_methods", "recursion", "openbook", "continual", "selfask_continual"):
         assert stages[name].endswith(f"--quick --out {tmp_path}") and "--reuse" not in stages[name]
     assert "--adapter" in stages["selfask_speed"]
     assert stages["params_vs_accuracy"].endswith(f"--results {tmp_path} --out {tmp_path}")
     assert "skipped" in stages["demo_adapter"] or "max_steps=5" in stages["demo_adapter"]
-    assert out[0].startswith(f"16 stages into {tmp_path}; estimated total ~")
+    assert out[0].startswith(f"17 stages into {tmp_path}; estimated total ~")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["speed.json", "sst2.json"]  # nothing ran
 
     out = run("run_all.py", "--plan", "--only", "params_vs_accuracy", "sst2", "--out", str(tmp_path)).stdout
@@ -586,3 +586,15 @@ def test_continual_dry_run_scores_every_strategy_and_reuses_finished_runs(tiny_b
     run("continual.py", *args)  # finished runs are read from their records, not trained again
     assert not (tmp_path / "runs" / "sequential_order1").exists()
     assert json.loads((tmp_path / "out" / "continual.json").read_text())["per_order"] == result["per_order"]
+
+
+def test_selfask_continual_dry_run_reports_every_round(tiny_smollm, tmp_path):
+    args = ["--quick", "--rounds", "1", "--model", str(tiny_smollm), "--run-dir", str(tmp_path / "run"), "--out",
+            str(tmp_path / "out")]
+    run("selfask_continual.py", *args)
+    result = json.loads((tmp_path / "out" / "selfask_continual.json").read_text())
+    assert [r["round"] for r in result["run"]["rounds"]] == [0, 1] and result["round_0"][0] == "max_steps=150"
+    assert result["targets"]["held_out_rises"] is False  # two rounds cannot show a rise over two rounds
+    md = (tmp_path / "out" / "selfask_continual.md").read_text()
+    assert "| 0 |" in md and "| 1 |" in md and "leaf facts only (retriever)" in md and "gold sub-answers" in md
+    assert (tmp_path / "out" / "selfask_continual.png").stat().st_size > 0

@@ -1,7 +1,7 @@
 """Recursive (self-ask) prompting data: decomposition trees, converters, the unroller and the collator."""
 
 from .collator import EncodedEpisode, EpisodeEncoder, SelfAskCollator, pack_rows
-from .sources import SOURCES, convert, convert_report
+from .sources import SOURCES, convert, convert_report, load_trees
 from .tree import (
     ANSWER_SOURCES,
     DEFAULT_MAX_DEPTH,
@@ -45,6 +45,7 @@ __all__ = [
     "check_trainable",
     "convert",
     "convert_report",
+    "load_trees",
     "read_trees",
     "read_trees_report",
     "resolve_templates",

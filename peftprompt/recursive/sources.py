@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from ..errors import InputError
-from .tree import Node, SkipReport, TreeError, question_key, resolve_templates, validate
+from .tree import Node, SkipReport, TreeError, question_key, read_trees, resolve_templates, validate
 
 # ---------------------------------------------------------------------------------------------------------------
 # MuSiQue ``X >> relation`` steps (Wikidata-style) become natural questions. The subject X keeps its #k references
@@ -614,6 +614,14 @@ def convert(source: str, split: Optional[str] = None, limit: Optional[int] = Non
         limit (`int`, *optional*): Return at most this many trees (the first valid ones in file order).
     """
     return convert_report(source, split, limit)[0]
+
+
+def load_trees(source: str) -> list[Node]:
+    """The trees of `source`: a name of `SOURCES` (`convert`, its default split) or the path of a ``decomp-tree/v1``
+    JSONL file (`read_trees`, e.g. trees written by `write_trees`); a path must end in ``.jsonl``."""
+    if source.endswith(".jsonl"):
+        return read_trees(source)
+    return convert(source)
 
 
 def drop_overlap(trees: Iterable[Node], others: Iterable[Node]) -> tuple[list[Node], list[Node]]:

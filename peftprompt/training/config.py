@@ -97,6 +97,9 @@ class TrainConfig:
     num_labels: Optional[int] = None
     method: str = "lora"
     method_args: dict = field(default_factory=dict)
+    # a saved adapter directory to continue training from (its own config; the method must be the same); null: a
+    # fresh adapter from method / method_args
+    init_adapter: Optional[str] = None
     load_in_8bit: bool = False
     load_in_4bit: bool = False
     gradient_checkpointing: bool = False
@@ -276,6 +279,8 @@ def cross_field_problem(config: TrainConfig) -> Optional[str]:
         )
     if config.load_in_8bit and config.load_in_4bit:
         return "load_in_8bit and load_in_4bit are exclusive: choose one"
+    if config.init_adapter and config.method == "full":
+        return "init_adapter continues a saved adapter, but method 'full' trains the whole model: choose its method"
     if config.frozen_dtype in ("bfloat16", "float16") and config.method == "full":
         return (
             f"frozen_dtype {config.frozen_dtype!r} needs a frozen backbone, but method 'full' trains every weight: "

@@ -10,8 +10,10 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 from peft.utils.other import cast_mixed_precision_params
 
+from ..adapters import check_adapter_dir, load_adapter
 from ..backbones import load_backbone
-from ..methods import attach
+from ..errors import InputError
+from ..methods import attach, method_name
 from .config import TrainConfig, resolve_frozen_dtype
 
 
@@ -71,10 +73,26 @@ def build_model(config: TrainConfig, adapter_name: str = "default"):
         dtype=frozen_dtype,
     )
     model = prepare_backbone(model, config)
-    model = attach(model, config.method, task=config.task, adapter_name=adapter_name, **config.method_args)
+    if config.init_adapter:
+        model = continue_adapter(model, config, adapter_name)
+    else:
+        model = attach(model, config.method, task=config.task, adapter_name=adapter_name, **config.method_args)
     if frozen_dtype != torch.float32:
         cast_mixed_precision_params(model, frozen_dtype)
     return model, tokenizer
+
+
+def continue_adapter(model, config: TrainConfig, adapter_name: str = "default"):
+    """The saved adapter ``config.init_adapter`` on `model`, trainable: its weights and its own PEFT config (rank,
+    targets...) go on training; ``method_args`` are not applied. A saved adapter of another method than
+    ``config.method`` is refused (`InputError` naming ``init_adapter``)."""
+    saved = check_adapter_dir(config.init_adapter)
+    saved_method = method_name(saved["peft_type"])
+    if saved_method != config.method:
+        raise InputError(f"{config.init_adapter} holds a {saved_method} adapter, but method is {config.method!r}: "
+                         "set method to the adapter's", field="init_adapter")
+    was_training = model.training
+    return load_adapter(model, config.init_adapter, adapter_name=adapter_name, is_trainable=True).train(was_training)
 
 
 def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
