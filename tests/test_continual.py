@@ -230,3 +230,19 @@ def test_a_finished_run_is_never_overwritten(tiny_bert, tmp_path):
     done = run_recipe("sequential", tiny_bert, run)
     assert done.returncode != 0 and "holds a finished continual run" in done.stderr
     assert "Traceback" not in done.stderr and (run / "results.json").read_text() == "{}"
+
+
+def test_the_recipe_runs_under_accelerate_launch_on_two_processes(tiny_bert, tmp_path):
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [str(accelerate), "launch", "--config_file", str(REPO / "recipes/accelerate/cpu_2proc.yaml"),
+               str(REPO / "recipes/continual_classification.py"), "--config",
+               str(REPO / "recipes/configs/minilm/continual_adapter_per_task.yaml"), f"model={tiny_bert}",
+               "data.tasks=[agnews,sst2]", "data.train_per_task=32", "data.test_per_task=8", "data.router_examples=8",
+               "max_length=24", "mixed_precision=no", f"output_dir={tmp_path / 'run'}"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["world_size"] == 2
+    assert [stage["global_step"] for stage in results["stages"]] == [1, 1]  # 32 rows = one step of 16 x 2 processes
+    assert [[v is None for v in row] for row in results["accuracy_matrix"]] == [[False, True], [False, False]]
