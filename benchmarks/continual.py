@@ -151,7 +151,9 @@ def write_results(result: dict, out: Path) -> None:
              "Tasks: AG News, Amazon, Yelp, DBpedia (`cl_benchmark`, the 5-task benchmark without Yahoo) and SST-2; "
              "Yelp and DBpedia split 80/20 with a fixed seed (they have one file each). "
              f"{result['train_per_task']} training rows a task (one epoch, batch 16, grouped by length), "
-             f"{result['test_per_task']} test rows a task; every model predicts over all 25 labels. Orders: "
+             f"{result['test_per_task']} test rows a task (test rows whose normalised text is a training row's "
+             f"are dropped first: {result['test_dropped_as_training']}); every model predicts over all 25 labels. "
+             "Orders: "
              + "; ".join(f"{k}: {' -> '.join(v)}" for k, v in result["orders"].items()) + ".", "",
              "| strategy | told the task | average accuracy | forgetting | backward transfer | routing accuracy "
              "| trainable params / task | adapter / task | training s | peak MB |",
@@ -268,20 +270,22 @@ def main() -> None:
         train([job for job in jobs if finished(job, args) is None], args)
     per_order: dict[str, dict[int, dict]] = {}
     missing = []
-    train_per_task = test_per_task = None
+    train_per_task = test_per_task = dropped = None
     for job in jobs:
         run = finished(job, args)
         if run is None:
             missing.append(f"{job[0]} order {job[1]}")
             continue
         train_per_task, test_per_task = run["train_per_task"], run["test_per_task"]
+        dropped = sum(run["test_dropped_as_training"].values())
         for key, row in rows_of(run).items():
             per_order.setdefault(key, {})[job[1]] = row
     summary = summarise(per_order)
     result = {
         "benchmark": NAME, "orders": {k: ORDERS[k] for k in args.orders}, "strategies": args.strategies,
         "quick": args.quick, "model": args.model or "minilm", "train_per_task": train_per_task,
-        "test_per_task": test_per_task, "partial": bool(missing), "missing": missing, "per_order": per_order,
+        "test_per_task": test_per_task, "test_dropped_as_training": dropped, "partial": bool(missing),
+        "missing": missing, "per_order": per_order,
         "summary": summary, "targets": targets(summary), "wall_seconds": time.perf_counter() - started,
         "environment": environment_record(),
     }

@@ -50,6 +50,7 @@ def test_single_file_tasks_split_disjointly_and_always_the_same(name, rows):
     assert len(task.test) == round(0.2 * rows) and len(task.train) + len(task.test) == rows
     assert task.test == again.test and task.train == again.train
     assert not {text for text, _ in task.train} & {text for text, _ in task.test}
+    assert task.test_dropped_as_training == 0  # measured: no test text repeats a training text
 
 
 def test_sampling_is_seeded_and_keeps_labels_of_the_task():
@@ -59,7 +60,7 @@ def test_sampling_is_seeded_and_keeps_labels_of_the_task():
     assert {label for _, label in first.train + first.test} <= set(first.label_ids)
 
 
-def test_a_bad_row_names_the_file_the_row_and_the_field(tmp_path, monkeypatch):
+def test_a_bad_row_is_named_and_a_test_row_seen_in_training_is_dropped(tmp_path, monkeypatch):
     from peftprompt.data import data_root
 
     folder = tmp_path / "cl_benchmark"
@@ -71,6 +72,11 @@ def test_a_bad_row_names_the_file_the_row_and_the_field(tmp_path, monkeypatch):
     monkeypatch.setenv("PEFTPROMPT_DATA", str(tmp_path))
     with pytest.raises(InputError, match=r"agnews_train\.json: .*row 2: field 'label' must be one of .*'Weather'"):
         load_task("agnews")
+    test_rows = [{"label": "World", "sentence": "Fine!"}, {"label": "Sports", "sentence": "new"}]
+    (folder / "agnews_test.json").write_text(json.dumps(test_rows))
+    (folder / "agnews_train.json").write_text(json.dumps(rows[:1]))
+    task = load_task("agnews")
+    assert task.test == [("new", 1)] and task.test_dropped_as_training == 1  # "Fine!" is the training row "fine"
     (folder / "agnews_train.json").write_text('[{"label": "World", "sentence": "a"},\n{"label": }]')
     with pytest.raises(InputError, match=r"agnews_train\.json:2: not valid JSON"):
         load_task("agnews")

@@ -133,6 +133,7 @@ class ContinualResult:
     accuracy_matrix: list[list[Optional[float]]]
     scores: dict[str, Optional[float]]
     stages: list[dict]
+    test_dropped_as_training: dict[str, int]
     routed: Optional[dict] = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -269,7 +270,8 @@ class ContinualLearner:
 
     def _result(self, matrix, stages, routed=None) -> ContinualResult:
         return ContinualResult(self.options.strategy, [task.name for task in self.tasks], matrix,
-                               continual_scores(matrix), stages, routed)
+                               continual_scores(matrix), stages,
+                               {task.name: task.test_dropped_as_training for task in self.tasks}, routed)
 
     # ---------------------------------------------------------------------------------------------------- models
     def _model_for(self, position: int, model):

@@ -36,6 +36,7 @@ from typing import Optional
 
 from ..data import data_root, read_sst2
 from ..errors import InputError, InputFileNotFoundError
+from ..recursive.tree import question_key
 
 BENCHMARK_DIR = "cl_benchmark"
 SPLIT_SEED = 0
@@ -73,12 +74,14 @@ class ClassificationTask:
         name: A name of `TASK_NAMES`.
         label_ids: The ids of this task's labels, in the order of its label file.
         train, test: The rows, each ``(text, label id)``.
+        test_dropped_as_training: Test rows left out because their normalised text is also a training row's.
     """
 
     name: str
     label_ids: list[int]
     train: list[tuple[str, int]]
     test: list[tuple[str, int]]
+    test_dropped_as_training: int = 0
 
 
 def _label_file(task: str) -> Path:
@@ -112,8 +115,9 @@ def label_space() -> tuple[str, ...]:
 
 def load_task(name: str, train_size: Optional[int] = None, test_size: Optional[int] = None,
               seed: int = 0) -> ClassificationTask:
-    """Read task `name` with its fixed split (module docstring), then sample `train_size` training and `test_size`
-    test rows (all when ``None`` or larger than the split) with `seed`; sampled rows keep their file order.
+    """Read task `name` with its fixed split (module docstring), drop the test rows whose normalised text
+    (`question_key`) is also a training row's, then sample `train_size` training and `test_size` test rows (all when
+    ``None`` or larger than the split) with `seed`; sampled rows keep their file order.
 
     Raises:
         `InputError`: an unknown task, or a row without a non-empty ``sentence`` or with a label its label file does
@@ -127,8 +131,10 @@ def load_task(name: str, train_size: Optional[int] = None, test_size: Optional[i
         test = [(text, label_ids[label]) for text, label in read_sst2("test")]
     else:
         train, test = _benchmark_split(name, label_ids)
+    seen = {question_key(text) for text, _ in train}
+    fresh = [row for row in test if question_key(row[0]) not in seen]
     return ClassificationTask(name, label_ids, _sample(train, train_size, f"{seed}/{name}/train"),
-                              _sample(test, test_size, f"{seed}/{name}/test"))
+                              _sample(fresh, test_size, f"{seed}/{name}/test"), len(test) - len(fresh))
 
 
 def _benchmark_split(name: str, label_ids: list[int]) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
