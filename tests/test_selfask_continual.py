@@ -100,3 +100,26 @@ def test_the_round_loop_trains_scores_and_never_trains_on_evaluation_sets(tiny_s
     before = (out / "round-0" / "eval.json").stat().st_mtime_ns
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and (out / "round-0" / "eval.json").stat().st_mtime_ns == before  # not repeated
+
+
+def test_a_round_continues_the_adapter_on_verified_trees_read_from_jsonl(tiny_smollm, tmp_path):
+    from peftprompt.recursive import write_trees
+
+    runner = SelfAskRunner(generate_fn=Scripted({QUESTION: TWO_STEPS}), answerer=ToolAnswerer(lambda q: FACTS[q]))
+    kept = verified_trees([gold("Crown Prince Hyomyeong", "a")], [runner.run(QUESTION)], round_index=1)
+    write_trees(tmp_path / "verified.jsonl", kept * 4)
+    config = load_config(REPO / "recipes/configs/smollm2/selfask_lora.yaml", [f"model={tiny_smollm}"])
+    model, _ = build_model(config)
+    model.save_pretrained(tmp_path / "round-0")
+    command = [sys.executable, str(REPO / "recipes/selfask_sft.py"), "--config",
+               str(REPO / "recipes/configs/smollm2/selfask_lora.yaml"), f"model={tiny_smollm}",
+               f"init_adapter={tmp_path / 'round-0'}", f"data.sources=[{tmp_path / 'verified.jsonl'}]",
+               "max_steps=null", "num_epochs=1", "max_eval_samples=2", "max_length=256", "data.generate_eval=0",
+               "mixed_precision=no", "frozen_dtype=float32", f"output_dir={tmp_path / 'round-1'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "4 training trees" in done.stderr
+    results = json.loads((tmp_path / "round-1" / "results.json").read_text())
+    assert results["global_step"] >= 1 and results["trainable_params"] == sum(
+        p.numel() for n, p in model.named_parameters() if "lora_" in n)
