@@ -47,6 +47,7 @@ from pathlib import Path
 from _env import environment_record, provenance_line
 
 NAME = "speed"
+ENCODER = "speed_encoder"  # the encoder comparison, whose ratios this page repeats
 SOURCES = ("musique", "probtree_hotpotqa", "probtree_musique")
 # PEFT's LoraConfig default dropout (0.0), written out: both paths get exactly this adapter.
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
@@ -340,6 +341,22 @@ def loss_curve_diff(a: dict, b: dict) -> float:
     return max(abs(x - y) for x, y in zip(moving_average(a["losses"]), moving_average(b["losses"])))
 
 
+def encoder_lines(out: Path) -> list[str]:
+    """The encoder comparison (``speed_encoder.json`` in `out`, measured by ``speed_encoder.py`` on its own
+    machine and run) as a section of this page; nothing when it is missing."""
+    path = out / f"{ENCODER}.json"
+    if not path.is_file():
+        return []
+    encoder = json.loads(path.read_text())
+    return ["", f"## Encoders: MiniLM on SST-2 against Trainer + PEFT (`{ENCODER}.py`; details in `{ENCODER}.md`)", "",
+            f"{encoder['steps']} steps x batch {encoder['batch_size']}, fp32, {encoder['threads']} threads; ours / "
+            f"Trainer + get_peft_model in examples per second, the median of {encoder['repeats']} paired runs "
+            f"(min - max; target >= {encoder['target']:.1f}x):", "",
+            *[f"- {key}: **{r['median']:.2f}x** ({r['min']:.2f} - {r['max']:.2f})"
+              for key, r in encoder["ratios"].items()],
+            "", provenance_line(encoder["environment"])]
+
+
 def write_results(result: dict, out: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -410,7 +427,7 @@ def write_results(result: dict, out: Path) -> None:
     env = result["environment"]
     lines += ["", f"4-bit / fp32 peak RSS: **{result['rss_ratio_4bit_vs_fp32']:.2f}** (target <= 0.6); model weights "
               f"alone: {result['weight_bytes_ratio_4bit_vs_fp32']:.2f}.", "",
-              provenance_line(env)]
+              provenance_line(env), *encoder_lines(out)]
     (out / f"{NAME}.md").write_text("\n".join(lines) + "\n")
 
     figure = Figure(figsize=(10, 4), layout="constrained")
@@ -441,10 +458,15 @@ def main() -> None:
     parser.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
     parser.add_argument("--quick", action="store_true", help="10 steps, 4 quantised steps")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--render", action="store_true",
+                        help=f"measure nothing: rewrite {NAME}.md / .png from {NAME}.json (and {ENCODER}.json) in --out")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--episodes", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.render:
+        write_results(json.loads((args.out / f"{NAME}.json").read_text()), args.out)
+        return
     args.cpu = not __import__("torch").cuda.is_available()
     if args.worker:
         worker(args)

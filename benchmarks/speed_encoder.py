@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from _env import environment_record, provenance_line
+import speed
 
 NAME = "speed_encoder"
 REPO = Path(__file__).resolve().parents[1]
@@ -158,6 +159,8 @@ def write_results(result: dict, out: Path) -> None:
     lines += ["", provenance_line(result["environment"]), ""]
     (out / f"{NAME}.md").write_text("\n".join(lines))
     plot(result, out / f"{NAME}.png")
+    if (out / f"{speed.NAME}.json").is_file():  # speed.md repeats these ratios
+        speed.write_results(json.loads((out / f"{speed.NAME}.json").read_text()), out)
 
 
 def plot(result: dict, path: Path) -> None:

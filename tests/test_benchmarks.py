@@ -546,6 +546,7 @@ def test_convergence_curve_keeps_one_evaluation_per_step(tmp_path):
 
 
 def test_speed_encoder_dry_run(tiny_bert, tmp_path):
+    shutil.copy(REPO / "benchmarks" / "results" / "speed.json", tmp_path)  # speed.md repeats the encoder ratios
     run("speed_encoder.py", "--quick", "--methods", "lora", "--model", str(tiny_bert), "--threads", "1", "--out",
         str(tmp_path))
     result = json.loads((tmp_path / "speed_encoder.json").read_text())
@@ -559,6 +560,8 @@ def test_speed_encoder_dry_run(tiny_bert, tmp_path):
     assert grouped["positions_per_step"] < shuffled["positions_per_step"]
     assert all(run["examples_per_s"] > 0 and run["losses"] for run in result["runs"].values())
     assert "Ours / Trainer" in (tmp_path / "speed_encoder.md").read_text()
+    speed_page = (tmp_path / "speed.md").read_text()
+    assert "## Encoders: MiniLM on SST-2" in speed_page and f"- lora, random: **{ratio['median']:.2f}x**" in speed_page
 
 
 def test_continual_dry_run_scores_every_strategy_and_reuses_finished_runs(tiny_bert, tmp_path):
