@@ -150,7 +150,8 @@ def write_results(result: dict, out: Path) -> None:
     lines = [f"# Continual learning on MiniLM: 5 classification tasks, {len(result['orders'])} task orders{partial}", "",
              "Tasks: AG News, Amazon, Yelp, DBpedia (`cl_benchmark`, the 5-task benchmark without Yahoo) and SST-2; "
              "Yelp and DBpedia split 80/20 with a fixed seed (they have one file each). "
-             f"{result['train_per_task']} training rows a task (one epoch, batch 16, grouped by length), "
+             f"{result['train_per_task']} training rows a task (one epoch, batch 16, grouped by length; "
+             f"{result['threads']} thread(s) a run), "
              f"{result['test_per_task']} test rows a task (test rows whose normalised text is a training row's "
              f"are dropped first: {result['test_dropped_as_training']}); every model predicts over all 25 labels. "
              "Orders: "
@@ -283,7 +284,7 @@ def main() -> None:
     summary = summarise(per_order)
     result = {
         "benchmark": NAME, "orders": {k: ORDERS[k] for k in args.orders}, "strategies": args.strategies,
-        "quick": args.quick, "model": args.model or "minilm", "train_per_task": train_per_task,
+        "quick": args.quick, "model": args.model or "minilm", "threads": args.threads, "train_per_task": train_per_task,
         "test_per_task": test_per_task, "test_dropped_as_training": dropped, "partial": bool(missing),
         "missing": missing, "per_order": per_order,
         "summary": summary, "targets": targets(summary), "wall_seconds": time.perf_counter() - started,
