@@ -2,8 +2,8 @@
 average accuracy, backward transfer and forgetting.
 
 Each strategy (`STRATEGIES`: ``recipes/configs/minilm/continual_<strategy>.yaml``) trains through each task order of
-`ORDERS` with ``recipes/continual_classification.py`` (2,000 training rows a task, one epoch, batch 16; 500 test rows
-a task; see `peftprompt.continual`); joint training, which has no order, runs once. ``adapter_per_task`` is reported
+`ORDERS` with ``recipes/continual_classification.py`` (2,000 training rows a task, 3 epochs, batch 16, 64 tokens; 500
+test rows a task; see `peftprompt.continual`); joint training, which has no order, runs once. ``adapter_per_task`` is reported
 twice: with the task given and routed (the task not given). Runs live in ``--run-dir``
 (``<strategy>_order<k>``); each finished run leaves its ``results.json`` and ``train_config.yaml`` under
 ``--records`` (``benchmarks/results/continual_runs/`` in the repository), which later runs read instead of training
@@ -41,7 +41,8 @@ ORDERS = {
     2: ["sst2", "yelp", "agnews", "amazon", "dbpedia"],
     3: ["yelp", "dbpedia", "sst2", "amazon", "agnews"],
 }
-QUICK = ["data.train_per_task=32", "data.test_per_task=16", "data.router_examples=16", "max_length=32"]
+QUICK = ["data.train_per_task=32", "data.test_per_task=16", "data.router_examples=16", "max_length=32",
+         "num_epochs=1"]
 # what the report shows, in order: (row key, label, told the task id)
 ROWS = (
     ("sequential", "sequential LoRA", False),
@@ -59,8 +60,9 @@ def config_path(strategy: str) -> Path:
 
 
 def jobs_for(strategies: list[str], orders: list[int]) -> list[tuple[str, int]]:
-    """``(strategy, order)`` runs; joint training once, with the first order's task list (its columns)."""
-    return [(s, o) for s in strategies for o in (orders[:1] if s == "joint" else orders)]
+    """``(strategy, order)`` runs, order by order (the first order of every strategy is done first); joint training
+    once, with the first order's task list (its columns)."""
+    return [(s, o) for o in orders for s in strategies if s != "joint" or o == orders[0]]
 
 
 def overrides(order: int, quick: bool, model: Optional[str]) -> list[str]:
@@ -150,8 +152,10 @@ def write_results(result: dict, out: Path) -> None:
     lines = [f"# Continual learning on MiniLM: 5 classification tasks, {len(result['orders'])} task orders{partial}", "",
              "Tasks: AG News, Amazon, Yelp, DBpedia (`cl_benchmark`, the 5-task benchmark without Yahoo) and SST-2; "
              "Yelp and DBpedia split 80/20 with a fixed seed (they have one file each). "
-             f"{result['train_per_task']} training rows a task (one epoch, batch 16, grouped by length; "
-             f"{result['threads']} thread(s) a run), "
+             f"{result['train_per_task']} training rows a task ({result['num_epochs']:g} epochs, batch 16, grouped by "
+             f"length, {result['max_length']} tokens at most; learning rate: LoRA {result['learning_rates']['lora']:g}"
+             + (f", OSF {result['learning_rates']['osf']:g}" if "osf" in result["learning_rates"] else "")
+             + f"; {result['threads']} thread(s) a run), "
              f"{result['test_per_task']} test rows a task (test rows whose normalised text is a training row's "
              f"are dropped first: {result['test_dropped_as_training']}); every model predicts over all 25 labels. "
              "Orders: "
@@ -271,7 +275,8 @@ def main() -> None:
         train([job for job in jobs if finished(job, args) is None], args)
     per_order: dict[str, dict[int, dict]] = {}
     missing = []
-    train_per_task = test_per_task = dropped = None
+    train_per_task = test_per_task = dropped = num_epochs = max_length = None
+    learning_rates: dict[str, float] = {}
     for job in jobs:
         run = finished(job, args)
         if run is None:
@@ -279,12 +284,15 @@ def main() -> None:
             continue
         train_per_task, test_per_task = run["train_per_task"], run["test_per_task"]
         dropped = sum(run["test_dropped_as_training"].values())
+        num_epochs, max_length = run["num_epochs"], run["max_length"]
+        learning_rates[run["method"]] = run["learning_rate"]
         for key, row in rows_of(run).items():
             per_order.setdefault(key, {})[job[1]] = row
     summary = summarise(per_order)
     result = {
         "benchmark": NAME, "orders": {k: ORDERS[k] for k in args.orders}, "strategies": args.strategies,
         "quick": args.quick, "model": args.model or "minilm", "threads": args.threads, "train_per_task": train_per_task,
+        "num_epochs": num_epochs, "max_length": max_length, "learning_rates": learning_rates,
         "test_per_task": test_per_task, "test_dropped_as_training": dropped, "partial": bool(missing),
         "missing": missing, "per_order": per_order,
         "summary": summary, "targets": targets(summary), "wall_seconds": time.perf_counter() - started,

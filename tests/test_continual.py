@@ -183,7 +183,8 @@ def run_recipe(strategy: str, tiny_bert: Path, output_dir: Path, *overrides: str
     config = REPO / "recipes" / "configs" / "minilm" / f"continual_{strategy}.yaml"
     command = [sys.executable, str(REPO / "recipes" / "continual_classification.py"), "--config", str(config),
                f"model={tiny_bert}", "data.tasks=[agnews,yelp]", "data.train_per_task=24", "data.test_per_task=8",
-               "data.router_examples=8", "max_length=24", "per_device_train_batch_size=8", "mixed_precision=no",
+               "data.router_examples=8", "max_length=24", "num_epochs=1", "per_device_train_batch_size=8",
+               "mixed_precision=no",
                f"output_dir={output_dir}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -244,7 +245,7 @@ def test_the_recipe_runs_under_accelerate_launch_on_two_processes(tiny_bert, tmp
                str(REPO / "recipes/continual_classification.py"), "--config",
                str(REPO / "recipes/configs/minilm/continual_adapter_per_task.yaml"), f"model={tiny_bert}",
                "data.tasks=[agnews,sst2]", "data.train_per_task=32", "data.test_per_task=8", "data.router_examples=8",
-               "max_length=24", "mixed_precision=no", f"output_dir={tmp_path / 'run'}"]
+               "max_length=24", "num_epochs=1", "mixed_precision=no", f"output_dir={tmp_path / 'run'}"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
