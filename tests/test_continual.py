@@ -25,7 +25,7 @@ from peftprompt.continual import (
     label_space,
     load_task,
 )
-from peftprompt.continual.learner import predict
+from peftprompt.continual.learner import predict, trained_labels_only
 from peftprompt.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,6 +174,25 @@ def test_switching_the_adapter_switches_the_predictions(tiny_bert):
     assert first != second
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".first" in n for n in trainable), "only the active adapter (and its head) trains"
+
+
+def test_a_task_trains_over_its_own_labels_and_predictions_can_be_kept_to_them(tiny_bert):
+    model, tokenizer = load_backbone(str(tiny_bert), task="seq_cls", num_labels=25)
+    model = attach(model, "lora", task="seq_cls")
+    batch = tokenizer(["a review", "a longer news story"], padding=True, return_tensors="pt")
+    with trained_labels_only(model, [4, 5, 6]):
+        model.train()
+        logits = model(**batch).logits
+        assert torch.isfinite(logits[:, 4:7]).all() and torch.isinf(logits[:, :4]).all()
+        assert torch.isinf(logits[:, 7:]).all()
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor([4, 6]))
+        assert torch.isfinite(loss)
+        model.eval()
+        assert torch.isfinite(model(**batch).logits).all()  # evaluation is never masked
+    model.train()
+    assert torch.isfinite(model(**batch).logits).all()  # the mask is gone after the block
+    texts = [f"text {i}" for i in range(12)]
+    assert set(predict(model, tokenizer, texts, max_length=8, batch_size=4, labels=[7, 9])) <= {7, 9}
 
 
 # End to end --------------------------------------------------------------------------------------------------------
