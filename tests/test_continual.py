@@ -176,7 +176,7 @@ def test_switching_the_adapter_switches_the_predictions(tiny_bert):
     assert trainable and all(".first" in n for n in trainable), "only the active adapter (and its head) trains"
 
 
-def test_a_task_trains_over_its_own_labels_and_predictions_can_be_kept_to_them(tiny_bert):
+def test_training_can_range_over_some_labels_and_predictions_too(tiny_bert):
     model, tokenizer = load_backbone(str(tiny_bert), task="seq_cls", num_labels=25)
     model = attach(model, "lora", task="seq_cls")
     batch = tokenizer(["a review", "a longer news story"], padding=True, return_tensors="pt")
@@ -193,6 +193,20 @@ def test_a_task_trains_over_its_own_labels_and_predictions_can_be_kept_to_them(t
     assert torch.isfinite(model(**batch).logits).all()  # the mask is gone after the block
     texts = [f"text {i}" for i in range(12)]
     assert set(predict(model, tokenizer, texts, max_length=8, batch_size=4, labels=[7, 9])) <= {7, 9}
+
+
+def test_a_single_head_trains_over_the_labels_seen_so_far():
+    from peftprompt.continual import ContinualLearner
+    from peftprompt.training import load_config
+
+    config = load_config(REPO / "recipes/configs/minilm/continual_sequential.yaml", ["data.tasks=[agnews,sst2]"])
+    tasks = [load_task(name, 5, 5) for name in ("agnews", "sst2")]
+    learner = ContinualLearner(config, ContinualOptions.from_data(config.data), tasks)
+    assert learner._trained_labels(0) == [0, 1, 2, 3]
+    assert learner._trained_labels(1) == [0, 1, 2, 3, 23, 24]
+    for strategy, expected in (("adapter_per_task", [23, 24]), ("joint", [0, 1, 2, 3, 23, 24])):
+        options = ContinualOptions.from_data({**config.data, "strategy": strategy})
+        assert ContinualLearner(config, options, tasks)._trained_labels(1) == expected
 
 
 # End to end --------------------------------------------------------------------------------------------------------

@@ -15,10 +15,10 @@ Strategies (`STRATEGIES`), each trained with the config's adapter ``method`` (Lo
   backbone (``merge_and_unload``) before the next task.
 - ``joint``: one adapter trained once on every task's rows together (the multi-task upper bound; one matrix row).
 
-Each task trains over its own labels only (`trained_labels_only`: the other labels' logits are masked in the loss,
-the "labels trick" of class-incremental learning; replay adds the replayed rows' labels, joint training has all).
-The single-head strategies predict over all of `label_space()`, told nothing of the task; an adapter of
-``adapter_per_task`` predicts among its own task's labels (given the task, or the task the router picked). After
+A single head trains over the labels seen so far (`trained_labels_only`: the logits of tasks still to come are
+masked in the loss, as in an expanding class-incremental head; joint training has all labels) and predicts over all
+of `label_space()`, told nothing of the task; an adapter of ``adapter_per_task`` trains and predicts among its own
+task's labels (given the task, or the task the router picked). After
 task ``i`` the accuracy on the test rows of every task trained so far fills row ``i`` of the matrix (later tasks:
 ``None``).
 
@@ -338,8 +338,7 @@ class ContinualLearner:
         stage_dir = self.output_dir / STAGES_DIR / f"{position}-{name}"
         config = dataclasses.replace(self.config, output_dir=str(stage_dir), resume_from=None)
         dataset = tokenised(self.tokenizer, rows, config.max_length)
-        labels = sorted({label for _, label in rows} | set(self._labels_of.get(name, [])))
-        with trained_labels_only(model, labels):
+        with trained_labels_only(model, self._trained_labels(position)):
             result = train(config, model, self.tokenizer, dataset, DataCollatorWithPadding(self.tokenizer))
         if self.is_main:
             shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)  # a sequence is not resumed half-way
@@ -360,6 +359,15 @@ class ContinualLearner:
         if self.options.strategy == "osf":
             stage["effective_rank"] = self.options.osf_rank(position)
         return model, stage
+
+    def _trained_labels(self, position: int) -> list[int]:
+        """The labels a stage's loss ranges over: an adapter of ``adapter_per_task``, its own task's; a single head,
+        every label seen so far (an expanding head: the labels of tasks still to come are masked, so they are not
+        trained down as negatives before their task arrives); joint training, all of them."""
+        if self.options.strategy == "adapter_per_task":
+            return self.tasks[position].label_ids
+        seen = self.tasks if self.options.strategy == "joint" else self.tasks[: position + 1]
+        return sorted({label for task in seen for label in task.label_ids})
 
     # ------------------------------------------------------------------------------------------------ evaluation
     def _evaluate_adapters(self, model, router: CentroidRouter, encoder: SentenceEncoder,
