@@ -103,13 +103,25 @@ def sst2_dataset(
             exactly `max_length` tokens, `False` leaves padding to the data collator.
         min_words (`int`, defaults to 0): Only rows of at least this many words (`read_sst2`).
     """
-    rows = read_sst2(split, limit, min_words)
+    return labelled_text_dataset(tokenizer, read_sst2(split, limit, min_words), max_length, padding,
+                                 desc=f"tokenising sst2 {split}")
+
+
+def labelled_text_dataset(
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[tuple[str, int]],
+    max_length: int,
+    padding: Union[bool, str] = False,
+    desc: str = "tokenising",
+) -> Dataset:
+    """``(text, label)`` rows tokenised: columns ``input_ids``, ``attention_mask`` (``token_type_ids``) and
+    ``labels``; texts truncated to `max_length` tokens, `padding` passed to the tokenizer."""
     raw = Dataset.from_dict({"sentence": [s for s, _ in rows], "labels": [label for _, label in rows]})
     return raw.map(
         lambda batch: tokenizer(batch["sentence"], truncation=True, max_length=max_length, padding=padding),
         batched=True,
         remove_columns=["sentence"],
-        desc=f"tokenising sst2 {split}",
+        desc=desc,
     )
 
 

@@ -41,11 +41,11 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-from datasets import Dataset
 from transformers import DataCollatorWithPadding
 
 from ..adapters import directory_bytes
 from ..atomic import write_dir_atomically
+from ..data import labelled_text_dataset
 from ..errors import InputError
 from ..methods import attach, default_config
 from ..retrieval.embed import SentenceEncoder
@@ -144,13 +144,6 @@ class ContinualResult:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def tokenised(tokenizer, rows: Sequence[tuple[str, int]], max_length: int) -> Dataset:
-    """``(text, label id)`` rows as a tokenised `Dataset` (``input_ids``, ``attention_mask``, ``labels``)."""
-    raw = Dataset.from_dict({"text": [text for text, _ in rows], "labels": [label for _, label in rows]})
-    return raw.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length), batched=True,
-                   remove_columns=["text"], desc="tokenising")
 
 
 @torch.no_grad()
@@ -337,7 +330,7 @@ class ContinualLearner:
         record."""
         stage_dir = self.output_dir / STAGES_DIR / f"{position}-{name}"
         config = dataclasses.replace(self.config, output_dir=str(stage_dir), resume_from=None)
-        dataset = tokenised(self.tokenizer, rows, config.max_length)
+        dataset = labelled_text_dataset(self.tokenizer, rows, config.max_length)
         with trained_labels_only(model, self._trained_labels(position)):
             result = train(config, model, self.tokenizer, dataset, DataCollatorWithPadding(self.tokenizer))
         if self.is_main:
