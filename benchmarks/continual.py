@@ -49,6 +49,7 @@ ROWS = (
     ("replay", "replay (LoRA, 2 % of each earlier task)", False),
     ("adapter_per_task_routed", "LoRA per task, routed", False),
     ("osf", "OSF (PEFT), merged per task", False),
+    ("orthogonal_lora", "O-LoRA-style LoRA, merged per task", False),
     ("adapter_per_task", "LoRA per task, task given", True),
     ("joint", "joint multi-task LoRA (upper bound)", False),
 )

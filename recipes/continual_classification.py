@@ -7,9 +7,9 @@ The tasks (``data.tasks``, in training order) come from ``../shared/data/cl_benc
 DBpedia) and SST-2, with their fixed splits and one 25-label space (`peftprompt.continual.tasks`);
 ``data.train_per_task`` / ``data.test_per_task`` rows of each are sampled with the config's seed. ``data.strategy``
 is one of ``sequential``, ``replay`` (``data.replay_fraction``), ``adapter_per_task`` (scored with the task given
-and routed: ``data.router_examples``), ``osf`` (method ``osf``, ``data.osf_effective_rank``) or ``joint``; see
-`peftprompt.continual.learner`. Each task is one training run of the config's settings (``num_epochs``,
-``learning_rate``, ...) under ``output_dir/stages/``.
+and routed: ``data.router_examples``), ``osf`` (method ``osf``, ``data.osf_effective_rank``), ``orthogonal_lora``
+(O-LoRA-style, ``data.orthogonal_weight``) or ``joint``; see `peftprompt.continual.learner`. Each task is one
+training run of the config's settings (``num_epochs``, ``learning_rate``, ...) under ``output_dir/stages/``.
 
 ``results.json``: the strategy and tasks, ``accuracy_matrix`` (row i: after task i; ``null`` where not measured),
 ``average_accuracy``, ``backward_transfer``, ``forgetting``, per-task costs (``stages``: trainable parameters,

@@ -17,6 +17,7 @@ from peftprompt.continual import (
     STRATEGIES,
     CentroidRouter,
     ContinualOptions,
+    OrthogonalLoRAPenalty,
     ReplayMemory,
     average_accuracy,
     backward_transfer,
@@ -91,6 +92,8 @@ def test_options_name_the_data_key_they_refuse():
         ContinualOptions.from_data({"strategy": "replay", "tasks": ["agnews"], "replay_fraction": 1.5})
     with pytest.raises(InputError, match=r"data\.replay_fractoin"):
         ContinualOptions.from_data({"strategy": "replay", "tasks": ["agnews"], "replay_fractoin": 0.1})
+    with pytest.raises(InputError, match=r"data\.orthogonal_weight.*>= 0"):
+        ContinualOptions.from_data({"strategy": "orthogonal_lora", "tasks": ["agnews"], "orthogonal_weight": -1})
     options = ContinualOptions.from_data({"strategy": "osf", "tasks": ["agnews", "yelp", "sst2"]})
     assert [options.osf_rank(i) for i in range(3)] == pytest.approx([0.3, 0.5, 0.7])
 
@@ -209,6 +212,46 @@ def test_a_single_head_trains_over_the_labels_seen_so_far():
         assert ContinualLearner(config, options, tasks)._trained_labels(1) == expected
 
 
+# O-LoRA-style penalty ----------------------------------------------------------------------------------------------
+
+
+class LoraLayer(torch.nn.Module):
+    """Stands in for a PEFT LoRA layer: its down-projection is ``<path>.lora_A.default.weight``."""
+
+    def __init__(self, weight: list[list[float]], trainable: bool = True):
+        super().__init__()
+        self.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(len(weight[0]), len(weight), bias=False)})
+        self.lora_A["default"].weight = torch.nn.Parameter(torch.tensor(weight), requires_grad=trainable)
+
+
+def lora_stand_in(query: list[list[float]], value: list[list[float]]) -> torch.nn.Module:
+    model = torch.nn.Module()
+    model.query, model.value = LoraLayer(query), LoraLayer(value)
+    model.frozen = LoraLayer([[5.0, 5.0, 5.0]], trainable=False)  # not this task's: never penalised or remembered
+    return model
+
+
+def test_the_penalty_is_the_weighted_overlap_with_every_earlier_task():
+    penalty = OrthogonalLoRAPenalty(weight=0.5)
+    first = lora_stand_in([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [[0.0, 0.0, 1.0]])
+    assert float(penalty(first).detach()) == 0.0  # nothing earlier yet
+    penalty.remember(first)
+    assert sorted(penalty.earlier) == ["query", "value"] and penalty.earlier["query"].shape == (2, 3)
+    orthogonal = lora_stand_in([[0.0, 0.0, 3.0], [0.0, 0.0, -2.0]], [[1.0, -1.0, 0.0]])
+    assert float(penalty(orthogonal).detach()) == 0.0
+    overlapping = lora_stand_in([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]], [[0.0, 2.0, -3.0]])
+    # query: [[1, 0], [1, 0]] -> 2; value: [[-3]] -> 3; weight 0.5
+    value = penalty(overlapping)
+    assert float(value.detach()) == pytest.approx(2.5)
+    value.backward()
+    assert overlapping.query.lora_A["default"].weight.grad.abs().sum() > 0
+    assert overlapping.frozen.lora_A["default"].weight.grad is None
+    penalty.remember(overlapping)  # stacked onto the first task's rows
+    assert penalty.earlier["query"].shape == (4, 3) and not penalty.earlier["query"].requires_grad
+    # against itself too: query 2 + 1, value 13
+    assert float(penalty(overlapping).detach()) == pytest.approx(2.5 + 0.5 * (3 + 13))
+
+
 # End to end --------------------------------------------------------------------------------------------------------
 
 
@@ -249,6 +292,12 @@ def test_every_strategy_trains_the_sequence_and_fills_its_matrix(strategy, tiny_
         assert results["stages"][0]["trainable_params"] == results["stages"][1]["trainable_params"]
     elif strategy == "osf":
         assert [stage["effective_rank"] for stage in results["stages"]] == [0.3, 0.7]
+        assert (adapters / "model.safetensors").is_file()  # the merged model
+    elif strategy == "orthogonal_lora":
+        first, second = (stage["orthogonality_penalty"] for stage in results["stages"])
+        assert first == {"start": 0.0, "end": 0.0}  # no earlier task
+        # the second task's new LoRA starts overlapping the first's (random A); the penalty trains the overlap down
+        assert 0 < second["end"] < second["start"]
         assert (adapters / "model.safetensors").is_file()  # the merged model
     else:
         assert (adapters / "adapter_model.safetensors").is_file()

@@ -293,19 +293,37 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path, monkeypatch):
     item, which turns the normalisation into exactly that.
     """
 
-    def run(name, batch, accumulation):
-        model = llama_lora()
-        config = llm_config(tmp_path, name, per_device_train_batch_size=batch,
-                            gradient_accumulation_steps=accumulation, max_steps=3)
-        train(config, model, None, token_rows(), SelfAskCollator(IdTokenizer(), max_length=64))
-        return trainable(model)
-
-    big = run("batch4", 4, 1)
-    accumulated = run("batch2x2", 2, 2)
-    assert max((big[k] - accumulated[k]).abs().max().item() for k in big) < 1e-6
+    big = accumulation_run(tmp_path, "batch4", 4, 1)
+    accumulated = accumulation_run(tmp_path, "batch2x2", 2, 2)
+    assert largest_difference(big, accumulated) < 1e-6
     monkeypatch.setattr(training_losses, "count_loss_items", lambda labels, task, w=None: torch.tensor(1.0, dtype=torch.float64))
-    mean_of_means = run("naive2x2", 2, 2)
-    assert max((big[k] - mean_of_means[k]).abs().max().item() for k in big) > 1e-4
+    mean_of_means = accumulation_run(tmp_path, "naive2x2", 2, 2)
+    assert largest_difference(big, mean_of_means) > 1e-4
+
+
+def accumulation_run(tmp_path, name, batch, accumulation, regulariser=None) -> dict:
+    model = llama_lora()
+    config = llm_config(tmp_path, name, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                        max_steps=3)
+    train(config, model, None, token_rows(), SelfAskCollator(IdTokenizer(), max_length=64), regulariser=regulariser)
+    return trainable(model)
+
+
+def largest_difference(first: dict, second: dict) -> float:
+    return max((first[k] - second[k]).abs().max().item() for k in first)
+
+
+def test_a_regulariser_enters_each_update_once_whatever_the_accumulation(tmp_path):
+    """``mean loss + regulariser(model)`` per update: accumulation 2 x batch 2 = batch 4 with it too (were it added
+    per micro-batch, the accumulated run would weigh it twice), and it changes the run."""
+
+    def squared_lora_a(model) -> torch.Tensor:
+        return 0.05 * sum((p ** 2).sum() for n, p in model.named_parameters() if "lora_A" in n and p.requires_grad)
+
+    big = accumulation_run(tmp_path, "batch4", 4, 1, squared_lora_a)
+    accumulated = accumulation_run(tmp_path, "batch2x2", 2, 2, squared_lora_a)
+    assert largest_difference(big, accumulated) < 1e-6
+    assert largest_difference(big, accumulation_run(tmp_path, "plain", 4, 1)) > 1e-4
 
 
 class Crash(Exception):

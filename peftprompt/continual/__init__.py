@@ -1,6 +1,6 @@
 """Continual learning on a sequence of classification tasks: the tasks and their shared labels, the strategies
-(sequential fine-tuning, experience replay, an adapter per task with routing, PEFT's OSF, joint training), and the
-accuracy-matrix scores.
+(sequential fine-tuning, experience replay, an adapter per task with routing, PEFT's OSF, O-LoRA-style orthogonal
+LoRA, joint training), and the accuracy-matrix scores.
 
 ```py
 from peftprompt.continual import ContinualLearner, ContinualOptions, load_task
@@ -15,6 +15,7 @@ The recipe ``recipes/continual_classification.py`` runs this under ``accelerate 
 
 from .learner import STRATEGIES, ContinualLearner, ContinualOptions, ContinualResult
 from .metrics import average_accuracy, backward_transfer, continual_scores, forgetting
+from .orthogonal import OrthogonalLoRAPenalty
 from .replay import ReplayMemory
 from .routing import CentroidRouter
 from .tasks import TASK_NAMES, ClassificationTask, label_space, load_task
@@ -27,6 +28,7 @@ __all__ = [
     "ContinualLearner",
     "ContinualOptions",
     "ContinualResult",
+    "OrthogonalLoRAPenalty",
     "ReplayMemory",
     "average_accuracy",
     "backward_transfer",

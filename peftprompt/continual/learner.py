@@ -13,6 +13,9 @@ Strategies (`STRATEGIES`), each trained with the config's adapter ``method`` (Lo
   OSF adapter (method ``osf``) whose frozen share of every weight's singular directions (``effective_rank``) grows
   linearly over the tasks (`ContinualOptions.osf_effective_rank`, first -> last), trained, then merged into the
   backbone (``merge_and_unload``) before the next task.
+- ``orthogonal_lora``: O-LoRA-style (`OrthogonalLoRAPenalty`): a fresh LoRA per task, trained with a penalty on the
+  overlap of its ``lora_A`` with the earlier tasks' (weight `ContinualOptions.orthogonal_weight`), then merged into
+  the backbone before the next task (the same forward pass as O-LoRA's frozen, summed adapters).
 - ``joint``: one adapter trained once on every task's rows together (the multi-task upper bound; one matrix row).
 
 A single head trains over the labels seen so far (`trained_labels_only`: the logits of tasks still to come are
@@ -25,8 +28,8 @@ task ``i`` the accuracy on the test rows of every task trained so far fills row 
 A run writes under ``config.output_dir``: ``stages/<i>-<task>/`` (each task's training run: ``metrics.jsonl`` and
 ``adapter/``; its checkpoints are removed once the task is done, as a sequence is not resumed half-way), and
 ``adapters/`` (``adapter_per_task``: every task's adapter and ``router.safetensors``; the other strategies: the
-final adapter, for ``osf`` the final merged model). Under several processes every process evaluates every test
-row (the same numbers); only the main process writes.
+final adapter, for ``osf`` and ``orthogonal_lora`` the final merged model). Under several processes every process
+evaluates every test row (the same numbers); only the main process writes.
 """
 
 from __future__ import annotations
@@ -52,11 +55,13 @@ from ..retrieval.embed import SentenceEncoder
 from ..tasks import HEAD_NAMES
 from ..training import TrainConfig, build_model, distributed_state, train
 from .metrics import continual_scores
+from .orthogonal import OrthogonalLoRAPenalty
 from .replay import ReplayMemory
 from .routing import CentroidRouter
 from .tasks import TASK_NAMES, ClassificationTask, label_space
 
-STRATEGIES = ("sequential", "replay", "adapter_per_task", "osf", "joint")
+STRATEGIES = ("sequential", "replay", "adapter_per_task", "osf", "orthogonal_lora", "joint")
+MERGED_PER_TASK = ("osf", "orthogonal_lora")
 STAGES_DIR = "stages"
 ADAPTERS_DIR = "adapters"
 ROUTER_FILE = "router.safetensors"
@@ -75,6 +80,7 @@ class ContinualOptions:
         router_examples: ``adapter_per_task``: training rows per task whose mean embedding is its routing centroid.
         osf_effective_rank: ``osf``: the frozen share of each weight's singular directions for the first and the
             last task (linear in between).
+        orthogonal_weight: ``orthogonal_lora``: the weight of the orthogonality penalty (O-LoRA's lambda_1).
     """
 
     strategy: str
@@ -84,6 +90,7 @@ class ContinualOptions:
     replay_fraction: float = 0.02
     router_examples: int = 200
     osf_effective_rank: list[float] = field(default_factory=lambda: [0.3, 0.7])
+    orthogonal_weight: float = 0.5
 
     @classmethod
     def from_data(cls, data: dict[str, Any]) -> "ContinualOptions":
@@ -121,6 +128,9 @@ class ContinualOptions:
         if not (isinstance(ranks, list) and len(ranks) == 2 and all(isinstance(r, (int, float)) and 0 < r < 1
                                                                     for r in ranks)):
             raise bad("osf_effective_rank", "must be [first, last], each a share in (0, 1)")
+        if (not isinstance(self.orthogonal_weight, (int, float)) or isinstance(self.orthogonal_weight, bool)
+                or self.orthogonal_weight < 0):
+            raise bad("orthogonal_weight", "must be a number >= 0")
 
     def osf_rank(self, position: int) -> float:
         """The frozen share of singular directions for the task at `position` of the sequence."""
@@ -225,6 +235,9 @@ class ContinualLearner:
         if options.strategy == "osf" and config.method != "osf":
             raise InputError(f"strategy 'osf' trains PEFT's OSF adapters: set method: osf (got {config.method!r})",
                              field="method")
+        if options.strategy == "orthogonal_lora" and config.method != "lora":
+            raise InputError(f"strategy 'orthogonal_lora' trains LoRA adapters: set method: lora (got "
+                             f"{config.method!r})", field="method")
         n_labels = len(label_space())
         if config.num_labels != n_labels:
             raise InputError(f"the continual tasks share {n_labels} labels: set num_labels: {n_labels}, got "
@@ -236,6 +249,8 @@ class ContinualLearner:
         self.tokenizer = None
         self._test_embeddings: dict[str, torch.Tensor] = {}  # routing: each task's test rows, embedded once
         self._labels_of = {task.name: task.label_ids for task in self.tasks}
+        self._penalty = (OrthogonalLoRAPenalty(options.orthogonal_weight) if options.strategy == "orthogonal_lora"
+                         else None)
 
     # ------------------------------------------------------------------------------------------------------- run
     def run(self) -> ContinualResult:
@@ -263,6 +278,8 @@ class ContinualLearner:
             stage["replayed_examples"] = len(rows) - len(task.train)
             if self.options.strategy == "replay":
                 memory.add(task.train)
+            if self._penalty is not None:
+                self._penalty.remember(model)
             started = time.perf_counter()
             seen = self.tasks[: position + 1]
             if router is not None:
@@ -276,7 +293,7 @@ class ContinualLearner:
                 rows_of[key].append(row + [None] * (len(self.tasks) - len(seen)))
             stage["eval_seconds"] = round(time.perf_counter() - started, 2)
             stages.append(stage)
-        if self.options.strategy == "osf":
+        if self.options.strategy in MERGED_PER_TASK:
             model = model.merge_and_unload()
         self._save_final(model, router)
         routed = None
@@ -306,7 +323,8 @@ class ContinualLearner:
     def _model_for(self, position: int, model):
         """The model that trains the task at `position`: the backbone with the config's adapter first (named after
         the task for ``adapter_per_task``); then the same model (``sequential``, ``replay``), a new named adapter made
-        the active and only trainable one (``adapter_per_task``), or a new OSF adapter on the merged backbone."""
+        the active and only trainable one (``adapter_per_task``), or a new adapter on the merged backbone (``osf``,
+        ``orthogonal_lora``)."""
         strategy, config = self.options.strategy, self.config
         if strategy == "adapter_per_task" and config.method == "full":
             raise InputError("adapter_per_task needs an adapter method, not 'full'", field="method")
@@ -321,8 +339,8 @@ class ContinualLearner:
         if strategy == "adapter_per_task":
             model.add_adapter(name, default_config(model.get_base_model(), config.method, "seq_cls", **method_args))
             model.set_adapter(name)
-        elif strategy == "osf":
-            model = attach(model.merge_and_unload(), "osf", task="seq_cls", **method_args)
+        elif strategy in MERGED_PER_TASK:
+            model = attach(model.merge_and_unload(), config.method, task="seq_cls", **method_args)
         return model
 
     def _train_stage(self, model, name: str, position: int, rows: Sequence[tuple[str, int]]) -> tuple[Any, dict]:
@@ -331,8 +349,10 @@ class ContinualLearner:
         stage_dir = self.output_dir / STAGES_DIR / f"{position}-{name}"
         config = dataclasses.replace(self.config, output_dir=str(stage_dir), resume_from=None)
         dataset = labelled_text_dataset(self.tokenizer, rows, config.max_length)
+        penalty_before = self._penalty_now(model)
         with trained_labels_only(model, self._trained_labels(position)):
-            result = train(config, model, self.tokenizer, dataset, DataCollatorWithPadding(self.tokenizer))
+            result = train(config, model, self.tokenizer, dataset, DataCollatorWithPadding(self.tokenizer),
+                           regulariser=self._penalty)
         if self.is_main:
             shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)  # a sequence is not resumed half-way
         adapter_dir = result.adapter_dir / name if (result.adapter_dir / name).is_dir() else result.adapter_dir
@@ -351,7 +371,15 @@ class ContinualLearner:
         }
         if self.options.strategy == "osf":
             stage["effective_rank"] = self.options.osf_rank(position)
+        if self._penalty is not None:  # the new adapter's overlap with the earlier tasks', before and after training
+            stage["orthogonality_penalty"] = {"start": penalty_before, "end": self._penalty_now(model)}
         return model, stage
+
+    def _penalty_now(self, model) -> Optional[float]:
+        if self._penalty is None:
+            return None
+        with torch.no_grad():
+            return float(self._penalty(model))
 
     def _trained_labels(self, position: int) -> list[int]:
         """The labels a stage's loss ranges over: an adapter of ``adapter_per_task``, its own task's; a single head,

@@ -89,6 +89,7 @@ ADAPTER_DIR = "adapter"
 CONFIG_FILE = "train_config.yaml"
 
 EvaluateFn = Callable[[Any, Accelerator], dict]
+Regulariser = Callable[[Any], torch.Tensor]
 
 
 class Trainer:
@@ -110,6 +111,8 @@ class Trainer:
         test_dataset: Optional; scored like `eval_dataset` at each evaluation, its metrics prefixed ``test_``
             (``test_accuracy``, ``test_loss``), and never used to pick the best step or stop early (tune on the
             evaluation set, report the test set).
+        regulariser: Optional ``(model) -> scalar tensor`` added to the mean training loss of every update (e.g.
+            `peftprompt.continual.OrthogonalLoRAPenalty`); the logged loss is the task loss alone.
 
     Writes under ``config.output_dir``: ``metrics.jsonl`` (records ``start``, ``train``, ``eval``, ``checkpoint``,
     ``resume``, ``final``), ``checkpoints/step-N`` (`peftprompt.training.checkpoints`), ``adapter/``
@@ -127,6 +130,7 @@ class Trainer:
         compute_metrics: Optional[ComputeMetrics] = None,
         evaluate_fn: Optional[EvaluateFn] = None,
         test_dataset=None,
+        regulariser: Optional[Regulariser] = None,
     ):
         if test_dataset is not None and eval_dataset is None:
             raise ValueError("a test_dataset is scored next to an eval_dataset (which selects the best step): pass both")
@@ -147,6 +151,7 @@ class Trainer:
         self.train_dataset, self.data_collator = train_dataset, data_collator
         self.eval_dataset, self.test_dataset = eval_dataset, test_dataset
         self.compute_metrics, self.evaluate_fn = compute_metrics, evaluate_fn
+        self.regulariser = regulariser
         self.output_dir = Path(config.output_dir)
         self.metric_name = config.metric_for_best or "loss"
         self.greater_is_better = config.greater_is_better if config.metric_for_best else False
@@ -302,6 +307,9 @@ class Trainer:
             with input_casts_skipped(self.castable):
                 loss_sum, items, tokens = training_loss(self.model, batch, self.config.task, self.kept_logits)
             self.window += torch.stack([loss_sum.detach().double(), items.double(), tokens.double()])
+            if self.regulariser is not None:
+                # weighted by the micro-batch's items: after the scaling below it enters each update once
+                loss_sum = loss_sum + self.regulariser(self.model) * items
             if accumulation == 1:
                 # The window is this micro-batch: its items on every process are known before the backward, so the
                 # loss is scaled (DDP then averages over processes) instead of every gradient after it.
@@ -533,7 +541,8 @@ class Trainer:
 
 def train(config: TrainConfig, model, tokenizer, train_dataset, data_collator, eval_dataset=None,
           compute_metrics: Optional[ComputeMetrics] = None, evaluate_fn: Optional[EvaluateFn] = None,
-          test_dataset=None) -> TrainResult:
+          test_dataset=None, regulariser: Optional[Regulariser] = None) -> TrainResult:
     """``Trainer(...).train()``: see `Trainer` for the arguments and what a run writes."""
     return Trainer(config, model, tokenizer, train_dataset, data_collator, eval_dataset=eval_dataset,
-                   compute_metrics=compute_metrics, evaluate_fn=evaluate_fn, test_dataset=test_dataset).train()
+                   compute_metrics=compute_metrics, evaluate_fn=evaluate_fn, test_dataset=test_dataset,
+                   regulariser=regulariser).train()
