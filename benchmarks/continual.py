@@ -3,8 +3,8 @@ average accuracy, backward transfer and forgetting.
 
 Each strategy (`STRATEGIES`: ``recipes/configs/minilm/continual_<strategy>.yaml``) trains through each task order of
 `ORDERS` with ``recipes/continual_classification.py`` (2,000 training rows a task, 3 epochs, batch 16, 64 tokens; 500
-test rows a task; see `peftprompt.continual`); joint training, which has no order, runs once. ``adapter_per_task`` is reported
-twice: with the task given and routed (the task not given). Runs live in ``--run-dir``
+test rows a task; see `peftprompt.continual`); joint training, which has no order, runs once. ``adapter_per_task``
+is reported with the task given and routed (the task not given) by each router. Runs live in ``--run-dir``
 (``<strategy>_order<k>``); each finished run leaves its ``results.json`` and ``train_config.yaml`` under
 ``--records`` (``benchmarks/results/continual_runs/`` in the repository), which later runs read instead of training
 again. Results written before every run is done are marked PARTIAL. Writes ``continual.{json,md,png}`` to
@@ -47,7 +47,8 @@ QUICK = ["data.train_per_task=32", "data.test_per_task=16", "data.router_example
 ROWS = (
     ("sequential", "sequential LoRA", False),
     ("replay", "replay (LoRA, 2 % of each earlier task)", False),
-    ("adapter_per_task_routed", "LoRA per task, routed", False),
+    ("adapter_per_task_routed_linear", "LoRA per task, linear router", False),
+    ("adapter_per_task_routed_centroid", "LoRA per task, nearest-centroid router", False),
     ("osf", "OSF (PEFT), merged per task", False),
     ("orthogonal_lora", "O-LoRA-style LoRA, merged per task", False),
     ("adapter_per_task", "LoRA per task, task given", True),
@@ -99,7 +100,7 @@ def train(jobs: list[tuple[str, int]], args: argparse.Namespace) -> None:
 
 
 def rows_of(run: dict) -> dict[str, dict]:
-    """The report rows of one run: the strategy's own, and for ``adapter_per_task`` also the routed one."""
+    """The report rows of one run: the strategy's own, and for ``adapter_per_task`` also one per router."""
     stages = run["stages"]
     common = {
         "trainable_params_per_task": stages[0]["trainable_params"],
@@ -108,10 +109,10 @@ def rows_of(run: dict) -> dict[str, dict]:
         "peak_memory_mb": run["peak_memory_mb"],
     }
     rows = {run["strategy"]: {**common, "matrix": run["accuracy_matrix"], **run["scores"]}}
-    if run.get("routed"):
-        routed = run["routed"]
-        rows[f"{run['strategy']}_routed"] = {**common, "matrix": routed["accuracy_matrix"], **routed["scores"],
-                                             "routing_accuracy": routed["routing_accuracy_last"]}
+    for router, routed in (run.get("routed") or {}).items():
+        rows[f"{run['strategy']}_routed_{router}"] = {**common, "matrix": routed["accuracy_matrix"],
+                                                      **routed["scores"],
+                                                      "routing_accuracy": routed["routing_accuracy_last"]}
     return rows
 
 

@@ -570,17 +570,19 @@ def test_continual_dry_run_scores_every_strategy_and_reuses_finished_runs(tiny_b
     run("continual.py", *args)
     result = json.loads((tmp_path / "out" / "continual.json").read_text())
     assert not result["partial"] and result["train_per_task"] == 32 and result["test_per_task"] == 16
-    assert set(result["per_order"]) == {"sequential", "adapter_per_task", "adapter_per_task_routed", "joint"}
+    assert set(result["per_order"]) == {"sequential", "adapter_per_task", "adapter_per_task_routed_linear",
+                                        "adapter_per_task_routed_centroid", "joint"}
     assert sorted(result["per_order"]["sequential"]) == ["1", "2"] and list(result["per_order"]["joint"]) == ["1"]
     order_1 = result["per_order"]["sequential"]["1"]
     assert len(order_1["matrix"]) == 5 and order_1["matrix"][0][1:] == [None] * 4
     mean = result["summary"]["sequential"]["average_accuracy"]
     values = [result["per_order"]["sequential"][k]["average_accuracy"] for k in ("1", "2")]
     assert mean["mean"] == pytest.approx(sum(values) / 2) and (mean["min"], mean["max"]) == (min(values), max(values))
-    assert 0 <= result["summary"]["adapter_per_task_routed"]["routing_accuracy"]["mean"] <= 1
-    assert result["targets"]["best_without_task_id"] in ("sequential", "adapter_per_task_routed")
+    assert 0 <= result["summary"]["adapter_per_task_routed_linear"]["routing_accuracy"]["mean"] <= 1
+    assert result["targets"]["best_without_task_id"] in ("sequential", "adapter_per_task_routed_linear",
+                                                         "adapter_per_task_routed_centroid")
     md = (tmp_path / "out" / "continual.md").read_text()
-    assert "| LoRA per task, routed | no |" in md and "| joint multi-task LoRA (upper bound) | no |" in md
+    assert "| LoRA per task, linear router | no |" in md and "| joint multi-task LoRA (upper bound) | no |" in md
     assert (tmp_path / "out" / "continual.png").stat().st_size > 0
     records = tmp_path / "runs" / "records"
     assert sorted(p.name for p in records.iterdir()) == [

@@ -17,6 +17,7 @@ from peftprompt.continual import (
     STRATEGIES,
     CentroidRouter,
     ContinualOptions,
+    LinearRouter,
     OrthogonalLoRAPenalty,
     ReplayMemory,
     average_accuracy,
@@ -24,6 +25,7 @@ from peftprompt.continual import (
     continual_scores,
     forgetting,
     label_space,
+    load_router,
     load_task,
 )
 from peftprompt.continual.learner import predict, trained_labels_only
@@ -136,20 +138,47 @@ def test_replay_keeps_the_stated_fraction_of_each_task_and_mixes_all_of_it():
 # Routing -----------------------------------------------------------------------------------------------------------
 
 
-def test_router_picks_the_task_of_separable_clusters_and_survives_a_round_trip(tmp_path):
+@pytest.mark.parametrize("kind", [LinearRouter, CentroidRouter])
+def test_router_picks_the_task_of_separable_clusters_and_survives_a_round_trip(kind, tmp_path):
     generator = torch.Generator().manual_seed(0)
     centres = torch.eye(8)[:3] * 5
     clusters = {name: centres[i] + 0.5 * torch.randn(40, 8, generator=generator)
                 for i, name in enumerate(("news", "reviews", "films"))}
-    router = CentroidRouter()
+    router = kind()
     for name, points in clusters.items():
         router.add_task(name, points[:20])
     for name, points in clusters.items():
         assert router.route(points[20:]) == [name] * 20
-    loaded = CentroidRouter.load(router.save(tmp_path / "router.safetensors"))
-    assert loaded.tasks == ["news", "reviews", "films"] and torch.equal(loaded.centroids, router.centroids)
+    loaded = load_router(router.save(tmp_path / "router.safetensors"))
+    assert type(loaded) is kind and loaded.tasks == ["news", "reviews", "films"]
+    for name in kind.STATE:
+        assert torch.equal(getattr(loaded, name), getattr(router, name))
+    assert loaded.route(clusters["films"][20:]) == ["films"] * 20
     with pytest.raises(ValueError, match="already added"):
         router.add_task("news", clusters["news"])
+    with pytest.raises(ValueError, match="dimension 4, the router's are 8"):
+        router.add_task("forum", torch.ones(3, 4))
+    other = LinearRouter if kind is CentroidRouter else CentroidRouter
+    with pytest.raises(ValueError, match=f"holds a {kind.__name__}, not a {other.__name__}"):
+        other.load(tmp_path / "router.safetensors")
+
+
+def test_the_linear_router_follows_a_task_spread_over_opposite_topics():
+    """A task whose texts sit at two opposite topics has a meaningless centroid; a linear router still finds it."""
+    generator = torch.Generator().manual_seed(0)
+    noise = lambda n: 0.3 * torch.randn(n, 6, generator=generator)  # noqa: E731
+    axis = torch.eye(6)
+    spread = torch.cat([3 * axis[0] + noise(40), -3 * axis[0] + noise(40)])[torch.randperm(80, generator=generator)]
+    focused = 3 * axis[1] + noise(80)
+    scores = {}
+    for kind in (LinearRouter, CentroidRouter):
+        router = kind()
+        router.add_task("spread", spread[:40])
+        router.add_task("focused", focused[:40])
+        picked = router.route(torch.cat([spread[40:], focused[40:]]))
+        scores[kind] = sum(p == want for p, want in zip(picked, ["spread"] * 40 + ["focused"] * 40)) / 80
+    assert scores[LinearRouter] == 1.0
+    assert scores[CentroidRouter] < 0.9
 
 
 # Adapters per task -------------------------------------------------------------------------------------------------
@@ -285,10 +314,14 @@ def test_every_strategy_trains_the_sequence_and_fills_its_matrix(strategy, tiny_
     assert all(0 <= value <= 1 for row in matrix for value in row if value is not None)
     adapters = tmp_path / "run" / "adapters"
     if strategy == "adapter_per_task":
-        routed = results["routed"]
-        assert routed["routing_accuracy"][0] == [1.0, None]  # one task: every input goes to it
+        assert sorted(results["routed"]) == ["centroid", "linear"]
+        for routed in results["routed"].values():
+            assert routed["routing_accuracy"][0] == [1.0, None]  # one task: every input goes to it
+            assert [[value is None for value in row] for row in routed["accuracy_matrix"]] == [[False, True],
+                                                                                              [False, False]]
         assert (adapters / "agnews" / "adapter_model.safetensors").is_file()
-        assert CentroidRouter.load(adapters / "router.safetensors").tasks == ["agnews", "yelp"]
+        assert load_router(adapters / "router-linear.safetensors").tasks == ["agnews", "yelp"]
+        assert type(load_router(adapters / "router-centroid.safetensors")) is CentroidRouter
         assert results["stages"][0]["trainable_params"] == results["stages"][1]["trainable_params"]
     elif strategy == "osf":
         assert [stage["effective_rank"] for stage in results["stages"]] == [0.3, 0.7]

@@ -17,10 +17,11 @@ from .learner import STRATEGIES, ContinualLearner, ContinualOptions, ContinualRe
 from .metrics import average_accuracy, backward_transfer, continual_scores, forgetting
 from .orthogonal import OrthogonalLoRAPenalty
 from .replay import ReplayMemory
-from .routing import CentroidRouter
+from .routing import ROUTERS, CentroidRouter, LinearRouter, Router, load_router
 from .tasks import TASK_NAMES, ClassificationTask, label_space, load_task
 
 __all__ = [
+    "ROUTERS",
     "STRATEGIES",
     "TASK_NAMES",
     "CentroidRouter",
@@ -28,12 +29,15 @@ __all__ = [
     "ContinualLearner",
     "ContinualOptions",
     "ContinualResult",
+    "LinearRouter",
     "OrthogonalLoRAPenalty",
     "ReplayMemory",
+    "Router",
     "average_accuracy",
     "backward_transfer",
     "continual_scores",
     "forgetting",
     "label_space",
+    "load_router",
     "load_task",
 ]

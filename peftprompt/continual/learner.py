@@ -6,9 +6,10 @@ Strategies (`STRATEGIES`), each trained with the config's adapter ``method`` (Lo
 - ``sequential``: one adapter and head trained task after task (the forgetting lower bound).
 - ``replay``: as ``sequential``, each later task's training rows mixed with `ContinualOptions.replay_fraction` of
   every earlier task's (`ReplayMemory`).
-- ``adapter_per_task``: a PEFT named adapter (with its own head) per task on one frozen backbone. Scored twice:
-  with the task given (each task's test rows through its own adapter) and routed (`CentroidRouter` over the frozen
-  backbone's sentence embeddings picks the adapter of each input among the tasks trained so far).
+- ``adapter_per_task``: a PEFT named adapter (with its own head) per task on one frozen backbone. Scored with the
+  task given (each task's test rows through its own adapter) and routed, once per router of `ROUTERS`
+  (`LinearRouter`, `CentroidRouter`: over the frozen backbone's sentence embeddings of `router_examples` training
+  rows per task, each picks the adapter of every input among the tasks trained so far).
 - ``osf``: PEFT's orthogonal subspace fine-tuning as its continual-learning example uses it: for each task a fresh
   OSF adapter (method ``osf``) whose frozen share of every weight's singular directions (``effective_rank``) grows
   linearly over the tasks (`ContinualOptions.osf_effective_rank`, first -> last), trained, then merged into the
@@ -27,7 +28,7 @@ task ``i`` the accuracy on the test rows of every task trained so far fills row 
 
 A run writes under ``config.output_dir``: ``stages/<i>-<task>/`` (each task's training run: ``metrics.jsonl`` and
 ``adapter/``; its checkpoints are removed once the task is done, as a sequence is not resumed half-way), and
-``adapters/`` (``adapter_per_task``: every task's adapter and ``router.safetensors``; the other strategies: the
+``adapters/`` (``adapter_per_task``: every task's adapter and ``router-<name>.safetensors``; the other strategies: the
 final adapter, for ``osf`` and ``orthogonal_lora`` the final merged model). Under several processes every process
 evaluates every test row (the same numbers); only the main process writes.
 """
@@ -57,14 +58,14 @@ from ..training import TrainConfig, build_model, distributed_state, train
 from .metrics import continual_scores
 from .orthogonal import OrthogonalLoRAPenalty
 from .replay import ReplayMemory
-from .routing import CentroidRouter
+from .routing import ROUTERS, Router
 from .tasks import TASK_NAMES, ClassificationTask, label_space
 
 STRATEGIES = ("sequential", "replay", "adapter_per_task", "osf", "orthogonal_lora", "joint")
 MERGED_PER_TASK = ("osf", "orthogonal_lora")
 STAGES_DIR = "stages"
 ADAPTERS_DIR = "adapters"
-ROUTER_FILE = "router.safetensors"
+ROUTER_FILE = "router-{name}.safetensors"
 
 
 @dataclass
@@ -77,7 +78,7 @@ class ContinualOptions:
         train_per_task / test_per_task: Rows sampled from each task's training / test split (``None``: all).
         replay_fraction: ``replay``: the share of each finished task's training rows trained again with each later
             task.
-        router_examples: ``adapter_per_task``: training rows per task whose mean embedding is its routing centroid.
+        router_examples: ``adapter_per_task``: training rows per task whose embeddings the routers learn from.
         osf_effective_rank: ``osf``: the frozen share of each weight's singular directions for the first and the
             last task (linear in between).
         orthogonal_weight: ``orthogonal_lora``: the weight of the orthogonality penalty (O-LoRA's lambda_1).
@@ -142,7 +143,7 @@ class ContinualOptions:
 @dataclass
 class ContinualResult:
     """What a continual run measured (``results.json``): the accuracy matrix and its scores, per-task costs, and for
-    ``adapter_per_task`` the routed matrix and the routing accuracy."""
+    ``adapter_per_task`` per router (``routed[<router>]``) the routed matrix, its scores and the routing accuracy."""
 
     strategy: str
     tasks: list[str]
@@ -264,12 +265,13 @@ class ContinualLearner:
             stage["eval_seconds"] = round(time.perf_counter() - started, 2)
             self._save_final(model)
             return self._result(matrix, [stage])
-        rows_of: dict[str, list] = {"given": [], "routed": [], "routing": []}
+        rows_of: dict[str, list] = {}  # given; routed:<router>, routing:<router>
         stages = []
         memory = ReplayMemory(self.options.replay_fraction, seed=self.config.seed)
-        router = encoder = None
+        routers: dict[str, Router] = {}
+        encoder = None
         if self.options.strategy == "adapter_per_task":
-            router, encoder = CentroidRouter(), SentenceEncoder(self.config.model)
+            routers, encoder = {name: kind() for name, kind in ROUTERS.items()}, SentenceEncoder(self.config.model)
         model = None
         for position, task in enumerate(self.tasks):
             model = self._model_for(position, model)
@@ -282,26 +284,27 @@ class ContinualLearner:
                 self._penalty.remember(model)
             started = time.perf_counter()
             seen = self.tasks[: position + 1]
-            if router is not None:
+            if routers:
                 train_texts = [text for text, _ in task.train[: self.options.router_examples]]
-                router.add_task(task.name, encoder.encode(train_texts, max_length=self.config.max_length))
-                measured = dict(zip(("given", "routed", "routing"), self._evaluate_adapters(model, router, encoder,
-                                                                                             seen)))
+                embeddings = encoder.encode(train_texts, max_length=self.config.max_length)
+                for router in routers.values():
+                    router.add_task(task.name, embeddings)
+                measured = self._evaluate_adapters(model, routers, encoder, seen)
             else:
                 measured = {"given": [accuracy(model, self.tokenizer, earlier.test, self.config) for earlier in seen]}
             for key, row in measured.items():
-                rows_of[key].append(row + [None] * (len(self.tasks) - len(seen)))
+                rows_of.setdefault(key, []).append(row + [None] * (len(self.tasks) - len(seen)))
             stage["eval_seconds"] = round(time.perf_counter() - started, 2)
             stages.append(stage)
         if self.options.strategy in MERGED_PER_TASK:
             model = model.merge_and_unload()
-        self._save_final(model, router)
-        routed = None
-        if router is not None:
-            last = rows_of["routing"][-1]
-            routed = {"accuracy_matrix": rows_of["routed"], "scores": continual_scores(rows_of["routed"]),
-                      "routing_accuracy": rows_of["routing"], "routing_accuracy_last": sum(last) / len(last)}
-        return self._result(rows_of["given"], stages, routed)
+        self._save_final(model, routers)
+        routed = {name: {"accuracy_matrix": rows_of[f"routed:{name}"],
+                         "scores": continual_scores(rows_of[f"routed:{name}"]),
+                         "routing_accuracy": rows_of[f"routing:{name}"],
+                         "routing_accuracy_last": sum(rows_of[f"routing:{name}"][-1]) / len(self.tasks)}
+                  for name in routers}
+        return self._result(rows_of["given"], stages, routed or None)
 
     def _start_over(self) -> None:
         """Refuse a directory holding a finished run; remove the stages an interrupted one left (not resumable)."""
@@ -391,40 +394,43 @@ class ContinualLearner:
         return sorted({label for task in seen for label in task.label_ids})
 
     # ------------------------------------------------------------------------------------------------ evaluation
-    def _evaluate_adapters(self, model, router: CentroidRouter, encoder: SentenceEncoder,
-                           seen: Sequence[ClassificationTask]) -> tuple[list[float], list[float], list[float]]:
-        """Per task trained so far: accuracy with its own adapter, accuracy with routed adapters, routing accuracy."""
-        given, routed, routing = [], [], []
+    def _evaluate_adapters(self, model, routers: dict[str, Router], encoder: SentenceEncoder,
+                           seen: Sequence[ClassificationTask]) -> dict[str, list[float]]:
+        """Per task trained so far: accuracy with its own adapter (``given``), and for each router the accuracy with
+        the adapters it picked (``routed:<router>``) and how often it picked the task's own (``routing:<router>``)."""
+        measured: dict[str, list[float]] = {"given": []}
         for task in seen:
             model.set_adapter(task.name)
-            given.append(accuracy(model, self.tokenizer, task.test, self.config, task.label_ids))
+            measured["given"].append(accuracy(model, self.tokenizer, task.test, self.config, task.label_ids))
             texts = [text for text, _ in task.test]
             if task.name not in self._test_embeddings:
                 self._test_embeddings[task.name] = encoder.encode(texts, max_length=self.config.max_length)
-            chosen = router.route(self._test_embeddings[task.name])
-            predictions = [0] * len(texts)
-            for adapter in sorted(set(chosen)):
-                picked = [i for i, c in enumerate(chosen) if c == adapter]
-                model.set_adapter(adapter)
-                labels = predict(model, self.tokenizer, [texts[i] for i in picked], self.config.max_length,
-                                 self.config.per_device_eval_batch_size, self._labels_of[adapter])
-                for i, label in zip(picked, labels):
-                    predictions[i] = label
-            routed.append(sum(p == label for p, (_, label) in zip(predictions, task.test)) / len(texts))
-            routing.append(sum(c == task.name for c in chosen) / len(chosen))
+            for name, router in routers.items():
+                chosen = router.route(self._test_embeddings[task.name])
+                predictions = [0] * len(texts)
+                for adapter in sorted(set(chosen)):
+                    picked = [i for i, c in enumerate(chosen) if c == adapter]
+                    model.set_adapter(adapter)
+                    labels = predict(model, self.tokenizer, [texts[i] for i in picked], self.config.max_length,
+                                     self.config.per_device_eval_batch_size, self._labels_of[adapter])
+                    for i, label in zip(picked, labels):
+                        predictions[i] = label
+                right = sum(p == label for p, (_, label) in zip(predictions, task.test)) / len(texts)
+                measured.setdefault(f"routed:{name}", []).append(right)
+                measured.setdefault(f"routing:{name}", []).append(sum(c == task.name for c in chosen) / len(chosen))
         model.set_adapter(seen[-1].name)
-        return given, routed, routing
+        return measured
 
     # ---------------------------------------------------------------------------------------------------- saving
-    def _save_final(self, model, router: Optional[CentroidRouter] = None) -> None:
-        """``adapters/``: the final adapter(s) (and the router), or for ``osf`` the merged model, atomically."""
+    def _save_final(self, model, routers: Optional[dict[str, Router]] = None) -> None:
+        """``adapters/``: the final adapter(s) (and the routers), or for ``osf`` the merged model, atomically."""
         if not self.is_main:
             return
 
         def write(tmp: Path) -> None:
             model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
-            if router is not None:
-                router.save(tmp / ROUTER_FILE)
+            for name, router in (routers or {}).items():
+                router.save(tmp / ROUTER_FILE.format(name=name))
 
         write_dir_atomically(self.output_dir / ADAPTERS_DIR, write)
