@@ -123,8 +123,7 @@ class LinearRouter(Router):
     (L-BFGS from zero weights, L2 `weight_decay`: deterministic, no random state used).
 
     Args:
-        weight_decay: The L2 penalty on the weights (1e-4: measured on the five continual tasks, 200 embeddings
-            each, it routed 93.5 % of their test rows right, where 1e-3 and 1e-2 routed fewer).
+        weight_decay: The L2 penalty on the weights.
         max_iter: L-BFGS iterations of each refit.
 
     Attributes:
