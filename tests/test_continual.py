@@ -94,6 +94,8 @@ def test_options_name_the_data_key_they_refuse():
         ContinualOptions.from_data({"strategy": "replay", "tasks": ["agnews"], "replay_fraction": 1.5})
     with pytest.raises(InputError, match=r"data\.replay_fractoin"):
         ContinualOptions.from_data({"strategy": "replay", "tasks": ["agnews"], "replay_fractoin": 0.1})
+    with pytest.raises(InputError, match=r"data\.router_layers.*'all' or 'last'"):
+        ContinualOptions.from_data({"strategy": "adapter_per_task", "tasks": ["agnews"], "router_layers": "middle"})
     with pytest.raises(InputError, match=r"data\.orthogonal_weight.*>= 0"):
         ContinualOptions.from_data({"strategy": "orthogonal_lora", "tasks": ["agnews"], "orthogonal_weight": -1})
     options = ContinualOptions.from_data({"strategy": "osf", "tasks": ["agnews", "yelp", "sst2"]})

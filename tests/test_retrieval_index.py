@@ -239,6 +239,16 @@ def test_sentence_encoder_restores_order_and_normalises(minilm):
     assert not same_encoder(ident, {**ident, "fingerprint": [v + 0.01 for v in ident["fingerprint"]]})
 
 
+
+def test_sentence_encoder_pools_the_layers_asked_for(minilm):
+    texts = ["short", "a much longer sentence about the Apollo moon landing in July 1969", "mid length text"]
+    last = minilm.encode(texts, batch_size=2)
+    assert torch.allclose(minilm.encode(texts, batch_size=2, layers=[6]), last, atol=1e-6)  # layer 6 is the last
+    layered = minilm.encode(texts, batch_size=2, layers=[1, 3, 6])
+    assert layered.shape == (3, 3 * 384) and torch.allclose(layered.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(layered[:, 768:] * 3 ** 0.5, last, atol=1e-5)  # each layer's part: its normalised pool
+    assert not torch.allclose(layered[:, :384], layered[:, 384:768], atol=1e-2)
+
 SEARCH_SCRIPT = """
 import json, sys
 from peftprompt.retrieval.index import PassageIndex

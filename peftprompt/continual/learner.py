@@ -8,8 +8,8 @@ Strategies (`STRATEGIES`), each trained with the config's adapter ``method`` (Lo
   every earlier task's (`ReplayMemory`).
 - ``adapter_per_task``: a PEFT named adapter (with its own head) per task on one frozen backbone. Scored with the
   task given (each task's test rows through its own adapter) and routed, once per router of `ROUTERS`
-  (`LinearRouter`, `CentroidRouter`: over the frozen backbone's sentence embeddings of `router_examples` training
-  rows per task, each picks the adapter of every input among the tasks trained so far).
+  (`LinearRouter`, `CentroidRouter`: over the frozen backbone's mean-pooled hidden states, `router_layers`, of
+  `router_examples` training rows per task, each picks the adapter of every input among the tasks trained so far).
 - ``osf``: PEFT's orthogonal subspace fine-tuning as its continual-learning example uses it: for each task a fresh
   OSF adapter (method ``osf``) whose frozen share of every weight's singular directions (``effective_rank``) grows
   linearly over the tasks (`ContinualOptions.osf_effective_rank`, first -> last), trained, then merged into the
@@ -79,6 +79,8 @@ class ContinualOptions:
         replay_fraction: ``replay``: the share of each finished task's training rows trained again with each later
             task.
         router_examples: ``adapter_per_task``: training rows per task whose embeddings the routers learn from.
+        router_layers: ``adapter_per_task``: what the routers read of each text: ``all`` (the mean-pooled output of
+            every layer of the frozen backbone, concatenated) or ``last`` (the sentence embedding alone).
         osf_effective_rank: ``osf``: the frozen share of each weight's singular directions for the first and the
             last task (linear in between).
         orthogonal_weight: ``orthogonal_lora``: the weight of the orthogonality penalty (O-LoRA's lambda_1).
@@ -89,7 +91,8 @@ class ContinualOptions:
     train_per_task: Optional[int] = 2000
     test_per_task: Optional[int] = 500
     replay_fraction: float = 0.02
-    router_examples: int = 200
+    router_examples: int = 1000
+    router_layers: str = "all"
     osf_effective_rank: list[float] = field(default_factory=lambda: [0.3, 0.7])
     orthogonal_weight: float = 0.5
 
@@ -125,6 +128,8 @@ class ContinualOptions:
             raise bad("replay_fraction", "must be a number in [0, 1]")
         if not isinstance(self.router_examples, int) or self.router_examples < 1:
             raise bad("router_examples", "must be an int >= 1")
+        if self.router_layers not in ("all", "last"):
+            raise bad("router_layers", "must be 'all' or 'last'")
         ranks = self.osf_effective_rank
         if not (isinstance(ranks, list) and len(ranks) == 2 and all(isinstance(r, (int, float)) and 0 < r < 1
                                                                     for r in ranks)):
@@ -286,7 +291,7 @@ class ContinualLearner:
             seen = self.tasks[: position + 1]
             if routers:
                 train_texts = [text for text, _ in task.train[: self.options.router_examples]]
-                embeddings = encoder.encode(train_texts, max_length=self.config.max_length)
+                embeddings = self._router_features(encoder, train_texts)
                 for router in routers.values():
                     router.add_task(task.name, embeddings)
                 measured = self._evaluate_adapters(model, routers, encoder, seen)
@@ -404,7 +409,7 @@ class ContinualLearner:
             measured["given"].append(accuracy(model, self.tokenizer, task.test, self.config, task.label_ids))
             texts = [text for text, _ in task.test]
             if task.name not in self._test_embeddings:
-                self._test_embeddings[task.name] = encoder.encode(texts, max_length=self.config.max_length)
+                self._test_embeddings[task.name] = self._router_features(encoder, texts)
             for name, router in routers.items():
                 chosen = router.route(self._test_embeddings[task.name])
                 predictions = [0] * len(texts)
@@ -420,6 +425,12 @@ class ContinualLearner:
                 measured.setdefault(f"routing:{name}", []).append(sum(c == task.name for c in chosen) / len(chosen))
         model.set_adapter(seen[-1].name)
         return measured
+
+    def _router_features(self, encoder: SentenceEncoder, texts: Sequence[str]) -> torch.Tensor:
+        layers = None
+        if self.options.router_layers == "all":
+            layers = range(1, encoder.model.config.num_hidden_layers + 1)
+        return encoder.encode(texts, max_length=self.config.max_length, layers=layers)
 
     # ---------------------------------------------------------------------------------------------------- saving
     def _save_final(self, model, routers: Optional[dict[str, Router]] = None) -> None:

@@ -1,10 +1,11 @@
 """Route an input to the adapter of the task it most likely belongs to, when the task is not given.
 
-Both routers read sentence embeddings (`SentenceEncoder`: the frozen backbone, mean-pooled) and learn task by task
+Both routers read embeddings of the frozen backbone (`SentenceEncoder.encode`, in the continual learner with
+``layers``: every layer's mean-pooled state, which keeps a text's form as well as its meaning) and learn task by task
 (`add_task`), which is all a continual learner can offer them:
 
-- `LinearRouter` keeps the (normalised) embeddings of some of each task's training texts as its memory and refits a
-  softmax regression over the tasks whenever one is added;
+- `LinearRouter` keeps the (normalised, float16) embeddings of some of each task's training texts as its memory and
+  refits a softmax regression over the tasks whenever one is added;
 - `CentroidRouter` keeps one centroid per task (the normalised mean embedding) and picks the most similar one
   (cosine); adding a task never changes the earlier centroids.
 
@@ -127,7 +128,8 @@ class LinearRouter(Router):
         max_iter: L-BFGS iterations of each refit.
 
     Attributes:
-        memory (`torch.Tensor`): ``(n, dim)``: every stored embedding, normalised; `owners` ``(n,)``: its task index.
+        memory (`torch.Tensor`): ``(n, dim)``, float16: every stored embedding, normalised; `owners` ``(n,)``: its
+            task index.
         weight (`torch.Tensor`), bias (`torch.Tensor`): ``(len(tasks), dim)`` and ``(len(tasks),)``.
     """
 
@@ -141,19 +143,21 @@ class LinearRouter(Router):
 
     def _learn(self, embeddings: torch.Tensor) -> None:
         owner = torch.full((len(embeddings),), len(self.tasks), dtype=torch.long)
+        embeddings = embeddings.half()  # the memory at half the bytes; the fit reads it in float32
         self.memory = embeddings if not self.tasks else torch.cat([self.memory, embeddings])
         self.owners = owner if not self.tasks else torch.cat([self.owners, owner])
         self._fit(len(self.tasks) + 1)
 
     def _fit(self, n_tasks: int) -> None:
-        weight = torch.zeros(n_tasks, self.memory.shape[1], requires_grad=True)
+        memory = self.memory.float()
+        weight = torch.zeros(n_tasks, memory.shape[1], requires_grad=True)
         bias = torch.zeros(n_tasks, requires_grad=True)
         if n_tasks > 1:
             optimizer = torch.optim.LBFGS([weight, bias], max_iter=self.max_iter, line_search_fn="strong_wolfe")
 
             def loss() -> torch.Tensor:
                 optimizer.zero_grad()
-                value = (torch.nn.functional.cross_entropy(self.memory @ weight.T + bias, self.owners)
+                value = (torch.nn.functional.cross_entropy(memory @ weight.T + bias, self.owners)
                          + self.weight_decay * weight.pow(2).sum())
                 value.backward()
                 return value

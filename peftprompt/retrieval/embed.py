@@ -72,8 +72,10 @@ class SentenceEncoder:
         max_length: int = 128,
         progress: bool = False,
         bf16: bool = False,
+        layers: Optional[Sequence[int]] = None,
     ) -> torch.Tensor:
-        """Embeddings of `texts`, shape ``(len(texts), hidden_size)``, float32, each of norm 1.
+        """Embeddings of `texts`, shape ``(len(texts), hidden_size)``, float32, each of norm 1 (with `layers`:
+        ``(len(texts), hidden_size * len(layers))``).
 
         Args:
             texts (`Sequence[str]`): The sentences or passages.
@@ -82,6 +84,10 @@ class SentenceEncoder:
             progress (`bool`, defaults to `False`): Show a progress bar.
             bf16 (`bool`, defaults to `False`): Run a bfloat16 copy of the encoder: several times faster where the
                 CPU has native bfloat16 (`native_bf16`), slower elsewhere; the result is float32 either way.
+            layers (`Sequence[int]`, *optional*): Hidden states to pool instead of the last one (0: the token
+                embeddings, i: the output of layer i): each mean-pooled and normalised, then concatenated (and scaled
+                to norm 1). Lower layers keep more of a text's form and wording, which tells tasks apart better than
+                its meaning alone (`peftprompt.continual.routing`).
         """
         if not texts:
             return torch.empty(0, self.hidden_size)
@@ -89,7 +95,7 @@ class SentenceEncoder:
         keys = list(encodings.keys())
         # Longest first: batches of similar lengths pad little, and a memory problem shows up in the first batch.
         order = sorted(range(len(texts)), key=lambda i: -len(encodings["input_ids"][i]))
-        out = torch.empty(len(texts), self.hidden_size)
+        out = torch.empty(len(texts), self.hidden_size * (len(layers) if layers else 1))
         model = self._bf16_model if bf16 else self.model
         starts = range(0, len(texts), batch_size)
         with torch.inference_mode():
@@ -98,10 +104,12 @@ class SentenceEncoder:
                 batch = self.tokenizer.pad({key: [encodings[key][i] for i in rows] for key in keys},
                                            return_tensors="pt")
                 batch = {key: value.to(self.model.device) for key, value in batch.items()}
-                hidden = model(**batch).last_hidden_state.float()
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                out[rows] = torch.nn.functional.normalize(pooled, dim=-1).cpu()
+                outputs = model(**batch, output_hidden_states=bool(layers))
+                states = [outputs.hidden_states[i] for i in layers] if layers else [outputs.last_hidden_state]
+                mask = batch["attention_mask"].unsqueeze(-1).float()
+                pooled = [torch.nn.functional.normalize((state.float() * mask).sum(1) / mask.sum(1).clamp(min=1e-9),
+                                                        dim=-1) for state in states]
+                out[rows] = (torch.cat(pooled, -1) / len(pooled) ** 0.5).cpu()
         return out
 
     @cached_property
