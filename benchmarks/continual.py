@@ -55,6 +55,7 @@ ROWS = (
     ("joint", "joint multi-task LoRA (upper bound)", False),
 )
 TARGET_GAP, TARGET_FORGETTING = 0.02, 0.01
+ROUTER_FEATURES = {"all": "hidden states (every layer's, mean-pooled, concatenated)", "last": "sentence embeddings"}
 
 
 def config_path(strategy: str) -> Path:
@@ -161,7 +162,11 @@ def write_results(result: dict, out: Path) -> None:
              f"{result['test_per_task']} test rows a task (test rows whose normalised text is a training row's "
              f"are dropped first: {result['test_dropped_as_training']}); every model predicts over all 25 labels. "
              "Orders: "
-             + "; ".join(f"{k}: {' -> '.join(v)}" for k, v in result["orders"].items()) + ".", "",
+             + "; ".join(f"{k}: {' -> '.join(v)}" for k, v in result["orders"].items()) + "."
+             + (f" Routers (the task not given): a linear router (softmax regression over the tasks) and the nearest "
+                f"task centroid, both over the frozen MiniLM's {ROUTER_FEATURES[result['router']['layers']]} of "
+                f"{result['router']['examples_per_task']} training rows per task." if result.get("router") else ""),
+             "",
              "| strategy | told the task | average accuracy | forgetting | backward transfer | routing accuracy "
              "| trainable params / task | adapter / task | training s | peak MB |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -277,7 +282,7 @@ def main() -> None:
         train([job for job in jobs if finished(job, args) is None], args)
     per_order: dict[str, dict[int, dict]] = {}
     missing = []
-    train_per_task = test_per_task = dropped = num_epochs = max_length = None
+    train_per_task = test_per_task = dropped = num_epochs = max_length = router = None
     learning_rates: dict[str, float] = {}
     for job in jobs:
         run = finished(job, args)
@@ -288,6 +293,7 @@ def main() -> None:
         dropped = sum(run["test_dropped_as_training"].values())
         num_epochs, max_length = run["num_epochs"], run["max_length"]
         learning_rates[run["method"]] = run["learning_rate"]
+        router = run.get("router") or router
         for key, row in rows_of(run).items():
             per_order.setdefault(key, {})[job[1]] = row
     summary = summarise(per_order)
@@ -295,7 +301,8 @@ def main() -> None:
         "benchmark": NAME, "orders": {k: ORDERS[k] for k in args.orders}, "strategies": args.strategies,
         "quick": args.quick, "model": args.model or "minilm", "threads": args.threads, "train_per_task": train_per_task,
         "num_epochs": num_epochs, "max_length": max_length, "learning_rates": learning_rates,
-        "test_per_task": test_per_task, "test_dropped_as_training": dropped, "partial": bool(missing),
+        "test_per_task": test_per_task, "test_dropped_as_training": dropped, "router": router,
+        "partial": bool(missing),
         "missing": missing, "per_order": per_order,
         "summary": summary, "targets": targets(summary), "wall_seconds": time.perf_counter() - started,
         "environment": environment_record(),

@@ -53,6 +53,8 @@ def main(argv=None) -> None:
             "train_per_task": options.train_per_task,
             "test_per_task": options.test_per_task,
             "replay_fraction": options.replay_fraction if options.strategy == "replay" else None,
+            "router": ({"examples_per_task": options.router_examples, "layers": options.router_layers}
+                       if options.strategy == "adapter_per_task" else None),
             "train_seconds": round(sum(stage["train_seconds"] for stage in stages), 2),
             "step_seconds": round(sum(stage["step_seconds"] for stage in stages), 2),
             "eval_seconds": round(sum(stage["eval_seconds"] for stage in stages), 2),

@@ -582,6 +582,8 @@ def test_continual_dry_run_scores_every_strategy_and_reuses_finished_runs(tiny_b
     assert result["targets"]["best_without_task_id"] in ("sequential", "adapter_per_task_routed_linear",
                                                          "adapter_per_task_routed_centroid")
     md = (tmp_path / "out" / "continual.md").read_text()
+    assert result["router"] == {"examples_per_task": 16, "layers": "all"}
+    assert "over the frozen MiniLM's hidden states (every layer's, mean-pooled, concatenated) of 16 training rows" in md
     assert "| LoRA per task, linear router | no |" in md and "| joint multi-task LoRA (upper bound) | no |" in md
     assert (tmp_path / "out" / "continual.png").stat().st_size > 0
     records = tmp_path / "runs" / "records"
