@@ -206,7 +206,8 @@ def write_results(result: dict, out: Path) -> None:
     check = result["targets"]
     if check:
         lines += ["", f"Target: the best strategy not told the task ({labels[check['best_without_task_id']]}) is "
-                  f"{check['below_joint'] * 100:.1f} points below joint training (target <= {TARGET_GAP * 100:.0f}) "
+                  f"{abs(check['below_joint']) * 100:.1f} points {'below' if check['below_joint'] > 0 else 'above'} joint "
+                  f"training (target: at most {TARGET_GAP * 100:.0f} below) "
                   f"with forgetting {check['forgetting'] * 100:.1f} points (target <= {TARGET_FORGETTING * 100:.0f}): "
                   f"{'met' if check['met'] else 'missed'}."]
     if result["missing"]:
