@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import textwrap
 import time
 from pathlib import Path
 from typing import Optional
@@ -252,7 +253,7 @@ def plot(result: dict, path: Path) -> None:
         high = [summary[k].get(metric, {}).get("max", m) - m for k, m in zip(names, means)]
         bars.bar([x + offset for x in xs], means, width=0.4, color=colour, yerr=[low, high], capsize=3,
                  label=metric.replace("_", " ") + " (mean over orders, range)")
-    bars.set_xticks(list(xs), [labels[k] for k in names], fontsize=7)
+    bars.set_xticks(list(xs), [textwrap.fill(labels[k], 22) for k in names], fontsize=7)
     bars.set_ylim(0, 1)
     bars.grid(axis="y", alpha=0.3)
     bars.legend(fontsize=7)
