@@ -199,9 +199,15 @@ def trained_labels_only(model, labels: Sequence[int]):
     it, a new task's labels start far below the trained ones and, measured here, SST-2 after DBpedia stayed at chance
     (0.514) where a fresh head reached 0.786. Evaluation is left unmasked."""
     head = next(module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in HEAD_NAMES)
+    masks: dict[tuple[int, torch.device], torch.Tensor] = {}  # built once, not at every forward
 
     def mask(module, inputs, output):
-        return output + label_mask(output.shape[-1], labels, output.device) if module.training else output
+        if not module.training:
+            return output
+        key = (output.shape[-1], output.device)
+        if key not in masks:
+            masks[key] = label_mask(key[0], labels, key[1])
+        return output + masks[key]
 
     handle = head.register_forward_hook(mask)
     try:
