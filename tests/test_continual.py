@@ -210,6 +210,49 @@ def test_switching_the_adapter_switches_the_predictions(tiny_bert):
     assert trainable and all(".first" in n for n in trainable), "only the active adapter (and its head) trains"
 
 
+def test_routed_accuracy_uses_the_picked_adapter_and_predicts_each_row_once(monkeypatch):
+    from types import SimpleNamespace
+
+    from peftprompt.continual import learner
+
+    tasks = [SimpleNamespace(name="news", label_ids=[0, 1], test=[("news 0", 0), ("news 1", 1), ("news 2", 0),
+                                                                  ("news 3", 1)]),
+             SimpleNamespace(name="stars", label_ids=[2, 3], test=[("stars 0", 2), ("stars 1", 3)])]
+    truth = {text: label for task in tasks for text, label in task.test}
+    calls = []
+
+    def fake_predict(model, tokenizer, texts, max_length, batch_size, labels=None):
+        calls.extend((model.active, text) for text in texts)  # right with the text's own adapter, else labels[0]
+        return [truth[text] if text.startswith(model.active) else labels[0] for text in texts]
+
+    class Model:
+        active = None
+
+        def set_adapter(self, name):
+            self.active = name
+
+    class FixedRouter:  # picks the adapters of `picks[task]`, one per test row
+        def __init__(self, picks):
+            self.picks = picks
+
+        def route(self, embeddings):
+            return self.picks[int(embeddings[0])]
+
+    monkeypatch.setattr(learner, "predict", fake_predict)
+    run = learner.ContinualLearner.__new__(learner.ContinualLearner)
+    run.tokenizer, run.config = None, SimpleNamespace(max_length=8, per_device_eval_batch_size=4)
+    run._test_embeddings = {"news": torch.zeros(4, 1), "stars": torch.ones(2, 1)}
+    routers = {"one_miss": FixedRouter({0: ["news", "stars", "news", "news"], 1: ["stars", "stars"]}),
+               "two_misses": FixedRouter({0: ["news", "news", "stars", "stars"], 1: ["stars", "news"]})}
+    measured = run._evaluate_adapters(Model(), routers, None, tasks)
+    assert measured["given"] == [1.0, 1.0]
+    assert measured["routing:one_miss"] == [0.75, 1.0] and measured["routing:two_misses"] == [0.5, 0.5]
+    # a row sent to the other task's adapter is predicted among that task's labels: wrong
+    assert measured["routed:one_miss"] == [0.75, 1.0] and measured["routed:two_misses"] == [0.5, 0.5]
+    assert len(calls) == len(set(calls)), "no row is predicted twice with the same adapter"
+    assert ("stars", "news 1") in calls and ("news", "stars 1") in calls
+
+
 def test_training_can_range_over_some_labels_and_predictions_too(tiny_bert):
     model, tokenizer = load_backbone(str(tiny_bert), task="seq_cls", num_labels=25)
     model = attach(model, "lora", task="seq_cls")

@@ -221,6 +221,11 @@ def accuracy(model, tokenizer, rows: Sequence[tuple[str, int]], config: TrainCon
     """The share of `rows` whose predicted label id (among `labels` if given) is their label."""
     predictions = predict(model, tokenizer, [text for text, _ in rows], config.max_length,
                           config.per_device_eval_batch_size, labels)
+    return share_right(predictions, rows)
+
+
+def share_right(predictions: Sequence[int], rows: Sequence[tuple[str, int]]) -> float:
+    """The share of `rows` whose label is the prediction at the same position."""
     return sum(p == label for p, (_, label) in zip(predictions, rows)) / len(rows)
 
 
@@ -260,7 +265,6 @@ class ContinualLearner:
         self.is_main = distributed_state().is_main_process
         self.tokenizer = None
         self._test_embeddings: dict[str, torch.Tensor] = {}  # routing: each task's test rows, embedded once
-        self._labels_of = {task.name: task.label_ids for task in self.tasks}
         self._penalty = (OrthogonalLoRAPenalty(options.orthogonal_weight) if options.strategy == "orthogonal_lora"
                          else None)
 
@@ -410,25 +414,28 @@ class ContinualLearner:
         """Per task trained so far: accuracy with its own adapter (``given``), and for each router the accuracy with
         the adapters it picked (``routed:<router>``) and how often it picked the task's own (``routing:<router>``)."""
         measured: dict[str, list[float]] = {"given": []}
+        labels_of = {task.name: task.label_ids for task in seen}
         for task in seen:
-            model.set_adapter(task.name)
-            measured["given"].append(accuracy(model, self.tokenizer, task.test, self.config, task.label_ids))
             texts = [text for text, _ in task.test]
+            model.set_adapter(task.name)
+            given = predict(model, self.tokenizer, texts, self.config.max_length,
+                            self.config.per_device_eval_batch_size, task.label_ids)
+            measured["given"].append(share_right(given, task.test))
             if task.name not in self._test_embeddings:
                 self._test_embeddings[task.name] = self._router_features(encoder, texts)
-            for name, router in routers.items():
-                chosen = router.route(self._test_embeddings[task.name])
-                predictions = [0] * len(texts)
-                for adapter in sorted(set(chosen)):
-                    picked = [i for i, c in enumerate(chosen) if c == adapter]
-                    model.set_adapter(adapter)
-                    labels = predict(model, self.tokenizer, [texts[i] for i in picked], self.config.max_length,
-                                     self.config.per_device_eval_batch_size, self._labels_of[adapter])
-                    for i, label in zip(picked, labels):
-                        predictions[i] = label
-                right = sum(p == label for p, (_, label) in zip(predictions, task.test)) / len(texts)
-                measured.setdefault(f"routed:{name}", []).append(right)
-                measured.setdefault(f"routing:{name}", []).append(sum(c == task.name for c in chosen) / len(chosen))
+            chosen = {name: router.route(self._test_embeddings[task.name]) for name, router in routers.items()}
+            # each row is predicted once per adapter, whichever routers picked it; the task's own adapter is done
+            by_adapter = {task.name: dict(enumerate(given))}
+            for adapter in sorted({a for picks in chosen.values() for a in picks} - {task.name}):
+                rows = sorted({i for picks in chosen.values() for i, a in enumerate(picks) if a == adapter})
+                model.set_adapter(adapter)
+                by_adapter[adapter] = dict(zip(rows, predict(
+                    model, self.tokenizer, [texts[i] for i in rows], self.config.max_length,
+                    self.config.per_device_eval_batch_size, labels_of[adapter])))
+            for name, picks in chosen.items():
+                routed = [by_adapter[adapter][i] for i, adapter in enumerate(picks)]
+                measured.setdefault(f"routed:{name}", []).append(share_right(routed, task.test))
+                measured.setdefault(f"routing:{name}", []).append(sum(a == task.name for a in picks) / len(picks))
         model.set_adapter(seen[-1].name)
         return measured
 
