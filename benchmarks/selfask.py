@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from transformers.utils import logging as transformers_logging
 
 from _env import environment_record
-from peftprompt import load_adapter, load_backbone
+from peftprompt import load_adapter, load_backbone, merged_for_inference
 from peftprompt.recursive import convert
 from peftprompt.selfask.evaluate import APPROACHES, compare_approaches, sample_trees
 
@@ -131,7 +131,7 @@ def main() -> None:
              "2wikimultihopqa": 20 if args.quick else args.n_2wiki}
     transformers_logging.set_verbosity_error()
     model, tokenizer = load_backbone(args.model, task="causal_lm")
-    tuned = load_adapter(load_backbone(args.model, task="causal_lm")[0], args.adapter).eval()
+    tuned = merged_for_inference(load_adapter(load_backbone(args.model, task="causal_lm")[0], args.adapter))
     result: dict = {"benchmark": NAME, "model": args.model, "threshold": args.threshold, "seed": SEED,
                     "training": training_record(args.adapter)}
     for key, (source, title) in DATASETS.items():

@@ -1,14 +1,16 @@
 """Self-ask inference speed: questions per second of `evaluate_selfask` (what ``peftprompt eval selfask`` runs per
-approach) before and after the runner kept KV caches across steps and 64 questions in flight, with every answer
-compared, transcript by transcript, against the runner before.
+approach) before and after the runner kept KV caches across steps and 64 questions in flight and the adapter was
+merged, with every answer compared, transcript by transcript, against the runner before.
 
 Settings, each in its own process (torch's default threads, greedy decoding):
 
 - **before**: the runner at ``--baseline-ref`` (a `git worktree` of that commit on ``PYTHONPATH``): every step
   encodes each whole prompt again, all questions stepped together in `generate` calls of 8;
 - **no reuse, 64 in flight**: this commit with ``reuse_kv_cache=False`` (what scheduling alone buys);
-- **reuse, 8 in flight** and **reuse, 64 in flight** (this commit's defaults): each question's KV cache kept from
-  one step to the next and the few-shot prefix encoded once (`peftprompt.selfask.kv_cache`).
+- **reuse, 8 in flight** and **reuse, 64 in flight**: each question's KV cache kept from one step to the next and
+  the few-shot prefix encoded once (`peftprompt.selfask.kv_cache`), the adapter unmerged;
+- **reuse, 64 in flight, merged** (what ``peftprompt eval selfask`` does): as above, the LoRA folded into the
+  weights first (`peftprompt.merged_for_inference`). The base model has no adapter: its row repeats the one above.
 
 Approaches: zero-shot self-ask with the fine-tuned adapter (``--adapter``, ``--n`` questions) and the base model's
 4-shot self-ask (``--n-few-shot`` questions; its prompts start with a 400-token prefix), on Compositional
@@ -40,8 +42,11 @@ SETTINGS = {  # name: (label, runner arguments; None: the runner at --baseline-r
     "before": ("before (re-encode every step, generate calls of 8)", None),
     "no_reuse_64": ("no reuse, 64 in flight", {"reuse_kv_cache": False, "batch_size": 64}),
     "reuse_8": ("reuse, 8 in flight", {"reuse_kv_cache": True, "batch_size": 8}),
-    "reuse_64": ("reuse, 64 in flight (default)", {"reuse_kv_cache": True, "batch_size": 64}),
+    "reuse_64": ("reuse, 64 in flight", {"reuse_kv_cache": True, "batch_size": 64}),
+    "reuse_64_merged": ("reuse, 64 in flight, adapter merged (default)", {"reuse_kv_cache": True, "batch_size": 64}),
 }
+MERGED = ("reuse_64_merged",)  # settings that fold the adapter into the weights
+DEFAULT = "reuse_64_merged"
 APPROACHES = {"fine_tuned_self_ask": "fine-tuned, zero-shot", "few_shot_self_ask": "base model, 4-shot"}
 
 
@@ -65,6 +70,10 @@ def worker(args: argparse.Namespace) -> None:
     model, tokenizer = load_backbone(args.model, task="causal_lm")
     if fine_tuned:
         model = load_adapter(model, args.adapter)
+        if args.merge:
+            from peftprompt import merged_for_inference  # not in the code measured as before
+
+            model = merged_for_inference(model)
     runner_args = json.loads(args.runner_args)
     runner = SelfAskRunner(model.eval(), tokenizer, answerer=retriever, **runner_args,
                            **({} if fine_tuned else {"few_shot": FEW_SHOT_SELF_ASK}))
@@ -74,6 +83,7 @@ def worker(args: argparse.Namespace) -> None:
     records = scores.pop("records")
     Path(args.result).write_text(json.dumps({
         "seconds": seconds, "n": len(trees), "questions_per_second": len(trees) / seconds,
+        "model_class": type(model).__name__,  # PeftModel...: the adapter unmerged
         "em": scores["em"], "well_formed": scores["well_formed"],
         "mean_generated_tokens": scores["mean_generated_tokens"],
         "texts": [r["text"] for r in records], "questions": [r["question"] for r in records],
@@ -89,7 +99,8 @@ def run_setting(setting: str, approach: str, args: argparse.Namespace, code: Pat
     subprocess.run([sys.executable, __file__, "--worker", "--approach", approach, "--code", str(code),
                     "--model", args.model,
                     "--adapter", str(args.adapter.resolve()), "--n", str(args.n), "--n-few-shot", str(args.n_few_shot),
-                    "--runner-args", json.dumps(runner_args), "--result", str(result)], check=True, env=env,
+                    "--runner-args", json.dumps(runner_args), "--result", str(result),
+                    *(["--merge"] if setting in MERGED else [])], check=True, env=env,
                    cwd=REPO)
     return json.loads(result.read_text())
 
@@ -116,7 +127,7 @@ def write_results(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{NAME}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Self-ask inference speed on {result['model']}: questions per second, before and after KV-cache "
-             "reuse", "",
+             "reuse and merging the adapter", "",
              f"Compositional Celebrities questions drawn at random (seed {SEED}); follow-ups answered by the MiniLM "
              "retriever over the questions' gold sub-answers; greedy decoding; seconds of `evaluate_selfask` (what "
              "`peftprompt eval selfask` runs per approach), models already loaded; each setting in its own process. "
@@ -175,6 +186,7 @@ def main() -> None:
     parser.add_argument("--code", help=argparse.SUPPRESS)
     parser.add_argument("--runner-args", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--merge", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -208,7 +220,7 @@ def main() -> None:
                 r["vs_before"] = compare(runs["before"], r)
         for r in runs.values():  # the transcripts are compared; keep the JSON readable
             del r["texts"], r["questions"]
-    default = result["runs"]["fine_tuned_self_ask"]["reuse_64"]
+    default = result["runs"]["fine_tuned_self_ask"][DEFAULT]
     result["target"] = {"speedup": default["speedup"], "identical": default["vs_before"]["identical"],
                         "of": default["vs_before"]["of"],
                         "met": default["speedup"] >= 2 and default["vs_before"]["identical"] == default["n"]}

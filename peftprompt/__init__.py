@@ -10,7 +10,7 @@ from . import quiet
 
 quiet.install()  # before PEFT imports bitsandbytes
 
-from .adapters import load_adapter, save_adapter  # noqa: E402
+from .adapters import load_adapter, merged_for_inference, save_adapter  # noqa: E402
 from .backbones import BackboneError, load_backbone  # noqa: E402
 from .errors import InputError  # noqa: E402
 from .methods import METHODS, attach, default_config  # noqa: E402
@@ -30,6 +30,7 @@ __all__ = [
     "default_config",
     "load_adapter",
     "load_backbone",
+    "merged_for_inference",
     "parameter_report",
     "save_adapter",
 ]

@@ -202,7 +202,7 @@ def _ask(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.markup import escape
 
-    from .adapters import check_adapter_dir, load_adapter
+    from .adapters import check_adapter_dir, load_adapter, merged_for_inference
     from .backbones import load_backbone
     from .recursive import write_trees
     from .retrieval.index import PassageIndex
@@ -231,6 +231,7 @@ def _ask(args: argparse.Namespace) -> None:
                              field="--reader-adapter")
         check_adapter_dir(args.reader_adapter)
         model.load_adapter(args.reader_adapter, adapter_name="reader")
+    model = merged_for_inference(model)  # one adapter: folded into the weights
     retrieval = None
     if index is not None:
         reader = ModelReader(model.eval(), tokenizer, adapter="reader" if args.reader_adapter else None,
@@ -325,14 +326,14 @@ def _eval_selfask(args: argparse.Namespace) -> None:
     answerer = answerers_from_names(names, knowledge_base(trees, leaves_only=args.knowledge == "leaves"),
                                     args.threshold)  # bad names fail before the models load
 
-    from .adapters import load_adapter
+    from .adapters import load_adapter, merged_for_inference
     from .backbones import load_backbone
 
     model, tokenizer = load_backbone(args.model, task="causal_lm")
     adapter_model = None
     if "fine_tuned_self_ask" in approaches:
         base, _ = load_backbone(args.model, task="causal_lm")
-        adapter_model = load_adapter(base, args.adapter).eval()
+        adapter_model = merged_for_inference(load_adapter(base, args.adapter))
     runner_kwargs = {"max_depth": args.max_depth, "recurse": not args.no_recurse}
     results = compare_approaches(
         trees, model.eval(), tokenizer, adapter_model=adapter_model, approaches=approaches, answerer=answerer,

@@ -39,7 +39,7 @@ from pathlib import Path
 from rich.console import Console
 from transformers.utils import logging as transformers_logging
 
-from peftprompt import load_adapter, load_backbone
+from peftprompt import load_adapter, load_backbone, merged_for_inference
 from peftprompt.adapters import directory_bytes
 from peftprompt.atomic import write_file_atomically
 from peftprompt.recursive import Node, convert
@@ -123,7 +123,7 @@ def main() -> None:
     trees = sample_trees(convert(SOURCE), args.n, seed=0)
     retriever = RetrieverAnswerer(knowledge_base(trees))
     base, tokenizer = load_backbone("smollm2-135m", task="causal_lm")
-    tuned = load_adapter(load_backbone("smollm2-135m", task="causal_lm")[0], adapter_dir).eval()
+    tuned = merged_for_inference(load_adapter(load_backbone("smollm2-135m", task="causal_lm")[0], adapter_dir))
 
     console.rule(f"2. Fine-tuned self-ask on {SHOWN} Compositional Celebrities questions (follow-ups: retriever)")
     after = score(SelfAskRunner(tuned, tokenizer, answerer=retriever, progress="fine-tuned self-ask"), trees)

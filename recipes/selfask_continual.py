@@ -31,7 +31,7 @@ from pathlib import Path
 
 from transformers.utils import logging as transformers_logging
 
-from peftprompt import load_adapter, load_backbone
+from peftprompt import load_adapter, load_backbone, merged_for_inference
 from peftprompt.atomic import write_file_atomically
 from peftprompt.recursive import Node, check_trainable, convert, load_trees, read_trees, write_trees
 from peftprompt.recursive.sources import drop_overlap
@@ -121,7 +121,7 @@ def main() -> None:
             kept_file = round_dir / "verified.jsonl"
             if not kept_file.is_file():
                 model, tokenizer = load_backbone(config.model, task="causal_lm")
-                model = load_adapter(model, adapter).eval()
+                model = merged_for_inference(load_adapter(model, adapter))
                 facts = RetrieverAnswerer(knowledge_base(asked, leaves_only=True), model=retriever.model,
                                           tokenizer=retriever.tokenizer)
                 runner = SelfAskRunner(model, tokenizer, answerer=facts, progress=f"round {r}: pool questions")
@@ -146,7 +146,7 @@ def main() -> None:
         evaluation = round_dir / "eval.json"
         if not evaluation.is_file():
             model, tokenizer = load_backbone(config.model, task="causal_lm")
-            model = load_adapter(model, adapter).eval()
+            model = merged_for_inference(load_adapter(model, adapter))
             scores = {name: score(SelfAskRunner(model, tokenizer, answerer=answerer, progress=f"round {r}: {name}"),
                                   held_out if name == "held_out" else celebrities)
                       for name, answerer in answerers.items()}

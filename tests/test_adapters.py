@@ -9,7 +9,9 @@ import stat
 import pytest
 import torch
 
-from peftprompt import attach, load_adapter, parameter_report, save_adapter
+from peft import PeftModel
+
+from peftprompt import attach, load_adapter, merged_for_inference, parameter_report, save_adapter
 from peftprompt.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_dir, directory_bytes
 from peftprompt.atomic import write_dir_atomically
 from peftprompt.report import format_bytes, markdown_table
@@ -139,3 +141,38 @@ def test_saved_adapter_reloads_to_the_same_logits(saved_lora):
     assert not model.training and not reloaded.training
     ids = torch.arange(5, 15)[None]
     torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def randomised(model):
+    """`model` with its adapter weights moved off their (often zero) initial values, so merging changes something."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "bitfit"])
+def test_a_merged_adapter_gives_the_same_logits_as_the_adapter(method, tmp_path):
+    tuned = randomised(attach(tiny_llama(), method, task="causal_lm"))
+    save_adapter(tuned, tmp_path / "adapter")
+    ids = torch.randint(1, 128, (2, 12))
+    adapter = load_adapter(tiny_llama(), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        expected = adapter(input_ids=ids).logits
+        assert not torch.allclose(expected, tiny_llama()(input_ids=ids).logits, atol=1e-3), "the adapter does nothing"
+        merged = merged_for_inference(adapter)
+        assert not isinstance(merged, PeftModel) and not merged.training
+        assert not any("lora_" in n or "ia3_" in n for n, _ in merged.named_parameters())
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_adapters_that_cannot_merge_come_back_unmerged(tmp_path):
+    prompt = merged_for_inference(attach(tiny_llama(), "prompt", task="causal_lm"))
+    assert isinstance(prompt, PeftModel) and not prompt.training  # virtual tokens are not weights
+    two = attach(tiny_llama(), "lora", task="causal_lm")
+    two.add_adapter("reader", two.peft_config["default"])
+    assert isinstance(merged_for_inference(two), PeftModel)  # the runner switches between them
+    plain = tiny_llama().train()
+    assert merged_for_inference(plain) is plain and not plain.training

@@ -64,10 +64,13 @@ def test_selfask_speed_benchmark_dry_run(tiny_smollm, tmp_path):
     result = json.loads((tmp_path / "results" / "selfask_speed.json").read_text())
     for approach in ("fine_tuned_self_ask", "few_shot_self_ask"):
         runs = result["runs"][approach]
-        assert set(runs) == {"before", "no_reuse_64", "reuse_8", "reuse_64"}
+        assert set(runs) == {"before", "no_reuse_64", "reuse_8", "reuse_64", "reuse_64_merged"}
         assert all(r["n"] == 8 and r["questions_per_second"] > 0 for r in runs.values())
-        for name in ("no_reuse_64", "reuse_8", "reuse_64"):
+        for name in ("no_reuse_64", "reuse_8", "reuse_64", "reuse_64_merged"):
             assert runs[name]["vs_before"] == {"identical": 8, "of": 8, "differing": []}
+    tuned = result["runs"]["fine_tuned_self_ask"]
+    assert tuned["reuse_64"]["model_class"].startswith("Peft")
+    assert tuned["reuse_64_merged"]["model_class"] == "LlamaForCausalLM"  # merged: the plain backbone
     assert result["target"]["identical"] == 8 and result["target"]["speedup"] > 0
     assert "| fine-tuned, zero-shot | before" in (tmp_path / "results" / "selfask_speed.md").read_text()
     assert (tmp_path / "results" / "selfask_speed.png").stat().st_size > 0
