@@ -100,6 +100,8 @@ def test_options_name_the_data_key_they_refuse():
         ContinualOptions.from_data({"strategy": "orthogonal_lora", "tasks": ["agnews"], "orthogonal_weight": -1})
     options = ContinualOptions.from_data({"strategy": "osf", "tasks": ["agnews", "yelp", "sst2"]})
     assert [options.osf_rank(i) for i in range(3)] == pytest.approx([0.3, 0.5, 0.7])
+    five = ContinualOptions.from_data({"strategy": "osf", "tasks": ["dbpedia", "amazon", "agnews", "yelp", "sst2"]})
+    assert [five.osf_rank(i) for i in range(5)] == [0.3, 0.4, 0.5, 0.6, 0.7]  # as recorded: no 0.39999999999999997
 
 
 # Scores ------------------------------------------------------------------------------------------------------------

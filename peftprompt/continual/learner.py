@@ -142,7 +142,7 @@ class ContinualOptions:
         """The frozen share of singular directions for the task at `position` of the sequence."""
         first, last = self.osf_effective_rank
         steps = len(self.tasks) - 1
-        return first if steps == 0 else first + (last - first) * position / steps
+        return first if steps == 0 else round(first + (last - first) * position / steps, 6)
 
 
 @dataclass
