@@ -674,3 +674,37 @@ def test_at_most_batch_size_questions_in_flight_and_the_bar_counts_them_as_they_
     assert firsts == [[f"Question: {QUESTION}", "Question: Q2?"], [f"Question: {QUESTION}", "Question: Q3?"],
                       [f"Question: {QUESTION}", "Question: Q4?"], ["Question: Q5?"]]
     assert counted == [1, 2, 3, 4, 5]
+
+
+def test_deeper_questions_step_with_the_others_while_their_askers_wait():
+    """A follow-up the retriever cannot answer is self-asked in the same `generate` calls as the questions still
+    running (not in a small batch of its own), its asker skips the steps until the answer is in, and every
+    transcript is what the question alone gives."""
+    deep, quick = "Q deep?", "Q quick?"
+    model = Scripted({
+        deep: ["Are follow up questions needed here: Yes.\nFollow up: Q sub?\nIntermediate answer:",
+               "So the final answer is: D\n"],
+        "Q sub?": ["Are follow up questions needed here: Yes.\nFollow up: Q leaf?\nIntermediate answer:",
+                   "So the final answer is: S\n"],
+        quick: ["Are follow up questions needed here: Yes.\nFollow up: Q known?\nIntermediate answer:",
+                "Follow up: Q known again?\nIntermediate answer:", "Follow up: Q known thrice?\nIntermediate answer:",
+                "So the final answer is: K\n"],
+    }, forced={"Q leaf?": " L\n"})
+    facts = ToolAnswerer({"Q known?": "k1", "Q known again?": "k2", "Q known thrice?": "k3"}.get)  # else None
+    runner = SelfAskRunner(generate_fn=model, answerer=facts, max_depth=2)
+    both = runner.run_batch([deep, quick])
+    firsts = [sorted(p.split("\n", 1)[0] for p in call) for call in model.calls]
+    assert firsts == [["Question: Q deep?", "Question: Q quick?"],
+                      ["Question: Q quick?", "Question: Q sub?"],  # the deep question waits on its follow-up
+                      ["Question: Q leaf?", "Question: Q quick?"],  # ... which waits on its own, answered directly
+                      ["Question: Q quick?", "Question: Q sub?"],
+                      ["Question: Q deep?"]]  # the quick one finished meanwhile
+    assert [r.answer for r in both] == ["D", "K"] and all(r.well_formed for r in both)
+    alone = [SelfAskRunner(generate_fn=Scripted(model.scripts, model.forced), answerer=facts).run(q)
+             for q in (deep, quick)]
+    assert [r.text for r in both] == [r.text for r in alone]
+    assert [r.trace.to_dict() for r in both] == [r.trace.to_dict() for r in alone]
+    assert [r.generated_tokens for r in both] == [r.generated_tokens for r in alone]
+    sub = both[0].trace.children[0]
+    assert sub.meta == {"depth": 1, "answerer": "model", "unanswered_by": "tool"}
+    assert sub.children[0].meta == {"depth": 2, "answerer": "model", "unanswered_by": "tool"}

@@ -170,6 +170,10 @@ class _State:
     banned: Optional[str] = None  # a word its next step may not start with
     retried_at: int = -1  # the step (follow-ups accepted so far) last asked again
     cache: Optional[PromptCache] = None  # the KV cache of the last step's prompt and continuation
+    depth: int = 0  # its layer: 0 for a question, 1 for a follow-up the model self-asks, ...
+    direct: bool = False  # answered directly (at max_depth): no follow-ups, the few-shot direct prefix
+    parent: Optional["_State"] = None  # the question whose follow-up this one is
+    waiting_on: Optional[tuple[str, dict, "_State"]] = None  # its follow-up, that follow-up's meta and deeper run
 
 
 GenerateFn = Callable[..., list[Union[str, Continuation]]]
@@ -225,7 +229,8 @@ class SelfAskRunner:
 
     Scheduling: `run_batch` keeps at most `batch_size` questions in flight and steps them together (one
     `generate` call a step); a finished question makes room for the next one, so the progress bar moves as
-    questions finish.
+    questions finish. A follow-up the model self-asks joins the same steps, at any depth, while the question that
+    asked it waits (and leaves it its place), so recursion never runs a small batch of its own.
     """
 
     def __init__(
@@ -290,84 +295,120 @@ class SelfAskRunner:
         return self.run_batch([question], depth=depth)[0]
 
     def run_batch(self, questions: Sequence[str], depth: int = 0) -> list[SelfAskResult]:
-        """Self-ask several questions, generating for all of those still running at once."""
+        """Self-ask several questions, generating for all of those still running, and the deeper questions they
+        wait on, at once."""
         questions = [clean_text(q) for q in questions]
         if any(not q for q in questions):
             raise ValueError("SelfAskRunner: empty question")
         if depth >= self.max_depth:
             return self.answer_directly(questions, depth=depth)
-        states = [_State(q, self.template.question.format(question=q)) for q in questions]
+        states = [self._state(q, depth) for q in questions]
         waiting = list(reversed(states))
-        running: list[_State] = []
+        stepping: list[_State] = []
         with tqdm(total=len(states), desc=self.progress, unit="question",
                   disable=self.progress is None or depth > 0) as bar:
-            while waiting or running:
-                while waiting and len(running) < self.batch_size:
-                    running.append(waiting.pop())
-                self._run_step(running, depth)
-                for s in running:
+            while waiting or stepping:
+                while waiting and len(stepping) < self.batch_size:
+                    stepping.append(waiting.pop())
+                asking = [s for s in stepping if s.parent is None]
+                stepping = self._run_step(stepping)
+                for s in asking:
                     if s.done:
-                        s.cache = None
                         bar.update(1)
-                running = [s for s in running if not s.done]
         return [self._result(s) for s in states]
 
-    def _run_step(self, active: list[_State], depth: int) -> None:
-        """One generation step for the questions `active` (one `generate` call), then their follow-ups answered."""
+    def _state(self, question: str, depth: int, parent: Optional[_State] = None) -> _State:
+        """A question to self-ask at layer `depth`; at `max_depth`, to answer directly (as `answer_directly`)."""
+        if depth < self.max_depth:
+            return _State(question, self.template.question.format(question=question), depth=depth, parent=parent)
+        t = self.template
+        return _State(question, t.question.format(question=question) + t.no_follow_ups + self.final_prefix,
+                      forcing=True, depth=depth, direct=True, parent=parent)
+
+    def _run_step(self, stepping: list[_State]) -> list[_State]:
+        """One generation step for `stepping` (one `generate` call), then their follow-ups answered; returns the
+        questions of the next step: those still running, the deeper questions just asked (their askers wait) and
+        the askers whose deeper question has finished."""
         limits = []
-        for s in active:
+        for s in stepping:
             limit = self._limit(s)
             if limit <= 0 and not s.forcing:
                 s.issues.append("token budget exhausted")
                 self._begin_force(s)
                 limit = self._limit(s)
             limits.append(limit)
-        stepping = [(s, n) for s, n in zip(active, limits) if n > 0]
-        for s, n in zip(active, limits):
+        going = [(s, n) for s, n in zip(stepping, limits) if n > 0]
+        for s, n in zip(stepping, limits):
             if n <= 0:
                 self._finish(s, "")
-        if not stepping:
-            return
-        outputs = self._step([self.few_shot + s.text + s.prefill for s, _ in stepping],
-                             [n for _, n in stepping], [s.banned for s, _ in stepping],
-                             [s.cache for s, _ in stepping])
-        pending: list[tuple[_State, str]] = []
-        for (s, n), out in zip(stepping, outputs):
-            s.tokens += out.tokens
-            s.cache = out.cache
-            if s.prefill:
-                out = Continuation(s.prefill + out.text, out.tokens, out.eos)
-                s.prefill, s.banned = "", None
-            follow_up = self._advance(s, out, budget_cut=n < self.max_new_tokens and out.tokens >= n)
-            if follow_up is not None:
-                pending.append((s, follow_up))
-        if pending:
-            answers = self.answer_layer([q for _, q in pending], depth + 1)
-            for (s, q), (answer, meta) in zip(pending, answers):
-                text = clean_text(answer.text) or UNKNOWN
-                s.follow_ups.append((q, Answer(text, answer.source, answer.trace), meta))
-                s.deeper_tokens += answer.generated_tokens
-                s.text += self.template.intermediate_answer.format(answer=text)
+        asked: list[tuple[_State, str]] = []
+        if going:
+            prompts = [(self.few_shot_direct if s.direct else self.few_shot) + s.text + s.prefill for s, _ in going]
+            outputs = self._step(prompts, [n for _, n in going], [s.banned for s, _ in going],
+                                 [s.cache for s, _ in going])
+            for (s, n), out in zip(going, outputs):
+                s.tokens += out.tokens
+                s.cache = out.cache
+                if s.prefill:
+                    out = Continuation(s.prefill + out.text, out.tokens, out.eos)
+                    s.prefill, s.banned = "", None
+                follow_up = self._advance(s, out, budget_cut=n < self.max_new_tokens and out.tokens >= n)
+                if follow_up is not None:
+                    asked.append((s, follow_up))
+        deeper = self._answer_follow_ups(asked)
+        following: list[_State] = []
+        for s in stepping + deeper:
+            if not s.done:
+                if s.waiting_on is None:
+                    following.append(s)
+                continue
+            s.cache = None
+            if s.parent is not None:  # a deeper question: its answer goes to the question that asked it
+                following.append(self._deliver(s))
+        return following
+
+    def _answer_follow_ups(self, asked: list[tuple[_State, str]]) -> list[_State]:
+        """Answer this step's follow-ups with their layer's answerer (one batch a layer); those the model answers
+        (its layer's answerer, or with `recurse` the ones the answerer could not) become deeper questions."""
+        deeper = []
+        for layer in sorted({s.depth + 1 for s, _ in asked}):
+            group = [(s, q) for s, q in asked if s.depth + 1 == layer]
+            answerer = self.layer_answerer(layer)
+            if answerer is self.model_answerer:
+                deeper += [self._ask_deeper(s, q, {"depth": layer, "answerer": answerer.name}) for s, q in group]
+                continue
+            for (s, q), answer in zip(group, answerer.answer_batch([q for _, q in group], layer)):
+                if self.recurse and answer.source == "none":
+                    deeper.append(self._ask_deeper(s, q, {**answer.meta, "depth": layer, "answerer": "model",
+                                                          "unanswered_by": answerer.name}))
+                else:
+                    self._add_answer(s, q, answer, {"depth": layer, "answerer": answerer.name, **answer.meta})
+        return deeper
+
+    def _ask_deeper(self, s: _State, follow_up: str, meta: dict) -> _State:
+        child = self._state(follow_up, s.depth + 1, parent=s)
+        s.waiting_on = (follow_up, meta, child)
+        return child
+
+    def _deliver(self, child: _State) -> _State:
+        """Hand a finished deeper question's answer (and trace) to the question waiting on it; returns that one."""
+        s = child.parent
+        follow_up, meta, _ = s.waiting_on
+        result = self._result(child)
+        self._add_answer(s, follow_up, Answer(result.answer, "model", trace=result.trace,
+                                              generated_tokens=result.generated_tokens), meta)
+        s.waiting_on = None
+        return s
+
+    def _add_answer(self, s: _State, follow_up: str, answer: Answer, meta: dict) -> None:
+        text = clean_text(answer.text) or UNKNOWN
+        s.follow_ups.append((follow_up, Answer(text, answer.source, answer.trace), meta))
+        s.deeper_tokens += answer.generated_tokens
+        s.text += self.template.intermediate_answer.format(answer=text)
 
     def layer_answerer(self, depth: int) -> Answerer:
         """Who answers the follow-ups of layer `depth` (1: the question's follow-ups)."""
         return self.answerers[min(depth, len(self.answerers)) - 1]
-
-    def answer_layer(self, questions: list[str], depth: int) -> list[tuple[Answer, dict]]:
-        """Answer the follow-ups `questions` of layer `depth` with that layer's answerer; with `recurse`, those it
-        cannot answer are self-asked by the model one layer deeper. Each answer comes with its trace ``meta``."""
-        answerer = self.layer_answerer(depth)
-        answers = answerer.answer_batch(list(questions), depth)
-        metas = [{"depth": depth, "answerer": answerer.name, **a.meta} for a in answers]
-        if self.recurse and answerer is not self.model_answerer:
-            unanswered = [i for i, a in enumerate(answers) if a.source == "none"]
-            if unanswered:
-                deeper = self.model_answerer.answer_batch([questions[i] for i in unanswered], depth)
-                for i, answer in zip(unanswered, deeper):
-                    metas[i] = {**answers[i].meta, "depth": depth, "answerer": "model",
-                                "unanswered_by": answerer.name}
-                    answers[i] = answer
-        return list(zip(answers, metas))
 
     def answer_directly(self, questions: Sequence[str], depth: int = 0) -> list[SelfAskResult]:
         """Answer without follow-ups: ``Question: ...`` + ``... here: No.`` + ``So the final answer is:``."""
