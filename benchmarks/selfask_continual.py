@@ -6,7 +6,7 @@ to ``--out``: per round the trees trained on, the pool questions asked and verif
 rate on the held-out ProbTree 2WikiMultiHopQA questions and on Compositional Celebrities, with where every
 follow-up's answer came from.
 
-    .venv/bin/python benchmarks/selfask_continual.py [--rounds 3] [--quick]
+    .venv/bin/python benchmarks/selfask_continual.py [--rounds 3] [--round-lr 5e-4] [--replay 1] [--quick]
 """
 
 from __future__ import annotations
@@ -107,6 +107,8 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--round-lr", default=None, help="the recipe's --round-lr (default: the recipe's)")
+    parser.add_argument("--replay", default=None, help="the recipe's --replay (default: the recipe's)")
     parser.add_argument("--run-dir", type=Path, default=None, help="default outputs/selfask_continual (_quick)")
     parser.add_argument("--model", default=None, help="train this backbone instead of the config's (model=...)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: a few questions and steps")
@@ -116,8 +118,12 @@ def main() -> None:
     out = args.out or (REPO / "outputs" / "bench_quick" / "results" if args.quick else RESULTS)
     started = time.perf_counter()
     training = [*ROUND_0, *(QUICK_TRAINING if args.quick else []), *([f"model={args.model}"] if args.model else [])]
-    command = [sys.executable, str(REPO / "recipes" / f"{NAME}.py"), "--output_dir", str(run_dir), "--rounds",
-               str(args.rounds), *(QUICK if args.quick else []), *training]
+    rounds = ["--rounds", str(args.rounds)]
+    for flag, value in (("--round-lr", args.round_lr), ("--replay", args.replay)):
+        if value is not None:
+            rounds += [flag, value]
+    command = [sys.executable, str(REPO / "recipes" / f"{NAME}.py"), "--output_dir", str(run_dir), *rounds,
+               *(QUICK if args.quick else []), *training]
     print("$", " ".join(command), flush=True)
     if subprocess.run(command, cwd=REPO).returncode != 0:
         raise SystemExit(f"{NAME}: the run failed; its output is above (finished rounds under {run_dir} are kept)")
