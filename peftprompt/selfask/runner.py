@@ -173,7 +173,7 @@ class _State:
     depth: int = 0  # its layer: 0 for a question, 1 for a follow-up the model self-asks, ...
     direct: bool = False  # answered directly (at max_depth): no follow-ups, the few-shot direct prefix
     parent: Optional["_State"] = None  # the question whose follow-up this one is
-    waiting_on: Optional[tuple[str, dict, "_State"]] = None  # its follow-up, that follow-up's meta and deeper run
+    waiting_on: Optional[tuple[str, dict]] = None  # the follow-up its deeper question answers, and its meta
 
 
 GenerateFn = Callable[..., list[Union[str, Continuation]]]
@@ -387,13 +387,13 @@ class SelfAskRunner:
 
     def _ask_deeper(self, s: _State, follow_up: str, meta: dict) -> _State:
         child = self._state(follow_up, s.depth + 1, parent=s)
-        s.waiting_on = (follow_up, meta, child)
+        s.waiting_on = (follow_up, meta)
         return child
 
     def _deliver(self, child: _State) -> _State:
         """Hand a finished deeper question's answer (and trace) to the question waiting on it; returns that one."""
         s = child.parent
-        follow_up, meta, _ = s.waiting_on
+        follow_up, meta = s.waiting_on
         result = self._result(child)
         self._add_answer(s, follow_up, Answer(result.answer, "model", trace=result.trace,
                                               generated_tokens=result.generated_tokens), meta)
@@ -412,12 +412,7 @@ class SelfAskRunner:
 
     def answer_directly(self, questions: Sequence[str], depth: int = 0) -> list[SelfAskResult]:
         """Answer without follow-ups: ``Question: ...`` + ``... here: No.`` + ``So the final answer is:``."""
-        questions = [clean_text(q) for q in questions]
-        t = self.template
-        states = [_State(q, t.question.format(question=q) + t.no_follow_ups) for q in questions]
-        for s in states:
-            s.text += self.final_prefix
-            s.forcing = True
+        states = [self._state(clean_text(q), self.max_depth) for q in questions]
         limit = min(self.max_new_tokens, self.max_total_tokens)
         outputs: list[Continuation] = []
         with tqdm(total=len(states), desc=f"{self.progress}: direct answers", unit="question",
