@@ -234,7 +234,8 @@ def test_endless_new_follow_ups_stop_at_max_follow_ups_and_the_token_budget():
          "follow-up repeats the question"),
         ("Follow up: \nIntermediate answer:", "empty follow-up"),
         ("So the final answer is:\n", "empty final answer"),
-        ("\nQuestion: another one?\nFollow up: Who?\nIntermediate answer:", "text outside the template"),
+        ("\nQuestion: another one?\nFollow up: Who?\nIntermediate answer:", "started another question"),
+        ("Follow up: Who?\n\nQuestion: Who?\nFollow up: Who?\nIntermediate answer:", "started another question"),
         ("Some chatter\nSo the final answer is: Paris\n", "text outside the template"),
     ],
 )
@@ -356,7 +357,8 @@ def test_real_generate_on_a_tiny_llama_terminates_within_budget():
 
 def test_real_generate_stops_per_row_at_the_markers():
     """A Llama whose logits spell a fixed text per row: `model.generate` with the runner's stopping criteria stops
-    row 0 after the intermediate answer marker and row 1 at the end of the final answer line, with left padding."""
+    row 0 after the intermediate answer marker and row 1 at the end of the final answer line, with left padding; a
+    row that starts another ``Question:`` stops there."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -368,6 +370,7 @@ def test_real_generate_stops_per_row_at_the_markers():
     targets = [
         "Are follow up questions needed here: Yes.\nFollow up: Who is X?\nIntermediate answer: never seen text",
         "Are follow up questions needed here: No.\nSo the final answer is: Paris\nQuestion: never seen",
+        "Are follow up questions needed here: No.\n\nQuestion: What is X?\nFollow up: never seen",
     ]
     target_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in targets]
 
@@ -376,7 +379,8 @@ def test_real_generate_stops_per_row_at_the_markers():
             past = 0 if past_key_values is None else past_key_values.get_seq_length()
             if past == 0:  # prefill: each row spells the target of its question
                 self.width = input_ids.shape[1]
-                self.rows = [target_ids["Capital?" in tokenizer.decode(ids)] for ids in input_ids.tolist()]
+                texts = [tokenizer.decode(ids) for ids in input_ids.tolist()]
+                self.rows = [target_ids[2 if "Next?" in text else "Capital?" in text] for text in texts]
             step = past + input_ids.shape[1] - self.width
             out = super().forward(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
                                   **kwargs)
@@ -402,6 +406,9 @@ def test_real_generate_stops_per_row_at_the_markers():
         used = len(tokenizer(out.text, add_special_tokens=False)["input_ids"])
         assert used <= out.tokens <= used + 2 < len(ids)  # stopped within a token or two of the marker
     # max_new_tokens per row: row 1 is cut at 5 tokens while row 0 goes on
+    out = runner._step(["Question: Next?\n"], [60])[0]
+    assert out.text == "Are follow up questions needed here: No.\n\nQuestion:"
+    assert len(tokenizer(out.text, add_special_tokens=False)["input_ids"]) <= out.tokens <= 16 < len(target_ids[2])
     outs = runner._step(prompts, [60, 5])
     assert outs[1].tokens == 5 and outs[0].text.endswith("Intermediate answer:")
     # the whole run: row 1 answers Paris; row 0 writes its decision line again after the intermediate answer,

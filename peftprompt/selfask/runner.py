@@ -11,7 +11,8 @@ So the final answer is: {answer}                  generated; stops at the end of
 ```
 
 Generation is greedy and batched over the questions in flight (`batch_size`, left padding) and stops at the
-intermediate answer marker, at the end of the final answer's line (newline or EOS), or at `max_new_tokens`. Each
+intermediate answer marker, at the end of the final answer's line (newline or EOS), at a line starting another
+``Question:`` (a few-shot model running on to a next example), or at `max_new_tokens`. Each
 question keeps its KV cache from one step to the next, and the few-shot prefix's is computed once
 (`peftprompt.selfask.kv_cache`), so a step feeds only the tokens its prompt gained.
 
@@ -34,8 +35,10 @@ Malformed output, and what the runner does (each case is recorded in `SelfAskRes
   ``"too many follow-ups"``: a follow-up after `max_follow_ups` of them;
   ``"empty final answer"``: ``So the final answer is:`` with nothing after it on its line;
   ``"no follow-up or final answer"``: a continuation (stopped by EOS or `max_new_tokens`) with neither;
+  ``"started another question"``: a continuation that, before any follow-up or final answer, starts a line
+  ``Question:``;
   ``"text outside the template"``: anything but the decision line (first step) or nothing (after an
-  intermediate answer) before the follow-up or the final answer, e.g. the model starting a new ``Question:``;
+  intermediate answer) before the follow-up or the final answer;
   ``"token budget exhausted"``: the question's generated tokens reached `max_total_tokens` minus the tokens kept
   for the final answer (`final_answer_tokens`), before a step or cutting a step short.
   In every case the offending continuation is dropped and the final answer is **forced**: the runner appends
@@ -287,6 +290,7 @@ class SelfAskRunner:
         head, tail = template.follow_up.split("{question}")
         self.follow_up_prefix = head.strip()  # "Follow up:"
         self.marker = tail  # "\nIntermediate answer:"
+        self.next_question = "\n" + template.question.split("{question}")[0].strip()  # "\nQuestion:"
         self.final_prefix = template.final_answer.split("{answer}")[0].rstrip()  # "So the final answer is:"
 
     # ------------------------------------------------------------------ public API
@@ -491,7 +495,8 @@ class SelfAskRunner:
             self._finish(s, answer)
             return None
         if i_marker < 0:
-            s.issues.append("token budget exhausted" if budget_cut else "no follow-up or final answer")
+            s.issues.append("started another question" if text.endswith(self.next_question)
+                            else "token budget exhausted" if budget_cut else "no follow-up or final answer")
             self._begin_force(s)
             return None
         head = text[:i_marker]
@@ -542,15 +547,20 @@ class SelfAskRunner:
     # ------------------------------------------------------------------ generation
     def stop_index(self, text: str, answer_only: bool) -> Optional[int]:
         """Where a continuation ends (characters kept), or `None` while it should go on: after the intermediate
-        answer marker, or at the newline ending the final answer's line (any newline when `answer_only`)."""
+        answer marker, at the newline ending the final answer's line (any newline when `answer_only`), or after
+        the ``\nQuestion:`` of a line starting another question, whichever comes first."""
         if answer_only:
             i = text.find("\n")
             return i if i >= 0 else None
-        i_marker, i_final = text.find(self.marker), text.find(self.final_prefix)
-        if i_final >= 0 and (i_marker < 0 or i_final < i_marker):
-            i = text.find("\n", i_final)
+        found = {name: text.find(mark) for name, mark in (("marker", self.marker), ("final", self.final_prefix),
+                                                          ("next", self.next_question))}
+        name, i = min(((n, i) for n, i in found.items() if i >= 0), key=lambda item: item[1], default=(None, -1))
+        if name == "final":
+            i = text.find("\n", i)
             return i if i >= 0 else None
-        return i_marker + len(self.marker) if i_marker >= 0 else None
+        if name == "marker":
+            return i + len(self.marker)
+        return i + len(self.next_question) if name == "next" else None
 
     def _step(self, prompts: list[str], limits: list[int], banned: Optional[list[Optional[str]]] = None,
               caches: Optional[list[Optional[PromptCache]]] = None) -> list[Continuation]:
