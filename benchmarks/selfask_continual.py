@@ -6,7 +6,8 @@ to ``--out``: per round the trees trained on, the pool questions asked and verif
 rate on the held-out ProbTree 2WikiMultiHopQA questions and on Compositional Celebrities, with where every
 follow-up's answer came from.
 
-    .venv/bin/python benchmarks/selfask_continual.py [--rounds 3] [--round-lr 5e-4] [--replay 1] [--quick]
+    .venv/bin/python benchmarks/selfask_continual.py [--rounds 3] [--round-lr 5e-4] [--replay 1]
+        [--questions-per-round 100] [--n-eval 100] [--quick]
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def write_results(result: dict, out: Path) -> None:
              "Where follow-ups were answered: pool questions, " + run["knowledge"]["pool"] + "; held-out questions, "
              + run["knowledge"]["held_out"] + "; Compositional Celebrities, "
              + run["knowledge"]["compositional_celebrities"] + f". Held-out: {run['held_out']['n']} questions "
-             f"({run['held_out']['dropped_as_training']} dropped as training questions). Compositional Celebrities "
-             "and Bamboogle are never trained on.", "",
+             f"({run['held_out']['dropped_as_training']} dropped as training questions); Compositional Celebrities: "
+             f"{run['rounds'][0]['compositional_celebrities']['n']} questions. Compositional Celebrities and "
+             "Bamboogle are never trained on.", "",
              "| round | trees trained | pool asked | verified (share) | " + " | ".join(
                  f"{label} EM | {label} well-formed" for _, label in SETS) + " |",
              "|---:|---:|---:|---:|" + "---:|---:|" * len(SETS)]
@@ -109,6 +111,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--round-lr", default=None, help="the recipe's --round-lr (default: the recipe's)")
     parser.add_argument("--replay", default=None, help="the recipe's --replay (default: the recipe's)")
+    parser.add_argument("--questions-per-round", default=None, help="the recipe's (default: the recipe's)")
+    parser.add_argument("--n-eval", default=None, help="the recipe's: held-out and Compositional Celebrities "
+                                                       "questions scored (default: the recipe's)")
     parser.add_argument("--run-dir", type=Path, default=None, help="default outputs/selfask_continual (_quick)")
     parser.add_argument("--model", default=None, help="train this backbone instead of the config's (model=...)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: a few questions and steps")
@@ -118,12 +123,13 @@ def main() -> None:
     out = args.out or (REPO / "outputs" / "bench_quick" / "results" if args.quick else RESULTS)
     started = time.perf_counter()
     training = [*ROUND_0, *(QUICK_TRAINING if args.quick else []), *([f"model={args.model}"] if args.model else [])]
-    rounds = ["--rounds", str(args.rounds)]
-    for flag, value in (("--round-lr", args.round_lr), ("--replay", args.replay)):
+    rounds = ["--rounds", str(args.rounds), *(QUICK if args.quick else [])]  # the flags given come after QUICK
+    for flag, value in (("--round-lr", args.round_lr), ("--replay", args.replay),
+                        ("--questions-per-round", args.questions_per_round), ("--n-eval", args.n_eval)):
         if value is not None:
             rounds += [flag, value]
     command = [sys.executable, str(REPO / "recipes" / f"{NAME}.py"), "--output_dir", str(run_dir), *rounds,
-               *(QUICK if args.quick else []), *training]
+               *training]
     print("$", " ".join(command), flush=True)
     if subprocess.run(command, cwd=REPO).returncode != 0:
         raise SystemExit(f"{NAME}: the run failed; its output is above (finished rounds under {run_dir} are kept)")

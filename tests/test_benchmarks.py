@@ -599,13 +599,17 @@ def test_continual_dry_run_scores_every_strategy_and_reuses_finished_runs(tiny_b
 
 
 def test_selfask_continual_dry_run_reports_every_round(tiny_smollm, tmp_path):
-    args = ["--quick", "--rounds", "1", "--round-lr", "1e-4", "--replay", "2", "--model", str(tiny_smollm),
+    args = ["--quick", "--rounds", "1", "--round-lr", "1e-4", "--replay", "2", "--questions-per-round", "3",
+            "--n-eval", "3", "--model", str(tiny_smollm),
             "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "out")]
     run("selfask_continual.py", *args)
     result = json.loads((tmp_path / "out" / "selfask_continual.json").read_text())
     assert [r["round"] for r in result["run"]["rounds"]] == [0, 1] and result["round_0"][0] == "max_steps=150"
     assert (result["run"]["round_lr"], result["run"]["replay"]) == (1e-4, 2.0)  # as the recipe ran them
+    assert result["run"]["questions_per_round"] == 3 and result["run"]["rounds"][1]["asked"] == 3
+    assert result["run"]["rounds"][0]["compositional_celebrities"]["n"] == 3
     assert result["targets"]["held_out_rises"] is False  # two rounds cannot show a rise over two rounds
     md = (tmp_path / "out" / "selfask_continual.md").read_text()
     assert "| 0 |" in md and "| 1 |" in md and "leaf facts only (retriever)" in md and "gold sub-answers" in md
+    assert "Compositional Celebrities: 3 questions" in md
     assert (tmp_path / "out" / "selfask_continual.png").stat().st_size > 0
