@@ -56,6 +56,7 @@ ROWS = (
     ("joint", "joint multi-task LoRA (upper bound)", False),
 )
 TARGET_GAP, TARGET_FORGETTING = 0.02, 0.01
+METHOD_LABELS = {"lora": "LoRA", "osf": "OSF"}
 ROUTER_FEATURES = {"all": "hidden states (every layer's, mean-pooled, concatenated)", "last": "sentence embeddings"}
 
 
@@ -157,8 +158,9 @@ def write_results(result: dict, out: Path) -> None:
              "Tasks: AG News, Amazon, Yelp, DBpedia (`cl_benchmark`, the 5-task benchmark without Yahoo) and SST-2; "
              "Yelp and DBpedia split 80/20 with a fixed seed (they have one file each). "
              f"{result['train_per_task']} training rows a task ({result['num_epochs']:g} epochs, batch 16, grouped by "
-             f"length, {result['max_length']} tokens at most; learning rate: LoRA {result['learning_rates']['lora']:g}"
-             + (f", OSF {result['learning_rates']['osf']:g}" if "osf" in result["learning_rates"] else "")
+             f"length, {result['max_length']} tokens at most; learning rate: "
+             + ", ".join(f"{METHOD_LABELS.get(method, method)} {rate:g}"
+                         for method, rate in sorted(result["learning_rates"].items()))
              + f"; {result['threads']} thread(s) a run), "
              f"{result['test_per_task']} test rows a task (test rows whose normalised text is a training row's "
              f"are dropped first: {result['test_dropped_as_training']}); every model predicts over all 25 labels. "
@@ -298,6 +300,9 @@ def main() -> None:
         router = run.get("router") or router
         for key, row in rows_of(run).items():
             per_order.setdefault(key, {})[job[1]] = row
+    if not per_order:
+        raise SystemExit(f"continual: no finished run to report ({', '.join(missing)}; finished runs are read from "
+                         f"{args.records} and {args.run_dir})")
     summary = summarise(per_order)
     result = {
         "benchmark": NAME, "orders": {k: ORDERS[k] for k in args.orders}, "strategies": args.strategies,

@@ -596,6 +596,12 @@ def test_continual_dry_run_scores_every_strategy_and_reuses_finished_runs(tiny_b
     run("continual.py", *args)  # finished runs are read from their records, not trained again
     assert not (tmp_path / "runs" / "sequential_order1").exists()
     assert json.loads((tmp_path / "out" / "continual.json").read_text())["per_order"] == result["per_order"]
+    # strategies with no finished run: a clear refusal that names the runs, not a half-written report
+    refused = subprocess.run([sys.executable, str(REPO / "benchmarks" / "continual.py"), *args[:-2], "--out",
+                              str(tmp_path / "none"), "--report-only", "--strategies", "osf"],
+                             capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600)
+    assert refused.returncode != 0 and not (tmp_path / "none").exists()
+    assert "continual: no finished run to report (osf order 1, osf order 2;" in refused.stderr
 
 
 def test_selfask_continual_dry_run_reports_every_round(tiny_smollm, tmp_path):
