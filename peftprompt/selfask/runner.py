@@ -425,17 +425,10 @@ class SelfAskRunner:
                 chunk = states[start : start + self.batch_size]
                 outputs += self._step([self.few_shot_direct + s.text for s in chunk], [limit] * len(chunk))
                 bar.update(len(chunk))
-        results = []
         for s, out in zip(states, outputs):
             s.tokens += out.tokens
-            answer = clean_text(out.text.split("\n")[0])
-            if not answer:
-                s.issues.append("no final answer")
-            s.text = s.text[: -len(self.final_prefix)]
-            s.done, s.answer = True, answer
-            s.text += self.template.final_answer.format(answer=answer) if answer else ""
-            results.append(self._result(s))
-        return results
+            self._finish(s, clean_text(out.text.split("\n")[0]))  # a direct state is forcing its answer
+        return [self._result(s) for s in states]
 
     def complete(self, prompts: Sequence[str], max_new_tokens: Optional[int] = None) -> list[Continuation]:
         """Greedy answers to `prompts` that end with the final-answer prefix (``So the final answer is:``): each
