@@ -545,15 +545,15 @@ class SelfAskRunner:
         if answer_only:
             i = text.find("\n")
             return i if i >= 0 else None
-        found = {name: text.find(mark) for name, mark in (("marker", self.marker), ("final", self.final_prefix),
-                                                          ("next", self.next_question))}
-        name, i = min(((n, i) for n, i in found.items() if i >= 0), key=lambda item: item[1], default=(None, -1))
-        if name == "final":
+        found = [(i, mark) for mark in (self.marker, self.final_prefix, self.next_question)
+                 if (i := text.find(mark)) >= 0]
+        if not found:
+            return None
+        i, mark = min(found)
+        if mark == self.final_prefix:
             i = text.find("\n", i)
             return i if i >= 0 else None
-        if name == "marker":
-            return i + len(self.marker)
-        return i + len(self.next_question) if name == "next" else None
+        return i + len(mark)
 
     def _step(self, prompts: list[str], limits: list[int], banned: Optional[list[Optional[str]]] = None,
               caches: Optional[list[Optional[PromptCache]]] = None) -> list[Continuation]:
