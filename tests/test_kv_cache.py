@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_llama
 
 from peftprompt.selfask import FEW_SHOT_DIRECT, FEW_SHOT_SELF_ASK, SelfAskRunner
-from peftprompt.selfask.kv_cache import PromptCache, batched, encode, split, supports_reuse
+from peftprompt.selfask.kv_cache import GrowingLayer, PromptCache, batched, encode, split, supports_reuse
 
 
 def full_logits(model, ids: list[int]) -> torch.Tensor:
@@ -23,6 +23,28 @@ def test_prompt_cache_reusable_is_the_common_prefix_leaving_one_token():
     assert cache.reusable([5, 6, 7, 8, 1]) == 4
     assert cache.reusable([5, 6, 7, 8]) == 3  # one token is always left to feed
     assert cache.reusable([9]) == 0
+
+
+def test_growing_layer_appends_in_place_and_equals_concatenation():
+    """Updates within the spare room write into the same buffer (no copy of the held tokens) and return what
+    concatenation returns; past the room it grows; a crop or batch selection is adopted at the next update."""
+    torch.manual_seed(0)
+    steps = [torch.randn(2, 3, n, 4) for n in (5, 1, 1, 1)]
+    layer = GrowingLayer(spare=2)
+    pointers = []
+    for k in range(len(steps)):
+        keys, values = layer.update(steps[k], -steps[k])
+        torch.testing.assert_close(keys, torch.cat(steps[: k + 1], dim=-2), rtol=0, atol=0)
+        torch.testing.assert_close(values, -keys, rtol=0, atol=0)
+        pointers.append(keys.data_ptr())
+    assert pointers[0] == pointers[1] == pointers[2]  # room for 5 + 2
+    assert pointers[3] != pointers[2] and layer.get_seq_length() == 8  # the 8th token grew the buffers
+    layer.crop(-3)
+    keys, _ = layer.update(steps[1], -steps[1])
+    torch.testing.assert_close(keys, torch.cat([steps[0], steps[1]], dim=-2), rtol=0, atol=0)
+    layer.batch_select_indices(torch.tensor([1]))
+    keys, _ = layer.update(steps[2][1:], -steps[2][1:])
+    torch.testing.assert_close(keys, torch.cat([steps[0][1:], steps[1][1:], steps[2][1:]], dim=-2), rtol=0, atol=0)
 
 
 def test_batched_cache_gives_the_logits_of_whole_prompts():
@@ -41,6 +63,7 @@ def test_batched_cache_gives_the_logits_of_whole_prompts():
     mask = torch.tensor([[0] * p + [1] * n for p, n in zip(pads, lengths)])
     past = batched(caches, lengths, fed, model.config)
     assert past.get_seq_length() == width - fed
+    assert all(isinstance(layer, GrowingLayer) for layer in past.layers)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         out = model(input_ids=input_ids[:, -fed:], attention_mask=mask, past_key_values=past,

@@ -11,7 +11,8 @@ with ``W`` the batch width and ``N`` the most tokens any row must feed, every ro
 tokens in the cache's ``W - N`` columns, right-aligned (left padding masked, as `generate` masks a padded prompt),
 and `generate` continues from it as from any cache (``past_key_values`` with the full ``input_ids``). Rows that
 could reuse more recompute a few cached tokens; positions come from the attention mask, so each row's positions are
-those its cache was computed with.
+those its cache was computed with. Its layers are `GrowingLayer`s, which append a step's keys and values in place
+(transformers' `DynamicLayer` concatenates, copying the whole batch's cache at every generated token).
 
 Used by `SelfAskRunner` (``reuse_kv_cache``); not for models whose cache is not a plain per-token cache (sliding
 window layers) or whose adapter prepends virtual tokens (prefix, prompt, P-tuning).
@@ -68,27 +69,65 @@ def encode(model, ids: list[int]) -> PromptCache:
     return split(out.past_key_values, [0], [ids], [len(ids)])[0]
 
 
-def batched(caches: Sequence[Optional[PromptCache]], lengths: Sequence[int], fed: int, config) -> Optional[DynamicCache]:
+class GrowingLayer(DynamicLayer):
+    """A `DynamicLayer` that appends in place: its ``keys`` and ``values`` are views of buffers with room for
+    `spare` more tokens (doubled when full), so an update copies only the new tokens. Any other change of the
+    tensors (``crop``, ``batch_select_indices``, ...) is adopted into fresh buffers at the next update.
+
+    Args:
+        spare (`int`): Columns to keep free beyond the tokens held (e.g. the tokens a `generate` call may add).
+    """
+
+    def __init__(self, spare: int):
+        super().__init__()
+        self.spare = spare
+        self._keys = self._values = None
+
+    def _holds(self, length: int) -> bool:
+        return (self._keys is not None and self.keys.data_ptr() == self._keys.data_ptr()
+                and self.keys.shape[:-2] == self._keys.shape[:-2] and length <= self._keys.shape[-2])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        held, new = self.get_seq_length(), key_states.shape[-2]
+        if not self._holds(held + new):
+            room = held + new + max(self.spare, held)
+            self._keys = key_states.new_empty(*key_states.shape[:-2], room, key_states.shape[-1])
+            self._values = value_states.new_empty(*value_states.shape[:-2], room, value_states.shape[-1])
+            if held:
+                self._keys[..., :held, :] = self.keys
+                self._values[..., :held, :] = self.values
+        self._keys[..., held : held + new, :] = key_states
+        self._values[..., held : held + new, :] = value_states
+        self.keys, self.values = self._keys[..., : held + new, :], self._values[..., : held + new, :]
+        return self.keys, self.values
+
+
+def batched(caches: Sequence[Optional[PromptCache]], lengths: Sequence[int], fed: int, config,
+            spare: int = 0) -> DynamicCache:
     """One cache for a left-padded batch of prompts of token counts `lengths`, of which the last `fed` columns are
     fed to the model: row i's first ``lengths[i] - fed`` cached tokens, right-aligned in the ``max(lengths) - fed``
-    cached columns (zeros where the row is padding). `None` when no column is cached. Every row's cache must hold
-    at least ``lengths[i] - fed`` tokens of its prompt."""
+    cached columns (zeros where the row is padding); empty when no column is cached. Every row's cache must hold
+    at least ``lengths[i] - fed`` tokens of its prompt. Its `GrowingLayer`s keep room for the `fed` tokens and
+    `spare` more (the tokens `generate` will add)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [GrowingLayer(spare=fed + spare) for _ in cache.layers]
     columns = max(lengths) - fed
     if columns <= 0:
-        return None
+        return cache
     reference = next(c for c in caches if c is not None)
-    layers = []
     for layer, (key, value) in enumerate(zip(reference.keys, reference.values)):
         heads, _, dim = key.shape
         keys = key.new_zeros(len(caches), heads, columns, dim)
         values = value.new_zeros(len(caches), heads, columns, value.shape[-1])
-        for row, (cache, length) in enumerate(zip(caches, lengths)):
+        for row, (prompt_cache, length) in enumerate(zip(caches, lengths)):
             used = length - fed
             if used > 0:
-                keys[row, :, columns - used :] = cache.keys[layer][:, :used]
-                values[row, :, columns - used :] = cache.values[layer][:, :used]
-        layers.append((keys, values))
-    return DynamicCache(ddp_cache_data=layers, config=config)
+                keys[row, :, columns - used :] = prompt_cache.keys[layer][:, :used]
+                values[row, :, columns - used :] = prompt_cache.values[layer][:, :used]
+        cache.layers[layer].update(keys, values)
+    return cache
 
 
 def split(cache: DynamicCache, pads: Sequence[int], sequences: Sequence[Sequence[int]],

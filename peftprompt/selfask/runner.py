@@ -627,7 +627,8 @@ class SelfAskRunner:
             pads = [width - n for n in lengths]
             input_ids = torch.tensor([[pad] * p + ids for p, ids in zip(pads, encoded)], device=device)
             attention_mask = torch.tensor([[0] * p + [1] * n for p, n in zip(pads, lengths)], device=device)
-            past = kv_cache.batched(reused, lengths, fed, self.model.config) if self.reuse_kv_cache else None
+            past = (kv_cache.batched(reused, lengths, fed, self.model.config, spare=max(limits))
+                    if self.reuse_kv_cache else None)
             stopped_at = [None] * len(chunk)
             words = (banned or [None] * len(prompts))[start : start + self.batch_size]
             first_tokens = {row: sorted({tokenizer(text, add_special_tokens=False)["input_ids"][0]
