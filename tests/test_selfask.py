@@ -375,12 +375,16 @@ def test_real_generate_stops_per_row_at_the_markers():
     target_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in targets]
 
     class Spelling(LlamaForCausalLM):
+        def generate(self, input_ids=None, past_key_values=None, **kwargs):
+            if past_key_values is None:  # a new prompt batch (a call that goes on with fewer rows passes its cache)
+                self.width = input_ids.shape[1]
+            texts = [tokenizer.decode(ids) for ids in input_ids.tolist()]  # each row spells its question's target
+            self.rows = [target_ids[2 if "Next?" in text else "Capital?" in text] for text in texts]
+            return super().generate(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
+
         def forward(self, input_ids=None, attention_mask=None, past_key_values=None, **kwargs):
             past = 0 if past_key_values is None else past_key_values.get_seq_length()
-            if past == 0:  # prefill: each row spells the target of its question
-                self.width = input_ids.shape[1]
-                texts = [tokenizer.decode(ids) for ids in input_ids.tolist()]
-                self.rows = [target_ids[2 if "Next?" in text else "Capital?" in text] for text in texts]
+            self.batch_sizes.append(input_ids.shape[0])
             step = past + input_ids.shape[1] - self.width
             out = super().forward(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
                                   **kwargs)
@@ -395,10 +399,14 @@ def test_real_generate_stops_per_row_at_the_markers():
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
-    # the spelling reads "no cache yet" as a new generate call: every step encodes its whole prompt
-    runner = SelfAskRunner(Spelling(config).eval(), tokenizer, answerer=lambda q: "Y", reuse_kv_cache=False)
+    # the spelling reads "no cache passed" as a new prompt batch: every step encodes its whole prompt
+    spelling = Spelling(config).eval()
+    spelling.batch_sizes = []
+    runner = SelfAskRunner(spelling, tokenizer, answerer=lambda q: "Y", reuse_kv_cache=False)
     prompts = ["Question: Who is the father-in-law of Queen Hyojeong?\n", "Question: Capital?\n"]
     outs = runner._step(prompts, [60, 60])
+    # row 1's final answer line ends first; row 0 goes on alone instead of carrying the finished row
+    assert spelling.batch_sizes[0] == 2 and spelling.batch_sizes[-1] == 1
     assert outs[0].text == "Are follow up questions needed here: Yes.\nFollow up: Who is X?\nIntermediate answer:"
     assert outs[1].text == "Are follow up questions needed here: No.\nSo the final answer is: Paris"
     for out, target, ids in zip(outs, targets, target_ids):

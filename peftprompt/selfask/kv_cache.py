@@ -103,6 +103,14 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = self._keys[..., : held + new, :], self._values[..., : held + new, :]
         return self.keys, self.values
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the batch rows `indices`, with their spare room (one copy)."""
+        held = self.get_seq_length()
+        if not held or not self._holds(held):
+            return super().batch_select_indices(indices)
+        self._keys, self._values = self._keys.index_select(0, indices), self._values.index_select(0, indices)
+        self.keys, self.values = self._keys[..., :held, :], self._values[..., :held, :]
+
 
 def batched(caches: Sequence[Optional[PromptCache]], lengths: Sequence[int], fed: int, config,
             spare: int = 0) -> DynamicCache:
@@ -131,15 +139,16 @@ def batched(caches: Sequence[Optional[PromptCache]], lengths: Sequence[int], fed
 
 
 def split(cache: DynamicCache, pads: Sequence[int], sequences: Sequence[Sequence[int]],
-          keep: Sequence[int]) -> list[PromptCache]:
-    """Row i of a batched `cache` as a `PromptCache` of its first ``keep[i]`` tokens: ``sequences[i]`` (the row's
-    tokens without its ``pads[i]`` left-padding columns), as far as the cache holds them."""
-    rows = []
-    for row, (pad, tokens, n) in enumerate(zip(pads, sequences, keep)):
+          keep: Sequence[int], rows: Optional[Sequence[int]] = None) -> list[PromptCache]:
+    """Row ``rows[i]`` (default: i) of a batched `cache` as a `PromptCache` of its first ``keep[i]`` tokens:
+    ``sequences[i]`` (the row's tokens without its ``pads[i]`` left-padding columns), as far as the cache holds
+    them."""
+    result = []
+    for row, pad, tokens, n in zip(range(len(pads)) if rows is None else rows, pads, sequences, keep):
         n = min(n, cache.get_seq_length() - pad, len(tokens))
-        rows.append(PromptCache(
+        result.append(PromptCache(
             ids=list(tokens[:n]),
             keys=[layer.keys[row, :, pad : pad + n].clone() for layer in cache.layers],
             values=[layer.values[row, :, pad : pad + n].clone() for layer in cache.layers],
         ))
-    return rows
+    return result

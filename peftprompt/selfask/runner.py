@@ -599,9 +599,8 @@ class SelfAskRunner:
         and, when `caches` is given (the caller keeps them), its continuation carries the cache of its prompt and
         kept tokens."""
         import torch
-        from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-        tokenizer, runner = self.tokenizer, self
+        tokenizer = self.tokenizer
         if tokenizer.pad_token is None:  # as load_backbone does: pad with EOS (left padding, masked)
             tokenizer.pad_token = tokenizer.eos_token
         eos = tokenizer.eos_token_id
@@ -629,53 +628,89 @@ class SelfAskRunner:
             attention_mask = torch.tensor([[0] * p + [1] * n for p, n in zip(pads, lengths)], device=device)
             past = (kv_cache.batched(reused, lengths, fed, self.model.config, spare=max(limits))
                     if self.reuse_kv_cache else None)
-            stopped_at = [None] * len(chunk)
             words = (banned or [None] * len(prompts))[start : start + self.batch_size]
             first_tokens = {row: sorted({tokenizer(text, add_special_tokens=False)["input_ids"][0]
                                          for text in (" " + word, word)})
                             for row, word in enumerate(words) if word}
+            decoded = self._decode(input_ids, attention_mask, past, limits, answer_only, first_tokens,
+                                   (pads, lengths) if keep_caches else None)
+            for ids, cache in decoded:
+                hit_eos = eos is not None and eos in ids
+                results.append(Continuation(tokenizer.decode(ids, skip_special_tokens=True), len(ids), hit_eos, cache))
+        return results
 
-            class _BanFirst(LogitsProcessor):
-                def __call__(self, input_ids, scores):
-                    if input_ids.shape[1] == width:
-                        for row, ids in first_tokens.items():
-                            scores[row, ids] = -float("inf")
-                    return scores
+    def _decode(self, input_ids, attention_mask, past, limits: list[int], answer_only: list[bool],
+                first_tokens: dict[int, list[int]],
+                cached_rows: Optional[tuple[list[int], list[int]]]) -> list[tuple[list[int], Optional[PromptCache]]]:
+        """Greedy `model.generate` of one left-padded batch: per row, the generated token ids kept (up to its stop,
+        EOS included) and, with `cached_rows` (the rows' left padding and prompt lengths), the `PromptCache` of its
+        prompt and kept tokens.
 
-            class _Stop(StoppingCriteria):
-                def __call__(self, input_ids, scores, **kwargs):
-                    new = input_ids[:, width:]
-                    done = []
-                    for row, ids in enumerate(new.tolist()):
-                        if stopped_at[row] is None:
-                            if len(ids) >= limits[row] or (eos is not None and eos in ids):
-                                stopped_at[row] = len(ids)
-                            elif runner.stop_index(tokenizer.decode(ids, skip_special_tokens=True),
-                                                   answer_only[row]) is not None:
-                                stopped_at[row] = len(ids)
-                        done.append(stopped_at[row] is not None)
-                    return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        Finished rows do not ride along: a `generate` call ends once a quarter of its rows have stopped, and the
+        rows still going continue from the same cache, narrowed to them (``batch_select_indices``), in a new call.
+        `first_tokens` bans, per row, first tokens (`_generate`)."""
+        import torch
+        from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-            with torch.no_grad():
+        tokenizer, runner = self.tokenizer, self
+        eos = tokenizer.eos_token_id
+        width = input_ids.shape[1]
+        stopped_at: list[Optional[int]] = [None] * len(limits)
+        kept: list[tuple[list[int], Optional[PromptCache]]] = [([], None)] * len(limits)
+        active = list(range(len(limits)))  # the batch rows in the current call, in order
+
+        class _BanFirst(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                if input_ids.shape[1] == width:
+                    for row, ids in first_tokens.items():
+                        scores[row, ids] = -float("inf")
+                return scores
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                done = []
+                for row, ids in zip(active, input_ids[:, width:].tolist()):
+                    if stopped_at[row] is None and (
+                            len(ids) >= limits[row] or (eos is not None and eos in ids)
+                            or runner.stop_index(tokenizer.decode(ids, skip_special_tokens=True),
+                                                 answer_only[row]) is not None):
+                        stopped_at[row] = len(ids)
+                    done.append(stopped_at[row] is not None)
+                if 4 * sum(done) >= len(done):  # end the call: the rows still going continue without these
+                    done = [True] * len(done)
+                return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+        sequences, mask = input_ids, attention_mask
+        with torch.no_grad():
+            while active:
                 out = self.model.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, past_key_values=past,
-                    max_new_tokens=max(limits), do_sample=False, return_dict_in_generate=True,
-                    stopping_criteria=StoppingCriteriaList([_Stop()]), pad_token_id=pad, eos_token_id=eos,
+                    input_ids=sequences, attention_mask=mask, past_key_values=past,
+                    max_new_tokens=max(limits[row] for row in active) - (sequences.shape[1] - width),
+                    do_sample=False, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=eos, stopping_criteria=StoppingCriteriaList([_Stop()]),
                     logits_processor=LogitsProcessorList([_BanFirst()] if first_tokens else []),
                 )
-            kept = []
-            for row, ids in enumerate(out.sequences[:, width:].tolist()):
-                n = min(len(ids), limits[row], stopped_at[row] if stopped_at[row] is not None else len(ids))
-                ids = ids[:n]
-                hit_eos = eos is not None and eos in ids
-                if hit_eos:
-                    ids = ids[: ids.index(eos) + 1]
-                kept.append(len(ids))
-                results.append(Continuation(tokenizer.decode(ids, skip_special_tokens=True), len(ids), hit_eos))
-            if keep_caches:
-                rows = out.sequences.tolist()
-                new_caches = kv_cache.split(out.past_key_values, pads, [r[p:] for r, p in zip(rows, pads)],
-                                            [n + k for n, k in zip(lengths, kept)])
-                for result, cache in zip(results[-len(chunk):], new_caches):
-                    result.cache = cache
-        return results
+                finished = [i for i, row in enumerate(active) if stopped_at[row] is not None]
+                if not finished:
+                    raise RuntimeError("generate ended before any row reached a stop")
+                tokens = out.sequences.tolist()
+                for i in finished:
+                    ids = tokens[i][width : width + stopped_at[active[i]]]
+                    kept[active[i]] = (ids[: ids.index(eos) + 1] if eos is not None and eos in ids else ids, None)
+                if cached_rows is not None:
+                    pads, lengths = ([values[active[i]] for i in finished] for values in cached_rows)
+                    caches = kv_cache.split(out.past_key_values, pads, [tokens[i][p:] for i, p in zip(finished, pads)],
+                                            [n + len(kept[active[i]][0]) for i, n in zip(finished, lengths)],
+                                            rows=finished)
+                    for i, cache in zip(finished, caches):
+                        kept[active[i]] = (kept[active[i]][0], cache)
+                going = [i for i, row in enumerate(active) if stopped_at[row] is None]
+                if going:
+                    index = torch.tensor(going, device=out.sequences.device)
+                    past = out.past_key_values
+                    past.batch_select_indices(index)
+                    grown = out.sequences.shape[1] - mask.shape[1]
+                    mask = torch.cat([mask, mask.new_ones(mask.shape[0], grown)], dim=1)[index]
+                    sequences = out.sequences[index]
+                active = [active[i] for i in going]
+        return kept
