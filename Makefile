@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# One thread per process: the tests run on 2 shared cores, where oversubscription costs far more than it gains.
+# Two pytest workers of one thread each (pytest-xdist): the tests run on 2 shared cores, where oversubscription
+# costs far more than it gains, and many tests wait on subprocesses (recipes, benchmark dry runs).
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+TEST_WORKERS ?= 2
 
 .PHONY: setup models test demo demo-sst2 bench bench-quick clean
 
@@ -25,7 +27,7 @@ models: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/peftprompt fetch
 
 test: models
-	$(TEST_ENV) $(PY) -m pytest
+	$(TEST_ENV) $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 # The main job: self-ask LoRA on SmolLM2 under `accelerate launch`, traces, exact match before/after fine-tuning.
 demo: models
