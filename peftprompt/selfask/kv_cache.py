@@ -71,8 +71,9 @@ def encode(model, ids: list[int]) -> PromptCache:
 
 class GrowingLayer(DynamicLayer):
     """A `DynamicLayer` that appends in place: its ``keys`` and ``values`` are views of buffers with room for
-    `spare` more tokens (doubled when full), so an update copies only the new tokens. Any other change of the
-    tensors (``crop``, ``batch_select_indices``, ...) is adopted into fresh buffers at the next update.
+    `spare` more tokens (doubled when full), so an update copies only the new tokens. ``batch_select_indices``
+    keeps the chosen rows' buffers; any other change of the tensors (e.g. ``batch_repeat_interleave``) is adopted
+    into fresh buffers at the next update.
 
     Args:
         spare (`int`): Columns to keep free beyond the tokens held (e.g. the tokens a `generate` call may add).

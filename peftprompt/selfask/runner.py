@@ -12,8 +12,8 @@ So the final answer is: {answer}                  generated; stops at the end of
 
 Generation is greedy and batched over the questions in flight (`batch_size`, left padding) and stops at the
 intermediate answer marker, at the end of the final answer's line (newline or EOS), at a line starting another
-``Question:`` (a few-shot model running on to a next example), or at `max_new_tokens`. Each
-question keeps its KV cache from one step to the next, and the few-shot prefix's is computed once
+``Question:`` (a few-shot model running on to a next example), or at `max_new_tokens`; rows that stopped leave
+the batch while the others go on (`_decode`). Each question keeps its KV cache from one step to the next, and the few-shot prefix's is computed once
 (`peftprompt.selfask.kv_cache`), so a step feeds only the tokens its prompt gained.
 
 Recursion. The question is layer 0, its follow-ups layer 1, theirs layer 2, ... Each layer's follow-ups go to that
