@@ -57,7 +57,8 @@ SOURCE = "compositional_celebrities"
 SHOWN = 3
 DEEP_QUESTION = "Which film has the director who died later, The More The Merrier or Sleep, My Love?"
 DEMO_SCHEDULE = ["max_steps=150", "method_args.lora_dropout=0.0", "data.generate_eval=0"]
-"""The demo's overrides of the shipped config: within ten minutes on 2 CPU cores, exact match >= 0.78."""
+"""The demo's overrides of the shipped config, aimed at ten minutes on 2 CPU cores with exact match >= 0.78
+(minutes by CPU: `benchmarks/results/demo_time*`)."""
 
 
 def train_command(output_dir: Path, overrides: list[str]) -> tuple[list[str], dict]:
