@@ -27,7 +27,7 @@ def test_prompt_cache_reusable_is_the_common_prefix_leaving_one_token():
 
 def test_growing_layer_appends_in_place_and_equals_concatenation():
     """Updates within the spare room write into the same buffer (no copy of the held tokens) and return what
-    concatenation returns; past the room it grows; a crop or batch selection is adopted at the next update."""
+    concatenation returns; past the room it grows; after a crop or a batch selection it appends to the rows kept."""
     torch.manual_seed(0)
     steps = [torch.randn(2, 3, n, 4) for n in (5, 1, 1, 1)]
     layer = GrowingLayer(spare=2)

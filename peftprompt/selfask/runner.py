@@ -13,8 +13,9 @@ So the final answer is: {answer}                  generated; stops at the end of
 Generation is greedy and batched over the questions in flight (`batch_size`, left padding) and stops at the
 intermediate answer marker, at the end of the final answer's line (newline or EOS), at a line starting another
 ``Question:`` (a few-shot model running on to a next example), or at `max_new_tokens`; rows that stopped leave
-the batch while the others go on (`_decode`). Each question keeps its KV cache from one step to the next, and the few-shot prefix's is computed once
-(`peftprompt.selfask.kv_cache`), so a step feeds only the tokens its prompt gained.
+the batch while the others go on (`_decode`). Each question keeps its KV cache from one step to the next, and the
+few-shot prefix's is computed once (`peftprompt.selfask.kv_cache`), so a step feeds only the tokens its prompt
+gained.
 
 Recursion. The question is layer 0, its follow-ups layer 1, theirs layer 2, ... Each layer's follow-ups go to that
 layer's answerer (`answerers.py`; ``answerer`` may be one for every layer or a list, one per layer, the last
@@ -656,7 +657,8 @@ class SelfAskRunner:
         eos = tokenizer.eos_token_id
         width = input_ids.shape[1]
         stopped_at: list[Optional[int]] = [None] * len(limits)
-        kept: list[tuple[list[int], Optional[PromptCache]]] = [([], None)] * len(limits)
+        kept: list[list[int]] = [[] for _ in limits]
+        row_caches: list[Optional[PromptCache]] = [None] * len(limits)
         active = list(range(len(limits)))  # the batch rows in the current call, in order
 
         class _BanFirst(LogitsProcessor):
@@ -696,14 +698,14 @@ class SelfAskRunner:
                 tokens = out.sequences.tolist()
                 for i in finished:
                     ids = tokens[i][width : width + stopped_at[active[i]]]
-                    kept[active[i]] = (ids[: ids.index(eos) + 1] if eos is not None and eos in ids else ids, None)
+                    kept[active[i]] = ids[: ids.index(eos) + 1] if eos is not None and eos in ids else ids
                 if cached_rows is not None:
                     pads, lengths = ([values[active[i]] for i in finished] for values in cached_rows)
                     caches = kv_cache.split(out.past_key_values, pads, [tokens[i][p:] for i, p in zip(finished, pads)],
-                                            [n + len(kept[active[i]][0]) for i, n in zip(finished, lengths)],
+                                            [n + len(kept[active[i]]) for i, n in zip(finished, lengths)],
                                             rows=finished)
                     for i, cache in zip(finished, caches):
-                        kept[active[i]] = (kept[active[i]][0], cache)
+                        row_caches[active[i]] = cache
                 going = [i for i, row in enumerate(active) if stopped_at[row] is None]
                 if going:
                     index = torch.tensor(going, device=out.sequences.device)
@@ -713,4 +715,4 @@ class SelfAskRunner:
                     mask = torch.cat([mask, mask.new_ones(mask.shape[0], grown)], dim=1)[index]
                     sequences = out.sequences[index]
                 active = [active[i] for i in going]
-        return kept
+        return list(zip(kept, row_caches))
