@@ -7,8 +7,9 @@ with the smallest weight among them. `SelfAskCollator` is a ``data_collator`` fo
 
 Packed rows carry ``position_ids`` that restart at 0 for every episode and no ``attention_mask``:
 transformers (``masking_utils.find_packed_sequence_indices``) then builds a block-diagonal causal mask, so no
-episode attends to another (Llama, Qwen2, Mistral, ... with eager, SDPA or flash attention). Prefix tuning passes
-``past_key_values`` and disables that detection: use padding with it.
+episode attends to another (Llama, Qwen2, Mistral, ... with eager, SDPA or flash attention). The training engine
+skips the masked work: it computes attention one episode at a time (`peftprompt.training.packed_attention`).
+Prefix tuning passes ``past_key_values`` and disables that detection: use padding with it.
 """
 
 from __future__ import annotations

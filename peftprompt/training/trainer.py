@@ -10,7 +10,8 @@ result = Trainer(config, model, tokenizer, train_trees, SelfAskCollator(tokenize
 `Trainer.train` runs the named phases: `setup` (accelerator, data, optimizer, schedule, resume), `training_step`
 per micro-batch, `evaluate` and `save_checkpoint` when due, `finish` (last evaluation and checkpoint, the adapter
 saved through the gathering path on every process, the `TrainResult`). The progress lives in a `TrainerState`.
-Losses are in `peftprompt.training.losses`, evaluation in `.evaluation`, checkpoints in `.checkpoints`.
+Losses are in `peftprompt.training.losses`, evaluation in `.evaluation`, checkpoints in `.checkpoints`. Packed
+rows of a causal LM on SDPA get attention per episode while training (`.packed_attention`).
 
 What Accelerate does here, and what was measured (accelerate 1.15, torch 2.13 CPU, 2 cores):
 
@@ -79,6 +80,7 @@ from .config import TrainConfig, resolve_mixed_precision
 from .evaluation import ComputeMetrics, evaluate_loss
 from .losses import input_casts_skipped, supports_kept_logits, training_loss
 from .model_setup import make_optimizer, training_layout_kept
+from .packed_attention import packed_attention, packed_sequence_kwargs
 from .run_log import METRICS_FILE, RunLog, peak_memory_mb
 from .sampling import EpochLengthGroupedSampler, example_lengths
 from .sharding import shard_model
@@ -159,6 +161,7 @@ class Trainer:
         self.command = shlex.join(getattr(sys, "orig_argv", sys.argv))
         self.state: Optional[TrainerState] = None
         self.stopped_early = False
+        self.packed_attention = False  # set by `train`: attention per packed episode (`.packed_attention`)
 
     # ------------------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -276,6 +279,7 @@ class Trainer:
             "resumed_from": str(self.resume_dir) if self.resume_dir else None,
             "global_step": state.global_step,
             "logits_at_trained_positions_only": self.kept_logits,
+            "attention_per_packed_episode": self.packed_attention,
             "command": self.command,
         })
         self.log.info(
@@ -284,6 +288,7 @@ class Trainer:
             f"/epoch, batch {config.per_device_train_batch_size} x {config.gradient_accumulation_steps} accumulation "
             f"x {state.world_size} processes); trainable {self.n_trainable:,} / {self.n_total:,} parameters"
             + ("; logits at trained positions only" if self.kept_logits else "")
+            + ("; attention per packed episode" if self.packed_attention else "")
             + (f"; resuming from {self.resume_dir} at step {state.global_step}" if self.resume_dir else "")
         )
         env = os.environ
@@ -303,6 +308,8 @@ class Trainer:
         """Forward and backward one micro-batch; at the end of an accumulation window, rescale the gradients to the
         mean over every loss item of the window on every process, clip, and step. Returns whether it stepped."""
         accelerator, accumulation = self.accelerator, self.config.gradient_accumulation_steps
+        if self.packed_attention and "position_ids" in batch and "attention_mask" not in batch:
+            batch = {**batch, **packed_sequence_kwargs(batch["position_ids"])}
         with accelerator.accumulate(self.model):
             with input_casts_skipped(self.castable):
                 loss_sum, items, tokens = training_loss(self.model, batch, self.config.task, self.kept_logits)
@@ -339,7 +346,8 @@ class Trainer:
 
     def train(self) -> TrainResult:
         """Run `setup`, the epochs of `training_step` with evaluation and checkpoints when due, and `finish`."""
-        with training_layout_kept(self.model):  # 4-bit weights stay trainable through evaluations (see there)
+        # 4-bit weights stay trainable through evaluations; packed rows get attention per episode (see there)
+        with training_layout_kept(self.model), packed_attention(self.model) as self.packed_attention:
             if self.state is None:
                 self.setup()
             self._run_epochs()
