@@ -3,8 +3,9 @@
 1. Train the self-ask LoRA with ``accelerate launch`` from the shipped configs: ``recipes/selfask_sft.py --config
    recipes/configs/smollm2/selfask_lora.yaml`` on 2 CPU processes (``recipes/accelerate/cpu_2proc.yaml``; one
    GPU process with ``single_gpu.yaml`` where CUDA is available), on the demo's shorter schedule (`DEMO_SCHEDULE`:
-   150 steps instead of 200, no LoRA dropout, whose random masks were a quarter of a CPU step; no self-ask
-   evaluation inside training, since steps 2-4 do it). Training trees: MuSiQue, the ProbTree trees of HotpotQA and
+   100 steps at twice the learning rate instead of 200, no LoRA dropout, whose random masks were a quarter of a
+   CPU step; no self-ask evaluation inside training, since steps 2-4 do it; the held-out loss on 40 trees, not
+   120). Training trees: MuSiQue, the ProbTree trees of HotpotQA and
    MuSiQue and 2WikiMultiHopQA training questions, never Compositional Celebrities or Bamboogle.
 2. Print the adapter's size, then answer three Compositional Celebrities questions with it, showing each trace;
    follow-ups are answered by the MiniLM retriever over the questions' own gold sub-answers (``Q1/A1``,
@@ -56,7 +57,8 @@ CONFIG = REPO / "recipes/configs/smollm2/selfask_lora.yaml"
 SOURCE = "compositional_celebrities"
 SHOWN = 3
 DEEP_QUESTION = "Which film has the director who died later, The More The Merrier or Sleep, My Love?"
-DEMO_SCHEDULE = ["max_steps=150", "method_args.lora_dropout=0.0", "data.generate_eval=0"]
+DEMO_SCHEDULE = ["max_steps=100", "learning_rate=2e-3", "method_args.lora_dropout=0.0", "data.generate_eval=0",
+                 "max_eval_samples=40"]
 """The demo's overrides of the shipped config, aimed at ten minutes on 2 CPU cores with exact match >= 0.78
 (minutes by CPU: `benchmarks/results/demo_time*`)."""
 

@@ -218,7 +218,8 @@ def test_demo_schedule_overrides_the_shipped_config_and_yields_to_the_user():
     shipped = load_config(demo.CONFIG)
     config = load_config(demo.CONFIG, demo.DEMO_SCHEDULE)
     assert (shipped.max_steps, shipped.method_args["lora_dropout"]) == (200, 0.1)
-    assert (config.max_steps, config.method_args["lora_dropout"], config.data["generate_eval"]) == (150, 0.0, 0)
+    assert (config.max_steps, config.learning_rate, config.method_args["lora_dropout"]) == (100, 2e-3, 0.0)
+    assert (config.data["generate_eval"], config.max_eval_samples) == (0, 40) and shipped.learning_rate == 1e-3
     assert config.method_args["r"] == shipped.method_args["r"] and config.data["mode"] == shipped.data["mode"]
     command, _ = demo.train_command(Path("out"), ["max_steps=20"])
-    assert command[-4:] == [*demo.DEMO_SCHEDULE, "max_steps=20"]
+    assert command[-len(demo.DEMO_SCHEDULE) - 1:] == [*demo.DEMO_SCHEDULE, "max_steps=20"]
