@@ -27,7 +27,8 @@ from _env import environment_record, provenance_line
 NAME = "selfask_continual"
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-ROUND_0 = ["max_steps=150", "method_args.lora_dropout=0.0", "data.generate_eval=0"]  # make demo's schedule when the committed runs were made
+# make demo's schedule when the committed runs were made
+ROUND_0 = ["max_steps=150", "method_args.lora_dropout=0.0", "data.generate_eval=0"]
 QUICK = ["--pool-size", "8", "--questions-per-round", "4", "--n-eval", "4"]
 QUICK_TRAINING = ["max_steps=2", "max_train_samples=12", "max_eval_samples=4", "max_length=256"]
 SETS = (("held_out", "held-out 2Wiki (ProbTree, dev)"), ("compositional_celebrities", "Compositional Celebrities"))

@@ -20,7 +20,8 @@ from peftprompt.training.packed_attention import (
     packed_sequence_kwargs,
     supports_packed_attention,
 )
-from test_training import CompactIds, llm_config, records, small_trees, smollm2_tokenizer, trainable  # noqa: F401 (fixture)
+from test_training import smollm2_tokenizer  # noqa: F401 (a fixture)
+from test_training import CompactIds, llm_config, records, small_trees, trainable
 
 EPISODES = [[5, 7, 3], [6, 8, 2]]  # per row: episode lengths; each row is then padded to 16 (positions from 0)
 
@@ -87,7 +88,7 @@ def test_boundaries_must_cover_the_batch():
     model = tiny_llama()
     batch = packed_batch()
     wrong = packed_sequence_kwargs(batch["position_ids"][:1])  # boundaries of one row for a batch of two
-    with packed_attention(model), pytest.raises(ValueError, match="cu_seq_lens_q ends at 16, but the batch holds 2 x 16"):
+    with packed_attention(model), pytest.raises(ValueError, match="ends at 16, but the batch holds 2 x 16 positions"):
         model(**batch, use_cache=False, **wrong)
 
 
@@ -120,7 +121,8 @@ def test_trainer_trains_the_same_with_attention_per_episode(tmp_path, smollm2_to
         torch.manual_seed(0)
         config = LlamaConfig(vocab_size=len(collator.ids), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-        model = peftprompt.attach(LlamaForCausalLM(config), "lora", task="causal_lm", target_modules=["q_proj", "v_proj"])
+        model = peftprompt.attach(LlamaForCausalLM(config), "lora", task="causal_lm",
+                                  target_modules=["q_proj", "v_proj"])
         result = train(llm_config(tmp_path, name, learning_rate=3e-2, per_device_train_batch_size=2, max_steps=4),
                        model, smollm2_tokenizer, small_trees() * 2, collator)
         assert model.get_base_model().config._attn_implementation == "sdpa"  # restored after training
