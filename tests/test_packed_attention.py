@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import peftprompt
 from conftest import TINY_VOCAB, make_batch, tiny_llama
@@ -17,6 +18,7 @@ from peftprompt.training import trainer as trainer_module
 from peftprompt.training.packed_attention import (
     PACKED_ATTENTION,
     packed_attention,
+    packed_sdpa_attention_forward,
     packed_sequence_kwargs,
     supports_packed_attention,
 )
@@ -82,6 +84,19 @@ def test_without_boundaries_it_is_sdpa_and_generation_is_unchanged():
         with packed_attention(model):
             assert torch.equal(model(**batch).logits, expected)
             assert torch.equal(model.generate(prompt, max_new_tokens=5, do_sample=False), expected_tokens)
+
+
+def test_attention_that_is_not_causal_is_left_to_sdpa():
+    model = tiny_llama()
+    module = model.model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, 6, 8, generator=generator) for heads in (4, 2, 2))
+    boundaries = packed_sequence_kwargs(torch.tensor([[0, 1, 2, 0, 1, 2]]))
+    bidirectional, _ = packed_sdpa_attention_forward(module, q, k, v, None, is_causal=False, **boundaries)
+    expected, _ = sdpa_attention_forward(module, q, k, v, None, is_causal=False)
+    assert torch.equal(bidirectional, expected)  # the whole row, both ways: boundaries are not applied
+    per_episode, _ = packed_sdpa_attention_forward(module, q, k, v, None, **boundaries)
+    assert not torch.allclose(per_episode, expected)
 
 
 def test_boundaries_must_cover_the_batch():

@@ -43,8 +43,10 @@ def packed_sdpa_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """A transformers attention function: causal SDPA on each sequence ``cu_seq_lens_q`` delimits in the flattened
-    batch (``query`` ``[batch, heads, length, dim]``; returns ``[batch, length, heads, dim]``), else ``"sdpa"``."""
-    if cu_seq_lens_q is None or query.shape[2] != key.shape[2]:
+    batch (``query`` ``[batch, heads, length, dim]``; returns ``[batch, length, heads, dim]``), else ``"sdpa"`` (no
+    boundaries, a KV cache, or attention that is not causal)."""
+    causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+    if cu_seq_lens_q is None or query.shape[2] != key.shape[2] or not causal:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     batch, heads, length, dim = query.shape
