@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import peftprompt
-from conftest import TINY_VOCAB, make_batch, tiny_llama
+from conftest import TINY_VOCAB, make_batch, tiny_bert_token_cls, tiny_llama
 from peftprompt.recursive import SelfAskCollator
 from peftprompt.training import train
 from peftprompt.training import trainer as trainer_module
@@ -122,7 +122,7 @@ def test_switch_is_restored_and_skips_what_it_cannot_serve():
                                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                                                 sliding_window=8))
     assert supports_packed_attention(tiny_llama())
-    for model in (eager, windowed):
+    for model in (eager, windowed, tiny_bert_token_cls(5)):
         assert not supports_packed_attention(model)
         with packed_attention(model) as used:
             assert not used

@@ -84,10 +84,13 @@ def packed_sequence_kwargs(position_ids: torch.Tensor) -> dict:
 
 
 def supports_packed_attention(model) -> bool:
-    """Whether `model` (bare or under a PEFT adapter) can run ``"sdpa_packed"``: its attention is ``"sdpa"``, it is
-    a decoder, and it has no sliding window or logit soft-capping (which per-sequence causal SDPA would drop)."""
+    """Whether `model` (a bare transformers model) can run ``"sdpa_packed"``: a decoder that generates (not an encoder
+    or encoder-decoder) on ``"sdpa"``, whose class takes transformers' attention functions, without a sliding window
+    or logit soft-capping (which per-sequence causal SDPA would drop)."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    if not (getattr(model, "is_backend_compatible", lambda: False)() and model.can_generate()):
         return False
     if getattr(config, "is_encoder_decoder", False) or getattr(config, "attn_logit_softcapping", None) is not None:
         return False
