@@ -5,8 +5,8 @@
    GPU process with ``single_gpu.yaml`` where CUDA is available), on the demo's shorter schedule (`DEMO_SCHEDULE`:
    100 steps at twice the learning rate instead of 200, no LoRA dropout, whose random masks were a quarter of a
    CPU step; no self-ask evaluation inside training, since steps 2-4 do it; the held-out loss on 40 trees, not
-   120). Training trees: MuSiQue, the ProbTree trees of HotpotQA and
-   MuSiQue and 2WikiMultiHopQA training questions, never Compositional Celebrities or Bamboogle.
+   120). Training trees: MuSiQue, the ProbTree trees of HotpotQA and MuSiQue and 2WikiMultiHopQA training
+   questions, never Compositional Celebrities or Bamboogle.
 2. Print the adapter's size, then answer three Compositional Celebrities questions with it, showing each trace;
    follow-ups are answered by the MiniLM retriever over the questions' own gold sub-answers (``Q1/A1``,
    ``Q2/A2``), so the score measures the decomposition.
