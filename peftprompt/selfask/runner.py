@@ -62,6 +62,7 @@ forced answer, and no question generates more than `max_total_tokens` tokens.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -72,6 +73,7 @@ from ..recursive.unroll import SELF_ASK, Template, Unroller, clean_text, parse_e
 from . import kv_cache
 from .answerers import UNKNOWN, Answer, Answerer, as_answerer
 from .kv_cache import PromptCache
+from .shared_prefix import shared_prefix_attention, supports_shared_prefix
 
 
 def format_episode(
@@ -287,7 +289,9 @@ class SelfAskRunner:
         self.retry_repeats = retry_repeats
         self.progress = progress
         self.reuse_kv_cache = reuse_kv_cache and model is not None and kv_cache.supports_reuse(model)
+        self.share_prefix = self.reuse_kv_cache and supports_shared_prefix(model)
         self._prefix_caches: dict[str, PromptCache] = {}
+        self._prefix_heads: dict[tuple[int, int], PromptCache] = {}  # their first n tokens, shared by a batch
         head, tail = template.follow_up.split("{question}")
         self.follow_up_prefix = head.strip()  # "Follow up:"
         self.marker = tail  # "\nIntermediate answer:"
@@ -590,15 +594,50 @@ class SelfAskRunner:
                 return self._prefix_caches[prefix]
         return None
 
+    def _shared_prefix(self, prompts: list[str], encoded: list[list[int]]) -> Optional[PromptCache]:
+        """When every prompt of a batch starts with the same few-shot prefix and the model can attend to it once
+        for the whole batch (`peftprompt.selfask.shared_prefix`): the cache of the prefix's tokens that every
+        prompt's tokens start with (its last token may merge with the question's first, e.g. ``\n\n``)."""
+        prefix = self._prefix_cache(prompts[0]) if self.share_prefix else None
+        if prefix is None or any(self._prefix_cache(p) is not prefix for p in prompts[1:]):
+            return None
+        n = min(prefix.reusable(ids) for ids in encoded)  # a prompt's tokens may merge across the prefix's end
+        if n in (0, len(prefix.ids)):
+            return prefix if n else None
+        if (id(prefix), n) not in self._prefix_heads:
+            self._prefix_heads[id(prefix), n] = prefix.head(n)
+        return self._prefix_heads[id(prefix), n]
+
     def _generate(self, prompts: list[str], max_new_tokens: list[int],
                   banned: Optional[list[Optional[str]]] = None,
                   caches: Optional[list[Optional[PromptCache]]] = None) -> list[Continuation]:
+        """`_generate_batches`, where the model can share a few-shot prefix's cache across a batch
+        (`_shared_prefix`) on the prompts of each few-shot prefix (or none) apart, in their order."""
+        if not self.share_prefix:
+            return self._generate_batches(prompts, max_new_tokens, banned, caches)
+        groups: dict[int, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            groups.setdefault(id(self._prefix_cache(prompt)), []).append(i)
+        results: list[Optional[Continuation]] = [None] * len(prompts)
+        for rows in groups.values():
+            def pick(values):
+                return None if values is None else [values[i] for i in rows]
+
+            for i, out in zip(rows, self._generate_batches(pick(prompts), pick(max_new_tokens), pick(banned),
+                                                           pick(caches))):
+                results[i] = out
+        return results
+
+    def _generate_batches(self, prompts: list[str], max_new_tokens: list[int],
+                          banned: Optional[list[Optional[str]]] = None,
+                          caches: Optional[list[Optional[PromptCache]]] = None) -> list[Continuation]:
         """Greedy `model.generate` on `prompts` in batches of `batch_size` (left padding, KV cache on); row i
         stops at `stop_index`, at EOS or after ``max_new_tokens[i]`` tokens, and may not start with the word
         ``banned[i]`` (its first token, with and without a leading space). With `reuse_kv_cache`, row i continues
         from ``caches[i]`` (its previous step) or its few-shot prefix's cache, whichever holds more of its tokens,
         and, when `caches` is given (the caller keeps them), its continuation carries the cache of its prompt and
-        kept tokens."""
+        kept tokens. A batch whose prompts all start with the same few-shot prefix holds that prefix's keys and
+        values once (`_shared_prefix`): its rows are padded after the prefix, not before."""
         import torch
 
         tokenizer = self.tokenizer
@@ -617,39 +656,44 @@ class SelfAskRunner:
             lengths = [len(ids) for ids in encoded]
             width = max(lengths)
             reused: list[Optional[PromptCache]] = [None] * len(chunk)
-            fed = width
+            fed, shared = width, None
             if self.reuse_kv_cache:
+                shared = self._shared_prefix(chunk, encoded)
                 for row, (prompt, ids) in enumerate(zip(chunk, encoded)):
                     options = [c for c in (caches[start + row], self._prefix_cache(prompt)) if c is not None]
                     reused[row] = max(options, key=lambda c: c.reusable(ids), default=None)
                 fed = max(n - (c.reusable(ids) if c is not None else 0)
                           for n, c, ids in zip(lengths, reused, encoded))
+            skip = len(shared.ids) if shared is not None else 0  # columns before the padding
             pads = [width - n for n in lengths]
-            input_ids = torch.tensor([[pad] * p + ids for p, ids in zip(pads, encoded)], device=device)
-            attention_mask = torch.tensor([[0] * p + [1] * n for p, n in zip(pads, lengths)], device=device)
-            past = (kv_cache.batched(reused, lengths, fed, self.model.config, spare=max(limits))
+            input_ids = torch.tensor([ids[:skip] + [pad] * p + ids[skip:] for p, ids in zip(pads, encoded)],
+                                     device=device)
+            attention_mask = torch.tensor([[1] * skip + [0] * p + [1] * (n - skip) for p, n in zip(pads, lengths)],
+                                          device=device)
+            past = (kv_cache.batched(reused, lengths, fed, self.model.config, spare=max(limits), shared=shared)
                     if self.reuse_kv_cache else None)
             words = (banned or [None] * len(prompts))[start : start + self.batch_size]
             first_tokens = {row: sorted({tokenizer(text, add_special_tokens=False)["input_ids"][0]
                                          for text in (" " + word, word)})
                             for row, word in enumerate(words) if word}
             decoded = self._decode(input_ids, attention_mask, past, limits, answer_only, first_tokens,
-                                   (pads, lengths) if keep_caches else None)
+                                   (pads, lengths) if keep_caches else None, shared)
             for ids, cache in decoded:
                 hit_eos = eos is not None and eos in ids
                 results.append(Continuation(tokenizer.decode(ids, skip_special_tokens=True), len(ids), hit_eos, cache))
         return results
 
     def _decode(self, input_ids, attention_mask, past, limits: list[int], answer_only: list[bool],
-                first_tokens: dict[int, list[int]],
-                cached_rows: Optional[tuple[list[int], list[int]]]) -> list[tuple[list[int], Optional[PromptCache]]]:
+                first_tokens: dict[int, list[int]], cached_rows: Optional[tuple[list[int], list[int]]],
+                shared: Optional[PromptCache] = None) -> list[tuple[list[int], Optional[PromptCache]]]:
         """Greedy `model.generate` of one left-padded batch: per row, the generated token ids kept (up to its stop,
-        EOS included) and, with `cached_rows` (the rows' left padding and prompt lengths), the `PromptCache` of its
-        prompt and kept tokens.
+        EOS included) and, with `cached_rows` (the rows' padding and prompt lengths), the `PromptCache` of its
+        prompt and kept tokens. With `shared`, the prefix every row starts with, held once (`kv_cache.batched`):
+        each row's padding comes after it, and the model attends to it with `shared_prefix_attention`.
 
         Finished rows do not ride along: a `generate` call ends once a quarter of its rows have stopped, and the
         rows still going continue from the same cache, narrowed to them (``batch_select_indices``), in a new call.
-        `first_tokens` bans, per row, first tokens (`_generate`)."""
+        `first_tokens` bans, per row, first tokens (`_generate_batches`)."""
         import torch
         from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
@@ -683,7 +727,8 @@ class SelfAskRunner:
                 return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
         sequences, mask = input_ids, attention_mask
-        with torch.no_grad():
+        skip = len(shared.ids) if shared is not None else 0
+        with torch.no_grad(), shared_prefix_attention(self.model, shared) if shared is not None else nullcontext():
             while active:
                 out = self.model.generate(
                     input_ids=sequences, attention_mask=mask, past_key_values=past,
@@ -701,9 +746,10 @@ class SelfAskRunner:
                     kept[active[i]] = ids[: ids.index(eos) + 1] if eos is not None and eos in ids else ids
                 if cached_rows is not None:
                     pads, lengths = ([values[active[i]] for i in finished] for values in cached_rows)
-                    caches = kv_cache.split(out.past_key_values, pads, [tokens[i][p:] for i, p in zip(finished, pads)],
+                    caches = kv_cache.split(out.past_key_values, pads,
+                                            [tokens[i][:skip] + tokens[i][skip + p:] for i, p in zip(finished, pads)],
                                             [n + len(kept[active[i]]) for i, n in zip(finished, lengths)],
-                                            rows=finished)
+                                            rows=finished, shared=shared)
                     for i, cache in zip(finished, caches):
                         row_caches[active[i]] = cache
                 going = [i for i, row in enumerate(active) if stopped_at[row] is None]
