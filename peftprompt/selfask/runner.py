@@ -15,7 +15,7 @@ intermediate answer marker, at the end of the final answer's line (newline or EO
 ``Question:`` (a few-shot model running on to a next example), or at `max_new_tokens`; rows that stopped leave
 the batch while the others go on (`_decode`). Each question keeps its KV cache from one step to the next, and the
 few-shot prefix's is computed once (`peftprompt.selfask.kv_cache`), so a step feeds only the tokens its prompt
-gained.
+gained; a batch of prompts with the same few-shot prefix holds its cache once (`peftprompt.selfask.shared_prefix`).
 
 Recursion. The question is layer 0, its follow-ups layer 1, theirs layer 2, ... Each layer's follow-ups go to that
 layer's answerer (`answerers.py`; ``answerer`` may be one for every layer or a list, one per layer, the last
