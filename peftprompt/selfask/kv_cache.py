@@ -121,7 +121,7 @@ class GrowingLayer(DynamicLayer):
         return self.offset + self._held()
 
     def _held(self) -> int:
-        return 0 if not self.is_initialized or self.keys.numel() == 0 else self.keys.shape[-2]
+        return super().get_seq_length()  # DynamicLayer's: the tokens held here
 
     def _holds(self, length: int) -> bool:
         return (self._keys is not None and self.keys.data_ptr() == self._keys.data_ptr()
