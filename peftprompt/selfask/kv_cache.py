@@ -79,6 +79,11 @@ class PromptCache:
         return n
 
 
+def prefix_length(shared: Optional[PromptCache]) -> int:
+    """The tokens of a shared prefix's cache (0 without one): the columns before each row's padding."""
+    return len(shared.ids) if shared is not None else 0
+
+
 def supports_reuse(model) -> bool:
     """Whether `model`'s generation can continue from a `PromptCache`: its forward takes ``position_ids`` (which
     `generate` then derives from the attention mask, so a left-padded row keeps its cache's positions), its cache
@@ -163,7 +168,7 @@ def batched(caches: Sequence[Optional[PromptCache]], lengths: Sequence[int], fed
     With `shared`, the cache of a prefix all the prompts start with (the first ``P`` columns of every row, before
     its padding): the layers hold only the columns after it, ``max(lengths) - P - fed``, and count ``P`` in their
     length (attend to it with `peftprompt.selfask.shared_prefix`)."""
-    skip = len(shared.ids) if shared is not None else 0
+    skip = prefix_length(shared)
     cache = DynamicCache(config=config)
     cache.layers = [GrowingLayer(spare=fed + spare, offset=skip) for _ in cache.layers]
     columns = max(lengths) - skip - fed
@@ -190,7 +195,7 @@ def split(cache: DynamicCache, pads: Sequence[int], sequences: Sequence[Sequence
     ``sequences[i]`` (the row's tokens without its ``pads[i]`` left-padding columns), as far as the cache holds
     them. With `shared` (the prefix the cache's layers do not hold, `batched`), the `PromptCache` holds the tokens
     after it and points at it."""
-    skip = len(shared.ids) if shared is not None else 0
+    skip = prefix_length(shared)
     result = []
     for row, pad, tokens, n in zip(range(len(pads)) if rows is None else rows, pads, sequences, keep):
         n = min(n, cache.get_seq_length() - pad, len(tokens))

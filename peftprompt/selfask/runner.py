@@ -664,7 +664,7 @@ class SelfAskRunner:
                     reused[row] = max(options, key=lambda c: c.reusable(ids), default=None)
                 fed = max(n - (c.reusable(ids) if c is not None else 0)
                           for n, c, ids in zip(lengths, reused, encoded))
-            skip = len(shared.ids) if shared is not None else 0  # columns before the padding
+            skip = kv_cache.prefix_length(shared)
             pads = [width - n for n in lengths]
             input_ids = torch.tensor([ids[:skip] + [pad] * p + ids[skip:] for p, ids in zip(pads, encoded)],
                                      device=device)
@@ -727,7 +727,7 @@ class SelfAskRunner:
                 return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
         sequences, mask = input_ids, attention_mask
-        skip = len(shared.ids) if shared is not None else 0
+        skip = kv_cache.prefix_length(shared)
         with torch.no_grad(), shared_prefix_attention(self.model, shared) if shared is not None else nullcontext():
             while active:
                 out = self.model.generate(
