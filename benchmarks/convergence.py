@@ -37,7 +37,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from _env import environment_record, provenance_line
+from _env import cpu_model, environment_record, provenance_line
 from _runs import CONFIG_FILE, RESULTS_FILE, finished_run, requested_config, run_recipe
 from adapter_methods import LABELS, METHODS, TASKS, VARIANTS, config_path
 from peftprompt.report import format_bytes
@@ -58,6 +58,8 @@ TARGETS = {  # task: (full fine-tuning's test score at least, {variant: at most 
     "sst2": (0.90, {"lora": 0.01, "bitfit": 0.02}),
     "conll03": (0.88, {"lora": 0.015}),
 }
+MACHINE_FILE = "machine.json"  # a record's CPU
+PRECISION_LABELS = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
 REACHED = 0.99  # the share of the best validation score whose first reaching is timed
 QUICK = {"num_epochs": 2, "eval_every": 3, "patience": 2, "max_train_samples": 48, "max_eval_samples": 16}
 QUICK_METHODS = ("lora", "bitfit")
@@ -118,7 +120,7 @@ def summarise_run(task: str, method: str, lr: float, run: dict, curve: list[dict
         "stopped_early": run["global_step"] < run["total_steps"],
         "trainable_params": run["trainable_params"], "trainable_pct": run["trainable_pct"],
         "adapter_bytes": run["adapter_bytes"], "peak_memory_mb": run.get("peak_memory_mb"),
-        "mixed_precision": run.get("mixed_precision"), "curve": curve,
+        "mixed_precision": run.get("mixed_precision"), "cpu_model": run.get("cpu_model"), "curve": curve,
     }
 
 
@@ -137,7 +139,8 @@ def finished_dir(job: tuple[str, str, float], args: argparse.Namespace) -> Optio
 
 def keep_record(run_dir: Path, records: Path) -> None:
     """Copy what this report reads of a finished run (``results.json``, ``train_config.yaml`` and ``metrics.jsonl``
-    without its ``train`` records) to ``records/<run>``, written aside and renamed into place."""
+    without its ``train`` records) to ``records/<run>`` with the CPU that finished it (``machine.json``: its seconds
+    and its ``auto`` precision depend on it), written aside and renamed into place."""
     target, scratch = records / run_dir.name, records / f".{run_dir.name}.partial"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
@@ -145,14 +148,18 @@ def keep_record(run_dir: Path, records: Path) -> None:
         shutil.copy2(run_dir / name, scratch / name)
     kept = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if json.loads(line)["type"] != "train"]
     (scratch / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    (scratch / MACHINE_FILE).write_text(json.dumps({"cpu_model": cpu_model()}) + "\n")
     shutil.rmtree(target, ignore_errors=True)
     scratch.rename(target)
 
 
 def read_run(directory: Path) -> dict:
-    """A finished run's ``results.json`` with ``total_steps`` (the budget in steps, from its ``start`` record)."""
+    """A finished run's ``results.json`` with ``total_steps`` (the budget in steps, from its ``start`` record) and
+    ``cpu_model`` (`None` where its record predates ``machine.json``)."""
     start = json.loads((directory / "metrics.jsonl").read_text().splitlines()[0])
-    return {**json.loads((directory / RESULTS_FILE).read_text()), "total_steps": start["total_steps"]}
+    machine = directory / MACHINE_FILE
+    cpu = json.loads(machine.read_text())["cpu_model"] if machine.is_file() else None
+    return {**json.loads((directory / RESULTS_FILE).read_text()), "total_steps": start["total_steps"], "cpu_model": cpu}
 
 
 def run_jobs(jobs: list[tuple[str, str, float]], args: argparse.Namespace) -> None:
@@ -221,7 +228,10 @@ def write_results(result: dict, out: Path) -> None:
               f"{result['parallel']} runs side by side. Learning rate: the short-budget sweep's best and second best "
               "(300 steps, `adapter_methods.py`) trained at the long budget, the better validation score chosen. "
               "Test: the score at the step of the best validation score. Reach 99 %: the first evaluation with "
-              "at least 99 % of the best validation score (training seconds exclude evaluation).", ""]
+              "at least 99 % of the best validation score (training seconds exclude evaluation). Precision: what "
+              "`mixed_precision: auto` chose on the CPU that ran the run (bf16 autocast with native bf16, else fp32; "
+              "records from before the CPU was kept say `not recorded`); seconds compare only between runs on the "
+              "same CPU.", ""]
     for task in result["budgets"]:
         rows = [r for r in result["chosen"] if r["task"] == task]
         if not rows:
@@ -230,8 +240,8 @@ def write_results(result: dict, out: Path) -> None:
         lines += [f"## {TASKS[task][3]}", "",
                   f"| method | trainable params | adapter size | learning rate (300-step choice) | best validation "
                   f"| test {metric} at best | best at step (epoch) | 99 % at step (epoch) | 99 % at s | steps run "
-                  "| training s | peak MB | 300-step test |",
-                  "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| training s | peak MB | 300-step test | precision, CPU |",
+                  "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rows:
             short = "" if r["short_budget_lr"] == r["learning_rate"] else f" ({r['short_budget_lr']:g})"
             peak = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
@@ -241,7 +251,9 @@ def write_results(result: dict, out: Path) -> None:
                 f"{r['learning_rate']:g}{short} | {r['best_dev']:.4f} | {r['test_at_best']:.4f} | "
                 f"{r['best_step']} ({r['best_epoch']:.2f}) | {r['reached_step']} ({r['reached_epoch']:.2f}) | "
                 f"{r['reached_seconds']:.0f} | {r['steps']}{' (stopped early)' if r['stopped_early'] else ''} | "
-                f"{r['step_seconds']:.0f} | {peak} | {'-' if at_300 is None else f'{at_300:.4f}'} |")
+                f"{r['step_seconds']:.0f} | {peak} | {'-' if at_300 is None else f'{at_300:.4f}'} | "
+                f"{PRECISION_LABELS.get(r['mixed_precision'], r['mixed_precision'])}, "
+                f"{r['cpu_model'] or 'not recorded'} |")
         others = [f"{r['label']} at {o['learning_rate']:g}: validation {o['best_dev']:.4f}, test {o['test_at_best']:.4f}"
                   for r in rows for o in r["other_rates"]]
         if others:

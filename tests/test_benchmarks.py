@@ -518,7 +518,10 @@ def test_convergence_dry_run_reads_finished_runs_and_picks_the_best_validation_s
     shutil.move(tmp_path / "runs" / "records", records)
     assert sorted(p.name for p in records.iterdir()) == ["sst2_lora_lr0.001", "sst2_lora_lr0.003"]
     assert sorted(p.name for p in (records / "sst2_lora_lr0.003").iterdir()) == [
-        "metrics.jsonl", "results.json", "train_config.yaml"]
+        "machine.json", "metrics.jsonl", "results.json", "train_config.yaml"]
+    cpu = json.loads((records / "sst2_lora_lr0.003" / "machine.json").read_text())["cpu_model"]
+    precision = {"no": "fp32", "bf16": "bf16 autocast"}[chosen["mixed_precision"]]  # what `auto` chose here
+    assert chosen["cpu_model"] == cpu and f"| {precision}, {cpu} |" in md
     assert '"type": "train"' not in (records / "sst2_lora_lr0.003" / "metrics.jsonl").read_text()
     shutil.rmtree(tmp_path / "runs")
     run("convergence.py", *args, "--records", str(records))
