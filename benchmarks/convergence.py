@@ -13,7 +13,7 @@ long budget, and the rate with the better best validation score there is chosen.
 
 Runs live in ``--run-dir`` as ``<task>_<variant>_lr<LR>`` and survive interruptions: an interrupted run continues
 from its newest checkpoint (one per evaluation; `_runs.run_recipe`), and each finished run leaves a record (results,
-config, evaluations: a few KB) under ``--records``, ``benchmarks/results/convergence_runs/`` in the repository, which
+config, evaluations, CPU: a few KB) under ``--records``, ``benchmarks/results/convergence_runs/`` in the repository, which
 later sessions read instead of training again; so the sweep spans sessions, and results written before every run is
 done are marked PARTIAL. Writes
 ``convergence.{json,md,png}`` to ``--out``: per method the chosen rate, best validation score and its step, the test
