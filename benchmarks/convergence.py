@@ -262,8 +262,9 @@ def write_results(result: dict, out: Path) -> None:
     for task, checks in result["targets"].items():
         parts = [f"full {checks['full']['value']:.4f} (target >= {checks['full']['target']:.2f}: "
                  f"{'met' if checks['full']['met'] else 'missed'})"]
-        parts += [f"{LABELS[m]} {c['below_full'] * 100:+.2f} points below full (target <= {c['target'] * 100:.1f}: "
-                  f"{'met' if c['met'] else 'missed'})" for m, c in checks.items() if m != "full"]
+        parts += [f"{LABELS[m]} {abs(c['below_full']) * 100:.2f} points {'below' if c['below_full'] >= 0 else 'above'} "
+                  f"full (target: at most {c['target'] * 100:.1f} below: {'met' if c['met'] else 'missed'})"
+                  for m, c in checks.items() if m != "full"]
         lines.append(f"Targets, {TASKS[task][3]}: " + "; ".join(parts) + ".")
     if result["missing"]:
         lines += ["", "Not finished yet: " + ", ".join(result["missing"]) + "."]
