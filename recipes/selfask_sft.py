@@ -3,7 +3,9 @@
     accelerate launch recipes/selfask_sft.py --config recipes/configs/smollm2/selfask_lora.yaml [key=value ...]
 
 Training trees come from ``data.sources`` (default: MuSiQue's gold decompositions and the ProbTree trees of
-HotpotQA and MuSiQue; a name of `peftprompt.recursive.SOURCES` or a ``.jsonl`` file of trees); evaluation-only sets (Compositional Celebrities, Bamboogle) are refused. The ProbTree
+HotpotQA and MuSiQue; a name of `peftprompt.recursive.SOURCES` or a ``.jsonl`` file of trees); evaluation-only sets (Compositional Celebrities, Bamboogle) are refused.
+Comparison trees end with their operator step (`peftprompt.recursive.operator_steps`), whose answer is computed and
+masked; ``data.operator_steps=false`` takes those steps out, so the model learns to compare in words. The ProbTree
 2WikiMultiHopQA trees (``data.eval_sources``) are held out and scored by loss, and with ``data.generate_eval=N``
 also by generation: the first N held-out questions are answered by recursive self-ask and scored by exact match,
 token F1 and well-formed rate. Their follow-ups go to ``data.eval_answerers`` (one name per layer, the last
@@ -42,6 +44,7 @@ from peftprompt.recursive import (
     load_trees,
     pack_rows,
 )
+from peftprompt.recursive.operator_steps import without_operator_steps
 from peftprompt.recursive.unroll import MODES, Episode
 from peftprompt.retrieval.passages import OPEN_BOOK_SOURCES, read_questions
 from peftprompt.retrieval.reader import reader_examples
@@ -54,7 +57,7 @@ DEFAULT_SOURCES = ["musique", "probtree_hotpotqa", "probtree_musique", "2wikimul
 DEFAULT_EVAL_SOURCES = ["probtree_2wiki"]
 DATA_KEYS = {"sources", "eval_sources", "mode", "leaf_episodes", "allow_evaluation_only", "generate_eval", "packing",
              "eval_answerers", "eval_knowledge", "eval_max_depth", "reader_sources", "reader_passages",
-             "reader_max_words", "reader_unanswerable"}
+             "reader_max_words", "reader_unanswerable", "operator_steps"}
 
 
 def check_data_keys(config) -> None:
@@ -201,6 +204,11 @@ def main(argv=None) -> None:
     reader = reader_settings(config)
     eval_sources = config.data.get("eval_sources", DEFAULT_EVAL_SOURCES)
     train_trees = [tree for source in sources for tree in load_trees(source)]
+    operator_steps = config.data.get("operator_steps", True)
+    if not isinstance(operator_steps, bool):
+        raise SystemExit(f"selfask_sft: data.operator_steps must be true or false, got {operator_steps!r}")
+    if not operator_steps:
+        train_trees = [without_operator_steps(tree) for tree in train_trees]
     check_trainable(train_trees, allow_evaluation_only=config.data.get("allow_evaluation_only", False))
     random.Random(config.seed).shuffle(train_trees)
     train_trees = train_trees[: config.max_train_samples]

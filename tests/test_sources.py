@@ -130,7 +130,8 @@ def test_probtree_hotpotqa_angle_references_and_gold_roots():
     assert (second.question, second.answer, second.answer_source) == (
         "What is the nationality of Michael P. Fay?", "American", "model")
     stats = tree_stats(converted("probtree_hotpotqa")[0])
-    assert stats["answer_sources"] == {"tool": 699, "gold": 457, "model": 210}  # every root matched a gold answer
+    # every root matched a gold answer; 31 of the tool answers are operator steps
+    assert stats["answer_sources"] == {"tool": 730, "gold": 457, "model": 210}
 
 
 def test_probtree_2wiki_example():
@@ -143,7 +144,7 @@ def test_probtree_2wiki_example():
          "tool"),
     ]
     assert tree_stats(converted("probtree_2wiki")[0])["answer_sources"] == {
-        "tool": 1013, "gold": 477, "model": 213, "derived": 145}
+        "tool": 1102, "gold": 477, "model": 213, "derived": 145}  # 89 of the tool answers are operator steps
 
 
 def test_probtree_answer_source_rule():
@@ -250,12 +251,14 @@ def test_twowiki_bridge_comparison_nests_two_levels():
         ("root/2", "When did the director of Sleep, My Love die?", "14 January 1987"),
         ("root/2/1", "Who is the director of Sleep, My Love?", "Douglas Sirk"),
         ("root/2/2", "When did Douglas Sirk die?", "14 January 1987"),
+        ("root/3", "Which is later: The More the Merrier (March 8, 1975) or Sleep, My Love (14 January 1987)?",
+         "Sleep, My Love"),
     ]
     assert tree.children[0].children[1].question_template == "When did #1 die?"
     # a disambiguated second-hop subject ("George King (film director)") still finds its first hop
     king = next(t for t in trees if t.question.startswith("Which film has the director died earlier, Varakatnam"))
-    assert [c.question for c in king.children] == ["When did the director of Varakatnam die?",
-                                                  "When did the director of To Be a Lady die?"]
+    assert [c.question for c in king.children][:2] == ["When did the director of Varakatnam die?",
+                                                      "When did the director of To Be a Lady die?"]
 
 
 def test_twowiki_chains_comparisons_and_aliases():
@@ -267,7 +270,8 @@ def test_twowiki_chains_comparisons_and_aliases():
         ("Who is the mother of #1?", "Who is the mother of Axel Julius De la Gardie?", "Ebba Brahe")]
     comparison = trees["Which film was released more recently, Brudebuketten or Clownery?"]
     assert [(c.question, c.answer) for c in comparison.children] == [
-        ("When was Brudebuketten released?", "1953"), ("When was Clownery released?", "1989")]
+        ("When was Brudebuketten released?", "1953"), ("When was Clownery released?", "1989"),
+        ("Which is later: Brudebuketten (1953) or Clownery (1989)?", "Clownery")]
     two = trees["Do both films Goodbye Again (1961 Film) and The Mystery Of Pine Creek Camp have the directors that "
                 "share the same nationality?"]
     assert (two.children[0].answer, two.children[0].aliases) == ("American", ["Russian"])

@@ -12,7 +12,8 @@ Sources (file in the data folder, split, answers):
   with relation templates (`twowiki_tree`), bridge comparisons nested two levels deep.
 - ``probtree_2wiki``, ``probtree_hotpotqa``, ``probtree_musique``: ProbTree ``released.json`` in
   ``2wikimultihopqa/``, ``hotpotqa/``, ``musique/``, dev; model / tool / derived answers, gold final answer from the
-  folder's ``*_test_questions_and_answers.json`` (they hold the DEV questions).
+  folder's ``*_test_questions_and_answers.json`` (they hold the DEV questions). A root that compares what its two
+  leaf children found gets the operator step (`peftprompt.recursive.operator_steps`).
 - ``strategyqa``: ``strategyqa/strategyqa_train.json``, train; steps without answers, final yes/no gold.
 - ``break``, ``break_high_level``: ``break/QDMR/dev.csv``, ``break/QDMR-high-level/dev.csv``, dev; no answers.
 - ``compositional_celebrities`` (test, evaluation only): gold Q1/A1, Q2/A2.
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from ..errors import InputError
+from .operator_steps import DATE_RELATIONS, add_operator_step, add_parallel_operator_step
 from .tree import Node, SkipReport, TreeError, question_key, read_trees, resolve_templates, validate
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,7 +277,7 @@ def _probtree(name: str, split: Optional[str], limit: Optional[int], report: Opt
             root.meta.update(model_answer=root.answer, model_answer_source=root.answer_source)
             root.answer, root.aliases = _first_rest(gold[question_key(root_question)])
             root.answer_source = "gold"
-        return root
+        return add_parallel_operator_step(root) if root.answer else root
 
     def trees() -> Iterable[Node]:
         for item in items:
@@ -374,8 +376,9 @@ def twowiki_tree(row: dict, dataset: str = "2wikimultihopqa", split: str = "trai
     naming the first's answer as ``#1``. ``comparison`` questions get one child per compared entity, in the order
     the question names them. ``bridge_comparison`` questions nest: one child per compared entity, asking for the
     second relation of the first relation's object (``"When did the director of Jaws die?"``), itself decomposed
-    into ``"Who is the director of Jaws?"`` and ``"When did #1 die?"``. ``meta`` keeps ``type`` and the official
-    ``_id``.
+    into ``"Who is the director of Jaws?"`` and ``"When did #1 die?"``. Both kinds of comparison end with the
+    operator step (`peftprompt.recursive.operator_steps.add_operator_step`: ``"Which is later: Jaws (...) or ...?"``,
+    ``"Are these the same: ..."``) where it gives the gold answer. ``meta`` keeps ``type`` and the official ``_id``.
     """
     question, kind = " ".join(row["question"].split()), row["type"]
     tree_id = row.get("_id") or row.get("_1") or _stable_id(dataset, question)
@@ -384,6 +387,8 @@ def twowiki_tree(row: dict, dataset: str = "2wikimultihopqa", split: str = "trai
         raise TreeError("no evidences", dataset=dataset, tree_id=tree_id, reason="bad source row")
     objects = {entity_key(o) for _, _, objs in facts for o in objs}
     first_hop = [f for f in facts if entity_key(f[0]) not in objects]
+    operands: list[tuple[str, str]] = []  # the compared entities and their values (comparisons)
+    compared_relation = no_operator = None
     if kind == "bridge_comparison" and first_hop and len(first_hop) < len(facts):
         children = []
         for position, (subject, relation, objs) in enumerate(_by_mention(question, first_hop), start=1):
@@ -396,15 +401,27 @@ def twowiki_tree(row: dict, dataset: str = "2wikimultihopqa", split: str = "trai
             inner.question, inner.question_template = inner.question_template, None
             inner.children = [_fact(subject, relation, objs, 1), _fact("#1", relation2, objs2, 2)]
             children.append(inner)
+            operands.append((subject, inner.answer))
+            compared_relation = relation2
     elif kind in ("compositional", "inference") and len(facts) == 2:
         (s1, r1, o1), (s2, r2, o2) = facts
         chained = entity_key(s2) in {entity_key(o) for o in o1}
         children = [_fact(s1, r1, o1, 1), _fact("#1" if chained else s2, r2, o2, 2)]
     else:
         children = [_fact(s, r, o, k) for k, (s, r, o) in enumerate(_by_mention(question, facts), start=1)]
+        if kind == "comparison" and len({r for _, r, _ in facts}) == 1:
+            operands = [(s, c.answer) for (s, _, _), c in zip(_by_mention(question, facts), children)]
+            compared_relation = facts[0][1]
+        elif kind == "comparison":  # "Who lived longer, A or B?": two dates each, no operator compares lifespans
+            no_operator = f"compares {len(facts)} facts ({', '.join(sorted({r for _, r, _ in facts}))}), not two values"
     answer, aliases = _first_rest([row["answer"]])
-    return Node(question=question, answer=answer, aliases=aliases, answer_source="gold", children=children,
+    tree = Node(question=question, answer=answer, aliases=aliases, answer_source="gold", children=children,
                 id=tree_id, dataset=dataset, split=split, meta={"type": kind})
+    if operands and answer:
+        add_operator_step(tree, operands, "date" if compared_relation in DATE_RELATIONS else "name")
+    elif no_operator:
+        tree.meta["operator_skipped"] = no_operator
+    return tree
 
 
 def twowiki(split: Optional[str] = None, limit: Optional[int] = None,
