@@ -211,10 +211,11 @@ def _ask(args: argparse.Namespace) -> None:
     from .selfask.show import print_run
 
     _check_recursion_arguments(args)
-    names = args.answerers or (["retrieval"] if args.index else ["retriever"] if args.kb else ["model"])
-    if "retriever" in names and not args.kb:
+    names = args.answerers or ([f"operators+{'retrieval' if args.index else 'retriever' if args.kb else 'model'}"])
+    _check_answerer_names(names, args)
+    if _names_use(names, "retriever") and not args.kb:
         raise InputError("--answerers retriever needs --kb FILE (the facts it retrieves from)", field="--kb")
-    if "retrieval" in names and not args.index:
+    if _names_use(names, "retrieval") and not args.index:
         raise InputError("--answerers retrieval needs --index DIR (a passage index: peftprompt index build)",
                          field="--index")
     if args.k < 1:
@@ -255,6 +256,17 @@ def _ask(args: argparse.Namespace) -> None:
         write_trees(args.trace_out, [r.trace for r in results])
 
 
+def _names_use(names: list[str], answerer: str) -> bool:
+    """Whether any layer of `names` (``+`` chains included) uses `answerer`."""
+    return any(answerer in name.split("+") for name in names)
+
+
+def _check_answerer_names(names: list[str], args: argparse.Namespace) -> None:
+    if args.no_recurse and any(name.endswith("+model") for name in names):
+        raise InputError("--answerers ...+model hands the follow-ups the others cannot answer to the model, which "
+                         "--no-recurse turns off: drop one of them", field="--answerers")
+
+
 def _check_recursion_arguments(args: argparse.Namespace) -> None:
     if args.max_depth < 0:
         raise InputError(f"--max-depth must be >= 0, got {args.max_depth}", field="--max-depth")
@@ -267,8 +279,10 @@ def _add_recursion_arguments(parser: argparse.ArgumentParser) -> None:
                              "question directly; default %(default)s)")
     parser.add_argument("--answerers", nargs="+", default=None, metavar="NAME",
                         help="who answers the follow-ups of layer 1, 2, ... (the last repeats): retrieval (passages of "
-                             "--index, read by the model), retriever (facts of --kb), model, or a tool as "
-                             "module:function (default: retrieval with an index, retriever with facts, else model)")
+                             "--index, read by the model), retriever (facts of --kb), operators (comparisons in an "
+                             "operator's template, computed), model, or a tool as module:function; join several with "
+                             "'+' to try them in turn on one layer (default: operators+retrieval with an index, "
+                             "operators+retriever with facts, else operators+model)")
     parser.add_argument("--no-recurse", action="store_true",
                         help="a follow-up the retriever or tool cannot answer stays 'unknown' instead of being "
                              "self-asked by the model one layer deeper")
@@ -312,8 +326,9 @@ def _eval_selfask(args: argparse.Namespace) -> None:
                          field="--approaches")
     if "fine_tuned_self_ask" in approaches and not args.adapter:
         raise InputError("approach 'fine_tuned_self_ask' needs --adapter", field="--adapter")
-    names = args.answerers or (["model"] if args.no_kb else ["retriever"])
-    if "retriever" in names and args.no_kb:
+    names = args.answerers or (["operators+model"] if args.no_kb else ["operators+retriever"])
+    _check_answerer_names(names, args)
+    if _names_use(names, "retriever") and args.no_kb:
         raise InputError("--answerers retriever contradicts --no-kb", field="--answerers")
     if args.trees:
         trees = read_trees(args.trees)

@@ -12,7 +12,8 @@
    ``Q2/A2``), so the score measures the decomposition.
 3. Answer one held-out deep question (a 2WikiMultiHopQA bridge comparison, never trained on) with a retriever that
    knows only the leaf facts: a follow-up that is itself compositional finds nothing there, and the model self-asks
-   it one layer deeper (``max_depth`` 2); the trace shows every layer and who answered it.
+   it one layer deeper (``max_depth`` 2); its last follow-up compares the two dates found in an operator's template,
+   and the operator computes it (`peftprompt.operators`). The trace shows every layer and who answered it.
 4. Print exact match before (the base model, few-shot self-ask: the 4-shot prompt of Press et al.) and after
    fine-tuning (zero-shot self-ask with the adapter) on ``--n`` Compositional Celebrities questions drawn at random
    (seed 0).
@@ -46,7 +47,7 @@ from peftprompt.atomic import write_file_atomically
 from peftprompt.recursive import Node, convert
 from peftprompt.recursive.sources import deep_eval_trees
 from peftprompt.report import format_bytes
-from peftprompt.selfask import FEW_SHOT_SELF_ASK, RetrieverAnswerer, SelfAskRunner
+from peftprompt.selfask import FEW_SHOT_SELF_ASK, AnswererChain, OperatorAnswerer, RetrieverAnswerer, SelfAskRunner
 from peftprompt.selfask.evaluate import evaluate_selfask, knowledge_base, sample_trees
 from peftprompt.selfask.show import print_run
 from peftprompt.training.recipe import launch_command
@@ -125,22 +126,24 @@ def main() -> None:
     transformers_logging.set_verbosity_error()
     trees = sample_trees(convert(SOURCE), args.n, seed=0)
     retriever = RetrieverAnswerer(knowledge_base(trees))
+    answerer = AnswererChain([OperatorAnswerer(), retriever])  # as the shipped config's operators+retriever
     base, tokenizer = load_backbone("smollm2-135m", task="causal_lm")
     tuned = merged_for_inference(load_adapter(load_backbone("smollm2-135m", task="causal_lm")[0], adapter_dir))
 
     console.rule(f"2. Fine-tuned self-ask on {SHOWN} Compositional Celebrities questions (follow-ups: retriever)")
-    after = score(SelfAskRunner(tuned, tokenizer, answerer=retriever, progress="fine-tuned self-ask"), trees)
+    after = score(SelfAskRunner(tuned, tokenizer, answerer=answerer, progress="fine-tuned self-ask"), trees)
     for record in after["records"][:SHOWN]:
         verdict = "correct" if record["correct"] else f"wrong; gold: {' | '.join(record['gold'])}"
         print_run(console, Node.from_dict(record["trace"]), record["answer"], record["text"], verdict)
         console.print()
     clock.lap(f"loading the models and fine-tuned self-ask on {len(trees)} questions")
 
-    console.rule("3. A held-out deep question; the retriever knows only the leaf facts (max_depth 2)")
+    console.rule("3. A held-out deep question; the retriever knows only the leaf facts, operators compare (max_depth 2)")
     deep = deep_question()
     leaves = RetrieverAnswerer(knowledge_base([deep], leaves_only=True), model=retriever.model,
                                tokenizer=retriever.tokenizer)
-    result = SelfAskRunner(tuned, tokenizer, answerer=leaves, max_depth=2).run(deep.question)
+    result = SelfAskRunner(tuned, tokenizer, answerer=AnswererChain([OperatorAnswerer(), leaves]),
+                           max_depth=2).run(deep.question)
     correct = "correct" if exact_match(result.answer, [deep.answer, *deep.aliases]) else f"wrong; gold: {deep.answer}"
     print_run(console, result.trace, result.answer, result.text,
               f"{correct}; {result.generated_tokens} tokens generated; leaf facts: "
@@ -148,7 +151,7 @@ def main() -> None:
     clock.lap("the deep question")
 
     console.rule(f"4. Exact match on {len(trees)} Compositional Celebrities questions (random sample, seed 0)")
-    before = score(SelfAskRunner(base.eval(), tokenizer, answerer=retriever, few_shot=FEW_SHOT_SELF_ASK,
+    before = score(SelfAskRunner(base.eval(), tokenizer, answerer=answerer, few_shot=FEW_SHOT_SELF_ASK,
                                  progress="few-shot self-ask (base model)"), trees)
     for name, result in (("before: base model, few-shot self-ask", before),
                          ("after:  LoRA adapter, zero-shot self-ask", after)):
@@ -157,6 +160,8 @@ def main() -> None:
     clock.lap("the base model's few-shot self-ask")
     summary = {"minutes": clock.minutes, "total_minutes": sum(clock.minutes.values()), "n": len(trees),
                "schedule": DEMO_SCHEDULE + args.overrides, "deep_question_correct": bool(correct == "correct"),
+               "deep_question_operator": next((c.meta["operator"] for c in result.trace.children
+                                               if "operator_answer" in c.meta), None),
                **{f"{key}_{metric}": result[metric] for key, result in (("before", before), ("after", after))
                   for metric in ("em", "f1", "well_formed")}}
     write_file_atomically(args.output_dir / "demo_summary.json", lambda f: json.dump(summary, f, indent=2))

@@ -5,8 +5,10 @@ the model, the trace of the deeper run); ``answer_batch(questions, depth)`` answ
 uses it to batch the follow-ups of a batch of questions). An answer with ``source="none"`` means "cannot answer":
 the runner then lets the model self-ask that follow-up one level deeper. Any plain callable ``(question) -> str``
 is a tool (`as_answerer` wraps it in `ToolAnswerer`); the model itself answers through the runner's
-`peftprompt.selfask.runner.ModelAnswerer`. `answerer_from_name` builds one from a name (``retriever``,
-``module:function``), as the command line and recipe configs give them.
+`peftprompt.selfask.runner.ModelAnswerer`. `OperatorAnswerer` computes the follow-ups written in an operator's
+template (`peftprompt.operators`), and `AnswererChain` tries several answerers in turn on one layer
+(``operators+retriever``). `answerer_from_name` builds one from a name (``retriever``, ``operators``,
+``module:function``, joined by ``+``), as the command line and recipe configs give them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
+from .. import operators
 from ..errors import InputError, InputFileNotFoundError
 from ..recursive.tree import Node
 
@@ -64,6 +67,56 @@ class ToolAnswerer(Answerer):
         value = self.fn(question)
         text = "" if value is None else str(value).strip()
         return Answer(text, "tool") if text else Answer(UNKNOWN, "none")
+
+
+class OperatorAnswerer(Answerer):
+    """Answers the follow-ups written in an operator's template (`peftprompt.operators.TEMPLATES`: which of two
+    dates is earlier or later, which quantity is larger or smaller, whether two values are the same, whether both
+    are yes) by computing them: ``answer_source="tool"``, and ``meta`` records the operator, the operands as written
+    and as parsed. A follow-up in no template cannot be answered here (``"none"``, nothing recorded); one in a
+    template whose values cannot be compared (unparsable, unknown, of different kinds, overlapping dates) cannot
+    either, and its ``meta`` says so (``operator``, ``operands``, ``operator_failure``): the next answerer gets it,
+    and with ``recurse`` the model answers it one layer deeper. It never raises and never guesses."""
+
+    name = "operators"
+
+    def __call__(self, question: str, depth: int = 0) -> Answer:
+        call = operators.parse_follow_up(question)
+        if call is None:
+            return Answer(UNKNOWN, "none")
+        try:
+            result = operators.apply(call)
+        except operators.OperatorError as err:
+            return Answer(UNKNOWN, "none", meta={"operator": call.operator, "operands": [list(p) for p in zip(
+                call.names, call.values)], "operator_failure": str(err)})
+        return Answer(result.answer, "tool", meta=result.to_meta())
+
+
+class AnswererChain(Answerer):
+    """Several answerers on one layer, tried in order: each follow-up goes to the first that can answer it
+    (``answer_source`` other than ``"none"``), and the trace names it (``meta["answerer"]``). A follow-up none of
+    them answers is ``"none"``, keeping what each reported (an operator's ``operator_failure``), so the runner's
+    ``recurse`` hands it to the model. Its name joins theirs with ``+`` (``"operators+retriever"``)."""
+
+    def __init__(self, answerers: Sequence[Answerer]):
+        if not answerers:
+            raise ValueError("AnswererChain needs at least one answerer")
+        self.answerers = [as_answerer(a) for a in answerers]
+        self.name = "+".join(a.name for a in self.answerers)
+
+    def answer_batch(self, questions: list[str], depth: int = 0) -> list[Answer]:
+        answers: list[Answer] = [Answer(UNKNOWN, "none") for _ in questions]
+        pending = list(range(len(questions)))
+        for answerer in self.answerers:
+            if not pending:
+                break
+            for i, answer in zip(pending, answerer.answer_batch([questions[i] for i in pending], depth)):
+                meta = {**answers[i].meta, **answer.meta}
+                if answer.source != "none":
+                    meta["answerer"] = answerer.name
+                answers[i] = Answer(answer.text, answer.source, answer.trace, answer.generated_tokens, meta)
+            pending = [i for i in pending if answers[i].source == "none"]
+        return answers
 
 
 ANSWER_TYPES = (
@@ -181,8 +234,8 @@ def as_answerer(obj: Any) -> Answerer:
     return ToolAnswerer(obj)
 
 
-ANSWERER_NAMES = ("retrieval", "retriever", "model", "module:function")
-"""What `answerer_from_name` understands."""
+ANSWERER_NAMES = ("retrieval", "retriever", "operators", "model", "module:function")
+"""What `answerer_from_name` understands, alone or joined by ``+`` (tried in that order on one layer)."""
 
 
 def answerer_from_name(
@@ -191,15 +244,25 @@ def answerer_from_name(
 ) -> Optional[Answerer]:
     """The answerer `name` stands for: ``"retrieval"`` (`retrieval`: passages read by the model, a
     `peftprompt.selfask.open_book.RetrievalAnswerer`), ``"retriever"`` (a `RetrieverAnswerer` over `facts`, or
-    `retriever` when given, shared between layers), ``"model"`` (`None`: the runner's own model, one level deeper) or
-    ``"module:function"`` (a tool: that importable callable ``(question) -> str``).
+    `retriever` when given, shared between layers), ``"operators"`` (an `OperatorAnswerer`), ``"model"`` (`None`:
+    the runner's own model, one level deeper) or ``"module:function"`` (a tool: that importable callable
+    ``(question) -> str``). Names joined by ``+`` are tried in that order on one layer (`AnswererChain`):
+    ``"operators+retriever"``; ``"model"`` may only come last there (the model answers what the others could not).
 
     Raises:
         InputError: An unknown name, a tool that cannot be imported, a retriever without facts, or retrieval without
             a retrieval answerer.
     """
+    parts = [part.strip() for part in name.split("+")]
+    if len(parts) > 1:
+        if "" in parts or "model" in parts[:-1]:
+            raise InputError(f"answerer {name!r}: join names with '+', 'model' only last (e.g. operators+retriever)")
+        chain = [answerer_from_name(part, facts, threshold, retriever, retrieval) for part in parts if part != "model"]
+        return AnswererChain(chain)
     if name == "model":
         return None
+    if name == "operators":
+        return OperatorAnswerer()
     if name == "retrieval":
         if retrieval is None:
             raise InputError("answerer 'retrieval' needs a passage index (--index DIR)")
@@ -212,7 +275,8 @@ def answerer_from_name(
         return RetrieverAnswerer(list(facts), threshold=threshold)
     module, _, attr = name.partition(":")
     if not module or not attr:
-        raise InputError(f"unknown answerer {name!r}; choose retrieval, retriever, model or a tool as module:function")
+        raise InputError(f"unknown answerer {name!r}; choose retrieval, retriever, operators, model or a tool as "
+                         "module:function (join several with '+')")
     try:
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as err:
@@ -220,15 +284,20 @@ def answerer_from_name(
     return ToolAnswerer(fn)
 
 
+def _retriever_in(answerer: Optional[Answerer]) -> Optional[Answerer]:
+    parts = answerer.answerers if isinstance(answerer, AnswererChain) else [answerer]
+    return next((a for a in parts if isinstance(a, RetrieverAnswerer)), None)
+
+
 def answerers_from_names(
     names: Sequence[str], facts: Optional[Sequence[tuple[str, str]]] = None, threshold: float = 0.8, retriever=None,
     retrieval: Optional[Answerer] = None,
 ) -> list[Optional[Answerer]]:
-    """One `answerer_from_name` per layer, every ``"retriever"`` layer sharing one `RetrieverAnswerer` (`retriever`,
-    or one built over `facts`) and every ``"retrieval"`` layer `retrieval`: the ``answerer`` list of
-    `SelfAskRunner`."""
+    """One `answerer_from_name` per layer, every ``"retriever"`` (alone or in a ``+`` chain) sharing one
+    `RetrieverAnswerer` (`retriever`, or one built over `facts`) and every ``"retrieval"`` layer `retrieval`: the
+    ``answerer`` list of `SelfAskRunner`."""
     layers: list[Optional[Answerer]] = []
     for name in names:
         layers.append(answerer_from_name(name, facts, threshold, retriever, retrieval))
-        retriever = layers[-1] if name == "retriever" else retriever
+        retriever = retriever or _retriever_in(layers[-1])
     return layers

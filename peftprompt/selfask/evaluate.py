@@ -22,6 +22,11 @@ Metrics (each a rate in [0, 1] over the ``n`` questions unless said otherwise):
 - ``compositionality_gap``: over the questions with at least one gold sub-question, all answered correctly, the
   share whose final answer is wrong (exact match 0); `None` when there are no such questions.
   ``gap_support`` is how many questions that is.
+- ``faithfulness``: share of final answers the trace supports (`supported_by_trace`): the last operator answer
+  when an operator answered a follow-up, else an intermediate answer that the final answer repeats.
+- ``operator_follow_ups`` / ``operator_parsed``: follow-ups (at any depth) written in an operator's template, and
+  those the operator computed; ``operator_unparsed``: every one it could not, with its operands and why (such a
+  follow-up went on to the next answerer).
 - ``issues``: how many times each malformed-output case (`SelfAskResult.issues`) occurred; ``corrections``: how
   many times the runner asked again for a follow-up (`SelfAskResult.corrections`).
 - ``examples``: the first 5 questions: question, gold answers, answer, correct (exact match) and trace (a
@@ -35,6 +40,7 @@ import time
 from collections import Counter
 from typing import Any, Optional, Sequence
 
+from .. import operators
 from ..recursive.tree import Node
 from ..metrics import exact_match, token_f1
 from .runner import FEW_SHOT_DIRECT, FEW_SHOT_SELF_ASK, SelfAskRunner, normalise_question
@@ -56,7 +62,8 @@ def knowledge_base(trees: Sequence[Node], leaves_only: bool = False) -> list[tup
     """The sub-question facts of `trees`: ``(question, answer)`` for every non-root node (at any depth) with an
     answer whose ``answer_source`` is gold, tool, model or derived. De-duplicated by question (lower-cased words,
     `normalise_question`), the first answer kept, in tree order. Roots are left out, so a retriever over these facts
-    answers the sub-questions but never the question itself.
+    answers the sub-questions but never the question itself; so are operator steps
+    (`peftprompt.recursive.operator_steps`): their answers are the operator's to compute, never a fact to look up.
 
     With `leaves_only`, only the leaves' facts are kept, and none whose question is also an inner node's (in any
     of `trees`): a follow-up that is itself compositional can then be answered only by decomposing it.
@@ -66,7 +73,7 @@ def knowledge_base(trees: Sequence[Node], leaves_only: bool = False) -> list[tup
     seen: set[str] = set()
     for tree in trees:
         for path, node in tree.iter_nodes():
-            if path == "root" or not node.answer or node.answer_source not in KNOWN_SOURCES:
+            if path == "root" or not node.answer or node.answer_source not in KNOWN_SOURCES or "operator_step" in node.meta:
                 continue
             key = normalise_question(node.question)
             if not key or key in seen or (leaves_only and (node.children or key in inner)):
@@ -74,6 +81,33 @@ def knowledge_base(trees: Sequence[Node], leaves_only: bool = False) -> list[tup
             seen.add(key)
             facts.append((node.question, node.answer))
     return facts
+
+
+def supported_by_trace(answer: str, trace: Node) -> bool:
+    """Whether the trace supports the final `answer`: when an operator answered one of the question's follow-ups,
+    the final answer must repeat the last operator answer; otherwise it must repeat one of the intermediate answers
+    (SQuAD-normalised exact match). A direct answer, with no follow-up, is never supported."""
+    if not answer:
+        return False
+    computed = [child.answer for child in trace.children if "operator_answer" in child.meta]
+    candidates = computed[-1:] if computed else [child.answer for child in trace.children if child.answer]
+    return bool(candidates) and bool(exact_match(answer, candidates))
+
+
+def operator_use(trace: Node) -> list[dict]:
+    """Every follow-up of `trace` (at any depth) written in an operator's template: its question, operator, and
+    whether the operator computed it (``parsed``) or could not (``failure``: why; it went to the next answerer)."""
+    uses = []
+    for path, node in trace.iter_nodes():
+        if path == "root":
+            continue
+        call = operators.parse_follow_up(node.question)
+        if call is None:
+            continue
+        uses.append({"question": node.question, "operator": call.operator, "parsed": "operator_answer" in node.meta,
+                     "failure": node.meta.get("operator_failure")
+                     or (None if "operator_answer" in node.meta else "not routed to the operators")})
+    return uses
 
 
 def sample_trees(trees: Sequence[Node], n: Optional[int], seed: Optional[int] = None) -> list[Node]:
@@ -153,7 +187,8 @@ def evaluate_selfask(
             "f1": token_f1(result.answer, gold), "correct": bool(em), "well_formed": result.well_formed,
             "follow_ups": result.follow_ups, "generated_tokens": result.generated_tokens,
             "issues": list(result.issues), "corrections": list(result.corrections), "text": result.text,
-            "trace": result.trace.to_dict(),
+            "trace": result.trace.to_dict(), "faithful": supported_by_trace(result.answer, result.trace),
+            "operators": operator_use(result.trace),
         }
         issues.update(result.issues)
         corrections.update(result.corrections)
@@ -185,6 +220,10 @@ def evaluate_selfask(
         "compositionality_gap": gap_wrong / support if support else None,
         "gap_support": support if sub_answers is not None else None,
         "sub_questions_correct": subs_right / subs_total if subs_total else None,
+        "faithfulness": sum(r["faithful"] for r in records) / n,
+        "operator_follow_ups": sum(len(r["operators"]) for r in records),
+        "operator_parsed": sum(u["parsed"] for r in records for u in r["operators"]),
+        "operator_unparsed": [u for r in records for u in r["operators"] if not u["parsed"]],
         "issues": dict(sorted(issues.items())),
         "corrections": dict(sorted(corrections.items())),
         "examples": [{k: r[k] for k in ("question", "gold", "answer", "correct", "trace")}
@@ -273,9 +312,9 @@ def compare_approaches(
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """A plain-text table of `compare_approaches` results: approach, EM, F1, well-formed, mean follow-ups,
-    compositionality gap."""
-    header = ("approach", "EM", "F1", "well-formed", "follow-ups", "comp. gap")
+    """A plain-text table of `compare_approaches` results: approach, EM, F1, well-formed, faithful, mean follow-ups,
+    operator follow-ups computed / written, compositionality gap."""
+    header = ("approach", "EM", "F1", "well-formed", "faithful", "follow-ups", "operators", "comp. gap")
     rows = [header]
     for approach in APPROACHES:
         r = results.get(approach)
@@ -283,10 +322,11 @@ def format_table(results: dict[str, Any]) -> str:
             continue
         gap = "-" if r["compositionality_gap"] is None else f"{r['compositionality_gap']:.3f} ({r['gap_support']})"
         rows.append((approach, f"{r['em']:.3f}", f"{r['f1']:.3f}", f"{r['well_formed']:.3f}",
-                     f"{r['mean_follow_ups']:.2f}", gap))
+                     f"{r['faithfulness']:.3f}", f"{r['mean_follow_ups']:.2f}",
+                     f"{r['operator_parsed']}/{r['operator_follow_ups']}", gap))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
 __all__ = ["APPROACHES", "compare_approaches", "evaluate_selfask", "format_table", "knowledge_base",
-           "sample_trees", "sub_question_answers"]
+           "operator_use", "sample_trees", "sub_question_answers", "supported_by_trace"]

@@ -7,7 +7,8 @@ What is the capital of the birthplace of Rumi? -> Kabul
 ```
 
 A follow-up that the model self-asked because its layer's retriever or tool had nothing reads
-``(layer 1: model; the retriever had nothing)`` and has that run's follow-ups below it.
+``(layer 1: model; the retriever had nothing)`` and has that run's follow-ups below it. An operator step shows what
+the operator read: ``(layer 1: operators; later of 1975-03-08, 1987-01-14)``; one it could not compute says why.
 """
 
 from __future__ import annotations
@@ -27,8 +28,12 @@ def who_answered(node: Node) -> str:
     if "answerer" not in node.meta:
         return node.answer_source
     text = f"layer {node.meta.get('depth', '?')}: {node.meta['answerer']}"
+    if "operator_answer" in node.meta:
+        text += f"; {node.meta['operator']} of {', '.join(node.meta['parsed'])}"
     if node.meta.get("unanswered_by"):
         text += f"; the {node.meta['unanswered_by']} had nothing"
+    if node.meta.get("operator_failure"):
+        text += f" (operator {node.meta['operator']}: {node.meta['operator_failure']})"
     return text
 
 
