@@ -1,8 +1,8 @@
 """The main job's minutes and scores: runs ``recipes/demo_selfask.py`` (what ``make demo`` runs after set-up) from
-scratch into a fresh output directory and writes its ``demo_summary.json``, with the machine, to
-``demo_time.{json,md}``:
+scratch into a fresh output directory (a temporary one, or ``--output_dir`` to keep the adapter) and writes its
+``demo_summary.json``, with the machine, to ``demo_time.{json,md}``:
 
-    .venv/bin/python benchmarks/demo_time.py [--out benchmarks/results] [--quick] [key=value ...]
+    .venv/bin/python benchmarks/demo_time.py [--out benchmarks/results] [--output_dir DIR] [--quick] [key=value ...]
 
 ``--quick`` trains 5 steps on 200 samples and scores 5 questions (a check that it runs, not a figure).
 """
@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from _env import environment_record, provenance_line
@@ -31,10 +32,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--quick", action="store_true", help="5 steps, 5 questions")
+    parser.add_argument("--output_dir", type=Path, default=None,
+                        help="the demo's run directory, kept (default: a temporary one); must not exist yet")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides for the demo")
     args = parser.parse_args()
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as run_dir:
+    if args.output_dir is not None and args.output_dir.exists():
+        parser.error(f"--output_dir {args.output_dir} exists: the demo would resume there instead of training")
+    with tempfile.TemporaryDirectory() if args.output_dir is None else nullcontext(str(args.output_dir)) as run_dir:
         subprocess.run([sys.executable, str(REPO / "recipes/demo_selfask.py"), "--output_dir", run_dir,
                         *(QUICK if args.quick else []), *args.overrides], cwd=REPO, check=True)
         summary = json.loads((Path(run_dir) / "demo_summary.json").read_text())
@@ -52,7 +57,8 @@ def main() -> None:
         f"| step | minutes |\n|---|---:|\n{rows}\n| **all** | **{summary['total_minutes']:.1f}** |\n\n"
         f"Exact match before (base model, 4-shot self-ask) {summary['before_em']:.3f}, after (LoRA, zero-shot) "
         f"**{summary['after_em']:.3f}** (well-formed {summary['after_well_formed']:.3f}); deep question "
-        f"{'correct' if summary['deep_question_correct'] else 'wrong'}. Goal: <= {GOAL_MINUTES} minutes and EM >= "
+        f"{'correct' if summary['deep_question_correct'] else 'wrong'}"
+        f"{' (operator step: ' + summary['deep_question_operator'] + ')' if summary.get('deep_question_operator') else ''}. Goal: <= {GOAL_MINUTES} minutes and EM >= "
         f"{GOAL_EM}: {'met' if result['goal']['met'] else 'missed'} on this machine.\n\n"
         f"{provenance_line(result['environment'])}\n")
     print((args.out / f"{NAME}.md").read_text())

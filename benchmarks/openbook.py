@@ -13,8 +13,10 @@ Systems:
 - ``single_step``: the top ``k`` passages of the whole question, read by the fine-tuned reader.
 - ``few_shot_self_ask``: the base model self-asks (4-shot, `FEW_SHOT_SELF_ASK`); each follow-up's top ``k``
   passages are read by the base model (2-shot reader prompt, `few_shot_reader`).
-- ``fine_tuned_self_ask``: the fine-tuned decomposer self-asks (0-shot); each follow-up's top ``k`` passages are
-  read by the fine-tuned reader; ``max_depth`` 1 (a follow-up the reader cannot answer stays ``unknown``).
+- ``fine_tuned_self_ask``: the fine-tuned decomposer self-asks (0-shot); a follow-up in an operator's template is
+  computed (`peftprompt.operators`: which date is later, whether two values are the same, ...), each other
+  follow-up's top ``k`` passages are read by the fine-tuned reader; ``max_depth`` 1 (a follow-up the reader cannot
+  answer stays ``unknown``).
 - ``fine_tuned_recursive``: the same with ``max_depth`` 2: a follow-up the reader cannot answer is self-asked one
   layer deeper, its own follow-ups retrieved and read again (answered directly at the depth limit).
 
@@ -57,13 +59,14 @@ from _runs import QUICK_TRAINING, run_recipe
 from peftprompt import load_adapter, load_backbone
 from peftprompt.atomic import write_file_atomically
 from peftprompt.metrics import exact_match, token_f1
-from peftprompt.recursive import convert
+from peftprompt.recursive import Node, convert
 from peftprompt.recursive.tree import question_key
 from peftprompt.retrieval.index import PassageIndex
 from peftprompt.retrieval.passages import OpenBookQuestion, pooled_passages, read_questions
 from peftprompt.retrieval.recall import recall_at_k
-from peftprompt.selfask import FEW_SHOT_DIRECT, FEW_SHOT_SELF_ASK, SelfAskRunner
+from peftprompt.selfask import FEW_SHOT_DIRECT, FEW_SHOT_SELF_ASK, AnswererChain, OperatorAnswerer, SelfAskRunner
 from peftprompt.selfask.answerers import UNKNOWN
+from peftprompt.selfask.evaluate import supported_by_trace
 from peftprompt.selfask.open_book import ModelReader, RetrievalAnswerer, few_shot_reader
 from peftprompt.training import load_config
 
@@ -227,17 +230,28 @@ def run_system(system: str, questions: list[OpenBookQuestion], index: PassageInd
             return [record(q, a.text if a.source != "none" else "", a.meta["passages"], 0, a.source != "none")
                     for q, a in zip(questions, answers)]
         depth = 2 if system == "fine_tuned_recursive" else 1
-        runner = SelfAskRunner(model, tokenizer, answerer=answerer, recurse=depth > 1, max_depth=depth,
+        runner = SelfAskRunner(model, tokenizer, answerer=AnswererChain([OperatorAnswerer(), answerer]),
+                               recurse=depth > 1, max_depth=depth,
                                progress=f"{system} ({variant})")
         results = runner.run_batch(texts)
     return [record(q, r.answer, trace_passages(r.trace.to_dict()), r.follow_ups, r.well_formed, r.trace.to_dict())
             for q, r in zip(questions, results)]
 
 
+def faithfulness(records: list[dict]) -> Optional[float]:
+    """The share of self-ask answers their trace supports (`supported_by_trace`); `None` for systems without
+    follow-ups."""
+    if not any(r["follow_ups"] for r in records):
+        return None
+    return sum(bool(r.get("trace")) and supported_by_trace(r["answer"], Node.from_dict(r["trace"]))
+               for r in records) / len(records)
+
+
 def summarise(records: list[dict]) -> dict[str, Any]:
     n = len(records)
     recalls = [r["support_recall"] for r in records if r["support_recall"] is not None]
     return {"n": n, "em": sum(r["em"] for r in records) / n, "f1": sum(r["f1"] for r in records) / n,
+            "faithfulness": faithfulness(records),
             "support_recall": sum(recalls) / len(recalls) if recalls else None,
             "follow_ups": sum(r["follow_ups"] for r in records) / n,
             "well_formed": sum(r["well_formed"] for r in records) / n}

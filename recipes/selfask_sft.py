@@ -126,7 +126,7 @@ def unroller_for(config) -> Unroller:
 
 def generation_settings(config) -> dict:
     """``data.eval_answerers``, ``data.eval_knowledge`` and ``data.eval_max_depth``, checked."""
-    answerers = config.data.get("eval_answerers", ["retriever"])
+    answerers = config.data.get("eval_answerers", ["operators+retriever"])
     answerers = [answerers] if isinstance(answerers, str) else answerers
     knowledge = config.data.get("eval_knowledge", "leaves")
     max_depth = config.data.get("eval_max_depth", 2)

@@ -129,10 +129,21 @@ def test_recursion_benchmark_dry_run_reuses_runs_and_cells(tiny_smollm, tmp_path
     md = (tmp_path / "results" / "recursion.md").read_text()
     assert "## held-out deep questions (n=4" in md and "Hypothesis 'recursive beats flat" in md
     assert (tmp_path / "results" / "recursion.png").stat().st_size > 0
+    assert result["answerers"] == ["operators+retriever"]  # the shipped config's data.eval_answerers
+    for cell in result["cells"].values():
+        assert 0 <= cell["faithfulness"] <= 1 and cell["operator_parsed"] <= cell["operator_follow_ups"]
+    deep = result["cells"]["flat/deep/2"]["per_type"]
+    assert sum(v["n"] for k, v in deep.items() if k != "all comparisons") == 4
+    assert "## Operator coverage" in md and "faithful" in md
     cells = sorted((runs / "cells").iterdir())
     stamps = [c.stat().st_mtime_ns for c in cells]
-    run("recursion.py", *args)  # everything reused: no cell is evaluated again
+    # results measured before (here: these) are shown beside the new ones, by question type
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps(result))
+    run("recursion.py", *args, "--baseline", str(baseline))  # everything reused: no cell is evaluated again
     assert [c.stat().st_mtime_ns for c in sorted((runs / "cells").iterdir())] == stamps
+    md = (tmp_path / "results" / "recursion.md").read_text()
+    assert "## With and without operators" in md and "EM by question type" in md
 
 
 def test_selfask_benchmark_without_an_adapter_says_how_to_train_one(tmp_path):

@@ -277,3 +277,11 @@ def test_answerer_names_chain_with_plus_and_share_one_retriever():
     with pytest.raises(InputError, match="'model' only last"):
         answerers_from_names(["model+operators"])
     assert OperatorAnswerer()("When did Stevens die?", 1).source == "none"
+
+
+def test_ask_refuses_a_chain_ending_in_the_model_without_recursion(capsys):
+    from peftprompt.cli import main
+
+    assert main(["ask", "q?", "--answerers", "operators+model", "--no-recurse"]) == 2
+    err = capsys.readouterr().err
+    assert "--no-recurse turns off" in err and "Traceback" not in err

@@ -256,7 +256,8 @@ def compare_approaches(
         adapter_model (*optional*): The fine-tuned self-ask model (e.g. `load_adapter(base, dir)`), same tokenizer;
             adds ``"fine_tuned_self_ask"``: zero-shot prompts, no few-shot prefix (also for its sub-question check).
         kb (`bool`, defaults to `True`): Answer follow-ups with a `RetrieverAnswerer` over `knowledge_base(trees)`;
-            without it the model answers them itself (`ModelAnswerer`).
+            a follow-up in an operator's template is computed first (``operators+retriever``). Without it the model
+            answers them itself (`ModelAnswerer`).
         approaches (`list[str]`, *optional*): A subset of `APPROACHES` (default: all that apply).
         answerer (*optional*): Answers follow-ups instead of the retriever (an answerer, a tool, or a list of them,
             one per layer; overrides `kb`).
@@ -284,9 +285,9 @@ def compare_approaches(
     if not trees:
         raise ValueError("compare_approaches: no trees to evaluate")
     if answerer is None and kb and any(a != "direct" for a in approaches):
-        from .answerers import RetrieverAnswerer
+        from .answerers import AnswererChain, OperatorAnswerer, RetrieverAnswerer
 
-        answerer = RetrieverAnswerer(knowledge_base(trees), threshold=threshold)
+        answerer = AnswererChain([OperatorAnswerer(), RetrieverAnswerer(knowledge_base(trees), threshold=threshold)])
     base = dict(runner_kwargs or {})
 
     def bar(approach: str) -> Optional[str]:
