@@ -12,8 +12,17 @@ so a compositional follow-up is taught as a question of its own) and ``mix`` (bo
 - The held-out deep questions (`peftprompt.recursive.sources.deep_eval_trees`): 2WikiMultiHopQA dev bridge
   comparisons and inference questions (gold evidence), ProbTree 2WikiMultiHopQA trees nested two levels or more and
   3-/4-hop MuSiQue dev questions, minus any question a training tree asks. Follow-ups are answered by the retriever
-  over the LEAF facts only (`knowledge_base(..., leaves_only=True)`): a follow-up that is itself compositional
-  finds nothing and the model self-asks it one level deeper (directly at ``max_depth``).
+  over the LEAF facts only (`knowledge_base(..., leaves_only=True)`, which never holds an operator step's answer):
+  a follow-up that is itself compositional finds nothing and the model self-asks it one level deeper (directly at
+  ``max_depth``).
+
+Each layer's follow-ups go to ``--answerers`` (default: the shipped config's ``data.eval_answerers``,
+``operators+retriever``): a follow-up in an operator's template is computed (`peftprompt.operators`), the others
+are retrieved. Per cell the report adds EM by question type, faithfulness (the share of final answers the trace
+supports, `evaluate.supported_by_trace`) and operator coverage (operator follow-ups computed, and every one that
+was not, with why). The results measured before operators existed (adapters trained without operator steps,
+follow-ups to the retriever alone) are kept in ``recursion_no_operators.json`` and shown beside these
+(``--baseline``).
 
 Runs are reused: a mode trained before with the same config (its ``results.json`` and ``train_config.yaml`` under
 ``--runs``, `_runs.run_recipe`) is not trained again, an interrupted one continues from its newest checkpoint, and
@@ -43,7 +52,7 @@ from peftprompt import load_adapter, load_backbone
 from peftprompt.atomic import write_file_atomically
 from peftprompt.recursive import Node, convert
 from peftprompt.recursive.sources import DEEP_EVAL_SETS, deep_eval_trees
-from peftprompt.selfask import RetrieverAnswerer, SelfAskRunner
+from peftprompt.selfask import RetrieverAnswerer, SelfAskRunner, answerers_from_names
 from peftprompt.selfask.evaluate import evaluate_selfask, knowledge_base, sample_trees
 
 NAME = "recursion"
@@ -57,7 +66,9 @@ VARIANTS = {"recursive+leaves": ("recursive", ["data.leaf_episodes=true"]),
 DATASETS = {"compositional_celebrities": "Compositional Celebrities", "deep": "held-out deep questions"}
 KNOWLEDGE = {"compositional_celebrities": "retriever over the gold sub-answers (Q1/A1, Q2/A2)",
              "deep": "retriever over the leaf facts only (no inner-node answer)"}
-TARGETS = {"deep_em": 0.45, "cc_em": 0.80, "cc_well_formed": 0.98, "recursive_gain": 0.05}
+TARGETS = {"deep_em": 0.70, "comparison_em": 0.85, "cc_em": 0.83, "cc_well_formed": 0.99, "faithfulness": 0.95,
+           "recursive_gain": 0.05}
+BASELINE = Path(__file__).resolve().parent / "results" / "recursion_no_operators.json"
 N_WRONG = 4
 
 
@@ -85,9 +96,34 @@ def per_depth(records: list[dict], depth_of: dict[str, int]) -> dict[str, dict]:
                      "well_formed": sum(r["well_formed"] for r in rs) / len(rs)} for d, rs in sorted(groups.items())}
 
 
-def evaluate_cell(model, tokenizer, trees: list[Node], retriever, max_depth: int) -> dict:
-    """Self-ask `trees` at `max_depth` (follow-ups: `retriever`, the model recursing where it finds nothing)."""
-    runner = SelfAskRunner(model, tokenizer, answerer=retriever, max_depth=max_depth, batch_size=16,
+def question_type(tree: Node) -> str:
+    """A held-out question's type for the by-type table: ``<set>/<2WikiMultiHopQA type>``, ``<set>/comparison``
+    for a tree that compares two values (with an operator step, or one the converter could not add) or
+    ``<set>/chain``."""
+    if "type" in tree.meta:
+        return f"{tree.dataset}/{tree.meta['type']}"
+    compares = "operator" in tree.meta or "operator_skipped" in tree.meta
+    return f"{tree.dataset}/{'comparison' if compares else 'chain'}"
+
+
+COMPARISON_TYPES = ("comparison", "bridge_comparison")
+
+
+def per_type(correct: list[bool], trees: list[Node]) -> dict[str, dict]:
+    """Exact match and count per `question_type`, and over every comparison (``all comparisons``)."""
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for tree, right in zip(trees, correct):
+        kind = question_type(tree)
+        groups[kind].append(right)
+        if kind.endswith(COMPARISON_TYPES):
+            groups["all comparisons"].append(right)
+    return {kind: {"n": len(rs), "em": sum(rs) / len(rs)} for kind, rs in sorted(groups.items())}
+
+
+def evaluate_cell(model, tokenizer, trees: list[Node], layers: list, max_depth: int) -> dict:
+    """Self-ask `trees` at `max_depth` (follow-ups: the answerer of each layer, the model recursing where they find
+    nothing)."""
+    runner = SelfAskRunner(model, tokenizer, answerer=layers, max_depth=max_depth, batch_size=16,
                            progress=f"max_depth {max_depth}")
     started = time.perf_counter()
     summary = evaluate_selfask(trees, runner, "self_ask", sub_question_check=False, return_records=True)
@@ -99,6 +135,7 @@ def evaluate_cell(model, tokenizer, trees: list[Node], retriever, max_depth: int
         max_generated_tokens=max(r["generated_tokens"] for r in records),
         per_tree_depth=per_depth(records, {t.question: t.depth() - 1 for t in trees}),
         per_set=per_set(records, trees),
+        per_type=per_type([bool(r["em"]) for r in records], trees),
         wrong=[{k: r[k] for k in ("question", "gold", "answer", "issues", "text")}
                for r in records if not r["em"]][:N_WRONG],
         answers=[r["answer"] for r in records],
@@ -127,6 +164,22 @@ def paired_bootstrap(a: list[bool], b: list[bool], samples: int = 2000) -> dict:
     return {"difference": (sum(b) - sum(a)) / n, "ci95": [diffs[int(0.025 * samples)], diffs[int(0.975 * samples)]]}
 
 
+def baseline_cells(path: Path, sets: dict[str, list[Node]]) -> Optional[dict]:
+    """The cells of `path` (results measured without operators) on the same questions, each with its EM by
+    `question_type` computed from its per-question ``correct``; `None` without the file."""
+    if not path.is_file():
+        return None
+    old = json.loads(path.read_text())
+    cells = {}
+    for name, cell in old["cells"].items():
+        key = name.split("/")[1]
+        if cell["n"] == len(sets[key]):
+            cells[name] = {k: cell[k] for k in ("em", "f1", "well_formed", "mean_follow_ups", "correct") if k in cell}
+            cells[name]["per_type"] = per_type(cell["correct"], sets[key])
+    return {"file": path.name, "commit": old["environment"].get("git_commit"),
+            "machine": old["environment"].get("machine"), "cells": cells}
+
+
 def training_record(run_dir: Path) -> dict:
     run = json.loads((run_dir / "results.json").read_text())
     keys = ("global_step", "train_seconds", "eval_loss", "trainable_params", "adapter_bytes", "world_size",
@@ -134,16 +187,82 @@ def training_record(run_dir: Path) -> dict:
     return {k: run[k] for k in keys if k in run}
 
 
+def _cell_row(mode: str, depth: int, c: dict, deep: bool) -> str:
+    row = (f"| {mode} | {depth} | {c['em']:.3f} | {c['f1']:.3f} | {c['well_formed']:.3f} | "
+           f"{c['faithfulness']:.3f} | {c['operator_parsed']} / {c['operator_follow_ups']} | "
+           f"{c['mean_follow_ups']:.2f} | {c['mean_generated_tokens']:.1f} ({c['max_generated_tokens']}) "
+           f"| {c['seconds_per_question']:.2f} |")
+    if deep:
+        row += " " + ", ".join(f"{d}: {v['em']:.2f} ({v['n']})" for d, v in c["per_tree_depth"].items()) + " |"
+    return row
+
+
+def _side_by_side(result: dict) -> list[str]:
+    """The with / without operators table: every mode and depth measured both ways."""
+    cells, old = result["cells"], (result.get("baseline") or {}).get("cells", {})
+    pairs = sorted({tuple(k.split("/")[::2]) for k in cells if k in old and "/deep/" in k}, key=lambda p: (p[0], int(p[1])))
+    if not pairs:
+        return []
+    base = result["baseline"]
+    lines = ["## With and without operators", "",
+             f"Without: the adapters trained before operator steps existed, follow-ups to the retriever alone "
+             f"(`{base['file']}`, commit {base['commit']}, {base['machine'].get('cpu_model')}). With: this run's "
+             f"adapters, trained on the same trees plus their operator steps for the same steps, follow-ups to "
+             f"`{' / '.join(result['answerers'])}`. Same questions, same knowledge.", "",
+             "| mode | max_depth | deep EM without → with | comparisons EM without → with | Compositional Celebrities "
+             "EM without → with | faithfulness with |", "|---|---:|---|---|---|---:|"]
+    for mode, depth in pairs:
+        now, then = cells[f"{mode}/deep/{depth}"], old[f"{mode}/deep/{depth}"]
+        comp_now, comp_then = (c["per_type"].get("all comparisons", {}).get("em") for c in (now, then))
+        cc_now, cc_then = cells.get(f"{mode}/compositional_celebrities/{depth}"), old.get(
+            f"{mode}/compositional_celebrities/{depth}")
+        cc = f"{cc_then['em']:.3f} → {cc_now['em']:.3f}" if cc_now and cc_then else "—"
+        lines.append(f"| {mode} | {depth} | {then['em']:.3f} → {now['em']:.3f} | "
+                     f"{comp_then:.3f} → {comp_now:.3f} | {cc} | {now['faithfulness']:.3f} |")
+    lines += ["", "EM by question type (held-out deep questions):", ""]
+    kinds = sorted({k for mode, depth in pairs for k in cells[f"{mode}/deep/{depth}"]["per_type"]})
+    lines += ["| type | n | " + " | ".join(f"{m} d{d} without → with" for m, d in pairs) + " |",
+              "|---|---:|" + "---|" * len(pairs)]
+    for kind in kinds:
+        n = cells[f"{pairs[0][0]}/deep/{pairs[0][1]}"]["per_type"].get(kind, {}).get("n", 0)
+        row = [f"{old[f'{m}/deep/{d}']['per_type'][kind]['em']:.3f} → {cells[f'{m}/deep/{d}']['per_type'][kind]['em']:.3f}"
+               if kind in cells[f"{m}/deep/{d}"]["per_type"] else "—" for m, d in pairs]
+        lines.append(f"| {kind} | {n} | " + " | ".join(row) + " |")
+    return lines + [""]
+
+
+def _coverage(result: dict) -> list[str]:
+    """Operator coverage per cell, and every operator follow-up that was not computed."""
+    lines = ["## Operator coverage", "",
+             "Follow-ups the model wrote in an operator's template, and those the operator computed; the others went "
+             "on to the next answerer (the model, one layer deeper) and are listed with why.", ""]
+    for name, c in sorted(result["cells"].items()):
+        if not c.get("operator_follow_ups"):
+            continue
+        lines.append(f"- {name}: {c['operator_parsed']} of {c['operator_follow_ups']} computed")
+        seen = set()
+        for u in c["operator_unparsed"]:
+            if u["question"] not in seen:
+                seen.add(u["question"])
+                lines.append(f"  - `{u['question']}`: {u['failure']}")
+    return lines + [""]
+
+
 def write_results(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2, ensure_ascii=False) + "\n"
     write_file_atomically(out / f"{NAME}.json", lambda f: f.write(text))
     cells, depths, modes = result["cells"], result["depths"], result["modes"]
-    lines = [f"# Recursion depth on SmolLM2-135M-Instruct + LoRA: exact match against max_depth, per training mode",
-             "", f"Each mode trained on the same {result['training_trees']} trees ({', '.join(result['sources'])}) "
+    lines = [f"# Recursion depth on SmolLM2-135M-Instruct + LoRA, with operators: exact match against max_depth, "
+             "per training mode", "",
+             f"Each mode trained on the same {result['training_trees']} trees ({', '.join(result['sources'])}), "
+             "comparison trees ending with their operator step, "
              f"for the same {result['training_steps']} steps of packed 512-token rows; greedy decoding. max_depth 0 "
-             "answers the question directly; at max_depth d a follow-up the retriever cannot answer is self-asked "
-             "by the model one layer deeper, directly at layer d.", ""]
+             "answers the question directly; at max_depth d a follow-up the answerers cannot answer is self-asked "
+             f"by the model one layer deeper, directly at layer d. Answerers of every layer: "
+             f"`{' / '.join(result['answerers'])}` (a follow-up in an operator's template is computed, the others "
+             "go to the retriever). Faithful: the share of final answers the trace supports (the last operator "
+             "answer, or an intermediate answer the final answer repeats).", ""]
     for key, title in DATASETS.items():
         n = result["n"][key]
         lines += [f"## {title} (n={n}; follow-ups: {KNOWLEDGE[key]})", ""]
@@ -153,26 +272,22 @@ def write_results(result: dict, out: Path) -> None:
                       + f". Dropped because a training tree asks them: {sum(held['dropped_as_training'].values())} "
                       f"({held['dropped_as_training']}); repeats across the sets: "
                       f"{sum(held['dropped_as_repeat'].values())}.", ""]
-        lines += ["| mode | max_depth | EM | F1 | well-formed | follow-ups / q | generated tokens / q (max) "
-                  "| s / q |" + (" EM by tree depth (n) |" if key == "deep" else ""),
-                  "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if key == "deep" else "")]
+        lines += ["| mode | max_depth | EM | F1 | well-formed | faithful | operator follow-ups computed | follow-ups / q "
+                  "| generated tokens / q (max) | s / q |" + (" EM by tree depth (n) |" if key == "deep" else ""),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if key == "deep" else "")]
         for mode in modes:
             for depth in depths:
                 c = cells.get(f"{mode}/{key}/{depth}")
-                if c is None:
-                    continue
-                row = (f"| {mode} | {depth} | {c['em']:.3f} | {c['f1']:.3f} | {c['well_formed']:.3f} | "
-                       f"{c['mean_follow_ups']:.2f} | {c['mean_generated_tokens']:.1f} ({c['max_generated_tokens']}) "
-                       f"| {c['seconds_per_question']:.2f} |")
-                if key == "deep":
-                    row += " " + ", ".join(f"{d}: {v['em']:.2f} ({v['n']})" for d, v in c["per_tree_depth"].items()) + " |"
-                lines.append(row)
+                if c is not None:
+                    lines.append(_cell_row(mode, depth, c, key == "deep"))
         lines.append("")
+    lines += _side_by_side(result)
     summary = result["summary"]
     lines += ["## Findings", ""]
     for line in summary["lines"]:
         lines.append(f"- {line}")
-    lines += ["", "## What each mode gets wrong (held-out deep questions, best max_depth)", ""]
+    lines += [""] + _coverage(result)
+    lines += ["## What each mode gets wrong (held-out deep questions, best max_depth)", ""]
     for mode, wrong in summary["wrong"].items():
         lines.append(f"### {mode}")
         for w in wrong:
@@ -185,20 +300,27 @@ def write_results(result: dict, out: Path) -> None:
 
     figure = Figure(figsize=(9, 4), layout="constrained")
     FigureCanvasAgg(figure)
+    old = (result.get("baseline") or {}).get("cells", {})
     for i, (key, title) in enumerate(DATASETS.items()):
         ax = figure.add_subplot(1, 2, i + 1)
-        for mode in modes:
+        for j, mode in enumerate(modes):
+            colour = f"C{j}"
             points = [(d, cells[f"{mode}/{key}/{d}"]["em"]) for d in depths if f"{mode}/{key}/{d}" in cells]
             if points:
-                ax.plot(*zip(*points), marker="o", label=mode)
+                ax.plot(*zip(*points), marker="o", color=colour, label=f"{mode}, operators")
+            before = [(d, old[f"{mode}/{key}/{d}"]["em"]) for d in depths if f"{mode}/{key}/{d}" in old]
+            if before:
+                ax.plot(*zip(*before), marker="x", linestyle="--", color=colour, alpha=0.6,
+                        label=f"{mode}, no operators")
         ax.set_xticks(depths)
         ax.set_xlabel("max_depth (0 = direct answer)")
         ax.set_ylabel("exact match")
         ax.set_ylim(0, 1)
         ax.set_title(f"{title} (n={result['n'][key]})", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(title="training mode", fontsize=8)
-    figure.suptitle("SmolLM2-135M self-ask LoRA: exact match against recursion depth", fontsize=11)
+        ax.legend(fontsize=7)
+    figure.suptitle("SmolLM2-135M self-ask LoRA: exact match against recursion depth, with and without operators",
+                    fontsize=11)
     figure.savefig(out / f"{NAME}.png", dpi=120)
 
 
@@ -234,16 +356,15 @@ def summarise(result: dict, shipped_mode: str, shipped_depth: int) -> dict:
     if f"{shipped_mode}/deep/{shipped_depth}" in cells:
         depth = shipped_depth
         deep, cc = cells[f"{shipped_mode}/deep/{depth}"], cells.get(f"{shipped_mode}/compositional_celebrities/{depth}")
-        targets = {"deep_em": deep["em"], "cc_em": cc["em"] if cc else None,
+        targets = {"deep_em": deep["em"], "comparison_em": deep["per_type"].get("all comparisons", {}).get("em"),
+                   "faithfulness": deep["faithfulness"], "cc_em": cc["em"] if cc else None,
                    "cc_well_formed": cc["well_formed"] if cc else None}
         met = {k: v is not None and v >= TARGETS[k] for k, v in targets.items()}
         out["shipped"] = {"mode": shipped_mode, "max_depth": depth, **targets, "met": met}
-        lines.append(f"Shipped configuration ({shipped_mode}, max_depth {depth}): deep EM {deep['em']:.3f} (target "
-                     f">= {TARGETS['deep_em']}: {'met' if met['deep_em'] else 'missed'})"
-                     + (f"; Compositional Celebrities EM {cc['em']:.3f} (>= {TARGETS['cc_em']}: "
-                        f"{'met' if met['cc_em'] else 'missed'}), well-formed {cc['well_formed']:.3f} "
-                        f"(>= {TARGETS['cc_well_formed']}: {'met' if met['cc_well_formed'] else 'missed'})"
-                        if cc else ""))
+        lines.append(f"Shipped configuration ({shipped_mode}, max_depth {depth}, answerers "
+                     f"{' / '.join(result['answerers'])}): " + "; ".join(
+                         f"{name} {value:.3f} (>= {TARGETS[name]}: {'met' if met[name] else 'missed'})"
+                         for name, value in targets.items() if value is not None))
     worst = max(c["max_generated_tokens"] for c in cells.values())
     lines.append(f"Token budget: the most tokens any question generated, over every cell, is {worst} "
                  "(max_total_tokens 384 per self-ask run; deeper runs have their own).")
@@ -263,6 +384,10 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=REPO / "outputs/recursion", help="trained runs and cells")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--threshold", type=float, default=0.8, help="retriever similarity needed to answer")
+    parser.add_argument("--answerers", nargs="+", default=None, metavar="NAME",
+                        help="who answers each layer's follow-ups (default: the config's data.eval_answerers)")
+    parser.add_argument("--baseline", type=Path, default=BASELINE,
+                        help="results measured without operators, shown beside these (default %(default)s)")
     parser.add_argument("--shipped", default=None, choices=MODES,
                         help="the mode the shipped config trains (default: its data.mode)")
     parser.add_argument("--fresh", action="store_true", help="recompute the evaluated cells")
@@ -285,6 +410,7 @@ def main() -> None:
     sources = config["data"]["sources"]
     shipped = args.shipped or config["data"].get("mode", "flat")
     shipped_depth = config["data"].get("eval_max_depth", 2)  # the depth the shipped runner self-asks to
+    answerers = args.answerers or config["data"].get("eval_answerers", ["retriever"])
     training = [tree for source in sources for tree in convert(source)]
     deep, held_out = deep_eval_trees(training)
     deep = sample_trees(deep, args.n_deep, seed=SEED)
@@ -300,6 +426,7 @@ def main() -> None:
     sets = {"compositional_celebrities": cc, "deep": deep}
     retrievers = {"compositional_celebrities": RetrieverAnswerer(knowledge_base(cc), threshold=args.threshold),
                   "deep": RetrieverAnswerer(knowledge_base(deep, leaves_only=True), threshold=args.threshold)}
+    layers = {key: answerers_from_names(answerers, retriever=retriever) for key, retriever in retrievers.items()}
     cells: dict[str, dict] = {}
     cell_dir = args.runs / "cells"
     cell_dir.mkdir(parents=True, exist_ok=True)
@@ -309,7 +436,7 @@ def main() -> None:
             for depth in args.depths:
                 path = cell_dir / f"{mode}_{key}_{depth}.json"
                 cached = json.loads(path.read_text()) if path.is_file() and not args.fresh else None
-                if cached is not None and cached["n"] == len(trees):  # evaluated before on the same questions
+                if cached is not None and cached["n"] == len(trees) and cached.get("answerers") == answerers:
                     cells[f"{mode}/{key}/{depth}"] = cached
                     continue
                 if args.cached_only or key not in args.sets:
@@ -318,7 +445,8 @@ def main() -> None:
                     base, tokenizer = load_backbone(args.model, task="causal_lm")
                     model = load_adapter(base, args.runs / mode / "adapter").eval()
                 print(f"{mode} / {DATASETS[key]} / max_depth {depth}", flush=True)
-                cell = evaluate_cell(model, tokenizer, trees, retrievers[key], depth)
+                cell = evaluate_cell(model, tokenizer, trees, layers[key], depth)
+                cell["answerers"] = answerers
                 text = json.dumps(cell, ensure_ascii=False)
                 write_file_atomically(path, lambda f: f.write(text))
                 cells[f"{mode}/{key}/{depth}"] = cell
@@ -331,7 +459,8 @@ def main() -> None:
         "training": {mode: training_record(args.runs / mode) for mode in args.modes
                      if (args.runs / mode / "results.json").is_file()},
         "n": {key: len(trees) for key, trees in sets.items()}, "held_out": held_out,
-        "knowledge": KNOWLEDGE, "targets": TARGETS, "cells": cells,
+        "knowledge": KNOWLEDGE, "answerers": answerers, "targets": TARGETS, "cells": cells,
+        "baseline": baseline_cells(args.baseline, sets),
     }
     result["summary"] = summarise(result, shipped, shipped_depth)
     # run_all's estimate: the whole benchmark, trainings and reused cells counted at the time they took
