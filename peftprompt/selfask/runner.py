@@ -212,7 +212,8 @@ class SelfAskRunner:
             self-asks it one layer deeper (directly at `max_depth`); without it the follow-up's answer is
             ``"unknown"``.
         template (`Template`, defaults to `SELF_ASK`): The wording; must be the one the model was trained with.
-        max_follow_ups (`int`, defaults to 4): Follow-ups accepted per question.
+        max_follow_ups (`int`, defaults to 5): Follow-ups accepted per question (the most a training episode asks:
+            a flat bridge comparison's four leaves and its operator step).
         max_depth (`int`, defaults to 2): The layer at which the model answers directly instead of self-asking
             (0: the question itself is answered directly).
         max_new_tokens (`int`, defaults to 64): Tokens per generation step.
@@ -246,7 +247,7 @@ class SelfAskRunner:
         answerer: Union[AnswererLike, Sequence[AnswererLike]] = None,
         recurse: bool = True,
         template: Template = SELF_ASK,
-        max_follow_ups: int = 4,
+        max_follow_ups: int = 5,
         max_depth: int = 2,
         max_new_tokens: int = 64,
         max_total_tokens: int = 384,
