@@ -230,6 +230,9 @@ def test_the_runner_routes_an_operator_follow_up_to_the_operators():
     assert (step.answer, step.answer_source, step.meta["answerer"], step.meta["operator"]) == (
         "Sleep, My Love", "tool", "operators", "later")
     assert step.meta["parsed"] == ["1975-03-08", "1987-01-14"]
+    from peftprompt.selfask.show import who_answered
+
+    assert who_answered(step) == "layer 1: operators; later of 1975-03-08, 1987-01-14"
     assert supported_by_trace(result.answer, result.trace)
     assert operator_use(result.trace) == [
         {"question": OPERATOR_FOLLOW_UP, "operator": "later", "parsed": True, "failure": None}]
@@ -248,6 +251,9 @@ def test_an_unparsable_operator_follow_up_goes_on_to_the_model_and_is_counted():
     step = result.trace.children[-1]
     assert (step.answer, step.answer_source, step.meta["answerer"]) == ("The More the Merrier", "model", "model")
     assert step.meta["unanswered_by"] == "operators+tool" and "overlap" in step.meta["operator_failure"]
+    from peftprompt.selfask.show import who_answered
+
+    assert who_answered(step).startswith("layer 1: model; the operators+tool had nothing (operator later: dates")
     (use,) = operator_use(result.trace)
     assert not use["parsed"] and "overlap" in use["failure"]
     summary = evaluate_selfask([Node(question=DEEP, answer="Sleep, My Love")], SelfAskRunner(
@@ -285,3 +291,14 @@ def test_ask_refuses_a_chain_ending_in_the_model_without_recursion(capsys):
     assert main(["ask", "q?", "--answerers", "operators+model", "--no-recurse"]) == 2
     err = capsys.readouterr().err
     assert "--no-recurse turns off" in err and "Traceback" not in err
+
+
+def test_the_runner_accepts_as_many_follow_ups_as_a_training_episode_asks():
+    """A flat bridge comparison asks its four leaves and then its operator step: the runner's default must let the
+    fifth through, or the operator is never reached ("too many follow-ups")."""
+    import inspect
+
+    default = inspect.signature(SelfAskRunner).parameters["max_follow_ups"].default
+    trees = convert("2wikimultihopqa", split="train") + convert("musique", split="train")
+    most = max(sum(s.kind == "follow_up" for s in e.spans) for t in trees for e in Unroller(mode="flat")(t))
+    assert most == 5 and default >= most
