@@ -51,6 +51,7 @@ from _runs import QUICK_TRAINING, finished_run, requested_config, run_recipe
 from peftprompt import load_adapter, load_backbone
 from peftprompt.atomic import write_file_atomically
 from peftprompt.recursive import Node, convert
+from peftprompt.recursive.operator_steps import COMPARISON_WORDING
 from peftprompt.recursive.sources import DEEP_EVAL_SETS, deep_eval_trees
 from peftprompt.selfask import RetrieverAnswerer, SelfAskRunner, answerers_from_names
 from peftprompt.selfask.evaluate import evaluate_selfask, knowledge_base, sample_trees
@@ -97,12 +98,12 @@ def per_depth(records: list[dict], depth_of: dict[str, int]) -> dict[str, dict]:
 
 
 def question_type(tree: Node) -> str:
-    """A held-out question's type for the by-type table: ``<set>/<2WikiMultiHopQA type>``, ``<set>/comparison``
-    for a tree that compares two values (with an operator step, or one the converter could not add) or
-    ``<set>/chain``."""
+    """A held-out question's type for the by-type table: ``<set>/<2WikiMultiHopQA type>``, else
+    ``<set>/comparison`` for a question that compares (the converter gave it an operator step or said why not, or
+    its wording compares: "..., A or B?", "the same", "both") or ``<set>/chain``."""
     if "type" in tree.meta:
         return f"{tree.dataset}/{tree.meta['type']}"
-    compares = "operator" in tree.meta or "operator_skipped" in tree.meta
+    compares = "operator" in tree.meta or "operator_skipped" in tree.meta or COMPARISON_WORDING.search(tree.question)
     return f"{tree.dataset}/{'comparison' if compares else 'chain'}"
 
 
@@ -437,6 +438,7 @@ def main() -> None:
                 path = cell_dir / f"{mode}_{key}_{depth}.json"
                 cached = json.loads(path.read_text()) if path.is_file() and not args.fresh else None
                 if cached is not None and cached["n"] == len(trees) and cached.get("answerers") == answerers:
+                    cached["per_type"] = per_type(cached["correct"], trees)  # by today's question types
                     cells[f"{mode}/{key}/{depth}"] = cached
                     continue
                 if args.cached_only or key not in args.sets:
