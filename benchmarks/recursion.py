@@ -299,11 +299,27 @@ def write_results(result: dict, out: Path) -> None:
     lines += [provenance_line(result["environment"])]
     (out / f"{NAME}.md").write_text("\n".join(lines) + "\n")
 
-    figure = Figure(figsize=(9, 4), layout="constrained")
+    figure = Figure(figsize=(14, 4.5), layout="constrained")
     FigureCanvasAgg(figure)
     old = (result.get("baseline") or {}).get("cells", {})
+    shipped = result["summary"].get("shipped")
+    if shipped:  # EM by question type, with and without operators, in the shipped configuration
+        ax = figure.add_subplot(1, 3, 3)
+        name = f"{shipped['mode']}/deep/{shipped['max_depth']}"
+        kinds = list(cells[name]["per_type"])
+        for j, (label, cell) in enumerate((("no operators", old.get(name)), ("operators", cells[name]))):
+            if cell is not None:
+                ax.barh([k + j * 0.4 for k in range(len(kinds))], [cell["per_type"][k]["em"] for k in kinds],
+                        height=0.4, label=label, color="C7" if j == 0 else "C0")
+        ax.set_yticks([k + 0.2 for k in range(len(kinds))],
+                      [f"{k} ({cells[name]['per_type'][k]['n']})" for k in kinds], fontsize=7)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("exact match")
+        ax.set_title(f"deep questions by type ({shipped['mode']}, max_depth {shipped['max_depth']})", fontsize=10)
+        ax.grid(alpha=0.3, axis="x")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
     for i, (key, title) in enumerate(DATASETS.items()):
-        ax = figure.add_subplot(1, 2, i + 1)
+        ax = figure.add_subplot(1, 3, i + 1)
         for j, mode in enumerate(modes):
             colour = f"C{j}"
             points = [(d, cells[f"{mode}/{key}/{d}"]["em"]) for d in depths if f"{mode}/{key}/{d}" in cells]
