@@ -70,6 +70,8 @@ KNOWLEDGE = {"compositional_celebrities": "retriever over the gold sub-answers (
 TARGETS = {"deep_em": 0.70, "comparison_em": 0.85, "cc_em": 0.83, "cc_well_formed": 0.99, "faithfulness": 0.95,
            "recursive_gain": 0.05}
 BASELINE = Path(__file__).resolve().parent / "results" / "recursion_no_operators.json"
+MODEL_FINAL = "_model_final"
+"""The file suffix of cells evaluated with the model writing the final answer after an operator step."""
 N_WRONG = 4
 
 
@@ -121,11 +123,11 @@ def per_type(correct: list[bool], trees: list[Node]) -> dict[str, dict]:
     return {kind: {"n": len(rs), "em": sum(rs) / len(rs)} for kind, rs in sorted(groups.items())}
 
 
-def evaluate_cell(model, tokenizer, trees: list[Node], layers: list, max_depth: int) -> dict:
+def evaluate_cell(model, tokenizer, trees: list[Node], layers: list, max_depth: int, operator_ends: bool = True) -> dict:
     """Self-ask `trees` at `max_depth` (follow-ups: the answerer of each layer, the model recursing where they find
-    nothing)."""
+    nothing; with `operator_ends`, an operator's answer is the final answer)."""
     runner = SelfAskRunner(model, tokenizer, answerer=layers, max_depth=max_depth, batch_size=16,
-                           progress=f"max_depth {max_depth}")
+                           progress=f"max_depth {max_depth}", operator_ends=operator_ends)
     started = time.perf_counter()
     summary = evaluate_selfask(trees, runner, "self_ask", sub_question_check=False, return_records=True)
     seconds = time.perf_counter() - started
@@ -179,6 +181,10 @@ def baseline_cells(path: Path, sets: dict[str, list[Node]]) -> Optional[dict]:
             cells[name]["per_type"] = per_type(cell["correct"], sets[key])
     return {"file": path.name, "commit": old["environment"].get("git_commit"),
             "machine": old["environment"].get("machine"), "cells": cells}
+
+
+def _slim(cell: dict) -> dict:
+    return {k: cell[k] for k in ("em", "well_formed", "faithfulness", "operator_parsed", "operator_follow_ups")}
 
 
 def training_record(run_dir: Path) -> dict:
@@ -262,7 +268,10 @@ def write_results(result: dict, out: Path) -> None:
              "answers the question directly; at max_depth d a follow-up the answerers cannot answer is self-asked "
              f"by the model one layer deeper, directly at layer d. Answerers of every layer: "
              f"`{' / '.join(result['answerers'])}` (a follow-up in an operator's template is computed, the others "
-             "go to the retriever). Faithful: the share of final answers the trace supports (the last operator "
+             "go to the retriever). "
+             + ("An operator step ends the question, its answer the final answer (the runner's operator_ends). "
+                if result["operator_ends"] else "After an operator step the model writes the final answer. ")
+             + "Faithful: the share of final answers the trace supports (the last operator "
              "answer, or an intermediate answer the final answer repeats).", ""]
     for key, title in DATASETS.items():
         n = result["n"][key]
@@ -382,6 +391,10 @@ def summarise(result: dict, shipped_mode: str, shipped_depth: int) -> dict:
                      f"{' / '.join(result['answerers'])}): " + "; ".join(
                          f"{name} {value:.3f} (>= {TARGETS[name]}: {'met' if met[name] else 'missed'})"
                          for name, value in targets.items() if value is not None))
+    for key, cell in result.get("model_final_answer", {}).items():
+        lines.append(f"{DATASETS[key]}, {shipped_mode} at max_depth {shipped_depth} with the model writing the final "
+                     f"answer after an operator step (operator_ends off): EM {cell['em']:.3f}, faithfulness "
+                     f"{cell['faithfulness']:.3f}, well-formed {cell['well_formed']:.3f}.")
     worst = max(c["max_generated_tokens"] for c in cells.values())
     lines.append(f"Token budget: the most tokens any question generated, over every cell, is {worst} "
                  "(max_total_tokens 384 per self-ask run; deeper runs have their own).")
@@ -403,6 +416,9 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.8, help="retriever similarity needed to answer")
     parser.add_argument("--answerers", nargs="+", default=None, metavar="NAME",
                         help="who answers each layer's follow-ups (default: the config's data.eval_answerers)")
+    parser.add_argument("--model-final-answer", action="store_true",
+                        help="the model writes the final answer after an operator step (the runner's operator_ends "
+                             "off); its cells are kept apart and reported beside the shipped runner's")
     parser.add_argument("--baseline", type=Path, default=BASELINE,
                         help="results measured without operators, shown beside these (default %(default)s)")
     parser.add_argument("--shipped", default=None, choices=MODES,
@@ -451,9 +467,10 @@ def main() -> None:
         model: Optional[object] = None
         for key, trees in sets.items():
             for depth in args.depths:
-                path = cell_dir / f"{mode}_{key}_{depth}.json"
+                path = cell_dir / f"{mode}_{key}_{depth}{MODEL_FINAL if args.model_final_answer else ''}.json"
                 cached = json.loads(path.read_text()) if path.is_file() and not args.fresh else None
-                if cached is not None and cached["n"] == len(trees) and cached.get("answerers") == answerers:
+                if cached is not None and cached["n"] == len(trees) and cached.get("answerers") == answerers and (
+                        cached.get("operator_ends", True) != args.model_final_answer):
                     cached["per_type"] = per_type(cached["correct"], trees)  # by today's question types
                     cells[f"{mode}/{key}/{depth}"] = cached
                     continue
@@ -463,8 +480,8 @@ def main() -> None:
                     base, tokenizer = load_backbone(args.model, task="causal_lm")
                     model = load_adapter(base, args.runs / mode / "adapter").eval()
                 print(f"{mode} / {DATASETS[key]} / max_depth {depth}", flush=True)
-                cell = evaluate_cell(model, tokenizer, trees, layers[key], depth)
-                cell["answerers"] = answerers
+                cell = evaluate_cell(model, tokenizer, trees, layers[key], depth, not args.model_final_answer)
+                cell.update(answerers=answerers, operator_ends=not args.model_final_answer)
                 text = json.dumps(cell, ensure_ascii=False)
                 write_file_atomically(path, lambda f: f.write(text))
                 cells[f"{mode}/{key}/{depth}"] = cell
@@ -479,6 +496,9 @@ def main() -> None:
         "n": {key: len(trees) for key, trees in sets.items()}, "held_out": held_out,
         "knowledge": KNOWLEDGE, "answerers": answerers, "targets": TARGETS, "cells": cells,
         "baseline": baseline_cells(args.baseline, sets),
+        "operator_ends": not args.model_final_answer,
+        "model_final_answer": {key: _slim(json.loads(p.read_text())) for key in sets
+                               if (p := cell_dir / f"{shipped}_{key}_{shipped_depth}{MODEL_FINAL}.json").is_file()},
     }
     result["summary"] = summarise(result, shipped, shipped_depth)
     # run_all's estimate: the whole benchmark, trainings and reused cells counted at the time they took

@@ -142,11 +142,11 @@ def main() -> None:
     deep = deep_question()
     leaves = RetrieverAnswerer(knowledge_base([deep], leaves_only=True), model=retriever.model,
                                tokenizer=retriever.tokenizer)
-    result = SelfAskRunner(tuned, tokenizer, answerer=AnswererChain([OperatorAnswerer(), leaves]),
-                           max_depth=2).run(deep.question)
-    correct = "correct" if exact_match(result.answer, [deep.answer, *deep.aliases]) else f"wrong; gold: {deep.answer}"
-    print_run(console, result.trace, result.answer, result.text,
-              f"{correct}; {result.generated_tokens} tokens generated; leaf facts: "
+    deep_run = SelfAskRunner(tuned, tokenizer, answerer=AnswererChain([OperatorAnswerer(), leaves]),
+                             max_depth=2).run(deep.question)
+    correct = "correct" if exact_match(deep_run.answer, [deep.answer, *deep.aliases]) else f"wrong; gold: {deep.answer}"
+    print_run(console, deep_run.trace, deep_run.answer, deep_run.text,
+              f"{correct}; {deep_run.generated_tokens} tokens generated; leaf facts: "
               + "; ".join(f"{q} -> {a}" for q, a in leaves.facts))
     clock.lap("the deep question")
 
@@ -160,7 +160,7 @@ def main() -> None:
     clock.lap("the base model's few-shot self-ask")
     summary = {"minutes": clock.minutes, "total_minutes": sum(clock.minutes.values()), "n": len(trees),
                "schedule": DEMO_SCHEDULE + args.overrides, "deep_question_correct": bool(correct == "correct"),
-               "deep_question_operator": next((c.meta["operator"] for c in result.trace.children
+               "deep_question_operator": next((c.meta["operator"] for c in deep_run.trace.children
                                                if "operator_answer" in c.meta), None),
                **{f"{key}_{metric}": result[metric] for key, result in (("before", before), ("after", after))
                   for metric in ("em", "f1", "well_formed")}}

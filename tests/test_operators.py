@@ -302,3 +302,21 @@ def test_the_runner_accepts_as_many_follow_ups_as_a_training_episode_asks():
     trees = convert("2wikimultihopqa", split="train") + convert("musique", split="train")
     most = max(sum(s.kind == "follow_up" for s in e.spans) for t in trees for e in Unroller(mode="flat")(t))
     assert most == 5 and default >= most
+
+
+def test_an_operator_step_ends_the_question_unless_the_model_is_asked_to_write_the_answer():
+    layers = AnswererChain([OperatorAnswerer(), ToolAnswerer(LEAVES.get)])
+
+    class CuttingModel(ComparingModel):  # copies the operator's answer only up to its comma, as SmolLM2 did
+        def __call__(self, prompts, max_new_tokens):
+            return [out.replace(": Sleep, My Love\n", ": Sleep\n") for out in super().__call__(prompts, max_new_tokens)]
+
+    ended = SelfAskRunner(generate_fn=CuttingModel(OPERATOR_FOLLOW_UP), answerer=layers).run(DEEP)
+    assert (ended.answer, ended.trace.answer_source, ended.well_formed) == ("Sleep, My Love", "derived", True)
+    assert ended.text.endswith("Intermediate answer: Sleep, My Love\nSo the final answer is: Sleep, My Love")
+    check = Unroller(mode="flat")(Node.from_dict(ended.trace.to_dict()))
+    assert check[0].text == ended.text
+    written = SelfAskRunner(generate_fn=CuttingModel(OPERATOR_FOLLOW_UP), answerer=layers,
+                            operator_ends=False).run(DEEP)
+    assert (written.answer, written.trace.answer_source) == ("Sleep", "model")
+    assert not supported_by_trace(written.answer, written.trace) and supported_by_trace(ended.answer, ended.trace)

@@ -28,6 +28,12 @@ follow-up of the trace records its layer (``meta["depth"]``), who answered it (`
 ``meta["unanswered_by"]`` when the model stepped in) and what that answerer reported (`Answer.meta`, e.g. the
 retrieved passages of a `peftprompt.selfask.open_book.RetrievalAnswerer`).
 
+Operators. A follow-up in an operator's template (``Which is later: A (March 8, 1975) or B (14 January 1987)?``)
+is computed by an `OperatorAnswerer` in its layer's answerers. As in training, where the operator step is the last
+of its tree and the final answer repeats it, that step ends the question (`operator_ends`): the runner writes
+``So the final answer is:`` with the operator's answer itself, so a 135M model cannot cut or swap the name it
+would have copied.
+
 Malformed output, and what the runner does (each case is recorded in `SelfAskResult.issues`):
 
 - ``"empty follow-up"``: the marker with no question before it;
@@ -180,6 +186,7 @@ class _State:
     direct: bool = False  # answered directly (at max_depth): no follow-ups, the few-shot direct prefix
     parent: Optional["_State"] = None  # the question whose follow-up this one is
     waiting_on: Optional[tuple[str, dict]] = None  # the follow-up its deeper question answers, and its meta
+    derived: bool = False  # its final answer is an operator's (`operator_ends`)
 
 
 GenerateFn = Callable[..., list[Union[str, Continuation]]]
@@ -228,6 +235,10 @@ class SelfAskRunner:
             follow-up bans a first word, it is called with a third argument: per prompt, that word or `None`.
         retry_repeats (`bool`, defaults to `True`): Ask once more for a follow-up that repeats the question (see
             the module docstring).
+        operator_ends (`bool`, defaults to `True`): A follow-up an operator computed (`OperatorAnswerer`: the
+            comparison of two values found before it) ends the question, its answer the final answer (the root's
+            ``answer_source`` is then ``"derived"``), as every operator step ends its training tree; off, the model
+            writes the final answer after it (and may cut or change the name).
         progress (`str`, *optional*): Show a tqdm bar with this description over the questions of each top-level
             `run_batch` and each `answer_directly` (questions finished).
         reuse_kv_cache (`bool`, defaults to `True`): Keep each question's KV cache from one step to the next and
@@ -259,6 +270,7 @@ class SelfAskRunner:
         progress: Optional[str] = None,
         retry_repeats: bool = True,
         reuse_kv_cache: bool = True,
+        operator_ends: bool = True,
     ):
         if model is None and generate_fn is None:
             raise ValueError("SelfAskRunner needs a model (and tokenizer) or a generate_fn")
@@ -288,6 +300,7 @@ class SelfAskRunner:
         self.few_shot, self.few_shot_direct = few_shot, few_shot_direct
         self.generate_fn = generate_fn
         self.retry_repeats = retry_repeats
+        self.operator_ends = operator_ends
         self.progress = progress
         self.reuse_kv_cache = reuse_kv_cache and model is not None and kv_cache.supports_reuse(model)
         self.share_prefix = self.reuse_kv_cache and supports_shared_prefix(model)
@@ -415,6 +428,9 @@ class SelfAskRunner:
         s.follow_ups.append((follow_up, Answer(text, answer.source, answer.trace), meta))
         s.deeper_tokens += answer.generated_tokens
         s.text += self.template.intermediate_answer.format(answer=text)
+        if self.operator_ends and "operator_answer" in meta:  # the computed comparison is the answer
+            s.derived = True
+            self._finish(s, text)
 
     def layer_answerer(self, depth: int) -> Answerer:
         """Who answers the follow-ups of layer `depth` (1: the question's follow-ups)."""
@@ -530,8 +546,8 @@ class SelfAskRunner:
             grandchildren = list(answer.trace.children) if answer.trace is not None else []
             children.append(Node(question=q, answer=answer.text, answer_source=answer.source, id=str(k),
                                  children=grandchildren, meta=dict(meta)))
-        trace = Node(question=s.question, answer=s.answer or None, answer_source="model" if s.answer else "none",
-                     children=children)
+        source = ("derived" if s.derived else "model") if s.answer else "none"
+        trace = Node(question=s.question, answer=s.answer or None, answer_source=source, children=children)
         if s.answer:
             try:
                 parse_episode(s.text, self.template)
