@@ -391,6 +391,9 @@ def summarise(result: dict, shipped_mode: str, shipped_depth: int) -> dict:
                      f"{' / '.join(result['answerers'])}): " + "; ".join(
                          f"{name} {value:.3f} (>= {TARGETS[name]}: {'met' if met[name] else 'missed'})"
                          for name, value in targets.items() if value is not None))
+    for name, cell in cells.items():
+        if cell.get("reused_from"):
+            lines.append(f"{name} is the cell of {cell['reused_from']}.")
     for key, cell in result.get("model_final_answer", {}).items():
         lines.append(f"{DATASETS[key]}, {shipped_mode} at max_depth {shipped_depth} with the model writing the final "
                      f"answer after an operator step (operator_ends off): EM {cell['em']:.3f}, faithfulness "

@@ -70,6 +70,8 @@ def _template_pattern(template: str) -> re.Pattern:
 
 
 PATTERNS = {name: _template_pattern(template) for name, template in TEMPLATES.items()}
+OPENINGS = {name: template.split("{a}")[0].strip().lower() for name, template in TEMPLATES.items()}
+"""Each template's fixed opening (``"which is later:"``): a follow-up that starts with one asks for that operator."""
 
 
 class OperatorError(ValueError):
@@ -110,6 +112,13 @@ def format_follow_up(operator: str, names: tuple[str, str], values: tuple[str, s
         raise KeyError(f"unknown operator {operator!r}; choose one of {', '.join(TEMPLATES)}")
     (a, b), (x, y) = names, values
     return TEMPLATES[operator].format(a=a.strip(), b=b.strip(), x=x.strip(), y=y.strip())
+
+
+def asked_operator(question: str) -> Optional[str]:
+    """The operator a follow-up asks for by its opening (``"Which is later: ..."`` -> ``later``), whether or not
+    the rest is in the template's form; `None` for any other follow-up."""
+    text = " ".join(question.split()).lower()
+    return next((name for name, opening in OPENINGS.items() if text.startswith(opening)), None)
 
 
 def parse_follow_up(question: str) -> Optional[OperatorCall]:
@@ -287,6 +296,9 @@ COUNTRY_NAMES = {
 }
 """Other names of the same country."""
 UNKNOWN_VALUES = frozenset({"", "unknown", "none", "n a", "not known", "no answer"})
+DISAMBIGUATION = re.compile(r"^(?:\d{4} )?(?:[a-z]+ )?(?:film|band|album|novel|song|play|tv series|series|magazine|book|"
+                            r"director|actor|actress|musician|singer|politician|footballer|village|city)$")
+"""What Wikipedia puts in parentheses after a title (``"Kick-Ass 2 (film)"``): a name's part, never a value."""
 
 
 def name_key(text: str) -> str:
@@ -320,6 +332,8 @@ def parse_value(kind: str, text: str) -> Parsed:
     """`text` read as a value of `kind` (``date``, ``quantity``, ``name`` or ``yes/no``)."""
     if name_key(text) in UNKNOWN_VALUES:
         raise OperatorError(f"value {text!r} is unknown")
+    if DISAMBIGUATION.match(name_key(text)):
+        raise OperatorError(f"{text!r} is part of a title, not a value")
     if kind == "date":
         return parse_date(text)
     if kind == "quantity":
@@ -397,4 +411,4 @@ def operator_for(question: str, kind: str) -> Optional[str]:
 
 __all__ = ["DEMONYMS", "KINDS", "TEMPLATES", "DateValue", "OperatorCall", "OperatorError", "OperatorResult",
            "Quantity", "answer_follow_up", "apply", "format_follow_up", "name_key", "operator_for", "parse_date",
-           "parse_follow_up", "parse_quantity", "parse_value", "yes_no"]
+           "asked_operator", "parse_follow_up", "parse_quantity", "parse_value", "yes_no"]

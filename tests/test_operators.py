@@ -91,6 +91,8 @@ def test_each_operator_computes_its_answer():
     ("Which is larger: A (6 km) or B (7 miles)?", "different units"),
     ("Which is earlier: A (Norway) or B (1990)?", "cannot read 'Norway'"),
     ("Are both true: A (yes) and B (maybe)?", "not yes or no"),
+    ("Are these the same: Mr. Arkadin (American) and Kick-Ass 2 (film)?", "part of a title"),
+    ("Which is earlier: X (1983 film) or Y (1990)?", "part of a title"),
 ])
 def test_values_an_operator_cannot_compare_raise_with_the_reason(question, why):
     with pytest.raises(OperatorError, match=why):
@@ -320,3 +322,16 @@ def test_an_operator_step_ends_the_question_unless_the_model_is_asked_to_write_t
                             operator_ends=False).run(DEEP)
     assert (written.answer, written.trace.answer_source) == ("Sleep", "model")
     assert not supported_by_trace(written.answer, written.trace) and supported_by_trace(ended.answer, ended.trace)
+
+
+def test_a_follow_up_that_opens_like_a_template_but_leaves_a_value_out_is_counted_and_passed_on():
+    malformed = "Which is later: The More the Merrier (March 8, 1975) or Sleep, My Love?"
+    assert parse_follow_up(malformed) is None and operators.asked_operator(malformed) == "later"
+    answer = OperatorAnswerer()(malformed, 1)
+    assert answer.source == "none" and answer.meta["operator_failure"].startswith("not in the form 'Which is later:")
+    layers = AnswererChain([OperatorAnswerer(), ToolAnswerer(LEAVES.get)])
+    result = SelfAskRunner(generate_fn=ComparingModel(malformed, direct="Sleep, My Love"), answerer=layers,
+                           max_depth=1).run(DEEP)
+    assert result.trace.children[-1].meta["unanswered_by"] == "operators+tool"
+    (use,) = operator_use(result.trace)
+    assert (use["operator"], use["parsed"]) == ("later", False) and use["failure"].startswith("not in the form")

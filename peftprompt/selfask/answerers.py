@@ -73,8 +73,8 @@ class OperatorAnswerer(Answerer):
     """Answers the follow-ups written in an operator's template (`peftprompt.operators.TEMPLATES`: which of two
     dates is earlier or later, which quantity is larger or smaller, whether two values are the same, whether both
     are yes) by computing them: ``answer_source="tool"``, and ``meta`` records the operator, the operands as written
-    and as parsed. A follow-up in no template cannot be answered here (``"none"``, nothing recorded); one in a
-    template whose values cannot be compared (unparsable, unknown, of different kinds, overlapping dates) cannot
+    and as parsed. A follow-up in no template cannot be answered here (``"none"``, nothing recorded); one that opens
+    like a template but is not in its form (a value left out), or one in a template whose values cannot be compared (unparsable, unknown, of different kinds, overlapping dates) cannot
     either, and its ``meta`` says so (``operator``, ``operands``, ``operator_failure``): the next answerer gets it,
     and with ``recurse`` the model answers it one layer deeper. It never raises and never guesses."""
 
@@ -83,7 +83,9 @@ class OperatorAnswerer(Answerer):
     def __call__(self, question: str, depth: int = 0) -> Answer:
         call = operators.parse_follow_up(question)
         if call is None:
-            return Answer(UNKNOWN, "none")
+            asked = operators.asked_operator(question)  # an operator's opening, the rest not in its form
+            return Answer(UNKNOWN, "none", meta={} if asked is None else {
+                "operator": asked, "operator_failure": f"not in the form {operators.TEMPLATES[asked]!r}"})
         try:
             result = operators.apply(call)
         except operators.OperatorError as err:

@@ -95,16 +95,17 @@ def supported_by_trace(answer: str, trace: Node) -> bool:
 
 
 def operator_use(trace: Node) -> list[dict]:
-    """Every follow-up of `trace` (at any depth) written in an operator's template: its question, operator, and
-    whether the operator computed it (``parsed``) or could not (``failure``: why; it went to the next answerer)."""
+    """Every follow-up of `trace` (at any depth) that asks for an operator (opens like its template,
+    `operators.asked_operator`): its question, operator, and whether the operator computed it (``parsed``) or could
+    not (``failure``: why, e.g. not in the template's form; it went to the next answerer)."""
     uses = []
     for path, node in trace.iter_nodes():
         if path == "root":
             continue
-        call = operators.parse_follow_up(node.question)
-        if call is None:
+        operator = operators.asked_operator(node.question)
+        if operator is None:
             continue
-        uses.append({"question": node.question, "operator": call.operator, "parsed": "operator_answer" in node.meta,
+        uses.append({"question": node.question, "operator": operator, "parsed": "operator_answer" in node.meta,
                      "failure": node.meta.get("operator_failure")
                      or (None if "operator_answer" in node.meta else "not routed to the operators")})
     return uses
