@@ -375,13 +375,6 @@ def apply(call: OperatorCall) -> OperatorResult:
     return OperatorResult(call, answer, [str(x), str(y)])
 
 
-def answer_follow_up(question: str) -> Optional[OperatorResult]:
-    """`apply` to a follow-up in an operator's template; `None` when it is in none (`OperatorError` when it is but
-    cannot be computed)."""
-    call = parse_follow_up(question)
-    return None if call is None else apply(call)
-
-
 # --------------------------------------------------------------------------------------- the question's wording ---
 _EARLIER = re.compile(r"\b(?:first|earlier|earliest|older|oldest|before|sooner|predates?)\b", re.IGNORECASE)
 _LATER = re.compile(r"\b(?:later|latest|last|younger|youngest|more recent(?:ly)?|most recent(?:ly)?|after|newer)\b",
@@ -410,5 +403,5 @@ def operator_for(question: str, kind: str) -> Optional[str]:
 
 
 __all__ = ["DEMONYMS", "KINDS", "TEMPLATES", "DateValue", "OperatorCall", "OperatorError", "OperatorResult",
-           "Quantity", "answer_follow_up", "apply", "format_follow_up", "name_key", "operator_for", "parse_date",
+           "Quantity", "apply", "format_follow_up", "name_key", "operator_for", "parse_date",
            "asked_operator", "parse_follow_up", "parse_quantity", "parse_value", "yes_no"]

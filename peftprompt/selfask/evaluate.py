@@ -24,9 +24,9 @@ Metrics (each a rate in [0, 1] over the ``n`` questions unless said otherwise):
   ``gap_support`` is how many questions that is.
 - ``faithfulness``: share of final answers the trace supports (`supported_by_trace`): the last operator answer
   when an operator answered a follow-up, else an intermediate answer that the final answer repeats.
-- ``operator_follow_ups`` / ``operator_parsed``: follow-ups (at any depth) written in an operator's template, and
-  those the operator computed; ``operator_unparsed``: every one it could not, with its operands and why (such a
-  follow-up went on to the next answerer).
+- ``operator_follow_ups`` / ``operator_parsed``: follow-ups (at any depth) that ask for an operator (they open like
+  its template, `operator_use`), and those the operator computed; ``operator_unparsed``: every one it could not,
+  with why (such a follow-up went on to the next answerer).
 - ``issues``: how many times each malformed-output case (`SelfAskResult.issues`) occurred; ``corrections``: how
   many times the runner asked again for a follow-up (`SelfAskResult.corrections`).
 - ``examples``: the first 5 questions: question, gold answers, answer, correct (exact match) and trace (a
