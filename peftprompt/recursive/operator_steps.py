@@ -27,7 +27,7 @@ from dataclasses import replace
 from typing import Iterable, Optional, Sequence
 
 from .. import operators
-from .tree import Node, question_key
+from .tree import Node, entity_key, question_key
 
 DATE_RELATIONS = frozenset({"date of birth", "date of death", "publication date", "inception", "date of establishment",
                             "point in time", "start time", "end time"})
@@ -35,8 +35,8 @@ DATE_RELATIONS = frozenset({"date of birth", "date of death", "publication date"
 
 
 def _same(answer: str, gold: Sequence[str]) -> bool:
-    key = question_key(re.sub(r"\s*\([^)]*\)", "", answer)) or question_key(answer)
-    return any(key in (question_key(g), question_key(re.sub(r"\s*\([^)]*\)", "", g))) for g in gold if g)
+    """Whether `answer` names one of `gold`, with or without a disambiguation (`entity_key`)."""
+    return entity_key(answer) in {key for g in gold if g for key in (question_key(g), entity_key(g))}
 
 
 def _all_parse(kind: str, values: Sequence[str]) -> bool:

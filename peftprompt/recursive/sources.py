@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 from ..errors import InputError
 from .operator_steps import DATE_RELATIONS, add_operator_step, add_parallel_operator_step
-from .tree import Node, SkipReport, TreeError, question_key, read_trees, resolve_templates, validate
+from .tree import Node, SkipReport, TreeError, entity_key, question_key, read_trees, resolve_templates, validate
 
 # ---------------------------------------------------------------------------------------------------------------
 # MuSiQue ``X >> relation`` steps (Wikidata-style) become natural questions. The subject X keeps its #k references
@@ -350,11 +350,6 @@ def _grouped(triples: list[list[str]]) -> list[tuple[str, str, list[str]]]:
         key = (question_key(subject), relation)
         groups.setdefault(key, (subject.strip(), relation, []))[2].append(obj.strip())
     return list(groups.values())
-
-
-def entity_key(name: str) -> str:
-    """An entity's name without its disambiguation (``"George King (film director)"`` -> ``"george king"``)."""
-    return question_key(re.sub(r"\s*\([^)]*\)", "", name)) or question_key(name)
 
 
 def _by_mention(question: str, facts: list[tuple[str, str, list[str]]]) -> list[tuple[str, str, list[str]]]:

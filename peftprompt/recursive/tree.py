@@ -217,6 +217,12 @@ def question_key(question: str) -> str:
     return " ".join(_NON_WORD.sub(" ", question.lower()).split())
 
 
+def entity_key(name: str) -> str:
+    """An entity's name without its disambiguation (``"George King (film director)"`` -> ``"george king"``), as
+    `question_key` compares it."""
+    return question_key(re.sub(r"\s*\([^)]*\)", "", name)) or question_key(name)
+
+
 def _str_or_none(value: Any) -> Optional[str]:
     return value if isinstance(value, str) else None
 

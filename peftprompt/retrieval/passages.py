@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from ..errors import InputError
-from ..recursive.sources import entity_key, musique_tree, twowiki_tree
-from ..recursive.tree import Node, TreeError, question_key, resolve_templates
+from ..recursive.sources import musique_tree, twowiki_tree
+from ..recursive.tree import Node, TreeError, entity_key, question_key, resolve_templates
 from ..recursive.unroll import clean_text
 
 OPEN_BOOK_SOURCES: dict[str, dict[str, str]] = {
