@@ -1,7 +1,7 @@
 """Operators: comparisons a small model should not make in words, answered deterministically from a fixed template.
 
-A 135M model that has found both dates ("March 8, 1975", "14 January 1987") still names the wrong one as the
-later about half the time. An operator does that last step by computation. Each operator has one template, which
+A 135M model that has found both dates ("March 8, 1975", "14 January 1987") often still names the wrong one as the
+later (`benchmarks/results/recursion_no_operators.md`). An operator does that last step by computation. Each operator has one template, which
 the converters write as the last follow-up of a comparison tree (`peftprompt.recursive.sources`) and the model
 learns to ask; the runner routes a follow-up in that form to `apply` (through
 `peftprompt.selfask.answerers.OperatorAnswerer`) instead of to a retriever or the model:
@@ -132,7 +132,7 @@ def parse_follow_up(question: str) -> Optional[OperatorCall]:
 
 
 # ---------------------------------------------------------------------------------------------------------- dates ---
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class DateValue:
     """A date as the interval it names, ``(year, month, day)`` from `start` to `end` inclusive (years BC < 1)."""
 
@@ -301,11 +301,15 @@ DISAMBIGUATION = re.compile(r"^(?:\d{4} )?(?:[a-z]+ )?(?:film|band|album|novel|s
 """What Wikipedia puts in parentheses after a title (``"Kick-Ass 2 (film)"``): a name's part, never a value."""
 
 
+def _words(text: str) -> str:
+    """`text` lower-cased, punctuation read as spaces, spaces collapsed."""
+    return " ".join(re.sub(r"[^\w\s]", " ", str(text).lower()).split())
+
+
 def name_key(text: str) -> str:
     """A name compared by ``same``: lower case, punctuation dropped, no leading "the", demonyms and other names of
     a country read as that country (`DEMONYMS`, `COUNTRY_NAMES`)."""
-    key = " ".join(re.sub(r"[^\w\s]", " ", str(text).lower()).split())
-    key = re.sub(r"^the ", "", key)
+    key = re.sub(r"^the ", "", _words(text))
     key = DEMONYMS.get(key, key)
     return COUNTRY_NAMES.get(key, key)
 
@@ -316,7 +320,7 @@ def yes_no(text: str) -> bool:
     Raises:
         OperatorError: Anything else.
     """
-    key = " ".join(re.sub(r"[^\w\s]", " ", str(text).lower()).split())
+    key = _words(text)
     if key in ("yes", "true"):
         return True
     if key in ("no", "false"):
@@ -330,9 +334,10 @@ Parsed = Union[DateValue, Quantity, str, bool]
 
 def parse_value(kind: str, text: str) -> Parsed:
     """`text` read as a value of `kind` (``date``, ``quantity``, ``name`` or ``yes/no``)."""
-    if name_key(text) in UNKNOWN_VALUES:
+    key = name_key(text)
+    if key in UNKNOWN_VALUES:
         raise OperatorError(f"value {text!r} is unknown")
-    if DISAMBIGUATION.match(name_key(text)):
+    if DISAMBIGUATION.match(key):
         raise OperatorError(f"{text!r} is part of a title, not a value")
     if kind == "date":
         return parse_date(text)
@@ -340,7 +345,7 @@ def parse_value(kind: str, text: str) -> Parsed:
         return parse_quantity(text)
     if kind == "yes/no":
         return yes_no(text)
-    return name_key(text)
+    return key
 
 
 def apply(call: OperatorCall) -> OperatorResult:
@@ -352,27 +357,24 @@ def apply(call: OperatorCall) -> OperatorResult:
     """
     kind = KINDS[call.operator]
     x, y = (parse_value(kind, value) for value in call.values)
-    a, b = call.names
+    first, second = call.values
+    parsed = [str(x), str(y)]
+    if kind == "name":
+        return OperatorResult(call, "yes" if x == y else "no", parsed)
+    if kind == "yes/no":
+        return OperatorResult(call, "yes" if x and y else "no", parsed)
     if kind == "date":
-        if x.end < y.start:
-            earlier = a
-        elif y.end < x.start:
-            earlier = b
-        else:
-            raise OperatorError(f"dates {call.values[0]!r} and {call.values[1]!r} overlap: neither is earlier")
-        answer = earlier if call.operator == "earlier" else (b if earlier == a else a)
-    elif kind == "quantity":
-        if not same_unit(x.unit, y.unit):
-            raise OperatorError(f"quantities {call.values[0]!r} and {call.values[1]!r} have different units")
-        if x.value == y.value:
-            raise OperatorError(f"quantities {call.values[0]!r} and {call.values[1]!r} are equal")
-        larger = a if x.value > y.value else b
-        answer = larger if call.operator == "larger" else (b if larger == a else a)
-    elif kind == "name":
-        answer = "yes" if x == y else "no"
+        if not (x.end < y.start or y.end < x.start):
+            raise OperatorError(f"dates {first!r} and {second!r} overlap: neither is earlier")
+        low = 0 if x.end < y.start else 1  # the earlier one
     else:
-        answer = "yes" if x and y else "no"
-    return OperatorResult(call, answer, [str(x), str(y)])
+        if not same_unit(x.unit, y.unit):
+            raise OperatorError(f"quantities {first!r} and {second!r} have different units")
+        if x.value == y.value:
+            raise OperatorError(f"quantities {first!r} and {second!r} are equal")
+        low = 0 if x.value < y.value else 1  # the smaller one
+    pick = low if call.operator in ("earlier", "smaller") else 1 - low
+    return OperatorResult(call, call.names[pick], parsed)
 
 
 # --------------------------------------------------------------------------------------- the question's wording ---

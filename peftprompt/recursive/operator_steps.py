@@ -62,12 +62,9 @@ def operator_step(question: str, operands: Sequence[tuple[str, str]], kind: Opti
     wording = question
     for name in names:  # "Crime After Crime" or "The Last Night ..." must not read as "later"
         wording = re.sub(re.escape(name), " ", wording, flags=re.IGNORECASE)
-    operator = None
-    for kind in [kind] if kind else ["yes/no", "date", "quantity", "name"]:
-        operator = operators.operator_for(wording, kind)
-        if operator is not None and (kind == "name" or _all_parse(kind, values)):
-            break
-        operator = None
+    kinds = [kind] if kind else ["yes/no", "date", "quantity", "name"]  # the first whose wording and values fit
+    operator = next((op for k in kinds if (op := operators.operator_for(wording, k)) is not None
+                     and (k == "name" or _all_parse(k, values))), None)
     if operator is None:
         return None, "the wording names no operator for these values"
     call = operators.OperatorCall(operator, names, values)
