@@ -31,7 +31,12 @@ paragraphs among all passages its run retrieved), follow-ups and seconds per que
 
 Runs are reused: the trained adapters (`_runs.run_recipe`, an interrupted training continues from its newest
 checkpoint), the indexes, and every evaluated cell (system x variant x data set, under ``--runs/cells``), so the
-benchmark can span several sessions; results written before every cell is done say so (``partial``). Writes
+benchmark can span several sessions; results written before every cell is done say so (``partial``). A cell is
+reused only with the same questions, ``k``, weight dtype and answerers (cells of the fine-tuned systems written
+before operators existed answered every follow-up by retrieval, so they are evaluated again). The cells of the
+results file written before (``--out``) are carried over where their files are gone (another machine, a fresh
+clone) and this run does not evaluate them: the table names each row's weight dtype and CPU. The results measured
+before operators existed are kept in ``openbook_no_operators.json`` and shown beside these (``--baseline``). Writes
 ``openbook.{json,md,png}`` to ``--out`` (``openbook_n{N}.*``, with cells of their own, for ``--n N`` questions
 drawn per data set):
 
@@ -62,6 +67,7 @@ from peftprompt.metrics import exact_match, token_f1
 from peftprompt.recursive import Node, convert
 from peftprompt.recursive.tree import question_key
 from peftprompt.retrieval.index import PassageIndex
+from peftprompt.retrieval.embed import native_bf16
 from peftprompt.retrieval.passages import OpenBookQuestion, pooled_passages, read_questions
 from peftprompt.retrieval.recall import recall_at_k
 from peftprompt.selfask import FEW_SHOT_DIRECT, FEW_SHOT_SELF_ASK, AnswererChain, OperatorAnswerer, SelfAskRunner
@@ -101,7 +107,13 @@ TRAININGS = {  # run name: (config, overrides)
 }
 KNOWLEDGE = "retrieved paragraphs (top k of the data set's pooled index); never gold sub-answers"
 RECALL_KS = (2, 5, 10)
-TARGETS = {"self_ask_over_single_step_em": 0.10, "2wikimultihopqa_em": 0.30}
+TARGETS = {"self_ask_over_single_step_em": 0.10, "2wikimultihopqa_em": 0.45, "hotpotqa_comparison_em": 0.45,
+           "faithfulness": 0.95}
+ANSWERERS = {"few_shot_self_ask": "retrieval", "fine_tuned_self_ask": "operators+retrieval",
+             "fine_tuned_recursive": "operators+retrieval"}
+"""Who answers each system's follow-ups (a cell records it; a cell written before operators existed lacks it and
+answered every follow-up by retrieval)."""
+BASELINE = Path(__file__).resolve().parent / "results" / f"{NAME}_no_operators.json"
 
 
 def train(run: str, run_dir: Path, overrides: list[str]) -> Path:
@@ -275,7 +287,8 @@ def derived_cell(first: dict, second: dict) -> dict:
                        if fallback else {**a, "fallback": False})
     falls = sum(r["fallback"] for r in records)
     seconds = first["seconds"] + second["seconds"] * falls / len(records)
-    return {"ids": first["ids"], "k": first["k"], "dtype": first.get("dtype"), "seconds": seconds,
+    return {"ids": first["ids"], "k": first["k"], "dtype": first.get("dtype"), "answerers": first.get("answerers"),
+            "cpu": first.get("cpu"), "seconds": seconds,
             "fallbacks": falls, "summary": summarise(records), "per_kind": per_kind(records), "records": records}
 
 
@@ -283,10 +296,46 @@ def cell_key(system: str, variant: Optional[str], dataset: str) -> str:
     return f"{system}/{variant}/{dataset}" if variant else f"{system}/{dataset}"
 
 
+def cell_settings(cell: dict, system: str) -> tuple:
+    """What a cell's numbers depend on besides the adapters: its questions, ``k``, weight dtype and answerers."""
+    answerers = cell.get("answerers", "retrieval" if system in ANSWERERS else None)
+    return cell["ids"], cell["k"], cell.get("dtype"), answerers
+
+
+def baseline_cells(path: Path) -> Optional[dict]:
+    """The fine-tuned self-ask cells of the results measured before operators existed (`path`, ``--baseline``), with
+    that file's name; `None` where it is absent."""
+    if not path.is_file():
+        return None
+    before = json.loads(path.read_text())
+    return {"file": path.name, "cells": {key: cell for key, cell in before["cells"].items()
+                                         if key.split("/")[0] in ANSWERERS and key.split("/")[0] != "few_shot_self_ask"}}
+
+
+def reusable(cell: Optional[dict], system: str, wanted: tuple, any_dtype: bool) -> bool:
+    """Whether `cell` (a cell file, or a cell of the results written before) holds `system`'s numbers for the
+    `wanted` settings (`cell_settings`); with `any_dtype`, whichever weight dtype it was measured in."""
+    if cell is None:
+        return False
+    ids, k, dtype, answerers = cell_settings(cell, system)
+    return (ids, k, answerers) == (wanted[0], wanted[1], wanted[3]) and (any_dtype or dtype == wanted[2])
+
+
+def resolve_dtype(requested: str) -> str:
+    """``auto``: bfloat16 on a CUDA GPU that has it or a CPU with native bf16 (AMX, AVX512-BF16), where reading
+    passages is about 2x faster; float32 elsewhere (a CPU without them emulates bf16 matmuls, ~100x slower)."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if native_bf16() else "float32"
+
+
 def summarise_targets(cells: dict) -> Optional[dict]:
     """The shipped variant (the one whose fine-tuned self-ask has the higher mean exact match over the data sets
-    evaluated) and the targets: its exact match minus the best single-step system's per data set, and its exact
-    match on 2WikiMultiHopQA. `None` until a fine-tuned self-ask cell exists."""
+    evaluated) and its targets: exact match minus the best single-step system's per data set, exact match on
+    2WikiMultiHopQA and on HotpotQA's comparison questions, and faithfulness per data set. `None` until a fine-tuned
+    self-ask cell exists."""
     means = {}
     for variant in VARIANTS:
         ems = [cells[cell_key("fine_tuned_self_ask", variant, d)]["summary"]["em"] for d in DATASETS
@@ -296,19 +345,27 @@ def summarise_targets(cells: dict) -> Optional[dict]:
     if not means:
         return None
     shipped = max(means, key=means.get)
+    ours = {d: cells[cell_key("fine_tuned_self_ask", shipped, d)] for d in DATASETS
+            if cell_key("fine_tuned_self_ask", shipped, d) in cells}
     gains = {}
-    for d in DATASETS:
-        ours = cells.get(cell_key("fine_tuned_self_ask", shipped, d))
+    for d, cell in ours.items():
         single = [cells[cell_key("single_step", v, d)]["summary"]["em"] for v in VARIANTS
                   if cell_key("single_step", v, d) in cells]
-        if ours and single:
-            gains[d] = ours["summary"]["em"] - max(single)
-    twowiki = cells.get(cell_key("fine_tuned_self_ask", shipped, "2wikimultihopqa"))
+        if single:
+            gains[d] = cell["summary"]["em"] - max(single)
+    twowiki = ours.get("2wikimultihopqa", {}).get("summary", {}).get("em")
+    comparison = ours.get("hotpotqa", {}).get("per_kind", {}).get("comparison", {}).get("em")
+    faithful = {d: cell["summary"].get("faithfulness") for d, cell in ours.items()}
     return {"shipped_variant": shipped, "mean_em": means, "gain_over_best_single_step": gains,
+            "hotpotqa_comparison_em": comparison, "faithfulness": faithful,
             "met": {"2wikimultihopqa_gain": gains.get("2wikimultihopqa", -1) >= TARGETS["self_ask_over_single_step_em"],
                     "musique_gain": gains.get("musique", -1) >= TARGETS["self_ask_over_single_step_em"],
                     "hotpotqa_not_worse": gains.get("hotpotqa", -1) >= 0,
-                    "2wikimultihopqa_em": bool(twowiki) and twowiki["summary"]["em"] >= TARGETS["2wikimultihopqa_em"]}}
+                    "2wikimultihopqa_em": twowiki is not None and twowiki >= TARGETS["2wikimultihopqa_em"],
+                    "hotpotqa_comparison_em": comparison is not None
+                    and comparison >= TARGETS["hotpotqa_comparison_em"],
+                    "faithfulness": bool(faithful) and all(f is not None and f >= TARGETS["faithfulness"]
+                                                           for f in faithful.values())}}
 
 
 def write_results(result: dict, out: Path, name: str = NAME) -> None:
@@ -317,12 +374,15 @@ def write_results(result: dict, out: Path, name: str = NAME) -> None:
     cells = result["cells"]
     datasets = [d for d in DATASETS if any(key.endswith(f"/{d}") for key in cells)]
     lines = [f"# Open-book multi-hop QA on {result['model']}{' (PARTIAL: cells missing)' if result['partial'] else ''}",
-             "", f"Follow-ups answered from: {KNOWLEDGE}. Weights in {result['dtype']}, greedy decoding. Top k = {result['k']} passages per question or follow-up,"
+             "", f"Follow-ups answered from: {KNOWLEDGE}; in the fine-tuned systems a follow-up in an operator's "
+             f"template is computed (operators+retrieval). Greedy decoding. Top k = {result['k']} passages per question or follow-up,"
              f" hybrid ranking. Questions asked in a training tree dropped: "
              + ", ".join(f"{DATASETS[d][2]} {result['dropped'][d]} of {result['available'][d]}" for d in result["dropped"])
-             + ".", "",
-             "| system | adapters | " + " | ".join(f"{DATASETS[d][2]} EM / F1 / recall / follow-ups / s" for d in datasets)
-             + " |", "|---|---|" + "---|" * len(datasets)]
+             + ". Faithful: the share of final answers the trace supports (`supported_by_trace`; self-ask systems "
+             "only). Seconds per question depend on the row's weights and CPU.", "",
+             "| system | adapters | weights, CPU | " + " | ".join(
+                 f"{DATASETS[d][2]} EM / F1 / recall / faithful / follow-ups / s" for d in datasets)
+             + " |", "|---|---|---|" + "---|" * len(datasets)]
     for system in ROWS:
         for variant in (VARIANTS if system in FINE_TUNED else (None,)):
             row = [cells.get(cell_key(system, variant, d)) for d in datasets]
@@ -335,9 +395,11 @@ def write_results(result: dict, out: Path, name: str = NAME) -> None:
                     continue
                 s = cell["summary"]
                 recall = "—" if s["support_recall"] is None else f"{s['support_recall']:.2f}"
-                parts.append(f"{s['em']:.3f} / {s['f1']:.3f} / {recall} / {s['follow_ups']:.1f} / "
+                faithful = "—" if s.get("faithfulness") is None else f"{s['faithfulness']:.3f}"
+                parts.append(f"{s['em']:.3f} / {s['f1']:.3f} / {recall} / {faithful} / {s['follow_ups']:.1f} / "
                              f"{cell['seconds'] / s['n']:.2f}")
-            lines.append(f"| {LABELS[system]} | {variant or 'base'} | " + " | ".join(parts) + " |")
+            where = "; ".join(sorted({f"{c.get('dtype')}, {short_cpu(c.get('cpu'))}" for c in row if c}))
+            lines.append(f"| {LABELS[system]} | {variant or 'base'} | {where} | " + " | ".join(parts) + " |")
     lines += ["", "n per data set: " + ", ".join(f"{DATASETS[d][2]} {result['n'][d]}" for d in datasets), ""]
     if result["partial"]:
         lines += ["Not evaluated: " + ", ".join(result["missing"]) + ".", ""]
@@ -378,16 +440,64 @@ def write_results(result: dict, out: Path, name: str = NAME) -> None:
                   f"over {speed['queries']} questions."]
     summary = result.get("summary")
     if summary:
+        targets = result["targets"]
         gains = ", ".join(f"{DATASETS[d][2]} {g:+.3f}" for d, g in summary["gain_over_best_single_step"].items())
+        comparison = summary.get("hotpotqa_comparison_em")
+        faithful = ", ".join(f"{DATASETS[d][2]} {f:.3f}" for d, f in summary.get("faithfulness", {}).items()
+                             if f is not None)
         lines += ["", f"Shipped variant (higher mean fine-tuned self-ask EM): **{summary['shipped_variant']}** "
                   f"({', '.join(f'{v} {m:.3f}' for v, m in summary['mean_em'].items())}). Its EM minus the best "
-                  f"single-step system's: {gains} (targets: >= +{TARGETS['self_ask_over_single_step_em']:.2f} on "
-                  "2WikiMultiHopQA and MuSiQue, >= 0 on HotpotQA; >= "
-                  f"{TARGETS['2wikimultihopqa_em']:.2f} EM on 2WikiMultiHopQA). Met: "
+                  f"single-step system's: {gains} (targets: >= +{targets['self_ask_over_single_step_em']:.2f} on "
+                  "2WikiMultiHopQA and MuSiQue, >= 0 on HotpotQA); >= "
+                  f"{targets['2wikimultihopqa_em']:.2f} EM on 2WikiMultiHopQA; HotpotQA comparisons "
+                  + ("—" if comparison is None else f"{comparison:.3f}")
+                  + f" (target >= {targets.get('hotpotqa_comparison_em', 0):.2f}); faithfulness {faithful or '—'} "
+                  f"(target >= {targets.get('faithfulness', 0):.2f}). Met: "
                   + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in summary["met"].items()) + "."]
+    lines += baseline_lines(result, datasets)
     lines += ["", f"Targets: {json.dumps(result['targets'])}.", "", provenance_line(result["environment"]), ""]
     (out / f"{name}.md").write_text("\n".join(lines))
     plot(result, out / f"{name}.png", datasets)
+
+
+def short_cpu(name: Optional[str]) -> str:
+    """``AMD EPYC`` / ``Intel Xeon``: the vendor and family of a ``model name`` line, for table cells."""
+    if not name:
+        return "unknown CPU"
+    words = [w for w in name.replace("(R)", "").replace("(TM)", "").split() if w not in ("Processor", "CPU")]
+    return " ".join(words[:2])
+
+
+def baseline_lines(result: dict, datasets: list[str]) -> list[str]:
+    """The fine-tuned systems' exact match before operators (``baseline``) and now, per data set and per comparison
+    question type, side by side."""
+    baseline = result.get("baseline")
+    if not baseline:
+        return []
+    cells, before = result["cells"], baseline["cells"]
+    kinds = {"hotpotqa": ["comparison"], "2wikimultihopqa": ["comparison", "bridge_comparison"]}
+    columns = [(d, None) for d in datasets] + [(d, k) for d in datasets for k in kinds.get(d, [])]
+    lines = ["", "## With and without operators", "",
+             f"Exact match before operators existed (`{baseline['file']}`: the decomposer trained without operator "
+             "steps, every follow-up retrieved and read) -> now (operator steps in training, operators+retrieval). "
+             "Follow-ups answered from retrieved paragraphs in both.", "",
+             "| system | adapters | " + " | ".join(DATASETS[d][2] + (f" {k}" if k else "") for d, k in columns) + " |",
+             "|---|---|" + "---:|" * len(columns)]
+
+    def em(cell: Optional[dict], kind: Optional[str]) -> Optional[float]:
+        if cell is None:
+            return None
+        return cell["summary"]["em"] if kind is None else cell["per_kind"].get(kind, {}).get("em")
+
+    for system in ("fine_tuned_self_ask", "fine_tuned_recursive", "fine_tuned_fallback"):
+        for variant in VARIANTS:
+            pairs = [(em(before.get(cell_key(system, variant, d)), k), em(cells.get(cell_key(system, variant, d)), k))
+                     for d, k in columns]
+            if not any(a is not None and b is not None for a, b in pairs):
+                continue
+            lines.append(f"| {LABELS[system]} | {variant} | " + " | ".join(
+                "—" if a is None or b is None else f"{a:.3f} -> {b:.3f} ({b - a:+.3f})" for a, b in pairs) + " |")
+    return lines
 
 
 def plot(result: dict, path: Path, datasets: list[str]) -> None:
@@ -424,9 +534,9 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--n", type=int, default=0,
                         help="questions per data set (0: all; else n drawn at random, seed 0, in file order)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                        help="the model's weights while evaluating (bfloat16: reading 3 paragraphs is prefill-bound, "
-                             "about 2x faster on a CPU with AMX)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="the model's weights while evaluating (auto: bfloat16 where the CPU or GPU has it "
+                             "natively, about 2x faster on a CPU with AMX; else float32)")
     parser.add_argument("--k", type=int, default=3, help="passages read per question or follow-up")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--runs", type=Path, default=REPO / "outputs/openbook", help="trained runs, indexes, cells")
@@ -442,8 +552,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="5 training steps, 6 questions per data set")
     parser.add_argument("--train-args", nargs="*", default=[], metavar="key=value", help="training overrides")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--baseline", type=Path, default=BASELINE,
+                        help="results measured before operators existed, shown side by side")
     args = parser.parse_args()
     started = time.perf_counter()
+    args.dtype = resolve_dtype(args.dtype)
     overrides = list(args.train_args)
     if args.quick:
         args.n, args.runs, args.decomposer_run = 6, args.runs / "quick", args.runs / "quick" / "decomposer"
@@ -479,6 +592,11 @@ def main() -> None:
     name, cell_dir = NAME + sample, args.runs / f"cells{sample}"
     cell_dir.mkdir(parents=True, exist_ok=True)
     cells: dict[str, dict] = {}
+    previous_file = args.out / f"{name}.json"
+    previous = json.loads(previous_file.read_text()) if previous_file.is_file() and not args.quick else {}
+    carried = {key: {**cell, "cpu": cell.get("cpu", previous["environment"]["machine"].get("cpu_model"))}
+               for key, cell in previous.get("cells", {}).items()}
+    cpu = environment_record()["machine"].get("cpu_model")
     indexes: dict[str, dict] = {}
     models: dict[Optional[str], Any] = {}
 
@@ -501,11 +619,17 @@ def main() -> None:
                 source, split, title = DATASETS[key]
                 path = cell_dir / f"{system}_{variant or 'base'}_{key}.json"
                 ids = [q.id for q in questions[key]]
+                wanted = (ids, args.k, args.dtype, ANSWERERS.get(system))
                 cached = json.loads(path.read_text()) if path.is_file() else None
-                if cached is not None and (cached["ids"], cached["k"], cached.get("dtype")) == (ids, args.k, args.dtype):
+                before = carried.get(cell_key(system, variant, key))
+                asked = not args.cached_only and system in args.systems and (not variant or variant in args.variants)
+                if reusable(cached, system, wanted, any_dtype=False):
                     cells[cell_key(system, variant, key)] = cached
                     continue
-                if args.cached_only or system not in args.systems or (variant and variant not in args.variants):
+                if reusable(before, system, wanted, any_dtype=not asked):  # the table names its dtype and CPU
+                    cells[cell_key(system, variant, key)] = before
+                    continue
+                if not asked:
                     continue
                 index, indexes[key] = load_index(source, split, args.runs, args.encoder)
                 # the base systems run with the adapters off, on whichever model is loaded
@@ -513,8 +637,9 @@ def main() -> None:
                 print(f"{LABELS[system]} [{variant or 'base'}] / {title}: {len(ids)} questions", flush=True)
                 began = time.perf_counter()
                 records = run_system(system, questions[key], index, model, tokenizer, variant, args.k)
-                cell = {"ids": ids, "k": args.k, "dtype": args.dtype, "seconds": time.perf_counter() - began,
-                        "summary": summarise(records), "per_kind": per_kind(records), "records": records}
+                cell = {"ids": ids, "k": args.k, "dtype": args.dtype, "answerers": ANSWERERS.get(system), "cpu": cpu,
+                        "seconds": time.perf_counter() - began, "summary": summarise(records),
+                        "per_kind": per_kind(records), "records": records}
                 text = json.dumps(cell, ensure_ascii=False)
                 write_file_atomically(path, lambda f: f.write(text))
                 cells[cell_key(system, variant, key)] = cell
@@ -524,23 +649,28 @@ def main() -> None:
         report_file = args.runs / "index" / f"{source}_{split}.recall.json"
         if key not in indexes and report_file.is_file():
             indexes[key] = json.loads(report_file.read_text())
+    for key, info in previous.get("indexes", {}).items():
+        indexes.setdefault(key, info)
     expected = {cell_key(s, v, d) for s in ROWS for v in (VARIANTS if s in FINE_TUNED else [None])
                 for d in DATASETS}
     speed_file = args.runs / "index" / "speed.json"
     speed = index_speed(args.runs, args.encoder) if args.index_speed and not args.cached_only else (
-        json.loads(speed_file.read_text()) if speed_file.is_file() else None)
+        json.loads(speed_file.read_text()) if speed_file.is_file() else previous.get("index_speed"))
     for row, (first, second) in DERIVED.items():
         for variant in VARIANTS:
             for key in args.datasets:
                 a, b = cells.get(cell_key(first, variant, key)), cells.get(cell_key(second, variant, key))
-                if a and b and a["ids"] == b["ids"]:
+                if a and b and a["ids"] == b["ids"] and "records" in a and "records" in b:  # carried: no records
                     cells[cell_key(row, variant, key)] = derived_cell(a, b)
     result = {
         "benchmark": NAME, "model": args.model, "dtype": args.dtype, "k": args.k, "seed": SEED, "knowledge": KNOWLEDGE,
         "targets": TARGETS, "partial": bool(expected - set(cells)), "missing": sorted(expected - set(cells)),
-        "n": {key: len(qs) for key, qs in questions.items()}, "available": available, "dropped": dropped,
-        "indexes": indexes, "index_speed": speed, "cells": {k: {kk: vv for kk, vv in c.items() if kk != "records"} for k, c in cells.items()},
-        "summary": summarise_targets(cells), "wall_seconds": time.perf_counter() - started, "environment": environment_record(),
+        "n": {**previous.get("n", {}), **{key: len(qs) for key, qs in questions.items()}},
+        "available": {**previous.get("available", {}), **available}, "dropped": {**previous.get("dropped", {}), **dropped},
+        "indexes": indexes, "index_speed": speed,
+        "cells": {k: {kk: vv for kk, vv in c.items() if kk != "records"} for k, c in cells.items()},
+        "baseline": baseline_cells(args.baseline), "summary": summarise_targets(cells),
+        "wall_seconds": time.perf_counter() - started, "environment": environment_record(),
     }
     write_results(result, args.out, name)
     print((args.out / f"{name}.md").read_text())

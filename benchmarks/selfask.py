@@ -7,13 +7,17 @@ Two evaluation sets, neither ever trained on:
   ``--n-2wiki`` drawn at random (seed 0).
 
 Follow-ups are answered by the MiniLM retriever over each set's own gold sub-answers (Compositional Celebrities
-``Q1/A1``, ``Q2/A2``; ProbTree leaf answers), so the comparison measures decomposition, not memorised facts. The
+``Q1/A1``, ``Q2/A2``; ProbTree leaf answers), so the comparison measures decomposition, not memorised facts; a
+follow-up in an operator's template is computed first (``operators+retriever``, `peftprompt.operators`). The
 fine-tuned adapter is the one ``make demo`` (``recipes/selfask_sft.py`` with ``recipes/configs/smollm2/
 selfask_lora.yaml``) trains; its training sources and command are read from the run's ``results.json``.
 
-Writes ``selfask.{json,md,png}`` to ``--out``:
+``--approaches`` evaluates some approaches only; the others are carried over from the results written before where
+they ran on the same questions (the base model's rows do not depend on the adapter), each row naming its CPU,
+commit and answerers. Writes ``selfask.{json,md,png}`` to ``--out``:
 
-    .venv/bin/python benchmarks/selfask.py --adapter outputs/demo_selfask/adapter [--n 300] [--n-2wiki 200] [--quick]
+    .venv/bin/python benchmarks/selfask.py --adapter outputs/demo_selfask/adapter [--n 300] [--n-2wiki 200] \
+        [--approaches fine_tuned_self_ask] [--quick]
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ DATASETS = {  # result key: (source, title)
 }
 LABELS = {"direct": "direct (4-shot)", "few_shot_self_ask": "few-shot self-ask (4-shot)",
           "fine_tuned_self_ask": "fine-tuned self-ask (LoRA, 0-shot)"}
+ANSWERERS = "operators+retriever"
 TARGET = "fine-tuned self-ask EM >= few-shot self-ask EM + 0.20 on Compositional Celebrities, well-formed >= 0.98"
 
 
@@ -62,13 +67,26 @@ def training_record(adapter_dir: Path) -> dict:
     return record
 
 
+def carried_rows(previous: dict, key: str, n: int, args: argparse.Namespace) -> dict[str, dict]:
+    """The rows of `previous` (the results written before) for data set `key` that this run does not evaluate,
+    where they were measured on the same `n` questions, model and threshold; each says where and how it ran."""
+    data = previous.get(key, {})
+    if (data.get("n"), previous.get("model"), previous.get("threshold")) != (n, args.model, args.threshold):
+        return {}
+    environment = previous.get("environment", {})
+    where = {"cpu": (environment.get("machine") or {}).get("cpu_model"), "commit": environment.get("git_commit"),
+             "answerers": previous.get("answerers", "retriever")}
+    return {approach: {**row, "carried": row.get("carried", where)} for approach, row in data.items()
+            if approach in APPROACHES and approach not in args.approaches and approach != "fine_tuned_self_ask"}
+
+
 def write_results(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{NAME}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     training = result["training"]
     lines = ["# Self-ask on SmolLM2-135M-Instruct: direct vs few-shot self-ask vs fine-tuned self-ask", "",
              "Follow-ups answered by the MiniLM retriever over each set's own gold sub-answers (threshold "
-             f"{result['threshold']}); greedy decoding; questions drawn at random (seed {SEED}). Fine-tuned adapter: "
+             f"{result['threshold']}), a follow-up in an operator's template computed first ({result.get('answerers', 'retriever')}); greedy decoding; questions drawn at random (seed {SEED}). Fine-tuned adapter: "
              f"LoRA trained on {', '.join(training.get('datasets', ['?']))} ({training.get('global_step', '?')} "
              f"steps, never on Compositional Celebrities or 2WikiMultiHopQA).", ""]
     for key, (_, title) in DATASETS.items():
@@ -76,21 +94,27 @@ def write_results(result: dict, out: Path) -> None:
             continue
         data = result[key]
         lines += [f"## {title}, {data['n']} questions", "",
-                  "| approach | EM | F1 | well-formed | follow-ups / question | generated tokens / question "
-                  "| compositionality gap (support) | seconds |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| approach | EM | F1 | well-formed | faithful | operator follow-ups computed | follow-ups / question "
+                  "| generated tokens / question | compositionality gap (support) | seconds | measured |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for approach in APPROACHES:
             r = data.get(approach)
             if r is None:
                 continue
             gap = "-" if r["compositionality_gap"] is None else f"{r['compositionality_gap']:.3f} ({r['gap_support']})"
+            faithful = "—" if r.get("faithfulness") is None else f"{r['faithfulness']:.3f}"
+            operators = "—" if "operator_follow_ups" not in r else f"{r['operator_parsed']}/{r['operator_follow_ups']}"
+            carried = r.get("carried")
+            measured = (f"carried: {carried['cpu']}, commit {str(carried['commit'])[:7]}, {carried['answerers']}"
+                        if carried else "this run")
             lines.append(f"| {LABELS[approach]} | {r['em']:.3f} | {r['f1']:.3f} | {r['well_formed']:.3f} | "
-                         f"{r['mean_follow_ups']:.2f} | {r['mean_generated_tokens']:.1f} | {gap} | "
-                         f"{r['seconds']:.0f} |")
+                         f"{faithful} | {operators} | {r['mean_follow_ups']:.2f} | {r['mean_generated_tokens']:.1f} | "
+                         f"{gap} | {r['seconds']:.0f} | {measured} |")
         lines.append("")
-    target = result["target"]
-    lines += [f"Target: {TARGET}. Measured: EM difference {target['em_gain']:+.3f}, well-formed "
-              f"{target['well_formed']:.3f} ({'met' if target['met'] else 'missed'}).", "",
+    target = result.get("target")
+    lines += [f"Target: {TARGET}. " + (f"Measured: EM difference {target['em_gain']:+.3f}, well-formed "
+              f"{target['well_formed']:.3f} ({'met' if target['met'] else 'missed'})." if target else
+              "Not measured: both self-ask rows are needed."), "",
               f"Machine: {result['environment']['machine'].get('cpu_model')} "
               f"({result['environment']['machine']['cpu_count']} CPUs); commit {result['environment']['git_commit']}; "
               f"command `{result['environment']['command']}`."]
@@ -120,6 +144,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=300, help="Compositional Celebrities questions (default 300)")
     parser.add_argument("--n-2wiki", type=int, default=200, help="2WikiMultiHopQA questions (default 200)")
     parser.add_argument("--threshold", type=float, default=0.8, help="retriever similarity needed to answer")
+    parser.add_argument("--approaches", nargs="+", choices=APPROACHES, default=list(APPROACHES),
+                        help="approaches to evaluate; the others are carried over from the results written before "
+                             "(the base model's rows do not depend on the adapter), each named with where it ran")
     parser.add_argument("--quick", action="store_true", help="20 questions per set")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
@@ -133,17 +160,21 @@ def main() -> None:
     model, tokenizer = load_backbone(args.model, task="causal_lm")
     tuned = merged_for_inference(load_adapter(load_backbone(args.model, task="causal_lm")[0], args.adapter))
     result: dict = {"benchmark": NAME, "model": args.model, "threshold": args.threshold, "seed": SEED,
-                    "training": training_record(args.adapter)}
+                    "answerers": ANSWERERS, "training": training_record(args.adapter)}
+    previous_file = args.out / f"{NAME}.json"
+    previous = json.loads(previous_file.read_text()) if previous_file.is_file() else {}
     for key, (source, title) in DATASETS.items():
         trees = sample_trees(convert(source), sizes[key], seed=SEED)
         print(f"{title}: {len(trees)} questions")
-        result[key] = compare_approaches(trees, model.eval(), tokenizer, adapter_model=tuned,
+        result[key] = compare_approaches(trees, model.eval(), tokenizer, adapter_model=tuned, approaches=args.approaches,
                                          threshold=args.threshold, progress=True)
+        result[key].update(carried_rows(previous, key, len(trees), args))
     cc = result["compositional_celebrities"]
-    em_gain = cc["fine_tuned_self_ask"]["em"] - cc["few_shot_self_ask"]["em"]
-    well_formed = cc["fine_tuned_self_ask"]["well_formed"]
-    result["target"] = {"text": TARGET, "em_gain": em_gain, "well_formed": well_formed,
-                        "met": em_gain >= 0.20 and well_formed >= 0.98}
+    if {"fine_tuned_self_ask", "few_shot_self_ask"} <= set(cc):
+        em_gain = cc["fine_tuned_self_ask"]["em"] - cc["few_shot_self_ask"]["em"]
+        well_formed = cc["fine_tuned_self_ask"]["well_formed"]
+        result["target"] = {"text": TARGET, "em_gain": em_gain, "well_formed": well_formed,
+                            "met": em_gain >= 0.20 and well_formed >= 0.98}
     result["wall_seconds"] = time.perf_counter() - started
     result["environment"] = environment_record()
     write_results(result, args.out)

@@ -95,7 +95,24 @@ def test_selfask_benchmark_dry_run(tiny_smollm, tmp_path):
     assert "training record unknown" in result["training"]["note"]
     md = (tmp_path / "results" / "selfask.md").read_text()
     assert "## Compositional Celebrities, 3 questions" in md and "fine-tuned self-ask (LoRA, 0-shot)" in md
+    assert result["answerers"] == "operators+retriever" and "| this run |" in md
     assert (tmp_path / "results" / "selfask.png").stat().st_size > 0
+    # a run of the fine-tuned approach alone carries the base rows over, each named with where it ran
+    run("selfask.py", "--model", str(tiny_smollm), "--adapter", str(adapter), "--n", "3", "--n-2wiki", "2",
+        "--approaches", "fine_tuned_self_ask", "--out", str(tmp_path / "results"))
+    again = json.loads((tmp_path / "results" / "selfask.json").read_text())
+    for key in ("compositional_celebrities", "2wikimultihopqa"):
+        for approach in ("direct", "few_shot_self_ask"):
+            assert {k: v for k, v in again[key][approach].items() if k != "carried"} == result[key][approach]
+            assert again[key][approach]["carried"]["commit"] == result["environment"]["git_commit"]
+        assert "carried" not in again[key]["fine_tuned_self_ask"]
+    assert set(again["target"]) == {"text", "em_gain", "well_formed", "met"}
+    assert "| carried: " in (tmp_path / "results" / "selfask.md").read_text()
+    run("selfask.py", "--model", str(tiny_smollm), "--adapter", str(adapter), "--n", "2", "--n-2wiki", "2",
+        "--approaches", "direct", "--out", str(tmp_path / "results"))  # other questions: nothing carried
+    third = json.loads((tmp_path / "results" / "selfask.json").read_text())
+    assert set(third["compositional_celebrities"]) == {"n", "direct"} and "target" not in third
+    assert "Not measured: both self-ask rows are needed." in (tmp_path / "results" / "selfask.md").read_text()
 
 
 @pytest.mark.slow
@@ -465,6 +482,10 @@ def test_openbook_benchmark_dry_run_reuses_indexes_and_cells(tiny_smollm, tiny_b
         summary = cell["summary"]
         assert summary["n"] == 3 and 0 <= summary["em"] <= summary["f1"] + 1e-9 <= 1 + 1e-9
         assert sum(kind["n"] for kind in cell["per_kind"].values()) == 3
+        system = key.split("/")[0]
+        assert cell["answerers"] == ("retrieval" if system == "few_shot_self_ask" else
+                                     "operators+retrieval" if system.startswith("fine_tuned") else None)
+        assert cell["dtype"] in ("bfloat16", "float32") and cell["cpu"] == result["environment"]["machine"]["cpu_model"]
         if key.startswith("closed_book"):
             assert summary["support_recall"] == 0 and summary["follow_ups"] == 0
         if key.startswith("single_step"):
@@ -489,6 +510,52 @@ def test_openbook_benchmark_dry_run_reuses_indexes_and_cells(tiny_smollm, tiny_b
     (tmp_path / "results" / "openbook_n3.md").unlink()  # --render: the same page again from the JSON alone
     run("openbook.py", "--render", "--n", "3", "--out", str(tmp_path / "results"), "--runs", str(tmp_path / "none"))
     assert (tmp_path / "results" / "openbook_n3.md").read_text() == md and not (tmp_path / "none").exists()
+
+
+def test_openbook_reuses_cells_of_the_same_settings_and_shows_them_with_and_without_operators(tmp_path):
+    """A cell is reused with the same questions, k, dtype and answerers; one of the results written before (a fresh
+    clone has no cell files) also in another dtype when this run does not evaluate it, named with its weights and
+    CPU. Cells written before operators existed are not reused: the baseline section shows them beside the new."""
+    module = benchmark_module("openbook")
+    ids = ["q1", "q2"]
+    summary = {"n": 2, "em": 0.5, "f1": 0.5, "support_recall": 0.5, "follow_ups": 2.0, "well_formed": 1.0}
+    per_kind = {"comparison": {**summary, "em": 0.0}, "compositional": {**summary, "em": 1.0}}
+    legacy = {"ids": ids, "k": 3, "dtype": "bfloat16", "seconds": 2.0, "summary": summary, "per_kind": per_kind}
+    now = {**legacy, "answerers": "operators+retrieval", "cpu": "Intel(R) Xeon(R) Processor",
+           "summary": {**summary, "em": 1.0, "faithfulness": 1.0},
+           "per_kind": {"comparison": {**summary, "em": 1.0}, "compositional": {**summary, "em": 1.0}}}
+    fp32, ops = (ids, 3, "float32", "operators+retrieval"), (ids, 3, "bfloat16", "operators+retrieval")
+    assert module.reusable(now, "fine_tuned_self_ask", ops, any_dtype=False)
+    assert not module.reusable(now, "fine_tuned_self_ask", fp32, any_dtype=False)  # asked for in float32: again
+    assert module.reusable(now, "fine_tuned_self_ask", fp32, any_dtype=True)  # not asked for: carried, dtype named
+    assert not module.reusable(legacy, "fine_tuned_self_ask", ops, any_dtype=True)  # before operators
+    assert not module.reusable(now, "fine_tuned_self_ask", (["q1"], 3, "bfloat16", "operators+retrieval"), True)
+    assert module.reusable(legacy, "closed_book", (ids, 3, "float32", None), any_dtype=True)  # no follow-ups
+    assert module.reusable(legacy, "few_shot_self_ask", (ids, 3, "bfloat16", "retrieval"), any_dtype=False)
+    assert not module.reusable(None, "closed_book", (ids, 3, "bfloat16", None), any_dtype=True)
+    assert module.short_cpu("Intel(R) Xeon(R) Processor") == "Intel Xeon" and module.short_cpu(None) == "unknown CPU"
+    assert module.resolve_dtype("float32") == "float32" and module.resolve_dtype("auto") in ("bfloat16", "float32")
+
+    (tmp_path / "before.json").write_text(json.dumps({"cells": {"fine_tuned_self_ask/two/2wikimultihopqa": legacy,
+                                                                "closed_book/2wikimultihopqa": legacy}}))
+    baseline = module.baseline_cells(tmp_path / "before.json")
+    assert set(baseline["cells"]) == {"fine_tuned_self_ask/two/2wikimultihopqa"}  # fine-tuned self-ask rows only
+    cells = {"closed_book/2wikimultihopqa": {**legacy, "cpu": "AMD EPYC 7B13"},
+             "fine_tuned_self_ask/two/2wikimultihopqa": now}
+    result = {"k": 3, "model": "m", "partial": False, "missing": [], "targets": module.TARGETS,
+              "n": {"2wikimultihopqa": 2}, "available": {"2wikimultihopqa": 2}, "dropped": {"2wikimultihopqa": 0},
+              "indexes": {}, "index_speed": None, "cells": cells, "baseline": baseline,
+              "summary": module.summarise_targets(cells),
+              "environment": {"machine": {"cpu_model": "x", "cpu_count": 2}, "git_commit": "c", "command": "o"}}
+    summary = result["summary"]
+    assert summary["faithfulness"] == {"2wikimultihopqa": 1.0} and summary["met"]["faithfulness"]
+    assert summary["met"]["2wikimultihopqa_em"] and not summary["met"]["hotpotqa_comparison_em"]
+    module.write_results(result, tmp_path, "page")
+    md = (tmp_path / "page.md").read_text()
+    assert "| closed-book, direct (base, 4-shot) | base | bfloat16, AMD EPYC | 0.500 / 0.500 / 0.50 / — / 2.0 / 1.00 |" in md
+    assert "| fine-tuned self-ask + retrieval | two | bfloat16, Intel Xeon | 1.000 / 0.500 / 0.50 / 1.000 / 2.0 / 1.00 |" in md
+    assert "## With and without operators" in md
+    assert "| fine-tuned self-ask + retrieval | two | 0.500 -> 1.000 (+0.500) | 0.000 -> 1.000 (+1.000) | — |" in md
 
 
 def benchmark_module(name: str):
