@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from conftest import base_model, make_batch, tiny_llama
 from peftprompt import BitFitConfig, BitFitModel, attach, save_adapter
 from peftprompt.methods.bitfit import BitFitLayer
+from peftprompt.methods.matrix import tiny_batch, tiny_model
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -142,10 +143,23 @@ def test_saved_adapter_holds_only_bias_deltas_and_the_head(minilm_seq_cls, tmp_p
 
 
 def test_no_bias_anywhere_asks_for_target_modules(llama):
-    with pytest.raises(ValueError, match="BitFit found no nn.Linear or nn.LayerNorm with a bias"):
+    with pytest.raises(ValueError, match="BitFit found no nn.Linear, nn.LayerNorm or Conv1D with a bias"):
         get_peft_model(llama, BitFitConfig(task_type="CAUSAL_LM"))
 
 
 def test_unsupported_layer_type_is_refused(llama):
-    with pytest.raises(TypeError, match="BitFit supports nn.Linear and nn.LayerNorm, got LlamaRMSNorm"):
+    with pytest.raises(TypeError, match="BitFit supports nn.Linear, nn.LayerNorm and Conv1D, got LlamaRMSNorm"):
         get_peft_model(llama, BitFitConfig(task_type="CAUSAL_LM", target_modules=["input_layernorm"]))
+
+
+def test_gpt2_conv1d_biases_get_a_delta_and_merge():
+    model = get_peft_model(tiny_model("gpt2"), BitFitConfig(task_type="CAUSAL_LM"))
+    adapted = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, BitFitLayer)}
+    assert {"c_attn", "c_proj", "c_fc", "ln_1", "ln_2", "ln_f"} <= adapted
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "bitfit_bias" in name:
+                parameter.normal_()
+        batch = {k: v for k, v in tiny_batch("gpt2").items() if k != "labels"}
+        expected = model(**batch).logits
+        torch.testing.assert_close(model.merge_and_unload()(**batch).logits, expected, atol=1e-5, rtol=1e-4)

@@ -22,8 +22,8 @@ class BitFitConfig(PeftConfig):
 
     Args:
         target_modules (`Optional[Union[List[str], str]]`):
-            The modules that get a bias delta. `None` (the default) means every `nn.Linear` and `nn.LayerNorm` of the
-            backbone that already has a bias (attention, feed-forward, LayerNorm). A list of names (exact or suffix
+            The modules that get a bias delta. `None` (the default) means every `nn.Linear`, `nn.LayerNorm` and
+            GPT-2 `Conv1D` of the backbone that already has a bias (attention, feed-forward, LayerNorm). A list of names (exact or suffix
             match) or a regex selects modules explicitly; named `nn.Linear` layers without a bias (Llama-style
             projections) then get a delta too, and merging creates their bias.
         exclude_modules (`Optional[Union[List[str], str]]`):
@@ -35,7 +35,7 @@ class BitFitConfig(PeftConfig):
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
         metadata={
-            "help": "Modules to give a bias delta; None means every nn.Linear / nn.LayerNorm that has a bias."
+            "help": "Modules to give a bias delta; None means every nn.Linear / nn.LayerNorm / Conv1D with a bias."
         },
     )
     exclude_modules: Optional[Union[list[str], str]] = field(

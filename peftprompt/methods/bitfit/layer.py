@@ -1,4 +1,5 @@
-"""BitFit layers: a per-adapter bias delta added to the output of a frozen `nn.Linear` or `nn.LayerNorm`."""
+"""BitFit layers: a per-adapter bias delta added to the output of a frozen `nn.Linear`, `nn.LayerNorm` or GPT-2's
+`Conv1D`."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from typing import Any, Optional
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-SUPPORTED_LAYERS = (nn.Linear, nn.LayerNorm)
+SUPPORTED_LAYERS = (nn.Linear, nn.LayerNorm, Conv1D)
 
 
 def bias_size(layer: nn.Module) -> int:
@@ -18,8 +20,11 @@ def bias_size(layer: nn.Module) -> int:
         return layer.out_features
     if isinstance(layer, nn.LayerNorm):
         return layer.normalized_shape[-1]
+    if isinstance(layer, Conv1D):
+        return layer.nf
     raise TypeError(
-        f"BitFit supports nn.Linear and nn.LayerNorm, got {type(layer).__name__}; remove it from target_modules"
+        f"BitFit supports nn.Linear, nn.LayerNorm and Conv1D, got {type(layer).__name__}; remove it from "
+        "target_modules"
     )
 
 

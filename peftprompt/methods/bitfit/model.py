@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
-
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
 from ...tasks import task_for_peft_type
+from ..targets import inside_head
 from .config import BitFitConfig
 from .layer import SUPPORTED_LAYERS, BitFitLayer
 
@@ -44,7 +43,8 @@ class BitFitModel(BaseTuner):
     def _prepare_model(self, peft_config: BitFitConfig, model: nn.Module) -> None:
         if peft_config.target_modules is None:
             # Heads are trained in full as modules_to_save. PEFT adds the classifier to modules_to_save only after
-            # injection for TOKEN_CLS, so name the classification heads here too.
+            # injection for TOKEN_CLS, so name the classification heads here too; they match as PEFT matches
+            # modules_to_save (DistilBERT's pre_classifier is part of its "classifier" head).
             heads = list(peft_config.modules_to_save or [])
             task = task_for_peft_type(peft_config.task_type)
             heads += task.saved_head_names if task is not None else ()
@@ -53,11 +53,11 @@ class BitFitModel(BaseTuner):
                 for name, module in model.named_modules()
                 if _has_own_bias(module)
                 and not name.endswith(".base_layer")  # already wrapped by an earlier adapter: target the wrapper
-                and not any(re.match(rf"(^|.*\.){head}($|\..*)", name) for head in heads)
+                and not inside_head(name, heads)
             }
             if not peft_config.target_modules:
                 raise ValueError(
-                    "BitFit found no nn.Linear or nn.LayerNorm with a bias in this model; "
+                    "BitFit found no nn.Linear, nn.LayerNorm or Conv1D with a bias in this model; "
                     "name the layers to give a bias delta in target_modules (e.g. ['q_proj', 'v_proj'])"
                 )
 
