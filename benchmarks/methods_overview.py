@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from _env import environment_record
 from _plot import annotate_clear
-from peftprompt import METHODS, attach, load_backbone, parameter_report
+from peftprompt import attach, load_backbone, parameter_report
+from peftprompt.methods import CORE_METHODS, METHODS
 from peftprompt.data import sst2_dataset
 from peftprompt.report import format_bytes
 
@@ -141,7 +142,7 @@ def write_plot(record: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(CORE_METHODS))
     parser.add_argument("--steps", type=int, default=8, help="timed steps per method (>= 5; default 8)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default 3)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")

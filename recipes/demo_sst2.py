@@ -18,8 +18,9 @@ from datasets import Dataset
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.utils import logging as transformers_logging
 
-from peftprompt import METHODS, ParameterReport, attach, load_backbone, parameter_report, save_adapter
+from peftprompt import ParameterReport, attach, load_backbone, parameter_report, save_adapter
 from peftprompt.adapters import directory_bytes
+from peftprompt.methods import CORE_METHODS
 from peftprompt.data import sst2_dataset
 from peftprompt.metrics import accuracy as accuracy_score
 from peftprompt.report import format_bytes, markdown_table
@@ -83,7 +84,7 @@ def main() -> None:
         parser.error(f"--steps must be >= 1, got {args.steps}")
 
     print("## Trainable parameters per method (all-MiniLM-L6-v2, 2-class head)\n")
-    print(markdown_table([parameter_report(fresh_model(method)[0], method) for method in METHODS]) + "\n")
+    print(markdown_table([parameter_report(fresh_model(method)[0], method) for method in CORE_METHODS]) + "\n")
 
     _, tokenizer = load_backbone("minilm", task="seq_cls", num_labels=2)
     train = sst2_dataset(tokenizer, "train", max_length=MAX_LENGTH)

@@ -1,4 +1,4 @@
-"""Every adapter method on every task: what trains, what stays frozen, and save -> reload in a fresh process."""
+"""The core adapter methods on every task: what trains, what stays frozen, and save -> reload in a fresh process."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ import pytest
 import torch
 
 from conftest import TASKS, base_model, make_batch
-from peftprompt import METHODS, attach, save_adapter
+from peftprompt import attach, default_config, save_adapter
+from peftprompt.errors import InputError
+from peftprompt.methods import CORE_METHODS
+from peftprompt.methods.matrix import tiny_batch, tiny_model
 
-CASES = [(task, method) for task in TASKS for method in METHODS]
+CASES = [(task, method) for task in TASKS for method in CORE_METHODS]  # every method: test_architectures.py
 CASE_IDS = [f"{task}-{method}" for task, method in CASES]
 
 
@@ -44,7 +47,7 @@ def test_one_step_changes_only_trainable_parameters(task, method):
 
 
 @pytest.mark.parametrize("task", ["seq_cls", "token_cls"])
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "full"])
+@pytest.mark.parametrize("method", [m for m in CORE_METHODS if m != "full"])
 def test_task_head_is_trained_and_saved(task, method, tmp_path):
     model = attach(base_model(task), method, task=task)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
@@ -157,3 +160,91 @@ def test_prefix_tuning_refuses_gradient_checkpointing_switched_on_later(llama):
     model = attach(llama, "prefix")
     with pytest.raises(ValueError, match="prefix tuning cannot be combined with gradient checkpointing"):
         model.gradient_checkpointing_enable()
+
+
+def test_default_targets_come_from_peft_tables_then_ours():
+    assert default_config(tiny_model("llama"), "lora").target_modules == {"q_proj", "v_proj"}  # PEFT's table
+    assert default_config(tiny_model("distilbert"), "lora").target_modules == {"q_lin", "v_lin"}  # ours
+    assert default_config(tiny_model("phi3"), "vera").target_modules == {"qkv_proj"}
+    ia3 = default_config(tiny_model("modernbert"), "ia3")
+    assert (ia3.target_modules, ia3.feedforward_modules) == ({"Wqkv", "mlp.Wo"}, {"mlp.Wo"})
+    # a tuner whose own table lacks the model (AdaLoRA: no mistral) takes LoRA's entry
+    assert default_config(tiny_model("mistral"), "adalora").target_modules == {"q_proj", "v_proj"}
+    # every linear layer outside the heads, DistilBERT's pre_classifier (part of its new head) included in neither
+    targets = default_config(tiny_model("distilbert"), "lora_all_linear").target_modules
+    assert "distilbert.transformer.layer.0.attention.q_lin" in targets
+    assert not [t for t in targets if "classifier" in t]
+
+
+def test_sizes_are_fitted_to_the_adapted_layers():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    minilm_wide = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=384, num_hidden_layers=1,
+                                                           num_attention_heads=12, intermediate_size=64))
+    # PEFT's defaults (256) do not divide 384
+    assert default_config(minilm_wide, "vblora").vector_length == 192
+    assert default_config(minilm_wide, "c3a").block_size == 192
+    assert default_config(minilm_wide, "fourierft").n_frequency == 1000  # PEFT's, which fits
+    tiny = tiny_model("llama")  # 32 -> 16 key/value projections
+    assert default_config(tiny, "fourierft").n_frequency == 512 and default_config(tiny, "road").group_size == 16
+
+
+def test_prompt_learning_takes_the_sizes_the_model_uses():
+    # ELECTRA's input embeddings (16) are narrower than its hidden states (32); Falcon caches one key/value head
+    assert default_config(tiny_model("electra"), "prompt").token_dim == 16
+    prefix = default_config(tiny_model("falcon"), "prefix")
+    assert (prefix.num_attention_heads, prefix.token_dim) == (1, 8)
+
+
+def test_a_method_that_cannot_apply_is_refused_with_the_reason():
+    with pytest.raises(InputError, match=r"^method 'prefix' cannot apply to DistilBertForSequenceClassification: "
+                                         r"distilbert takes no past_key_values"):
+        attach(tiny_model("distilbert"), "prefix")
+    with pytest.raises(InputError, match=r"^method 'boft' cannot apply to GPT2LMHeadModel: Target module Conv1D"):
+        attach(tiny_model("gpt2"), "boft")
+    with pytest.raises(InputError, match=r"^method 'osf' adapted no layer of GPT2LMHeadModel: .* Conv1D layers"):
+        attach(tiny_model("gpt2"), "osf")
+    with pytest.raises(InputError, match=r"^beft: no default target modules for model type 'phi3'; pass target_mod"):
+        attach(tiny_model("phi3"), "beft")
+
+
+def test_eva_needs_batches_and_stops_when_they_are_too_small():
+    with pytest.raises(InputError, match=r"^method 'eva' needs eva_dataloader=\.\.\.: batches of training inputs"):
+        attach(tiny_model("llama"), "eva")
+    two_tokens = [{"input_ids": torch.tensor([[5, 6]])}]  # PEFT would cycle over it for ever
+    with pytest.raises(InputError, match=r"did not converge within 200 batches.* at least r \* rho = 16 unpadded"):
+        attach(tiny_model("llama"), "eva", eva_dataloader=two_tokens)
+
+
+def test_loraplus_and_lora_fa_get_their_optimisers():
+    from peftprompt.training.config import TrainConfig
+    from peftprompt.training.model_setup import make_optimizer
+
+    model = attach(tiny_model("llama"), "loraplus", loraplus_lr_ratio=4.0)
+    optimizer = make_optimizer(TrainConfig(task="causal_lm", method="loraplus", learning_rate=1e-3,
+                                           method_args={"loraplus_lr_ratio": 4.0}), model)
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    params = dict(model.named_parameters())
+    assert {lr_of[id(p)] for n, p in params.items() if ".lora_A." in n} == {1e-3}
+    assert {lr_of[id(p)] for n, p in params.items() if ".lora_B." in n} == {4e-3}
+
+    model = attach(tiny_model("llama"), "lora_fa")
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".lora_A." in n)
+    optimizer = make_optimizer(TrainConfig(task="causal_lm", method="lora_fa", learning_rate=1e-2), model)
+    assert type(optimizer).__name__ == "LoraFAOptimizer"
+    batch = tiny_batch("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
+    model(**batch).loss.backward()
+    optimizer.step()
+    moved = {n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])}
+    assert moved and all(".lora_B." in n for n in moved)
+
+
+def test_adalora_gets_the_run_length_and_its_rank_allocation():
+    from peftprompt.methods.training_hooks import rank_allocation
+
+    model = attach(tiny_model("llama"), "adalora")
+    allocate = rank_allocation(model, total_steps=50)
+    assert model.peft_config["default"].total_step == 50 and allocate == model.base_model.update_and_allocate
+    assert rank_allocation(attach(tiny_model("llama"), "lora"), total_steps=50) is None

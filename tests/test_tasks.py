@@ -8,7 +8,15 @@ from conftest import tiny_llama
 from peftprompt import METHODS, attach, default_config, parameter_report
 from peftprompt.cli import build_parser
 from peftprompt.errors import InputError
-from peftprompt.methods import MERGEABLE_METHODS, METHOD_DESCRIPTIONS, PROMPT_LEARNING_METHODS, method_name
+from peftprompt.methods import (
+    CORE_METHODS,
+    MERGEABLE_METHODS,
+    METHOD_DESCRIPTIONS,
+    PROMPT_LEARNING_METHODS,
+    REFUSED_METHODS,
+    method_name,
+)
+from peftprompt.methods.matrix import method_inputs, tiny_batch, tiny_model
 from peftprompt.tasks import HEAD_NAMES, TASK_NAMES, TASKS, TRAINABLE_TASKS, get_task, infer_task, task_for_peft_type
 from peftprompt.training.config import load_config
 from peftprompt.training.shipping import write_model_card
@@ -26,6 +34,9 @@ def test_the_table_knows_each_task_once():
         assert task_for_peft_type(task.peft_task_type.value) is task
     assert task_for_peft_type("QUESTION_ANS") is None
     assert infer_task(tiny_llama()) == "causal_lm"
+    # GPT-2's causal LM is no ...ForCausalLM: its auto class tells (as feature, prompt tuning lost its labels' shift)
+    assert infer_task(tiny_model("gpt2")) == "causal_lm"
+    assert infer_task(tiny_model("gpt2").transformer) == "feature"
 
 
 def test_unknown_task_is_one_line_listing_the_valid_names():
@@ -59,17 +70,33 @@ def test_cli_task_choices_come_from_the_table(command, capsys):
     assert "invalid choice: 'ner'" in error and all(f"'{name}'" in error for name in TASK_NAMES)
 
 
+# LoRA presets that differ from LoRA only in their targets or their optimiser: their configs read "lora"
+READ_AS_LORA = ("lora_all_linear", "loraplus", "lora_fa")
+
+
 def test_one_name_per_method():
-    assert tuple(METHOD_DESCRIPTIONS) == METHODS
-    assert set(MERGEABLE_METHODS) | set(PROMPT_LEARNING_METHODS) | {"full"} == set(METHODS)
-    assert PROMPT_LEARNING_METHODS == ("prefix", "prompt", "ptuning")
+    assert tuple(METHOD_DESCRIPTIONS) == METHODS and all(METHOD_DESCRIPTIONS.values())
+    assert METHODS[: len(CORE_METHODS) - 1] == CORE_METHODS[:-1] and METHODS[-1] == "full"
+    assert not set(METHODS) & set(REFUSED_METHODS)
+    assert PROMPT_LEARNING_METHODS == ("prefix", "prompt", "ptuning", "cartridge")
+    assert not set(MERGEABLE_METHODS) & {*PROMPT_LEARNING_METHODS, "adaption_prompt", "full"}
     for method in METHODS[:-1]:
         config = default_config(tiny_llama(), method, task="causal_lm")
-        assert method_name(config.peft_type) == method  # an enum member (or BitFit's registered string)
-        assert method_name(str(getattr(config.peft_type, "value", config.peft_type))) == method  # as saved on disk
+        expected = "lora" if method in READ_AS_LORA else method
+        assert method_name(config) == method_name(config.to_dict()) == expected  # in memory and as saved on disk
+        if config.peft_type != "LORA":  # the PEFT type alone names every method but LoRA's presets
+            assert method_name(config.peft_type) == method_name(str(config.peft_type.value)) == method
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_the_report_names_methods_as_methods_does(method):
-    report = parameter_report(attach(tiny_llama(), method, task="causal_lm"), measure_size=False)
-    assert report.method == method
+    model = attach(tiny_llama(), method, task="causal_lm", **method_inputs(method, tiny_batch("llama")))
+    report = parameter_report(model, measure_size=False)
+    assert report.method == ("lora" if method in READ_AS_LORA else method)
+
+
+@pytest.mark.parametrize("method", REFUSED_METHODS)
+def test_refused_methods_say_why(method):
+    with pytest.raises(InputError, match=rf"^method '{method}' is refused: .*(task_ids|adapters|cpt_)") as refused:
+        attach(tiny_llama(), method, task="causal_lm")
+    assert refused.value.field == "method"

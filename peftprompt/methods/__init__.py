@@ -1,15 +1,36 @@
 """Adapter methods by name, with task- and architecture-aware defaults: `attach(model, "lora")`.
 
-| name      | PEFT config            | what trains                                                  |
-|-----------|------------------------|--------------------------------------------------------------|
-| `lora`    | `LoraConfig`           | rank-8 updates of the attention query/value projections      |
-| `prefix`  | `PrefixTuningConfig`   | 20 key/value vectors per layer, prepended to attention       |
-| `prompt`  | `PromptTuningConfig`   | 20 virtual input embeddings                                  |
-| `ptuning` | `PromptEncoderConfig`  | 20 virtual embeddings produced by a small MLP encoder        |
-| `ia3`     | `IA3Config`            | scaling vectors on keys, values and feed-forward activations |
-| `bitfit`  | `BitFitConfig` (ours)  | a delta for every bias term                                  |
-| `osf`     | `OSFConfig`            | the lower half of every linear weight's singular directions  |
-| `full`    | none                   | every parameter (the plain model is returned)                |
+Every PEFT 0.21 tuner that applies without inputs `attach` cannot infer, LoRA's variants as named presets, BitFit
+(ours) and full fine-tuning; `catalog.METHOD_TABLE` holds them, `catalog.REFUSED_METHODS` the PEFT methods that
+`attach` refuses, with the reason. Target modules come from PEFT's per-architecture tables, completed in
+`targets.EXTRA_TARGET_MODULES` where they lack an architecture (DistilBERT, Phi-3, ModernBERT...).
+
+| name | PEFT config | what trains |
+|---|---|---|
+| `lora` | `LoraConfig` | rank-8 updates of the attention query/value projections |
+| `lora_all_linear` | `LoraConfig` | rank-8 updates of every linear layer outside the heads |
+| `dora` / `rslora` | `LoraConfig` | LoRA with `use_dora` (magnitude + direction) / `use_rslora` (alpha / sqrt(r)) |
+| `pissa` / `olora` | `LoraConfig` | LoRA started from the weights' SVD / QR; saved as a plain LoRA of twice the rank |
+| `eva` | `LoraConfig` | LoRA started from the SVD of layer inputs: `attach(..., eva_dataloader=batches)` |
+| `loraplus` / `lora_fa` | `LoraConfig` | LoRA trained by LoRA+'s / LoRA-FA's optimiser (`optimizers`) |
+| `adalora` | `AdaLoraConfig` | SVD-form LoRA with a moving rank budget (`total_step`, default 1000) |
+| `prefix` | `PrefixTuningConfig` | 20 key/value vectors per layer, prepended to attention |
+| `prompt` | `PromptTuningConfig` | 20 virtual input embeddings |
+| `ptuning` | `PromptEncoderConfig` | 20 virtual embeddings produced by a small MLP encoder |
+| `cartridge` | `CartridgeConfig` | a 20-token key/value cache prefix, trained directly |
+| `adaption_prompt` | `AdaptionPromptConfig` | gated prompts in the attention of every layer (Llama, Mistral, GPT-2) |
+| `ia3` | `IA3Config` | scaling vectors on keys, values and feed-forward activations |
+| `bitfit` | `BitFitConfig` (ours) | a delta for every bias term |
+| `beft` | `BeftConfig` | the value projections' biases |
+| `ln_tuning` | `LNTuningConfig` | the layer norms |
+| `osf` | `OSFConfig` | the lower half of every linear weight's singular directions |
+| `trainable_tokens` | `TrainableTokensConfig` | the embeddings of `token_indices=[...]` |
+| `loha`, `vera`, `boft`, `oft`... (29 in `catalog`) | PEFT's config of that name | its method, sized to the layers |
+| `full` | none | every parameter (the plain model is returned) |
+
+Refused everywhere: `xlora`, `poly`, `multitask_prompt_tuning`, `cpt` (inputs `attach` cannot infer). Refused on some
+models, with the reason: e.g. `prefix` where the model takes no `past_key_values` (DistilBERT), most tuners on
+GPT-2's Conv1D layers (`benchmarks/results/architectures.md` has the whole matrix).
 
 The task head (`classifier` / `score`) of a classification model is always trained and saved with the adapter.
 Prompt tuning and P-tuning on a token classifier return logits aligned with the input tokens (see
@@ -18,128 +39,77 @@ Prompt tuning and P-tuning on a token classifier return logits aligned with the 
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
-from peft import (
-    IA3Config,
-    LoraConfig,
-    OSFConfig,
-    PeftConfig,
-    PeftModel,
-    PrefixTuningConfig,
-    PromptEncoderConfig,
-    PromptTuningConfig,
-    get_peft_model,
-)
-from peft.config import PromptLearningConfig
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-from torch import nn
+from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from ..errors import InputError
-from ..tasks import HEAD_NAMES, get_task, infer_task
-from .bitfit import BitFitConfig
+from ..tasks import get_task, infer_task
+from .catalog import METHOD_TABLE, METHODS, REFUSED_METHODS, Method, Site, default_fields, resolve_targets
+from .lora_init import initialise_eva, remember_initial_lora
+from .optimizers import freeze_lora_a
 from .prompt_learning import (
     PREFIX_CHECKPOINTING_ERROR,
     align_token_classification,
     refuse_gradient_checkpointing,
     uses_gradient_checkpointing,
 )
+from .targets import inside_head, linear_leaf_names
 
-# Output layers (`peftprompt.tasks.HEAD_NAMES`) are never adapted: they are either trained in full (task heads) or
-# tied to the embeddings.
-
-
-def _bias_free_linear_names(model: nn.Module) -> list[str]:
-    """Leaf names of the bias-free `nn.Linear` layers outside the heads (the BitFit targets of a Llama-style model)."""
-    return sorted(
-        {
-            name.rsplit(".", 1)[-1]
-            for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and module.bias is None and name.rsplit(".", 1)[-1] not in HEAD_NAMES
-        }
-    )
-
-
-def _osf_defaults(model: PreTrainedModel) -> dict[str, Any]:
-    # PEFT's fallback ("all-linear") would also wrap a token classifier, which is trained in full instead
-    linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    return {"target_modules": sorted(linear - set(HEAD_NAMES))}
-
-
-def _has_bias_terms(model: nn.Module) -> bool:
-    return any(
-        isinstance(m, (nn.Linear, nn.LayerNorm)) and m.bias is not None and n.rsplit(".", 1)[-1] not in HEAD_NAMES
-        for n, m in model.named_modules()
-    )
-
-
-def _bitfit_defaults(model: PreTrainedModel) -> dict[str, Any]:
-    # BERT-style models: every existing bias. Llama-style models have none, so their projections get one.
-    return {"target_modules": None if _has_bias_terms(model) else _bias_free_linear_names(model)}
-
-
-# name -> (PEFT config class, default fields given the model). Target modules left out are chosen by PEFT's own
-# per-architecture tables (BERT: query/value for LoRA, key/value/output.dense for IA3; Llama: q_proj/v_proj, ...).
-METHOD_CONFIGS: dict[str, tuple[type[PeftConfig], Callable[[PreTrainedModel], dict[str, Any]]]] = {
-    "lora": (LoraConfig, lambda model: {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}),
-    "prefix": (PrefixTuningConfig, lambda model: {"num_virtual_tokens": 20}),
-    "prompt": (PromptTuningConfig, lambda model: {"num_virtual_tokens": 20}),
-    "ptuning": (PromptEncoderConfig, lambda model: {"num_virtual_tokens": 20, "encoder_hidden_size": 128}),
-    "ia3": (IA3Config, lambda model: {}),
-    "bitfit": (BitFitConfig, _bitfit_defaults),
-    # PEFT's default: each weight's top half of singular directions frozen (``effective_rank``), the rest trained
-    "osf": (OSFConfig, _osf_defaults),
-}
-METHODS = (*METHOD_CONFIGS, "full")
-
+# The methods the recipes, the benchmarks and the per-task tests compare; the architecture matrix
+# (`peftprompt.methods.matrix`) checks every method of `METHODS`.
+CORE_METHODS = ("lora", "prefix", "prompt", "ptuning", "ia3", "bitfit", "osf", "full")
 # One line per method, as the model card and the reports describe it.
-METHOD_DESCRIPTIONS: dict[str, str] = {
-    "lora": "LoRA (low-rank updates of the attention projections)",
-    "prefix": "prefix tuning (trained key/value prefixes in every layer)",
-    "prompt": "prompt tuning (trained virtual input-token embeddings)",
-    "ptuning": "P-tuning (virtual tokens produced by a small prompt encoder)",
-    "ia3": "IA3 (rescaling vectors on keys, values and feed-forward activations)",
-    "bitfit": "BitFit (a trained delta on every bias term; registered with PEFT by `import peftprompt`)",
-    "osf": "OSF (orthogonal subspace fine-tuning: each weight's top singular directions frozen, the rest trained)",
-    "full": "full fine-tuning (every weight)",
-}
-assert tuple(METHOD_DESCRIPTIONS) == METHODS, "describe every method of METHODS, in its order"
-# Prompt-learning methods add virtual tokens or key/value prefixes and change no weight; the other adapters fold
-# into the base weights (`merge_and_unload`).
-PROMPT_LEARNING_METHODS = tuple(
-    name for name, (config_cls, _) in METHOD_CONFIGS.items() if issubclass(config_cls, PromptLearningConfig)
-)
-MERGEABLE_METHODS = tuple(name for name in METHOD_CONFIGS if name not in PROMPT_LEARNING_METHODS)
+METHOD_DESCRIPTIONS: dict[str, str] = {name: method.description for name, method in METHOD_TABLE.items()}
+# Prompt-learning methods add virtual tokens or key/value prefixes and change no weight.
+PROMPT_LEARNING_METHODS = tuple(name for name, method in METHOD_TABLE.items() if method.is_prompt_learning)
+# The adapters that `merge_and_unload` folds into the base weights.
+MERGEABLE_METHODS = tuple(name for name, method in METHOD_TABLE.items() if method.mergeable)
 
 
-def method_name(peft_type: Any) -> str:
-    """The `METHODS` name of a PEFT type (``"PROMPT_TUNING"`` -> ``"prompt"``); the lower-cased type if it is not one
-    of ours."""
-    for name, (config_cls, _) in METHOD_CONFIGS.items():
-        if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is config_cls:
-            return name
+def get_method(name: str) -> Method:
+    """The `Method` called `name`; a one-line `InputError` for a refused or unknown name."""
+    if name in REFUSED_METHODS:
+        raise InputError(f"method {name!r} is refused: {REFUSED_METHODS[name]}", field="method")
+    if name not in METHOD_TABLE:
+        raise InputError(f"unknown adapter method {name!r}; choose one of {', '.join(METHODS)}", field="method")
+    return METHOD_TABLE[name]
+
+
+def method_name(peft_type_or_config: Any) -> str:
+    """The `METHODS` name of a PEFT type (``"PROMPT_TUNING"`` -> ``"prompt"``) or of a config (a `PeftConfig` or
+    a saved ``adapter_config.json`` as a dict: ``use_dora`` -> ``"dora"``; a full checkpoint's ``config.json`` ->
+    ``"full"``); the lower-cased type if it is none of ours."""
+    config = peft_type_or_config
+    if isinstance(config, PeftConfig):
+        config = config.to_dict()
+    if not isinstance(config, Mapping):
+        config = {"peft_type": str(getattr(config, "value", config))}
+    if "peft_type" not in config:  # a full checkpoint's config.json
+        return "full"
+    # presets with a marker first: a DoRA config is also a LoRA config
+    for method in sorted(METHOD_TABLE.values(), key=lambda m: not m.marker):
+        if method.peft_type is not None and method.matches(config):
+            return method.name
+    peft_type = config.get("peft_type")
     return str(getattr(peft_type, "value", peft_type)).lower()
-
-
-# Fragments of PEFT's errors for target modules that match nothing; attach() turns them into one clear message.
-TARGET_MISMATCH_HINTS = ("not found in the base model", "specify `target_modules`", "No modules were targeted")
 
 
 def default_config(model: PreTrainedModel, method: str, task: Optional[str] = None, **overrides: Any) -> PeftConfig:
     """The PEFT config `attach` would use for `method` on `model`, with `overrides` applied."""
-    if method not in METHOD_CONFIGS:
-        raise InputError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}", field="method")
-    task_type = get_task(task or infer_task(model)).peft_task_type
-    config_cls, defaults = METHOD_CONFIGS[method]
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(overrides) - fields)
+    spec = get_method(method)
+    if spec.config_cls is None:
+        raise InputError("method 'full' has no PEFT config", field="method")
+    task_spec = get_task(task or infer_task(model))
+    unknown = sorted(set(overrides) - spec.config_fields())
     if unknown:
-        raise InputError(f"{config_cls.__name__} (method {method!r}) has no field {', '.join(map(repr, unknown))}",
-                         field="method_args")
-    task_type = task_type.value if task_type is not None else None
-    return config_cls(task_type=task_type, **{**defaults(model), **overrides})
+        fields = ", ".join(map(repr, unknown))
+        raise InputError(f"{spec.config_cls.__name__} (method {method!r}) has no field {fields}", field="method_args")
+    site = Site(model, resolve_targets(spec, model, overrides))
+    task_type = task_spec.peft_task_type.value if task_spec.peft_task_type is not None else None
+    return spec.config_cls(task_type=task_type, **{**default_fields(spec, site), **overrides})
 
 
 def attach(
@@ -151,16 +121,20 @@ def attach(
 ) -> Union[PeftModel, PreTrainedModel]:
     """Attach an adapter of `method` to a frozen `model` and return the `PeftModel` (the plain model for ``"full"``).
 
-    The returned model is in the training or evaluation mode that `model` was in.
+    The returned model is in the training or evaluation mode that `model` was in. A method that cannot apply to
+    `model` (no default target modules for its architecture, a layer type it does not support, an input it needs)
+    is refused with a one-line `InputError` saying why.
 
     Args:
         model (`PreTrainedModel`): The backbone, e.g. from `load_backbone`.
-        method (`str`): One of `METHODS`: ``lora``, ``prefix``, ``prompt``, ``ptuning``, ``ia3``, ``bitfit``,
-            ``osf``, ``full``.
+        method (`str`): One of `METHODS`: ``lora``, ``dora``, ``prefix``, ``prompt``, ``ia3``, ``bitfit``,
+            ``vera``, ``full``...
         task (`str`, *optional*): A task of `peftprompt.tasks.TASKS` (``seq_cls``, ``token_cls``, ``causal_lm``,
             ``feature``); inferred from the model class when omitted.
         adapter_name (`str`): Name of the adapter inside the `PeftModel`.
-        overrides: Fields of the PEFT config to change, e.g. ``r=16`` or ``target_modules=["query"]``.
+        overrides: Fields of the PEFT config to change, e.g. ``r=16`` or ``target_modules=["query"]``; the
+            arguments of an optimiser recipe (``loraplus_lr_ratio``, read by `optimizers.method_optimizer`); and
+            ``eva_dataloader`` for ``eva``.
 
     Example:
         ```py
@@ -169,46 +143,98 @@ def attach(
         >>> model.print_trainable_parameters()
         ```
     """
-    if method == "full":
+    spec = get_method(method)
+    if spec.config_cls is None:
         if overrides:
             raise InputError(f"method 'full' takes no config overrides, got {sorted(overrides)}", field="method_args")
         for parameter in model.parameters():
             parameter.requires_grad = True
         return model
+    inputs = {k: overrides.pop(k) for k in list(overrides) if k in spec.needs and k not in spec.config_fields()}
+    for name in spec.optimizer_args:
+        overrides.pop(name, None)
+    reason = spec.unsupported(model, get_task(task or infer_task(model)))
+    if reason:
+        raise InputError(f"method {method!r} cannot apply to {type(model).__name__}: {reason}", field="method")
+    missing = [name for name in spec.needs if name not in inputs and name not in overrides]
+    if missing:
+        raise InputError(f"method {method!r} needs {missing[0]}=...: {spec.needs[missing[0]]}", field=missing[0])
     config = default_config(model, method, task, **overrides)
     was_training = model.training
     if config.peft_type == "PREFIX_TUNING" and uses_gradient_checkpointing(model):
         raise ValueError(PREFIX_CHECKPOINTING_ERROR)
     try:
         peft_model = get_peft_model(model, config, adapter_name=adapter_name)
-    except ValueError as err:
-        if any(hint in str(err) for hint in TARGET_MISMATCH_HINTS):
-            raise InputError(
-                f"{method}: target_modules={getattr(config, 'target_modules', None)!r} matches no module of "
-                f"{type(model).__name__}; pass target_modules=[...] naming some of its layers "
-                f"(linear layers: {', '.join(_linear_leaf_names(model)[:12])})", field="target_modules"
-            ) from err
-        raise
+    except (ValueError, TypeError, NotImplementedError, AttributeError, KeyError, RuntimeError) as err:
+        raise _refusal(method, model, config, err) from err
     if config.peft_type == "PREFIX_TUNING":
         refuse_gradient_checkpointing(peft_model)
+    _after_attach(spec, peft_model, get_task(task or infer_task(model)), adapter_name, inputs)
+    if not _trains_outside_heads(peft_model):
+        raise InputError(f"method {method!r} adapted no layer of {type(model).__name__}{_conv1d_hint(model, method)}",
+                         field="method")
     # Prompt / P-tuning token classifiers: logits aligned with the input tokens, for this model only.
     align_token_classification(peft_model)
     # New adapter layers are created in training mode; keep the whole model in the mode the backbone was in.
     return peft_model.train(was_training)
 
 
-def _linear_leaf_names(model: nn.Module) -> list[str]:
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+def _after_attach(spec: Method, model: PeftModel, task, adapter_name: str, inputs: dict[str, Any]) -> None:
+    """What a preset does beyond its config: EVA's initialisation, PiSSA's / OLoRA's initial weights, LoRA-FA's
+    frozen ``A``."""
+    if spec.name == "eva":
+        initialise_eva(model, inputs["eva_dataloader"], task, adapter_name)
+    elif spec.name in ("pissa", "olora"):
+        remember_initial_lora(model, adapter_name)
+    elif spec.name == "lora_fa":
+        freeze_lora_a(model)
+
+
+def _trains_outside_heads(model: PeftModel) -> bool:
+    """Whether some trainable parameter of `model` lies outside the task heads (which train with every adapter)."""
+    return any(p.requires_grad and not inside_head(n) for n, p in model.named_parameters())
+
+
+def _conv1d_hint(model: PreTrainedModel, method: str) -> str:
+    if any(isinstance(m, Conv1D) for m in model.modules()):
+        return f": its linear layers are transformers Conv1D layers, which {method} does not adapt"
+    return ""
+
+
+# Fragments of PEFT's errors for target modules that match nothing.
+TARGET_MISMATCH_HINTS = ("not found in the base model", "specify `target_modules`", "No modules were targeted")
+
+
+def _refusal(method: str, model: PreTrainedModel, config: PeftConfig, err: Exception) -> InputError:
+    """One line that says why PEFT could not build `method` on `model`."""
+    text = str(err).strip()
+    targets = getattr(config, "target_modules", None)
+    if any(hint in text for hint in TARGET_MISMATCH_HINTS):
+        layers = ", ".join(linear_leaf_names(model)[:12])
+        if targets is None:
+            return InputError(f"{method}: no default target modules for model type {model.config.model_type!r}; "
+                              f"pass target_modules=[...] naming some of its layers (linear layers: {layers})",
+                              field="target_modules")
+        return InputError(f"{method}: target_modules={targets!r} matches no module of {type(model).__name__}; pass "
+                          f"target_modules=[...] naming some of its layers (linear layers: {layers})",
+                          field="target_modules")
+    first = text.splitlines()[0] if text else type(err).__name__
+    if len(first) > 240:  # PEFT's long messages: their first sentence
+        end = first.find(". ")
+        first = first[: end + 1] if 0 < end < 240 else first[:240] + "..."
+    return InputError(f"method {method!r} cannot apply to {type(model).__name__}: {first}", field="method")
 
 
 __all__ = [
+    "CORE_METHODS",
     "MERGEABLE_METHODS",
-    "METHOD_CONFIGS",
-    "METHOD_DESCRIPTIONS",
     "METHODS",
+    "METHOD_DESCRIPTIONS",
     "PROMPT_LEARNING_METHODS",
+    "REFUSED_METHODS",
     "attach",
     "default_config",
+    "get_method",
     "infer_task",
     "method_name",
 ]

@@ -9,6 +9,9 @@
   `PeftModel.from_pretrained` behave exactly as PEFT does.
 - Prefix tuning feeds its prefix through ``past_key_values``, which gradient checkpointing does not support:
   `refuse_gradient_checkpointing` turns that combination into a clear error instead of a crash deep in the model.
+- Sizes: PEFT reads them from the model config's ``hidden_size``, which is neither the width of ELECTRA's input
+  embeddings (smaller than its hidden size) nor, for Falcon, the shape of the key/value cache.
+  `prompt_learning_sizes` gives the sizes the model actually uses.
 """
 
 from __future__ import annotations
@@ -70,6 +73,31 @@ def align_token_classification(model: PeftModel) -> PeftModel:
     if type(model) is PeftModelForTokenClassification:
         model.__class__ = AlignedPeftModelForTokenClassification
     return model
+
+
+def cache_key_value_heads(config) -> int:
+    """The number of key/value heads a model's KV cache holds per layer."""
+    if config.model_type == "falcon":
+        # Falcon's new architecture caches every head; the old one one head (multi-query) or num_kv_heads
+        if config.new_decoder_architecture:
+            return config.num_attention_heads
+        return 1 if config.multi_query else config.num_kv_heads
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def prompt_learning_sizes(model: nn.Module, peft_type: str) -> dict[str, int]:
+    """``num_layers``, ``num_attention_heads`` and ``token_dim`` of a prompt-learning config for `model`.
+
+    Key/value prefixes (prefix tuning, Cartridges) take the KV cache's shape: its heads and their total width.
+    Virtual input tokens (prompt tuning, P-tuning) take the width of the input embeddings.
+    """
+    config = model.config.get_text_config()
+    sizes = {"num_layers": config.num_hidden_layers, "num_attention_heads": config.num_attention_heads}
+    if peft_type in (PeftType.PREFIX_TUNING, PeftType.CARTRIDGE):
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        heads = cache_key_value_heads(config)
+        return {**sizes, "num_attention_heads": heads, "token_dim": head_dim * heads}
+    return {**sizes, "token_dim": model.get_input_embeddings().embedding_dim}
 
 
 def uses_gradient_checkpointing(model: nn.Module) -> bool:
