@@ -14,9 +14,10 @@ from peft import PeftModel
 from peftprompt import attach, load_adapter, merged_for_inference, parameter_report, save_adapter
 from peftprompt.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_dir, directory_bytes
 from peftprompt.atomic import write_dir_atomically
+from peftprompt.errors import InputError
 from peftprompt.report import format_bytes, markdown_table
 
-from conftest import tiny_llama
+from conftest import tiny_bert_token_cls, tiny_llama
 
 
 @pytest.fixture
@@ -171,8 +172,36 @@ def test_a_merged_adapter_gives_the_same_logits_as_the_adapter(method, tmp_path)
 def test_adapters_that_cannot_merge_come_back_unmerged(tmp_path):
     prompt = merged_for_inference(attach(tiny_llama(), "prompt", task="causal_lm"))
     assert isinstance(prompt, PeftModel) and not prompt.training  # virtual tokens are not weights
+    assert isinstance(merged_for_inference(attach(tiny_llama(), "adaption_prompt", task="causal_lm")), PeftModel)
     two = attach(tiny_llama(), "lora", task="causal_lm")
     two.add_adapter("reader", two.peft_config["default"])
     assert isinstance(merged_for_inference(two), PeftModel)  # the runner switches between them
     plain = tiny_llama().train()
     assert merged_for_inference(plain) is plain and not plain.training
+
+
+def test_a_full_fine_tune_round_trips_like_an_adapter(tmp_path):
+    tuned = randomised(attach(tiny_llama(), "full", task="causal_lm"))
+    save_adapter(tuned, tmp_path / "full")
+    assert check_adapter_dir(tmp_path / "full")["model_type"] == "llama"
+    reloaded = load_adapter(tiny_llama(seed=1), tmp_path / "full")  # every weight comes from the checkpoint
+    ids = torch.arange(5, 15)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, tuned.eval()(ids).logits, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in reloaded.parameters())
+    with pytest.raises(InputError, match="is a full checkpoint of a 'llama' model, not of 'bert'"):
+        load_adapter(tiny_bert_token_cls(2), tmp_path / "full")
+    (tmp_path / "full" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="is not a complete checkpoint: model.safetensors is missing"):
+        load_adapter(tiny_llama(), tmp_path / "full")
+
+
+def test_pissa_is_saved_as_the_plain_lora_it_amounts_to(tmp_path):
+    tuned = randomised(attach(tiny_llama(), "pissa", task="causal_lm"))
+    save_adapter(tuned, tmp_path / "pissa")
+    config = json.loads((tmp_path / "pissa" / ADAPTER_CONFIG).read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (16, 32, True)
+    reloaded = load_adapter(tiny_llama(), tmp_path / "pissa")  # onto the original weights, which PiSSA had moved
+    ids = torch.arange(5, 15)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, tuned.eval()(ids).logits, rtol=0, atol=1e-5)

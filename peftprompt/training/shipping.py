@@ -30,7 +30,7 @@ import yaml
 from peft import PeftConfig, PeftModel
 from safetensors import safe_open
 
-from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_dir, load_adapter
+from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_dir, load_adapter, merge_adapter
 from ..atomic import write_dir_atomically, write_file_atomically
 from ..backbones import EMBEDDED_ALIASES, MINILM_PACKAGE, SMOLLM2_CACHE_NAME, load_backbone
 from ..errors import InputError
@@ -251,7 +251,7 @@ def write_model_card(
         base_model (`str`): Embedded name, hub id or path of the backbone; embedded backbones are named by their
             Hub id in the front matter and by their short name in the loading code.
         method (`str`): One of `peftprompt.METHODS`: ``lora``, ``prefix``, ``prompt``, ``ptuning``, ``ia3``,
-            ``bitfit``, ``osf`` or ``full``.
+            ``bitfit``, ``osf``, ``dora``, ``vera``... or ``full``.
         task (`str`): A task of `peftprompt.tasks.TASKS`: ``seq_cls``, ``token_cls``, ``causal_lm`` or ``feature``.
         trainable_params / total_params (`int`): From `peftprompt.parameter_report`.
         adapter_bytes (`int`): Size of the saved weights (`peftprompt.adapters.directory_bytes`).
@@ -388,7 +388,8 @@ def export_merged(
     task: Optional[str] = None,
     num_labels: Optional[int] = None,
 ) -> Path:
-    """Merge a saved LoRA / IA3 / BitFit adapter into its base model and save a plain transformers checkpoint.
+    """Merge a saved adapter of a method that merges (`peftprompt.methods.MERGEABLE_METHODS`: LoRA, IA3, BitFit...)
+    into its base model and save a plain transformers checkpoint.
 
     Args:
         adapter_dir: A directory written by `peftprompt.save_adapter` / `save_trained_adapter`.
@@ -400,7 +401,7 @@ def export_merged(
         num_labels (`int`, *optional*): Classes of the head; by default read from the head saved with the adapter.
 
     Raises:
-        `InputError`: for prompt-learning adapters (prefix, prompt, P-tuning), which cannot merge, and for an
+        `InputError`: for adapters that cannot merge (prompt learning, adaption prompts...) and for an
             unknown base model or task; `InputFileNotFoundError` for a missing or incomplete adapter directory.
     """
     adapter_dir = Path(adapter_dir)
@@ -408,13 +409,18 @@ def export_merged(
         raise InputError(f"{adapter_dir} is a full model checkpoint (method 'full'), not an adapter: nothing to merge")
     config = check_adapter_dir(adapter_dir)
     peft_config = PeftConfig.from_pretrained(str(adapter_dir))
-    method = method_name(config["peft_type"])
+    method = method_name(config)
     if peft_config.is_prompt_learning:
         raise InputError(
             f"{adapter_dir}: {method} adapters ({config['peft_type']}) cannot be merged: prompt-learning methods "
             f"({', '.join(PROMPT_LEARNING_METHODS)}) add virtual tokens or key/value prefixes at run time and change "
             "no weight; ship the adapter directory (peftprompt export without --merge) and load it with "
             "peftprompt.load_adapter"
+        )
+    if method not in MERGEABLE_METHODS:
+        raise InputError(
+            f"{adapter_dir}: {method} adapters ({config['peft_type']}) do not merge into the base weights; ship the "
+            "adapter directory (peftprompt export without --merge) and load it with peftprompt.load_adapter"
         )
     if task is None:
         task_type = config.get("task_type")
@@ -435,7 +441,7 @@ def export_merged(
             raise InputError(f"{adapter_dir}: no task head saved with the adapter: pass num_labels (--num-labels)")
     model, tokenizer = load_backbone(base_model, task=task, num_labels=num_labels)
     peft_model = load_adapter(model, adapter_dir)
-    merged = peft_model.merge_and_unload()
+    merged = merge_adapter(peft_model)
     merged.eval()
     _make_plain(merged)
     if (adapter_dir / "tokenizer_config.json").is_file():
