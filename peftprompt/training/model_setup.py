@@ -13,7 +13,8 @@ from peft.utils.other import cast_mixed_precision_params
 from ..adapters import check_adapter_dir, load_adapter
 from ..backbones import load_backbone
 from ..errors import InputError
-from ..methods import attach, method_name
+from ..methods import attach, get_method, method_name
+from ..methods.optimizers import method_optimizer
 from .config import TrainConfig, resolve_frozen_dtype
 
 
@@ -87,20 +88,35 @@ def continue_adapter(model, config: TrainConfig, adapter_name: str = "default"):
     targets...) go on training; ``method_args`` are not applied. A saved adapter of another method than
     ``config.method`` is refused (`InputError` naming ``init_adapter``)."""
     saved = check_adapter_dir(config.init_adapter)
-    saved_method = method_name(saved["peft_type"])
-    if saved_method != config.method:
-        raise InputError(f"{config.init_adapter} holds a {saved_method} adapter, but method is {config.method!r}: "
-                         "set method to the adapter's", field="init_adapter")
+    method = get_method(config.method)
+    if not method.matches(saved):
+        raise InputError(f"{config.init_adapter} holds a {method_name(saved)} adapter, but method is "
+                         f"{config.method!r}: set method to the adapter's", field="init_adapter")
     was_training = model.training
     return load_adapter(model, config.init_adapter, adapter_name=adapter_name, is_trainable=True).train(was_training)
 
 
 def make_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW (or bitsandbytes' AdamW8bit) over the trainable parameters only; no weight decay on 1-d tensors
-    (biases, norms, BitFit deltas, IA3 vectors)."""
+    (biases, norms, BitFit deltas, IA3 vectors).
+
+    Methods that are optimiser recipes get theirs (`peftprompt.methods.optimizers`): ``loraplus`` LoRA+'s groups
+    (``B`` at ``loraplus_lr_ratio`` times the learning rate, from ``method_args``, default 16) on AdamW or
+    AdamW8bit, ``lora_fa`` PEFT's LoRA-FA optimiser (its own AdamW: ``optimizer: adamw8bit`` is refused).
+    """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters: attach an adapter (or method 'full') first")
+    if config.method in ("loraplus", "lora_fa"):
+        if config.method == "lora_fa" and config.optimizer == "adamw8bit":
+            raise InputError("method 'lora_fa' brings its own AdamW; use optimizer: adamw", field="optimizer")
+        optimizer_cls = torch.optim.AdamW
+        if config.optimizer == "adamw8bit":
+            import bitsandbytes as bnb
+
+            optimizer_cls = bnb.optim.AdamW8bit
+        return method_optimizer(model, config.method, lr=config.learning_rate, weight_decay=config.weight_decay,
+                                optimizer_cls=optimizer_cls, **config.method_args)
     decay = [p for _, p in named if p.ndim >= 2]
     no_decay = [p for _, p in named if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

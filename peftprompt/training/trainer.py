@@ -67,6 +67,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..adapters import directory_bytes
+from ..methods.training_hooks import rank_allocation
 from ..report import ParameterReport, count_parameters
 from .checkpoints import (
     CHECKPOINTS,
@@ -226,6 +227,7 @@ class Trainer:
         castable = [m for m in self.model.modules() if getattr(m, "cast_input_dtype_enabled", None) is True]
         self.castable = castable if self.mixed_precision != "no" else []
         self.n_trainable, self.n_total = count_parameters(accelerator.unwrap_model(self.model))
+        self.rank_allocation = rank_allocation(accelerator.unwrap_model(self.model), total_steps)  # AdaLoRA
 
         self.state = TrainerState(
             total_steps=total_steps,
@@ -338,6 +340,8 @@ class Trainer:
                 norm = accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
                 self.grad_norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
             self.optimizer.step()
+            if self.rank_allocation is not None:
+                self.rank_allocation(self.state.global_step)
             if not accelerator.optimizer_step_was_skipped:
                 self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
