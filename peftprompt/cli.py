@@ -1,7 +1,8 @@
 """The ``peftprompt`` command line.
 
     peftprompt info --model minilm --method bitfit       trainable parameters and adapter size
-    peftprompt info --model minilm --method all          the same for every method, as a table
+    peftprompt info --model minilm --method all          the same for every method, as a table (refused ones with
+                                                         the reason they do not apply)
     peftprompt fetch                                     prepare the embedded backbones (dequantise SmolLM2 once)
     peftprompt data convert musique --out trees.jsonl    a data set as decomposition trees (decomp-tree/v1 JSONL)
     peftprompt data stats trees.jsonl                    counts, depth histogram and answer sources of a tree file
@@ -23,7 +24,7 @@ import sys
 from typing import Optional, Sequence
 
 from .errors import InputError
-from .methods import METHODS
+from .methods import METHODS, REFUSED_METHODS
 from .tasks import CLASSIFICATION_TASKS, TASK_NAMES
 
 EXIT_USAGE = 2
@@ -32,18 +33,30 @@ EXIT_USAGE = 2
 def _info(args: argparse.Namespace) -> None:
     from .backbones import load_backbone
     from .methods import attach
-    from .report import markdown_table, parameter_report
+    from .report import ParameterReport, markdown_table, parameter_report
 
-    methods = list(METHODS) if args.method == "all" else [args.method]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise InputError(f"--method: unknown adapter method {unknown[0]!r}; choose one of {', '.join(METHODS)} or "
+    if args.method == "all":
+        methods = [*METHODS, *REFUSED_METHODS]
+    elif args.method in METHODS:
+        methods = [args.method]
+    elif args.method in REFUSED_METHODS:
+        raise InputError(f"--method: method {args.method!r} is refused: {REFUSED_METHODS[args.method]}",
+                         field="--method")
+    else:
+        raise InputError(f"--method: unknown adapter method {args.method!r}; choose one of {', '.join(METHODS)} or "
                          "'all'", field="--method")
     num_labels = args.num_labels if args.task in CLASSIFICATION_TASKS else None
     reports = []
     for method in methods:
         model, _ = load_backbone(args.model, task=args.task, num_labels=num_labels)
-        reports.append(parameter_report(attach(model, method, task=args.task), method))
+        try:
+            model = attach(model, method, task=args.task)
+        except InputError as err:  # the method does not apply to this backbone: shown with the reason
+            if args.method != "all":
+                raise
+            reports.append(ParameterReport(method, 0, 0, refused=err.message))
+            continue
+        reports.append(parameter_report(model, method))
     if args.json:
         print(json.dumps([r.as_dict() for r in reports], indent=2))
     else:

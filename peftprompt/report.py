@@ -15,16 +15,20 @@ from .methods import method_name
 
 @dataclass
 class ParameterReport:
-    """Trainable and total parameters of a model, and the on-disk size of what `save_adapter` writes."""
+    """Trainable and total parameters of a model, and the on-disk size of what `save_adapter` writes.
+
+    `refused` is the reason a method does not apply to the model (then nothing was counted).
+    """
 
     method: str
     trainable_params: int
     total_params: int
     adapter_bytes: Optional[int] = None
+    refused: Optional[str] = None
 
     @property
     def trainable_pct(self) -> float:
-        return 100.0 * self.trainable_params / self.total_params
+        return 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
 
     def as_dict(self) -> dict:
         return {**asdict(self), "trainable_pct": self.trainable_pct}
@@ -49,10 +53,12 @@ def parameter_report(
 ) -> ParameterReport:
     """Count `model`'s parameters and, if `measure_size`, save it to a temporary directory to measure its size.
 
-    `method` defaults to the `peftprompt.METHODS` name of the model's active adapter (``"full"`` for a plain model).
+    `method` defaults to the `peftprompt.METHODS` name of the model's active adapter, as its config tells it
+    (``"full"`` for a plain model; ``"lora"`` for the presets that differ from LoRA only in their targets or their
+    optimiser).
     """
     if method is None:
-        method = method_name(model.active_peft_config.peft_type) if isinstance(model, PeftModel) else "full"
+        method = method_name(model.active_peft_config) if isinstance(model, PeftModel) else "full"
     trainable, total = count_parameters(model)
     size = None
     if measure_size:
@@ -72,9 +78,13 @@ def format_bytes(n: Optional[int]) -> str:
 
 
 def markdown_table(reports: list[ParameterReport]) -> str:
-    """A Markdown table of reports: method, trainable, total, %, adapter size."""
+    """A Markdown table of reports: method, trainable, total, %, adapter size (a refused method: the reason)."""
     lines = ["| method | trainable params | total params | trainable % | adapter size |", "|---|---:|---:|---:|---:|"]
     for r in reports:
+        if r.refused is not None:
+            reason = r.refused.replace("|", "\\|")  # a pipe would end the cell
+            lines.append(f"| {r.method} | refused: {reason} | | | |")
+            continue
         lines.append(
             f"| {r.method} | {r.trainable_params:,} | {r.total_params:,} | {r.trainable_pct:.4f} | "
             f"{format_bytes(r.adapter_bytes)} |"

@@ -30,10 +30,27 @@ def test_info_prints_a_table(capsys):
     assert out[3].startswith("| lora | 74,498 |")
 
 
+@pytest.mark.slow
+def test_info_all_lists_every_method_refused_ones_with_the_reason(tiny_bert, capsys):
+    from peftprompt.methods import METHODS, REFUSED_METHODS
+
+    assert main(["info", "--model", str(tiny_bert), "--method", "all", "--json"]) == 0
+    rows = {row["method"]: row for row in json.loads(capsys.readouterr().out)}
+    assert list(rows) == [*METHODS, *REFUSED_METHODS]
+    for method in ("lora", "dora", "vera", "ln_tuning", "osf", "full"):
+        assert rows[method]["refused"] is None and rows[method]["trainable_params"] > 0
+        assert rows[method]["adapter_bytes"] > 4 * rows[method]["trainable_params"]
+    assert rows["xlora"]["refused"].startswith("method 'xlora' is refused: X-LoRA mixes LoRA adapters")
+    assert rows["prefix"]["refused"] is None  # BERT takes past_key_values (DistilBERT does not)
+    assert rows["shadow"]["refused"].startswith("method 'shadow' cannot apply to BertForSequenceClassification")
+    assert rows["eva"]["refused"].startswith("method 'eva' needs eva_dataloader=")
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["info", "--method", "loraa"], "unknown adapter method 'loraa'"),
+        (["info", "--method", "poly"], "method 'poly' is refused: Poly routes between LoRA skills by task"),
         (["info", "--model", "/no/such/model", "--method", "lora"], "model path /no/such/model does not exist"),
         (["info", "--model", "nobody/no-such-model", "--method", "lora"], "cannot load backbone 'nobody/no-such-model'"),
         (["info", "--method", "lora", "--task", "seq_cls", "--num-labels", "0"], "num_labels must be >= 1, got 0"),
