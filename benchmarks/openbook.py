@@ -578,7 +578,7 @@ def main() -> None:
     seen = training_questions()
 
     questions, available, dropped = {}, {}, {}
-    for key in args.datasets:
+    for key in DATASETS:  # every data set's questions: the cells of those not evaluated now are still reported
         source, split, _ = DATASETS[key]
         every = read_questions(source, split)
         fresh = [q for q in every if question_key(q.question) not in seen]
@@ -615,14 +615,15 @@ def main() -> None:
 
     for system in SYSTEMS:  # every cell evaluated before is reported; the asked-for ones are evaluated
         for variant in (VARIANTS if system in FINE_TUNED else [None]):
-            for key in args.datasets:
+            for key in DATASETS:
                 source, split, title = DATASETS[key]
                 path = cell_dir / f"{system}_{variant or 'base'}_{key}.json"
                 ids = [q.id for q in questions[key]]
                 wanted = (ids, args.k, args.dtype, ANSWERERS.get(system))
                 cached = json.loads(path.read_text()) if path.is_file() else None
                 before = carried.get(cell_key(system, variant, key))
-                asked = not args.cached_only and system in args.systems and (not variant or variant in args.variants)
+                asked = (not args.cached_only and system in args.systems and key in args.datasets
+                         and (not variant or variant in args.variants))
                 if reusable(cached, system, wanted, any_dtype=False):
                     cells[cell_key(system, variant, key)] = cached
                     continue
@@ -658,7 +659,7 @@ def main() -> None:
         json.loads(speed_file.read_text()) if speed_file.is_file() else previous.get("index_speed"))
     for row, (first, second) in DERIVED.items():
         for variant in VARIANTS:
-            for key in args.datasets:
+            for key in DATASETS:
                 a, b = cells.get(cell_key(first, variant, key)), cells.get(cell_key(second, variant, key))
                 if a and b and a["ids"] == b["ids"] and "records" in a and "records" in b:  # carried: no records
                     cells[cell_key(row, variant, key)] = derived_cell(a, b)
