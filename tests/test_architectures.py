@@ -38,9 +38,10 @@ def expected_refusal(architecture: str, method: str):
     return None
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reloader():
-    """One fresh process that reloads the saved adapters of every architecture this worker checks."""
+    """One fresh process that reloads the saved adapters of every architecture this worker checks (session-wide:
+    xdist may hand a worker these cases between others)."""
     with Reloader() as process:
         yield process
 

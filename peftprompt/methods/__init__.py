@@ -46,7 +46,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import InputError
-from ..tasks import get_task, infer_task
+from ..tasks import Task, get_task, infer_task
 from .catalog import METHOD_TABLE, METHODS, REFUSED_METHODS, Method, Site, default_fields, resolve_targets
 from .lora_init import initialise_eva, remember_initial_lora
 from .optimizers import freeze_lora_a
@@ -123,7 +123,8 @@ def attach(
 
     The returned model is in the training or evaluation mode that `model` was in. A method that cannot apply to
     `model` (no default target modules for its architecture, a layer type it does not support, an input it needs)
-    is refused with a one-line `InputError` saying why.
+    is refused with a one-line `InputError` saying why; where PEFT found that out while injecting its layers,
+    `model` may be half-adapted: load it again before trying another method.
 
     Args:
         model (`PreTrainedModel`): The backbone, e.g. from `load_backbone`.
@@ -150,16 +151,17 @@ def attach(
         for parameter in model.parameters():
             parameter.requires_grad = True
         return model
+    task_spec = get_task(task or infer_task(model))
     inputs = {k: overrides.pop(k) for k in list(overrides) if k in spec.needs and k not in spec.config_fields()}
     for name in spec.optimizer_args:
         overrides.pop(name, None)
-    reason = spec.unsupported(model, get_task(task or infer_task(model)))
+    reason = spec.unsupported(model, task_spec)
     if reason:
         raise InputError(f"method {method!r} cannot apply to {type(model).__name__}: {reason}", field="method")
     missing = [name for name in spec.needs if name not in inputs and name not in overrides]
     if missing:
         raise InputError(f"method {method!r} needs {missing[0]}=...: {spec.needs[missing[0]]}", field=missing[0])
-    config = default_config(model, method, task, **overrides)
+    config = default_config(model, method, task_spec.name, **overrides)
     was_training = model.training
     if config.peft_type == "PREFIX_TUNING" and uses_gradient_checkpointing(model):
         raise ValueError(PREFIX_CHECKPOINTING_ERROR)
@@ -169,7 +171,7 @@ def attach(
         raise _refusal(method, model, config, err) from err
     if config.peft_type == "PREFIX_TUNING":
         refuse_gradient_checkpointing(peft_model)
-    _after_attach(spec, peft_model, get_task(task or infer_task(model)), adapter_name, inputs)
+    _after_attach(spec, peft_model, task_spec, adapter_name, inputs)
     if not _trains_outside_heads(peft_model):
         raise InputError(f"method {method!r} adapted no layer of {type(model).__name__}{_conv1d_hint(model, method)}",
                          field="method")
@@ -179,7 +181,7 @@ def attach(
     return peft_model.train(was_training)
 
 
-def _after_attach(spec: Method, model: PeftModel, task, adapter_name: str, inputs: dict[str, Any]) -> None:
+def _after_attach(spec: Method, model: PeftModel, task: Task, adapter_name: str, inputs: dict[str, Any]) -> None:
     """What a preset does beyond its config: EVA's initialisation, PiSSA's / OLoRA's initial weights, LoRA-FA's
     frozen ``A``."""
     if spec.name == "eva":
