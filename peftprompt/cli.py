@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from typing import Optional, Sequence
@@ -31,6 +32,8 @@ EXIT_USAGE = 2
 
 
 def _info(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
     from .backbones import load_backbone
     from .methods import attach
     from .report import ParameterReport, markdown_table, parameter_report
@@ -46,11 +49,11 @@ def _info(args: argparse.Namespace) -> None:
         raise InputError(f"--method: unknown adapter method {args.method!r}; choose one of {', '.join(METHODS)} or "
                          "'all'", field="--method")
     num_labels = args.num_labels if args.task in CLASSIFICATION_TASKS else None
+    base, _ = load_backbone(args.model, task=args.task, num_labels=num_labels)  # loaded once, copied per method
     reports = []
-    for method in methods:
-        model, _ = load_backbone(args.model, task=args.task, num_labels=num_labels)
+    for method in tqdm(methods, desc="methods", unit="method", disable=len(methods) == 1, leave=False):
         try:
-            model = attach(model, method, task=args.task)
+            model = attach(copy.deepcopy(base), method, task=args.task)
         except InputError as err:  # the method does not apply to this backbone: shown with the reason
             if args.method != "all":
                 raise
