@@ -5,6 +5,10 @@
 unless that directory already holds the same run. A run is done when its ``results.json`` exists and its saved
 config (``train_config.yaml``, written by training) equals the requested one (`same_run`). Every benchmark that trains
 goes through here, so they share that rule.
+
+A benchmark whose runs span sessions keeps a record of each finished run (`keep_record`: its results, config,
+evaluations and the CPU that ran it, a few KB) under ``benchmarks/results/<name>_runs/``; a later session finds it
+with `finished_dir` and reads it instead of training again.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import yaml
 
+from _env import cpu_model
+from peftprompt import load_adapter, load_backbone
 from peftprompt.training.config import load_config
 from peftprompt.training.recipe import launch_command
 
@@ -25,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "train_config.yaml"  # written by training at the end of a run (`TrainConfig.save`)
 REQUEST_FILE = "run_request.yaml"  # written here before a run starts: what an interrupted run was asked to train
+METRICS_FILE = "metrics.jsonl"  # written by training: one record per start, evaluation, checkpoint, log line
+MACHINE_FILE = "machine.json"  # a record's CPU: its seconds and its `auto` precision depend on it
 # Where a run is, not what it is: never compared.
 NOT_COMPARED = ("output_dir", "resume_from")
 QUICK_TRAINING = ("max_steps=5", "max_train_samples=200", "max_eval_samples=16")
@@ -68,6 +76,42 @@ def finished_run(run_dir: Path, requested: Mapping[str, Any]) -> Optional[dict]:
     if not isinstance(recorded, dict) or not same_run(recorded, requested):
         return None
     return json.loads(results.read_text())
+
+
+def finished_dir(requested: Mapping[str, Any], *directories: Path) -> Optional[Path]:
+    """The first of `directories` (records first, then run directories) holding the finished run `requested`
+    (`finished_run`); `None` when none does."""
+    return next((d for d in directories if finished_run(d, requested) is not None), None)
+
+
+def keep_record(run_dir: Path, records: Path, extra: Sequence[str] = ()) -> Path:
+    """Copy what a report reads of the finished run in `run_dir` to ``records/<run>`` and return that directory.
+
+    The record holds ``results.json``, ``train_config.yaml``, ``metrics.jsonl`` without its ``train`` records, the
+    files named in `extra` that the run directory has (a benchmark's own evaluations), and the CPU that finished
+    it (``machine.json``). It is written aside and renamed into place, so an interrupted copy leaves no record.
+    """
+    target, scratch = records / run_dir.name, records / f".{run_dir.name}.partial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    for name in (RESULTS_FILE, CONFIG_FILE, *extra):
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, scratch / name)
+    kept = [line for line in (run_dir / METRICS_FILE).read_text().splitlines() if json.loads(line)["type"] != "train"]
+    (scratch / METRICS_FILE).write_text("\n".join(kept) + "\n")
+    (scratch / MACHINE_FILE).write_text(json.dumps({"cpu_model": cpu_model()}) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    scratch.rename(target)
+    return target
+
+
+def load_trained(run_dir: Path):
+    """The model a finished run trained (its adapter, or its full checkpoint, on the backbone loaded as in training)
+    and its tokenizer, in evaluation mode."""
+    config = yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text())
+    base, tokenizer = load_backbone(config["model"], task=config["task"], num_labels=config.get("num_labels"),
+                                    load_in_8bit=config["load_in_8bit"], load_in_4bit=config["load_in_4bit"])
+    return load_adapter(base, Path(run_dir) / "adapter").eval(), tokenizer
 
 
 def run_recipe(

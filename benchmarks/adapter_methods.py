@@ -3,11 +3,13 @@ with the learning rate tuned per method on the validation split.
 
 Runs ``recipes/<recipe>.py --config recipes/configs/minilm/<task>_<config>.yaml max_steps=N learning_rate=LR ...``
 for each method variant (`VARIANTS`: a config file plus overrides, e.g. ``lora_r4`` is the LoRA config with
-``method_args.r=4 method_args.lora_alpha=8``, ``qlora_4bit`` the LoRA config with ``load_in_4bit=true``) and each LR
-of ``--lr-grid`` (multiples of the config file's rate), ``--parallel`` runs at a time, one thread each. Each run
-scores the validation split (SST-2 ``dev.tsv`` / CoNLL ``eng.testa``, first 1000) and the test split (always in
-full); per variant the rate with the best validation score is chosen and its test score reported. Writes
-``<task>.{json,md,png}`` under ``--out`` (every run of the sweep is in the JSON and the Markdown).
+``method_args.r=4 method_args.lora_alpha=8``, ``qlora_4bit`` the LoRA config with ``load_in_4bit=true``, ``dora`` the
+LoRA config with ``method=dora``: every method of `OTHER_METHODS` is there, run when ``--methods`` names it) and each
+LR of ``--lr-grid`` (multiples of the variant's starting rate: its config file's, or its own in `OTHER_METHODS`),
+``--parallel`` runs at a time, one thread each. Each run scores the validation split (SST-2 ``dev.tsv`` / CoNLL
+``eng.testa``, first 1000) and the test split (always in full); per variant the rate with the best validation score
+is chosen and its test score reported. Writes ``<task>.{json,md,png}`` under ``--out`` (every run of the sweep is in
+the JSON and the Markdown).
 
     .venv/bin/python benchmarks/adapter_methods.py --task sst2 [--steps 600] [--lr-grid 0.3 1 3] [--methods lora bitfit]
 
@@ -25,7 +27,7 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import yaml
 from tqdm import tqdm
@@ -40,32 +42,81 @@ TASKS = {  # task: (recipe, test metric, validation metric, title)
     "sst2": ("sst2_classification.py", "accuracy", "dev_accuracy", "SST-2 accuracy (test.tsv, 698 sentences)"),
     "conll03": ("conll03_ner.py", "entity_f1", "dev_entity_f1", "CoNLL-2003 entity F1 (eng.testb)"),
 }
-# variant: (config file's method, overrides, label). The configs' LoRA is r 8, alpha 16 on query/value.
-VARIANTS: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "full": ("full", (), "full"),
-    "lora_r4": ("lora", ("method_args.r=4", "method_args.lora_alpha=8"), "LoRA r4"),
-    "lora": ("lora", (), "LoRA r8"),
-    "lora_r16": ("lora", ("method_args.r=16", "method_args.lora_alpha=32"), "LoRA r16"),
-    "prefix": ("prefix", (), "prefix"),
-    "prompt": ("prompt", (), "prompt"),
-    "ptuning": ("ptuning", (), "P-tuning"),
-    "ia3": ("ia3", (), "IA3"),
-    "bitfit": ("bitfit", (), "BitFit"),
-    "qlora_8bit": ("lora", ("load_in_8bit=true",), "QLoRA 8-bit (r8)"),
-    "qlora_4bit": ("lora", ("load_in_4bit=true",), "QLoRA 4-bit (r8)"),
+
+
+class Variant(NamedTuple):
+    """A method variant: the config file it starts from (``recipes/configs/minilm/<task>_<config>.yaml``), its
+    overrides of that file, its label, and its starting learning rate (None: the config file's)."""
+
+    config: str
+    overrides: tuple[str, ...]
+    label: str
+    learning_rate: Optional[float] = None
+
+
+# The configs' LoRA is r 8, alpha 16 on query/value.
+VARIANTS: dict[str, Variant] = {
+    "full": Variant("full", (), "full"),
+    "lora_r4": Variant("lora", ("method_args.r=4", "method_args.lora_alpha=8"), "LoRA r4"),
+    "lora": Variant("lora", (), "LoRA r8"),
+    "lora_r16": Variant("lora", ("method_args.r=16", "method_args.lora_alpha=32"), "LoRA r16"),
+    "prefix": Variant("prefix", (), "prefix"),
+    "prompt": Variant("prompt", (), "prompt"),
+    "ptuning": Variant("ptuning", (), "P-tuning"),
+    "ia3": Variant("ia3", (), "IA3"),
+    "bitfit": Variant("bitfit", (), "BitFit"),
+    "qlora_8bit": Variant("lora", ("load_in_8bit=true",), "QLoRA 8-bit (r8)"),
+    "qlora_4bit": Variant("lora", ("load_in_4bit=true",), "QLoRA 4-bit (r8)"),
 }
+DEFAULT_METHODS = tuple(VARIANTS)
+"""The variants swept by default (``sst2.json``, ``conll03.json``); the others run when named in ``--methods``."""
+# The other PEFT methods of `peftprompt.methods` (LoRA's presets and the other tuners, at the catalog's defaults),
+# trained through the LoRA config with ``method=<name>``: name -> (label, starting learning rate). The rates are
+# set by hand, like the config files' (about a third of what a 300-step run of the method family takes: LoRA's
+# family 1e-3, or 3e-3 where a part is frozen; vector / frequency methods higher, OSF near full fine-tuning's), and
+# are what a grid multiplies.
+OTHER_METHODS: dict[str, tuple[str, float]] = {
+    "osf": ("OSF", 5e-5),
+    "lora_all_linear": ("LoRA all-linear", 1e-3),
+    "dora": ("DoRA", 1e-3),
+    "rslora": ("rsLoRA", 3e-4),
+    "pissa": ("PiSSA", 3e-4),
+    "olora": ("OLoRA", 3e-4),
+    "loraplus": ("LoRA+", 3e-4),
+    "lora_fa": ("LoRA-FA", 3e-3),
+    "adalora": ("AdaLoRA", 1e-3),
+    "vera": ("VeRA", 3e-3),
+    "loha": ("LoHa", 1e-3),
+    "lokr": ("LoKr", 1e-3),
+    "boft": ("BOFT", 1e-3),
+    "oft": ("OFT", 1e-3),
+    "hra": ("HRA", 1e-3),
+    "fourierft": ("FourierFT", 1e-2),
+    "waveft": ("WaveFT", 3e-3),
+    "ln_tuning": ("LN tuning", 1e-3),
+    "miss": ("MiSS", 1e-3),
+    "shira": ("SHiRA", 1e-3),
+    "c3a": ("C3A", 3e-3),
+    "randlora": ("RandLoRA", 1e-3),
+    "delora": ("DeLoRA", 1e-3),
+    "gralora": ("GraLoRA", 1e-3),
+}
+VARIANTS.update({name: Variant("lora", (f"method={name}",), label, rate)
+                 for name, (label, rate) in OTHER_METHODS.items()})
 METHODS = tuple(VARIANTS)
-LABELS = {variant: label for variant, (_, _, label) in VARIANTS.items()}
+LABELS = {variant: v.label for variant, v in VARIANTS.items()}
 QUICK_STEPS, QUICK_EVAL_SAMPLES = 20, 200
 QUICK_METHODS = ("lora", "ia3", "bitfit")  # --quick without --methods: a smoke run of three methods
 
 
 def config_path(task: str, variant: str) -> Path:
-    return REPO / f"recipes/configs/minilm/{task}_{VARIANTS[variant][0]}.yaml"
+    return REPO / f"recipes/configs/minilm/{task}_{VARIANTS[variant].config}.yaml"
 
 
 def config_learning_rate(task: str, variant: str) -> float:
-    return float(yaml.safe_load(config_path(task, variant).read_text())["learning_rate"])
+    """The variant's starting learning rate: its own, else its config file's."""
+    own = VARIANTS[variant].learning_rate
+    return own if own is not None else float(yaml.safe_load(config_path(task, variant).read_text())["learning_rate"])
 
 
 def run_grid(
@@ -158,7 +209,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), required=True)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
-                        help=f"default: all ({', '.join(METHODS)}); with --quick {', '.join(QUICK_METHODS)}")
+                        help=f"default: {', '.join(DEFAULT_METHODS)}; with --quick {', '.join(QUICK_METHODS)}")
     parser.add_argument("--steps", type=int, default=600, help="optimiser steps per run")
     parser.add_argument("--lr-grid", type=float, nargs="+", default=[0.3, 1.0, 3.0], metavar="MULTIPLE",
                         help="learning rates tried per method, as multiples of its config file's rate")
@@ -174,7 +225,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     extra = [f"max_eval_samples={QUICK_EVAL_SAMPLES}"] if args.quick else []
-    args.methods = args.methods or list(QUICK_METHODS if args.quick else METHODS)
+    args.methods = args.methods or list(QUICK_METHODS if args.quick else DEFAULT_METHODS)
     if args.quick:
         args.steps, args.lr_grid = min(args.steps, QUICK_STEPS), [1.0]
     run_dir = args.run_dir or REPO / "outputs" / ("bench_quick" if args.quick else "bench")

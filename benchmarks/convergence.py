@@ -7,9 +7,12 @@ words, `VALIDATION`; CoNLL ``eng.testa`` entity F1; first 1000) has not improved
 steps. Batches are grouped by length (``group_by_length``: dynamic padding pads little) and every run has one
 thread, ``--parallel`` runs side by side.
 
-Learning rates: the short-budget sweep (`adapter_methods.py`, 300 steps, ``<task>.json``'s ``sweep`` under
-``--results``) ranks each method's rates on validation; its best (rank 1) and second best (rank 2) rates train at the
-long budget, and the rate with the better best validation score there is chosen. Both are shown when they differ.
+Learning rates: the short-budget sweep (300 steps: `adapter_methods.py`'s ``<task>.json`` under ``--results``, and
+for the methods it lacks, such as ``dora`` or ``vera``, `method_comparison.py`'s ``method_comparison.json``) ranks
+each method's rates on validation; its best (rank 1) and second best (rank 2) rates train at the long budget, and the
+rate with the better best validation score there is chosen. Both are shown when they differ. Every variant of
+`adapter_methods.VARIANTS` is accepted (``--methods lora_all_linear dora rslora pissa``); one without short-budget
+runs is refused with the command that makes them.
 
 Runs live in ``--run-dir`` as ``<task>_<variant>_lr<LR>`` and survive interruptions: an interrupted run continues
 from its newest checkpoint (one per evaluation; `_runs.run_recipe`), and each finished run leaves a record (results,
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -37,9 +39,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from _env import cpu_model, environment_record, provenance_line
-from _runs import CONFIG_FILE, RESULTS_FILE, finished_run, requested_config, run_recipe
-from adapter_methods import LABELS, METHODS, TASKS, VARIANTS, config_path
+from _env import environment_record, provenance_line
+from _runs import MACHINE_FILE, RESULTS_FILE, finished_dir as finished_in, keep_record, requested_config, run_recipe
+from adapter_methods import DEFAULT_METHODS, LABELS, METHODS, TASKS, VARIANTS, config_path
 from peftprompt.report import format_bytes
 
 NAME = "convergence"
@@ -54,24 +56,41 @@ BUDGETS = {
 # SST-2's dev.tsv holds GLUE training phrases (median 7 words, mostly fragments), its test.tsv whole sentences
 # (median 19): the validation keeps the dev rows of at least 10 words, so the step it picks suits sentences
 VALIDATION = {"sst2": ["data.eval_min_words=10"], "conll03": []}
+LORA_GAP_METHODS = ("lora", "lora_all_linear", "dora", "rslora", "pissa")  # LoRA, and presets that may close its gap
 TARGETS = {  # task: (full fine-tuning's test score at least, {variant: at most this far below full})
-    "sst2": (0.90, {"lora": 0.01, "bitfit": 0.02}),
-    "conll03": (0.88, {"lora": 0.015}),
+    "sst2": (0.90, {**dict.fromkeys(LORA_GAP_METHODS, 0.01), "bitfit": 0.02}),
+    "conll03": (0.88, dict.fromkeys(LORA_GAP_METHODS, 0.015)),
 }
-MACHINE_FILE = "machine.json"  # a record's CPU
 PRECISION_LABELS = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
 REACHED = 0.99  # the share of the best validation score whose first reaching is timed
 QUICK = {"num_epochs": 2, "eval_every": 3, "patience": 2, "max_train_samples": 48, "max_eval_samples": 16}
 QUICK_METHODS = ("lora", "bitfit")
 
 
+def short_budget(task: str, results: Path) -> tuple[list[dict], list[dict]]:
+    """The short-budget runs of `task` (every rate) and each method's chosen run: `adapter_methods.py`'s
+    ``<task>.json``, then, for the methods it lacks, the task's runs in `method_comparison.py`'s
+    ``method_comparison.json`` (the same 300 steps x batch 16)."""
+    sweep, chosen = [], []
+    path = results / f"{task}.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        sweep, chosen = list(data["sweep"]), list(data["results"])
+    comparison = results / "method_comparison.json"
+    if comparison.is_file():
+        data = json.loads(comparison.read_text())["tasks"].get(task, {})
+        known = {run["method"] for run in sweep}
+        sweep += [run for run in data.get("sweep", []) if run["method"] not in known]
+        chosen += [row for row in data.get("results", []) if row["method"] not in known]
+    return sweep, chosen
+
+
 def ranked_rates(task: str, results: Path) -> dict[str, list[float]]:
-    """Each method's learning rates of the short-budget sweep (``<task>.json``), best validation score first (ties:
+    """Each method's learning rates of the short-budget sweep (`short_budget`), best validation score first (ties:
     the smaller rate)."""
     dev = TASKS[task][2]
-    sweep = json.loads((results / f"{task}.json").read_text())["sweep"]
     rates: dict[str, list[tuple[float, float]]] = {}
-    for run in sweep:
+    for run in short_budget(task, results)[0]:
         rates.setdefault(run["method"], []).append((run[dev], run["learning_rate"]))
     return {method: [lr for _, lr in sorted(runs, key=lambda x: (-x[0], x[1]))] for method, runs in rates.items()}
 
@@ -131,26 +150,7 @@ def finished_dir(job: tuple[str, str, float], args: argparse.Namespace) -> Optio
     name = run_name(*job)
     requested = requested_config(config_path(task, method), overrides(task, method, lr, args.quick, args.model),
                                  args.run_dir / name)
-    for directory in (args.records / name, args.run_dir / name):
-        if finished_run(directory, requested) is not None:
-            return directory
-    return None
-
-
-def keep_record(run_dir: Path, records: Path) -> None:
-    """Copy what this report reads of a finished run (``results.json``, ``train_config.yaml`` and ``metrics.jsonl``
-    without its ``train`` records) to ``records/<run>`` with the CPU that finished it (``machine.json``: its seconds
-    and its ``auto`` precision depend on it), written aside and renamed into place."""
-    target, scratch = records / run_dir.name, records / f".{run_dir.name}.partial"
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
-    for name in (RESULTS_FILE, CONFIG_FILE):
-        shutil.copy2(run_dir / name, scratch / name)
-    kept = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if json.loads(line)["type"] != "train"]
-    (scratch / "metrics.jsonl").write_text("\n".join(kept) + "\n")
-    (scratch / MACHINE_FILE).write_text(json.dumps({"cpu_model": cpu_model()}) + "\n")
-    shutil.rmtree(target, ignore_errors=True)
-    scratch.rename(target)
+    return finished_in(requested, args.records / name, args.run_dir / name)
 
 
 def read_run(directory: Path) -> dict:
@@ -300,7 +300,8 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["sst2", "conll03"])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None, help="default: all")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                        help=f"default: {', '.join(DEFAULT_METHODS)} (the variants of sst2.json / conll03.json)")
     parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2],
                         help="which of the short-budget sweep's rates train at the long budget (1: its best)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
@@ -314,11 +315,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK}, methods {QUICK_METHODS}")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    args.methods = args.methods or list(QUICK_METHODS if args.quick else METHODS)
+    args.methods = args.methods or list(QUICK_METHODS if args.quick else DEFAULT_METHODS)
     args.run_dir = (args.run_dir or REPO / "outputs" / ("convergence_quick" if args.quick else "convergence")).resolve()
     args.records = (args.records or (args.run_dir / "records" if args.quick else RESULTS / "convergence_runs")).resolve()
     started = time.perf_counter()
     rates = {task: ranked_rates(task, args.results) for task in args.tasks}
+    unswept = [f"{task} {method}" for task in args.tasks for method in args.methods if method not in rates[task]]
+    if unswept:
+        raise SystemExit(f"convergence: no short-budget rates for {', '.join(unswept)} under {args.results}: run "
+                         f"benchmarks/method_comparison.py --tasks {' '.join(args.tasks)} --methods "
+                         f"{' '.join(dict.fromkeys(u.split()[1] for u in unswept))} first")
     # method by method (the order of --methods), so the methods a target names can come first
     jobs = [(task, method, rates[task][method][rank - 1]) for method in args.methods for task in args.tasks
             for rank in sorted(args.ranks) if rank <= len(rates[task][method])]
@@ -335,15 +341,13 @@ def main() -> None:
             continue
         rows.append(summarise_run(*job, read_run(directory), curve))
     chosen = choose(rows, rates)
-    short_budget = {}
-    for task in args.tasks:
-        sweep_rows = json.loads((args.results / f"{task}.json").read_text())["results"]
-        short_budget[task] = {r["method"]: r[TASKS[task][1]] for r in sweep_rows}
+    short_budget_test = {task: {r["method"]: r[TASKS[task][1]] for r in short_budget(task, args.results)[1]}
+                         for task in args.tasks}
     result = {
         "benchmark": NAME, "budgets": {t: {**BUDGETS[t], **(QUICK if args.quick else {})} for t in args.tasks},
         "reached_share": REACHED, "ranks": sorted(args.ranks), "parallel": args.parallel, "quick": args.quick,
         "model": args.model or "minilm", "partial": bool(missing), "missing": missing, "runs": rows,
-        "chosen": chosen, "short_budget": short_budget, "targets": targets(chosen),
+        "chosen": chosen, "short_budget": short_budget_test, "targets": targets(chosen),
         "wall_seconds": time.perf_counter() - started, "environment": environment_record(),
     }
     write_results(result, args.out)

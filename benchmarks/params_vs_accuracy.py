@@ -28,7 +28,7 @@ from matplotlib.ticker import NullFormatter
 
 from _env import environment_record
 from _plot import scatter_labelled
-from adapter_methods import LABELS
+from adapter_methods import DEFAULT_METHODS, LABELS
 from peftprompt.report import format_bytes
 
 NAME = "params_vs_accuracy"
@@ -87,14 +87,15 @@ def read_converged_rows(data: dict) -> list[dict]:
     """The methods trained to their plateau (``convergence.json``'s chosen runs: the test score at the best
     validation step) as rows of this table, a budget of their own per task (``PARTIAL`` while methods are missing)."""
     rows = []
-    done = Counter(r["task"] for r in data["chosen"])  # methods per task
+    done = Counter(r["task"] for r in data["chosen"] if r["method"] in DEFAULT_METHODS)  # swept methods per task
     for r in data["chosen"]:
         task, _, metric, _ = SOURCES[r["task"]]
         budget = data["budgets"][r["task"]]
         rows.append({
             "task": task, "model": MODELS.get(data["model"], data["model"]), "method": r["method"], "label": r["label"],
             "budget": f"plateau, <= {budget['num_epochs']} epochs" + (
-                "" if done[r["task"]] == len(LABELS) else f" (PARTIAL: {done[r['task']]} of {len(LABELS)} methods)"),
+                "" if done[r["task"]] == len(DEFAULT_METHODS)
+                else f" (PARTIAL: {done[r['task']]} of {len(DEFAULT_METHODS)} methods)"),
             "trainable_params": r["trainable_params"], "trainable_pct": r["trainable_pct"],
             "adapter_bytes": r["adapter_bytes"], "metric": metric, "value": r["test_at_best"],
             "learning_rate": r["learning_rate"], "train_seconds": r["step_seconds"], "peak_memory_mb": r["peak_memory_mb"],

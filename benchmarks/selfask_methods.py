@@ -16,7 +16,9 @@ the config's 1e-3 (the rate ``make demo`` trains with). Every other method gets 
 rate to LoRA's on MiniLM: the geometric mean of the SST-2 and CoNLL-2003 ratios in
 ``benchmarks/results/{sst2,conll03}.json`` (LoRA 3e-3 on both; full 1.5e-4 and 1.5e-4 -> 0.05; prefix 0.03 and
 0.09 -> 17; prompt 0.27 and 0.27 -> 90, the top of that grid, so a lower bound; P-tuning 0.003 and 0.009 -> 1.7; IA3
-0.009 and 0.027 -> 5.2; BitFit 0.006 and 0.018 -> 3.5), rounded to one significant figure.
+0.009 and 0.027 -> 5.2; BitFit 0.006 and 0.018 -> 3.5), rounded to one significant figure. The methods of
+`adapter_methods.OTHER_METHODS` (LoRA's presets at rank 8 on every projection, the other PEFT tuners at the catalog's
+defaults) run when ``--methods`` names them, at their MiniLM starting rate (LoRA's is 1e-3 on both).
 
 Prompt tuning, P-tuning and prefix tuning train on padded episodes, one a row (the recipe's ``data.packing: auto``:
 under virtual tokens packed episodes would attend to each other), in batches of ``UNPACKED_BATCH`` episodes per
@@ -41,14 +43,13 @@ import time
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-import yaml
 from tqdm import tqdm
 from transformers.utils import logging as transformers_logging
 
 from _env import environment_record, provenance_line
 from _plot import params_scatter
-from _runs import run_recipe
-from peftprompt import load_adapter, load_backbone
+from _runs import load_trained, run_recipe
+from adapter_methods import OTHER_METHODS
 from peftprompt.recursive import convert
 from peftprompt.report import format_bytes
 from peftprompt.selfask import RetrieverAnswerer, SelfAskRunner
@@ -99,26 +100,24 @@ VARIANTS = {
     "qlora_8bit": Variant("lora", lora(16), "8bit", 1e-3, "QLoRA 8-bit (r16)"),
     "full": Variant("full", {}, None, 5e-5, "full"),
 }
+DEFAULT_METHODS = tuple(VARIANTS)
+"""The variants run by default (``selfask_methods.json``); the others run when named in ``--methods``."""
+LORA_PRESETS = ("dora", "rslora", "pissa", "olora", "loraplus", "lora_fa")
+"""LoRA's presets, at rank 8 on every projection like ``lora_r8``."""
+# The other methods of `adapter_methods.OTHER_METHODS` at their MiniLM starting rate (LoRA's is 1e-3 on both), the
+# tuners at the catalog's defaults (PEFT's target modules for Llama); LoRA on every linear layer is ``lora_r8`` here.
+VARIANTS.update({
+    name: Variant(name, lora(8) if name in LORA_PRESETS else {}, None, rate, label)
+    for name, (label, rate) in OTHER_METHODS.items() if name != "lora_all_linear"
+})
 RATE_RULE = ("LoRA and QLoRA: the config's 1e-3; others: 1e-3 x (their tuned rate / LoRA's) on MiniLM, geometric "
-             "mean over SST-2 and CoNLL-2003, one significant figure")
+             "mean over SST-2 and CoNLL-2003, one significant figure; methods of adapter_methods.OTHER_METHODS: their "
+             "MiniLM starting rate")
 
 
 def train_overrides(variant: str, steps: int, model: str, extra: list[str]) -> list[str]:
     """The recipe's config overrides that train `variant` for `steps` steps on `model`."""
     return [f"model={model}", *VARIANTS[variant].overrides(), f"max_steps={steps}", "data.generate_eval=0", *extra]
-
-
-def load_trained(run: Path):
-    """The model trained in `run` (its adapter on the backbone loaded as in training, or the full checkpoint) and
-    its tokenizer, in evaluation mode."""
-    config = yaml.safe_load((run / "train_config.yaml").read_text())
-    if config["method"] == "full":
-        model, tokenizer = load_backbone(str(run / "adapter"), task="causal_lm")
-    else:
-        base, tokenizer = load_backbone(config["model"], task="causal_lm", load_in_8bit=config["load_in_8bit"],
-                                        load_in_4bit=config["load_in_4bit"])
-        model = load_adapter(base, run / "adapter")
-    return model.eval(), tokenizer
 
 
 def evaluate(run: Path, trees: list, retriever: RetrieverAnswerer, label: str) -> dict:
@@ -187,7 +186,7 @@ def write_results(result: dict, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", choices=VARIANTS, default=None,
-                        help=f"default: all; with --quick {', '.join(QUICK_METHODS)}")
+                        help=f"default: {', '.join(DEFAULT_METHODS)}; with --quick {', '.join(QUICK_METHODS)}")
     parser.add_argument("--steps", type=int, default=100, help="optimiser steps per method (default 100)")
     parser.add_argument("--n", type=int, default=100, help="Compositional Celebrities questions (default 100)")
     parser.add_argument("--model", default="smollm2-135m", help="the causal LM to train")
@@ -203,7 +202,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     extra = []
-    args.methods = args.methods or list(QUICK_METHODS if args.quick else VARIANTS)
+    args.methods = args.methods or list(QUICK_METHODS if args.quick else DEFAULT_METHODS)
     if args.quick:
         args.steps, args.n = min(args.steps, QUICK_STEPS), min(args.n, QUICK_N)
         extra = [f"max_train_samples={QUICK_TRAIN_TREES}", f"max_eval_samples={QUICK_EVAL_TREES}"]
