@@ -700,3 +700,82 @@ def test_selfask_continual_dry_run_reports_every_round(tiny_smollm, tmp_path):
     assert "| 0 |" in md and "| 1 |" in md and "leaf facts only (retriever)" in md and "gold sub-answers" in md
     assert "Compositional Celebrities: 3 questions" in md
     assert (tmp_path / "out" / "selfask_continual.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_method_comparison_quick_run_keeps_records_that_a_fresh_checkout_reads(tiny_bert, tiny_smollm, tmp_path):
+    args = ["--quick", "--tasks", "sst2", "selfask", "--methods", "lora", "--model", str(tiny_bert), "--lm-model",
+            str(tiny_smollm), "--parallel", "1", "--processes", "1", "--eval-threads", "1", "--run-dir",
+            str(tmp_path / "runs"), "--out", str(tmp_path / "results")]
+    run("method_comparison.py", *args)
+    result = json.loads((tmp_path / "results" / "method_comparison.json").read_text())
+    assert not result["partial"] and result["budgets"]["encoder"]["steps"] == 3
+    (row,) = result["tasks"]["sst2"]["results"]
+    assert (row["method"], row["label"], row["learning_rate"], row["global_step"]) == ("lora", "LoRA r8", 1e-3, 3)
+    assert row["seconds_per_step"] > 0 and row["peak_memory_mb"] > 0 and row["adapter_bytes"] > 0
+    assert 0 <= row["forgetting"] < 1 and row["pareto_accuracy"]  # the only method: on the front
+    assert row["forgetting_detail"]["texts"] == {"source": "hotpotqa_distractor", "split": "train", "n": 4, "seed": 0,
+                                                 "max_length": 128}
+    (ask,) = result["tasks"]["selfask"]["results"]
+    assert ask["label"] == "LoRA r8" and ask["compositional_celebrities_n"] == ask["deep_n"] == 2
+    assert 0 <= ask["deep_em"] <= 1 and ask["eval_loss"] > 0
+    detail = ask["forgetting_detail"]
+    assert detail["measure"] == "causal-LM loss rise" and detail["forgetting"] == pytest.approx(
+        detail["trained"] - detail["base"])
+    trained = yaml.safe_load((tmp_path / "runs" / "selfask_lora_lr0.001" / "train_config.yaml").read_text())
+    assert trained["method_args"]["r"] == 8 and len(trained["method_args"]["target_modules"]) == 7
+    assert trained["learning_rate"] == 1e-3 and trained["save_every"] == 20 and trained["max_steps"] == 3
+    assert result["questions"]["deep_drawn"]["validation_trees"] == 8  # validation trees left out of the deep set
+    md = (tmp_path / "results" / "method_comparison.md").read_text()
+    assert "## SST-2 accuracy" in md and "## Self-ask exact match" in md and "| LoRA r8 | 4,226 |" in md
+    assert "PARTIAL" not in md and (tmp_path / "results" / "method_comparison.png").stat().st_size > 0
+
+    # a fresh checkout has the records only: nothing is trained or evaluated again
+    records = tmp_path / "records"
+    shutil.move(tmp_path / "runs" / "records", records)
+    assert sorted(p.name for p in (records / "selfask_lora_lr0.001").iterdir()) == [
+        "forgetting.json", "machine.json", "metrics.jsonl", "results.json", "selfask_eval.json", "train_config.yaml"]
+    shutil.rmtree(tmp_path / "runs")
+    run("method_comparison.py", *args, "--records", str(records))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    again = json.loads((tmp_path / "results" / "method_comparison.json").read_text())
+    assert again["tasks"]["sst2"]["results"] == result["tasks"]["sst2"]["results"]
+    assert again["tasks"]["selfask"]["results"] == result["tasks"]["selfask"]["results"]
+
+    # a method not run yet is missing, and the report says PARTIAL
+    comparison = benchmark_module("method_comparison")
+    partial_args = comparison.parse_args(["--quick", "--tasks", "sst2", "--methods", "lora", "bitfit", "--model",
+                                          str(tiny_bert), "--report-only", "--records", str(records), "--run-dir",
+                                          str(tmp_path / "runs")])
+    partial = comparison.compare(partial_args)
+    assert partial["partial"] and partial["tasks"]["sst2"]["missing"] == ["sst2_bitfit_lr0.002"]
+    assert [r["method"] for r in partial["tasks"]["sst2"]["results"]] == ["lora"]
+    comparison.write_results(partial, tmp_path / "partial")
+    assert "## SST-2 accuracy (MiniLM, test.tsv) (PARTIAL)" in (tmp_path / "partial" / "method_comparison.md").read_text()
+
+
+def test_forgetting_is_zero_for_an_unchanged_backbone_and_grows_with_a_change(tiny_bert, tiny_smollm):
+    import torch
+
+    from peftprompt import attach, load_backbone
+
+    forgetting = benchmark_module("_forgetting")
+
+    texts = forgetting.held_out_texts(3)
+    assert len(set(texts)) == 3 and texts == forgetting.held_out_texts(3)  # a seeded sample of distinct paragraphs
+    lm, tokenizer = load_backbone(str(tiny_smollm), task="causal_lm")
+    base_loss = forgetting.lm_loss(lm.eval(), tokenizer, texts, max_length=32)
+    adapted = attach(lm, "lora").eval()  # B = 0: the same function
+    assert forgetting.lm_loss(adapted, tokenizer, texts, max_length=32) == pytest.approx(base_loss, abs=1e-5)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    assert forgetting.lm_loss(adapted, tokenizer, texts, max_length=32) != pytest.approx(base_loss, abs=1e-3)
+
+    encoder, tokenizer = load_backbone(str(tiny_bert), task="seq_cls", num_labels=2)
+    base = forgetting.sentence_embeddings(encoder.eval(), tokenizer, texts, max_length=32)
+    assert base.shape == (3, 64) and forgetting.embedding_drift(base, base) == pytest.approx(0, abs=1e-6)
+    prompted = attach(encoder, "prompt").eval()  # 20 virtual tokens: left out of the mean, but attended to
+    moved = forgetting.sentence_embeddings(prompted, tokenizer, texts, max_length=32)
+    assert moved.shape == (3, 64) and 0 < forgetting.embedding_drift(base, moved) <= 2
