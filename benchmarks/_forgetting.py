@@ -51,15 +51,18 @@ def _batches(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: i
 
 @torch.no_grad()
 def lm_loss(model, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int = 256,
-            batch_size: int = 8) -> float:
+            batch_size: int = 4) -> float:
     """The causal-LM loss of `model` on `texts` (each cut to `max_length` tokens): the mean negative
-    log-likelihood of every predicted token, padding excluded."""
+    log-likelihood of every token after a text's first, padding excluded. Computed from the logits, not by the model
+    (an AdaLoRA model loaded for inference cannot compute its own loss), at the input's own positions (a
+    prompt-learning adapter's virtual tokens are left out)."""
     total, count = 0.0, 0
     for batch in _batches(tokenizer, texts, max_length, batch_size):
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        items = int((labels[:, 1:] != -100).sum())  # the tokens a shifted loss predicts
-        total += float(model(**batch, labels=labels).loss) * items
-        count += items
+        length = batch["input_ids"].shape[1]
+        logits = model(**batch).logits[:, -length:-1].float()
+        targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+        total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="sum"))
+        count += int((targets != -100).sum())
     return total / count
 
 

@@ -91,7 +91,7 @@ OTHER_METHODS: dict[str, tuple[str, float]] = {
     "boft": ("BOFT", 1e-3),
     "oft": ("OFT", 1e-3),
     "hra": ("HRA", 1e-3),
-    "fourierft": ("FourierFT", 1e-2),
+    "fourierft": ("FourierFT", 3e-3),  # its updates are scaled by 150: 1e-2 moved a tiny BERT far in 3 steps
     "waveft": ("WaveFT", 3e-3),
     "ln_tuning": ("LN tuning", 1e-3),
     "miss": ("MiSS", 1e-3),

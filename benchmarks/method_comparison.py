@@ -244,17 +244,24 @@ def complete(job: Job, forgetting: Forgetting, records: Path) -> Path:
     return keep_record(run_dir, records, extra=(FORGETTING_FILE, EVAL_FILE))
 
 
+def failure(job: Job, err: Exception) -> str:
+    """The one line a failed job leaves in the report; the other jobs go on."""
+    message = f"{job.name}: {err}" if isinstance(err, RuntimeError) else f"{job.name}: {type(err).__name__}: {err}"
+    tqdm.write(f"method_comparison: {message}")
+    return message
+
+
 def run_jobs(jobs: list[Job], forgetting: Forgetting, args: argparse.Namespace, parallel: int) -> list[str]:
-    """Complete every job (`complete`), `parallel` at a time; return the messages of those that failed."""
+    """Complete every job (`complete`), `parallel` at a time; return the messages of those that failed (training,
+    or loading the trained model to measure it: one method's failure does not stop the others)."""
     failed = []
     with tqdm(total=len(jobs), desc="method comparison runs", unit="run") as bar, ThreadPoolExecutor(parallel) as pool:
         futures = {pool.submit(complete, job, forgetting, args.records): job for job in jobs}
         for future in as_completed(futures):
             try:
                 future.result()
-            except RuntimeError as err:
-                failed.append(str(err))
-                tqdm.write(f"method_comparison: {err}")
+            except Exception as err:  # reported; the sweep goes on
+                failed.append(failure(futures[future], err))
             bar.set_postfix_str(futures[future].name)
             bar.update()
     return failed
@@ -376,8 +383,8 @@ def run_task(task: str, args: argparse.Namespace, requested: list[str], forgetti
                     chosen = next(job for job in grid if job.lr == best["learning_rate"])
                     try:
                         ensure_selfask_eval(chosen, sets, question_spec, forgetting, args)
-                    except RuntimeError as err:
-                        failed.append(str(err))
+                    except Exception as err:  # reported; the other methods go on
+                        failed.append(failure(chosen, err))
     rows, sweep, missing = [], [], []
     for method, grid in jobs.items():
         done = [(job, recorded(job, forgetting)) for job in grid]

@@ -765,6 +765,10 @@ def test_forgetting_is_zero_for_an_unchanged_backbone_and_grows_with_a_change(ti
     assert len(set(texts)) == 3 and texts == forgetting.held_out_texts(3)  # a seeded sample of distinct paragraphs
     lm, tokenizer = load_backbone(str(tiny_smollm), task="causal_lm")
     base_loss = forgetting.lm_loss(lm.eval(), tokenizer, texts, max_length=32)
+    one = tokenizer(texts[:1], truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():  # the model's own loss on one text: the same definition
+        assert forgetting.lm_loss(lm, tokenizer, texts[:1], max_length=32) == pytest.approx(
+            float(lm(**one, labels=one["input_ids"]).loss), abs=1e-5)
     adapted = attach(lm, "lora").eval()  # B = 0: the same function
     assert forgetting.lm_loss(adapted, tokenizer, texts, max_length=32) == pytest.approx(base_loss, abs=1e-5)
     with torch.no_grad():
