@@ -353,7 +353,7 @@ def apply(call: OperatorCall) -> OperatorResult:
 
     Raises:
         OperatorError: A value cannot be parsed or is unknown, two quantities have different units, or two dates
-            overlap so neither is earlier.
+            overlap so neither is earlier (or later).
     """
     kind = KINDS[call.operator]
     x, y = (parse_value(kind, value) for value in call.values)
@@ -365,7 +365,7 @@ def apply(call: OperatorCall) -> OperatorResult:
         return OperatorResult(call, "yes" if x and y else "no", parsed)
     if kind == "date":
         if not (x.end < y.start or y.end < x.start):
-            raise OperatorError(f"dates {first!r} and {second!r} overlap: neither is earlier")
+            raise OperatorError(f"dates {first!r} and {second!r} overlap: neither is {call.operator}")
         low = 0 if x.end < y.start else 1  # the earlier one
     else:
         if not same_unit(x.unit, y.unit):
