@@ -5,7 +5,7 @@ models: for each cell, attach, one training step, save, reload in a fresh proces
 the method merges (logits unchanged within 1e-4). Writes ``architectures.json`` (every cell, with the refusal
 reasons) and ``architectures.md`` (the table) to ``--out``; a few minutes on 2 CPU cores:
 
-    .venv/bin/python benchmarks/architectures.py [--architectures llama gpt2] [--methods lora vera]
+    .venv/bin/python benchmarks/architectures.py [--architectures llama gpt2] [--methods lora vera] [--quick]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from transformers.utils import logging as transformers_logging
 
 from _env import environment_record
-from peftprompt.methods import METHODS, REFUSED_METHODS
+from peftprompt.methods import CORE_METHODS, METHODS, REFUSED_METHODS
 from peftprompt.methods.matrix import ARCHITECTURES, Reloader, cells_as_json, check_architecture, markdown_table
 
 NAME = "architectures"
@@ -66,8 +66,11 @@ def main() -> None:
     parser.add_argument("--architectures", nargs="+", choices=list(ARCHITECTURES), default=list(ARCHITECTURES))
     parser.add_argument("--methods", nargs="+", choices=[*METHODS, *REFUSED_METHODS],
                         default=[*METHODS, *REFUSED_METHODS])
+    parser.add_argument("--quick", action="store_true", help="Llama, GPT-2 and BERT with the core methods only")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
+    if args.quick:
+        args.architectures, args.methods = ["llama", "gpt2", "bert"], list(CORE_METHODS)
     torch.set_num_threads(1)
     transformers_logging.set_verbosity_error()
 

@@ -1,15 +1,17 @@
 """Regenerate every result under ``benchmarks/results/`` (``make bench``): the benchmark scripts in turn, under one
 progress bar whose time estimate comes from what each stage took last time.
 
-Stages, in order (`STAGES`): ``methods_overview``, ``collator``, ``speed``, ``speed_encoder`` (MiniLM training
+Stages, in order (`STAGES`): ``methods_overview``, ``architectures`` (every method on 17 tiny architectures),
+``collator``, ``speed``, ``speed_encoder`` (MiniLM training
 against Trainer + PEFT), ``sst2`` and ``conll03`` (``adapter_methods.py``, all 11 method variants, 300 steps,
 learning rates 0.3 / 1 / 3 / 9 x the config's), ``convergence`` (the same methods trained to their plateau, at the
 two best rates of those sweeps; hours; its runs under ``outputs/convergence`` are resumed or reused),
 ``demo_adapter`` (trains the self-ask LoRA of ``make demo`` by running ``recipes/demo_selfask.py --n 5``, only when
 ``outputs/demo_selfask/adapter`` is missing), ``selfask`` (that adapter against the base model), ``selfask_speed``
 (questions per second with and without KV-cache reuse, that adapter and the base model), ``demo_time`` (the
-main job from scratch: its minutes and exact match), ``selfask_methods``,
-``params_vs_accuracy``, ``recursion`` (flat / recursive / mix training against ``max_depth``; its trained runs
+main job from scratch: its minutes and exact match), ``selfask_methods``, ``method_comparison`` (every PEFT
+method on SST-2, CoNLL-2003 and self-ask at one budget; about ten hours; its finished runs are kept under
+``benchmarks/results/method_comparison_runs`` and reused), ``params_vs_accuracy``, ``recursion`` (flat / recursive / mix training against ``max_depth``; its trained runs
 and evaluated cells under ``outputs/recursion`` are reused), ``openbook`` (self-ask with retrieval per follow-up
 against single-step retrieval; its decomposer is recursion's ``flat`` run; adapters, indexes and cells under
 ``outputs/openbook`` are reused) and ``continual`` (five classification tasks in three orders, every
@@ -61,6 +63,7 @@ class Stage(NamedTuple):
 
 STAGES = (
     Stage("methods_overview", "benchmarks/methods_overview.py", (), "methods_overview.json", 240, 120),
+    Stage("architectures", "benchmarks/architectures.py", (), "architectures.json", 120, 30),
     Stage("collator", "benchmarks/collator.py", (), "collator.json", 150, 60),
     Stage("speed", "benchmarks/speed.py", (), "speed.json", 600, 240),
     Stage("speed_encoder", "benchmarks/speed_encoder.py", (), "speed_encoder.json", 900, 240),
@@ -73,6 +76,7 @@ STAGES = (
     Stage("selfask_speed", "benchmarks/selfask_speed.py", (), "selfask_speed.json", 1000, 200),
     Stage("demo_time", "benchmarks/demo_time.py", (), "demo_time.json", 600, 120),
     Stage("selfask_methods", "benchmarks/selfask_methods.py", (), "selfask_methods.json", 7200, 700),
+    Stage("method_comparison", "benchmarks/method_comparison.py", (), "method_comparison.json", 36000, 300),  # reused
     Stage("params_vs_accuracy", "benchmarks/params_vs_accuracy.py", (), "params_vs_accuracy.json", 10, 10),
     Stage("recursion", "benchmarks/recursion.py", (), "recursion.json", 5400, 300),
     Stage("openbook", "benchmarks/openbook.py", ("--index-speed",), "openbook.json", 14400, 900),

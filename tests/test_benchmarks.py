@@ -411,20 +411,21 @@ def test_run_all_plan(tmp_path):
     (tmp_path / "speed.json").write_text(json.dumps({"runs": {"a": {"wall_seconds": 50}, "b": {"wall_seconds": 70}}}))
     out = run("run_all.py", "--plan", "--quick", "--out", str(tmp_path)).stdout.splitlines()
     stages = {line.split()[0]: line for line in out[1:]}
-    assert list(stages) == ["methods_overview", "collator", "speed", "speed_encoder", "sst2", "conll03", "convergence",
-                            "demo_adapter", "selfask",
-                            "selfask_speed", "demo_time", "selfask_methods", "params_vs_accuracy", "recursion",
-                            "openbook", "continual", "selfask_continual"]
+    assert list(stages) == ["methods_overview", "architectures", "collator", "speed", "speed_encoder", "sst2",
+                            "conll03", "convergence", "demo_adapter", "selfask", "selfask_speed", "demo_time",
+                            "selfask_methods", "method_comparison", "params_vs_accuracy", "recursion", "openbook",
+                            "continual", "selfask_continual"]
     assert "~ 10.0 min (recorded in sst2.json)" in stages["sst2"] and "~  2.0 min (recorded in speed.json)" in stages[
         "speed"]
     assert "(guess)" in stages["conll03"] and "--task conll03" in stages["conll03"]
-    for name in ("methods_overview", "collator", "speed", "sst2", "conll03", "selfask", "selfask_speed", "demo_time",
-                 "selfask_methods", "recursion", "openbook", "continual", "selfask_continual"):
+    for name in ("methods_overview", "architectures", "collator", "speed", "sst2", "conll03", "selfask",
+                 "selfask_speed", "demo_time", "selfask_methods", "method_comparison", "recursion", "openbook",
+                 "continual", "selfask_continual"):
         assert stages[name].endswith(f"--quick --out {tmp_path}") and "--reuse" not in stages[name]
     assert "--adapter" in stages["selfask_speed"]
     assert stages["params_vs_accuracy"].endswith(f"--results {tmp_path} --out {tmp_path}")
     assert "skipped" in stages["demo_adapter"] or "max_steps=5" in stages["demo_adapter"]
-    assert out[0].startswith(f"17 stages into {tmp_path}; estimated total ~")
+    assert out[0].startswith(f"19 stages into {tmp_path}; estimated total ~")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["speed.json", "sst2.json"]  # nothing ran
 
     out = run("run_all.py", "--plan", "--only", "params_vs_accuracy", "sst2", "--out", str(tmp_path)).stdout
