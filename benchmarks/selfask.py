@@ -26,6 +26,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -35,6 +36,7 @@ from transformers.utils import logging as transformers_logging
 from _env import environment_record
 from peftprompt import load_adapter, load_backbone, merged_for_inference
 from peftprompt.recursive import convert
+from peftprompt.recursive.tree import question_key
 from peftprompt.selfask.evaluate import APPROACHES, compare_approaches, sample_trees
 
 NAME = "selfask"
@@ -67,6 +69,16 @@ def training_record(adapter_dir: Path) -> dict:
     return record
 
 
+def asked_in_training(trees: list, sources: Optional[list[str]]) -> Optional[int]:
+    """How many of `trees`' questions a training tree of `sources` asks (any node, normalised text); `None` when the
+    adapter's training sources are unknown."""
+    if not sources:
+        return None
+    seen = {question_key(node.question) for source in sources for tree in convert(source)
+            for _, node in tree.iter_nodes()}
+    return sum(question_key(tree.question) in seen for tree in trees)
+
+
 def carried_rows(previous: dict, key: str, n: int, args: argparse.Namespace) -> dict[str, dict]:
     """The rows of `previous` (the results written before) for data set `key` that this run does not evaluate,
     where they were measured on the same `n` questions, model and threshold; each says where and how it ran."""
@@ -88,7 +100,10 @@ def write_results(result: dict, out: Path) -> None:
              "Follow-ups answered by the MiniLM retriever over each set's own gold sub-answers (threshold "
              f"{result['threshold']}), a follow-up in an operator's template computed first ({result.get('answerers', 'retriever')}); greedy decoding; questions drawn at random (seed {SEED}). Fine-tuned adapter: "
              f"LoRA trained on {', '.join(training.get('datasets', ['?']))} ({training.get('global_step', '?')} "
-             f"steps, never on Compositional Celebrities or 2WikiMultiHopQA).", ""]
+             "steps, never on Compositional Celebrities; 2WikiMultiHopQA's training split only, the ProbTree trees "
+             "evaluated here are dev questions). Evaluated questions a training tree asks (normalised text): "
+             + ", ".join(f"{title} {result[key].get('asked_in_training', 'not checked')} of {result[key]['n']}"
+                         for key, (_, title) in DATASETS.items() if key in result) + ".", ""]
     for key, (_, title) in DATASETS.items():
         if key not in result:
             continue
@@ -169,6 +184,7 @@ def main() -> None:
         result[key] = compare_approaches(trees, model.eval(), tokenizer, adapter_model=tuned, approaches=args.approaches,
                                          threshold=args.threshold, progress=True)
         result[key].update(carried_rows(previous, key, len(trees), args))
+        result[key]["asked_in_training"] = asked_in_training(trees, result["training"].get("datasets"))
     cc = result["compositional_celebrities"]
     if {"fine_tuned_self_ask", "few_shot_self_ask"} <= set(cc):
         em_gain = cc["fine_tuned_self_ask"]["em"] - cc["few_shot_self_ask"]["em"]

@@ -111,7 +111,8 @@ def test_selfask_benchmark_dry_run(tiny_smollm, tmp_path):
     run("selfask.py", "--model", str(tiny_smollm), "--adapter", str(adapter), "--n", "2", "--n-2wiki", "2",
         "--approaches", "direct", "--out", str(tmp_path / "results"))  # other questions: nothing carried
     third = json.loads((tmp_path / "results" / "selfask.json").read_text())
-    assert set(third["compositional_celebrities"]) == {"n", "direct"} and "target" not in third
+    assert set(third["compositional_celebrities"]) == {"n", "direct", "asked_in_training"} and "target" not in third
+    assert third["compositional_celebrities"]["asked_in_training"] is None  # the stand-in adapter has no record
     assert "Not measured: both self-ask rows are needed." in (tmp_path / "results" / "selfask.md").read_text()
 
 
