@@ -1,6 +1,6 @@
 """Every adapter method on 17 architectures: which attach, train, reload in a fresh process and merge.
 
-Runs the matrix of `peftprompt.methods.matrix` (the harness of ``tests/test_architectures.py``) on tiny random
+Runs the matrix of `peftprompt.method_matrix` (the harness of ``tests/test_architectures.py``) on tiny random
 models: for each cell, attach, one training step, save, reload in a fresh process (identical logits) and merge where
 the method merges (logits unchanged within 1e-4). Writes ``architectures.json`` (every cell, with the refusal
 reasons) and ``architectures.md`` (the table) to ``--out``; a few minutes on 2 CPU cores:
@@ -22,7 +22,7 @@ from transformers.utils import logging as transformers_logging
 
 from _env import environment_record
 from peftprompt.methods import CORE_METHODS, METHODS, REFUSED_METHODS
-from peftprompt.methods.matrix import ARCHITECTURES, Reloader, cells_as_json, check_architecture, markdown_table
+from peftprompt.method_matrix import ARCHITECTURES, Reloader, cells_as_json, check_architecture, markdown_table
 
 NAME = "architectures"
 

@@ -1,6 +1,6 @@
 """Every adapter method on 17 architectures: attach, train a step, save, reload in a fresh process, merge.
 
-The harness is `peftprompt.methods.matrix` (also run by ``benchmarks/architectures.py``). A cell must end ``ok``
+The harness is `peftprompt.method_matrix` (also run by ``benchmarks/architectures.py``). A cell must end ``ok``
 or be refused by design, for the reason below; no cell may fail.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from peftprompt.methods import MERGEABLE_METHODS, METHODS, REFUSED_METHODS
-from peftprompt.methods.matrix import ARCHITECTURES, Reloader, check_architecture
+from peftprompt.method_matrix import ARCHITECTURES, Reloader, check_architecture
 
 ENCODERS = {"bert", "roberta", "distilbert", "deberta-v2", "electra", "modernbert"}
 # GPT-2's linear layers are transformers Conv1D layers, which these PEFT tuners do not adapt (OLoRA's

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from conftest import base_model, make_batch, tiny_llama
 from peftprompt import BitFitConfig, BitFitModel, attach, save_adapter
 from peftprompt.methods.bitfit import BitFitLayer
-from peftprompt.methods.matrix import tiny_batch, tiny_model
+from peftprompt.method_matrix import tiny_batch, tiny_model
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

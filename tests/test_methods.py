@@ -14,7 +14,7 @@ from conftest import TASKS, base_model, make_batch
 from peftprompt import attach, default_config, save_adapter
 from peftprompt.errors import InputError
 from peftprompt.methods import CORE_METHODS
-from peftprompt.methods.matrix import tiny_batch, tiny_model
+from peftprompt.method_matrix import tiny_batch, tiny_model
 
 CASES = [(task, method) for task in TASKS for method in CORE_METHODS]  # every method: test_architectures.py
 CASE_IDS = [f"{task}-{method}" for task, method in CASES]

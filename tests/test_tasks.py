@@ -16,7 +16,7 @@ from peftprompt.methods import (
     REFUSED_METHODS,
     method_name,
 )
-from peftprompt.methods.matrix import method_inputs, tiny_batch, tiny_model
+from peftprompt.method_matrix import method_inputs, tiny_batch, tiny_model
 from peftprompt.tasks import HEAD_NAMES, TASK_NAMES, TASKS, TRAINABLE_TASKS, get_task, infer_task, task_for_peft_type
 from peftprompt.training.config import load_config
 from peftprompt.training.shipping import write_model_card

@@ -59,7 +59,7 @@ from .prompt_learning import (
 from .targets import inside_head, linear_leaf_names
 
 # The methods the recipes, the benchmarks and the per-task tests compare; the architecture matrix
-# (`peftprompt.methods.matrix`) checks every method of `METHODS`.
+# (`peftprompt.method_matrix`) checks every method of `METHODS`.
 CORE_METHODS = ("lora", "prefix", "prompt", "ptuning", "ia3", "bitfit", "osf", "full")
 # One line per method, as the model card and the reports describe it.
 METHOD_DESCRIPTIONS: dict[str, str] = {name: method.description for name, method in METHOD_TABLE.items()}

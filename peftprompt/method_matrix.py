@@ -91,8 +91,8 @@ def tiny_model(architecture: str, head_seed: Optional[int] = None):
     """
     import transformers
 
-    from ..tasks import SAVED_HEAD_NAMES
-    from .targets import inside_head
+    from .tasks import SAVED_HEAD_NAMES
+    from .methods.targets import inside_head
 
     config_name, model_name, fields = ARCHITECTURES[architecture]
     config = getattr(transformers, config_name)(vocab_size=VOCAB, **fields)
@@ -139,7 +139,7 @@ def _logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _train_one_step(model, method: str, batch: dict[str, torch.Tensor]) -> None:
-    from .optimizers import method_optimizer
+    from .methods.optimizers import method_optimizer
 
     model.train()
     optimizer = method_optimizer(model, method, lr=1e-2) or torch.optim.AdamW(
@@ -159,10 +159,10 @@ def train_and_save(architecture: str, method: str, root: Path) -> tuple[Cell, Op
     returns the cell and the logits after the step (None unless it trained)."""
     from peft import PeftModel
 
-    from ..adapters import directory_bytes, merged_for_inference, save_adapter
-    from ..errors import InputError
-    from . import METHOD_TABLE, attach
-    from .catalog import REFUSED_METHODS
+    from .adapters import directory_bytes, merged_for_inference, save_adapter
+    from .errors import InputError
+    from .methods import METHOD_TABLE, attach
+    from .methods.catalog import REFUSED_METHODS
 
     cell = Cell(architecture, method)
     batch = tiny_batch(architecture)
@@ -224,7 +224,7 @@ def check_architecture(architecture: str, methods: Iterable[str], root: Path, re
 def reload_saved(architecture: str, root: Path, methods: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load each saved method of ``root`` onto a fresh tiny model (its head drawn again) and compute its logits;
     run by the `Reloader`'s process. Returns the logits and the errors, by method."""
-    from ..adapters import load_adapter
+    from .adapters import load_adapter
 
     batch = tiny_batch(architecture)
     logits, errors = {}, {}
@@ -247,7 +247,7 @@ class Reloader:
         self.log = tempfile.TemporaryFile(mode="w+")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "peftprompt.methods.matrix", "--serve"], stdin=subprocess.PIPE,
+            [sys.executable, "-m", "peftprompt.method_matrix", "--serve"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
         )
         return self
