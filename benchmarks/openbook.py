@@ -491,8 +491,11 @@ def baseline_lines(result: dict, datasets: list[str]) -> list[str]:
 
     for system in ("fine_tuned_self_ask", "fine_tuned_recursive", "fine_tuned_fallback"):
         for variant in VARIANTS:
-            pairs = [(em(before.get(cell_key(system, variant, d)), k), em(cells.get(cell_key(system, variant, d)), k))
-                     for d, k in columns]
+            pairs = []
+            for d, k in columns:  # compared only on the same questions
+                then, now = before.get(cell_key(system, variant, d)), cells.get(cell_key(system, variant, d))
+                same = then is not None and now is not None and then.get("ids") == now.get("ids")
+                pairs.append((em(then, k), em(now, k)) if same else (None, None))
             if not any(a is not None and b is not None for a, b in pairs):
                 continue
             lines.append(f"| {LABELS[system]} | {variant} | " + " | ".join(
