@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from peftprompt import attach, load_adapter, load_backbone, save_adapter
@@ -78,7 +79,8 @@ def test_merged_export_loads_with_plain_transformers(method, tmp_path, capsys):
     base, _ = load_backbone("minilm", task="seq_cls", num_labels=NUM_LABELS)
     assert not torch.allclose(logits(base.eval(), tokenizer)[:, :1], expected[:, :1], atol=1e-3)
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: transformers\n") and f"- {method}\n- merged\n" in card
+    data = ModelCard.load(out / "README.md").data  # the YAML header, through huggingface_hub
+    assert data.library_name == "transformers" and data.tags == ["peftprompt", method, "merged"]
     assert f"{AutoModelForSequenceClassification.__name__}.from_pretrained" in card and "PeftModel" not in card
 
 
@@ -183,6 +185,7 @@ def test_model_card(tmp_path):
         "pipeline_tag": "text-classification",
         "tags": ["peftprompt", "lora"],
         "datasets": ["sst2"],
+        "metrics": ["sst2 test accuracy", "testb.f1"],
     }
     for section in ("## Model description", "## How to load", "## Training", "## Results",
                     "## Trainable parameters and adapter size"):

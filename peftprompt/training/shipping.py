@@ -10,23 +10,29 @@
   (`peftprompt.atomic.write_dir_atomically`, as `peftprompt.adapters.save_adapter` does). An adapter whose weights
   would be empty is refused on every process with `EmptyAdapterError`, and the previous contents of `output_dir`
   are kept.
-- `write_model_card(output_dir, ...)`: a Hugging Face style ``README.md`` (YAML front matter with
-  ``library_name: peft``, ``base_model``, ``tags``; description, how to load, training command and
-  hyper-parameters, results, trainable parameters and adapter size), written atomically.
+- `write_model_card(output_dir, ...)`: a Hugging Face ``README.md`` made with huggingface_hub's `ModelCard` from
+  the package's one Jinja template (`MODEL_CARD_TEMPLATE`, shared with the merged export's card): metadata in the
+  YAML header through `ModelCardData` (``base_model``, ``library_name: peft``, ``pipeline_tag``, ``tags``,
+  ``datasets``, ``metrics``); description, how to load, training command and hyper-parameters, results, trainable
+  parameters and adapter size; written atomically. Nothing reaches the Hub.
 - `export_merged(adapter_dir, output_dir)`: fold a LoRA / IA3 / BitFit adapter into its base model
   (``merge_and_unload``) and save a plain transformers checkpoint with its tokenizer, which loads with
-  ``AutoModelFor...from_pretrained`` and no peftprompt or peft installed. Prompt-learning adapters (prefix,
-  prompt, P-tuning) have no weights to fold into and are refused.
+  ``AutoModelFor...from_pretrained`` and no peftprompt or peft installed. Its card comes from the same template,
+  with the adapter card's metadata (``datasets``, ``metrics``) and its training, results and parameter sections
+  (read with `ModelCard.load` and `card_sections`). Prompt-learning adapters (prefix, prompt, P-tuning) have no
+  weights to fold into and are refused.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 import yaml
+from huggingface_hub import ModelCard, ModelCardData
 from peft import PeftConfig, PeftModel
 from safetensors import safe_open
 
@@ -51,6 +57,11 @@ EMBEDDED_PATH_MARKERS = {MINILM_PACKAGE: "minilm", SMOLLM2_CACHE_NAME: "smollm2-
 # `peftprompt.methods` (`METHODS`, `METHOD_DESCRIPTIONS`, `MERGEABLE_METHODS`, `method_name`).
 HEAD_WEIGHT_SUFFIXES = tuple(f"{head}.weight" for head in SAVED_HEAD_NAMES)
 MODEL_CARD = "README.md"
+MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card_template.md")
+"""The one Jinja template of every card peftprompt writes (adapters and merged exports), rendered by
+`ModelCard.from_template`; shipped as package data (``pyproject.toml``)."""
+CARRIED_SECTIONS = ("Training", "Results", "Trainable parameters and adapter size")
+"""The sections of an adapter's card that its merged export's card carries over."""
 
 ZERO3_HINT = (
     "ZeRO-3 / FSDP gathering failed: the weights were still sharded when saved. With DeepSpeed ZeRO-3 set "
@@ -230,6 +241,85 @@ def _framework_versions() -> list[tuple[str, str]]:
             ("torch", torch.__version__)]
 
 
+def render_model_card(
+    card_data: ModelCardData,
+    *,
+    title: str,
+    description: str,
+    load_code: str,
+    load_note: str,
+    training: str,
+    results: str,
+    parameters: str,
+    method: str,
+    merged: bool = False,
+) -> ModelCard:
+    """A `ModelCard` from `MODEL_CARD_TEMPLATE`: `card_data` becomes the YAML header, the other arguments fill the
+    template's sections (markdown; `load_code` goes in a Python code block). `merged` says the card is a merged
+    export's, whose parameter section describes the adapter merged in."""
+    card = ModelCard.from_template(
+        card_data, template_path=str(MODEL_CARD_TEMPLATE), title=title, description=description,
+        load_code=load_code.strip("\n"), load_note=load_note, training=training, results=results,
+        parameters=parameters, method=method, merged=merged,
+        framework_versions="\n".join(f"- {name} {version}" for name, version in _framework_versions()),
+    )
+    return card
+
+
+def _save_card(card: ModelCard, path: Path) -> Path:
+    text = str(card)
+    text = text if text.endswith("\n") else text + "\n"
+    return write_file_atomically(path, lambda f: f.write(text))
+
+
+_HEADING = re.compile(r"^ {0,3}(#{1,6})(?:[ \t]+(.*?))?[ \t]*$")
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+
+
+def card_sections(text: str) -> dict[str, str]:
+    """The ``## `` sections of a model card's markdown (`ModelCard.text`), heading -> body (stripped), in order.
+
+    Deeper headings (``###``) stay inside their section; a ``#`` heading ends the section before it; lines inside
+    fenced code blocks (a command or code with ``## `` in it) are never headings; a repeated heading keeps its first
+    section; ``\r\n`` line ends are read too.
+    """
+    sections: dict[str, list[str]] = {}
+    current: Optional[list[str]] = None
+    fence: Optional[str] = None
+    for line in text.splitlines():
+        opening = _FENCE.match(line)
+        if fence is not None:
+            if opening and opening.group(1)[0] == fence[0] and len(opening.group(1)) >= len(fence) \
+                    and not line.strip()[len(opening.group(1)):].strip():
+                fence = None
+        elif opening:
+            fence = opening.group(1)
+        else:
+            heading = _HEADING.match(line)
+            if heading and len(heading.group(1)) <= 2:
+                name = re.sub(r"[ \t]+#+$", "", heading.group(2) or "").strip()
+                current = sections.setdefault(name, []) if len(heading.group(1)) == 2 and name not in sections \
+                    else None
+                continue
+        if current is not None:
+            current.append(line)
+    return {name: "\n".join(lines).strip() for name, lines in sections.items()}
+
+
+def read_model_card(path: Union[str, Path]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The metadata (`ModelCard.load(path).data` as a dict) and the `card_sections` of the model card at `path`;
+    ``({}, {})`` when there is none. A card whose YAML header cannot be read still gives its sections. Local files
+    only: nothing is fetched from the Hub."""
+    path = Path(path)
+    if not path.is_file():
+        return {}, {}
+    try:
+        card = ModelCard.load(path, ignore_metadata_errors=True)
+    except (ValueError, yaml.YAMLError):  # a hand-edited header that is not a mapping, or not YAML at all
+        return {}, card_sections(path.read_text(encoding="utf-8", errors="replace"))
+    return card.data.to_dict(), card_sections(card.text)
+
+
 def write_model_card(
     output_dir: Union[str, Path],
     *,
@@ -244,7 +334,12 @@ def write_model_card(
     config: Optional[dict] = None,
     datasets: Optional[list[str]] = None,
 ) -> Path:
-    """Write ``output_dir/README.md``, a Hugging Face style model card for a saved adapter, atomically.
+    """Write ``output_dir/README.md``, a Hugging Face model card for a saved adapter, atomically.
+
+    Rendered with `ModelCard.from_template` from `MODEL_CARD_TEMPLATE` (the template of merged exports' cards too);
+    the YAML header is a `ModelCardData`: ``base_model`` (the Hub id), ``library_name`` (``peft``, or
+    ``transformers`` for a full checkpoint), ``pipeline_tag``, ``tags`` (``peftprompt`` and the method),
+    ``datasets`` and ``metrics`` (the names of the results), so ``ModelCard.load(path).data`` reads them back.
 
     Args:
         output_dir: The adapter directory (the card replaces the stub README that PEFT writes).
@@ -269,14 +364,15 @@ def write_model_card(
     output_dir = Path(output_dir)
     config = dict(config or {})
     repo = hub_id(base_model)
-    front: dict[str, Any] = {
-        "library_name": "transformers" if method == "full" else "peft",
-        "base_model": repo,
-        "pipeline_tag": spec.pipeline_tag,
-        "tags": ["peftprompt", method],
-    }
-    if datasets:
-        front["datasets"] = list(datasets)
+    results = _flatten(metrics)
+    card_data = ModelCardData(
+        base_model=repo,
+        library_name="transformers" if method == "full" else "peft",
+        pipeline_tag=spec.pipeline_tag,
+        tags=["peftprompt", method],
+        datasets=list(datasets) if datasets else None,
+        metrics=[name for name, _ in results] or None,
+    )
     load_name = embedded_name(base_model) or str(base_model)
     num_labels = config.get("num_labels") or head_num_labels(output_dir)
     load_args, preamble = f"{load_name!r}, task={task!r}", ""
@@ -285,11 +381,7 @@ def write_model_card(
         if not num_labels:
             preamble = "num_labels = ...  # the number of classes it was trained with\n"
     if method == "full":
-        load_code = (
-            f"from transformers import {spec.auto_class_name}, AutoTokenizer\n\n"
-            f'model = {spec.auto_class_name}.from_pretrained("path/to/{output_dir.name}")\n'
-            f'tokenizer = AutoTokenizer.from_pretrained("path/to/{output_dir.name}")\n'
-        )
+        load_code = _transformers_load_code(spec.auto_class_name, output_dir.name)
     else:
         load_code = (
             "import peftprompt  # registers BitFit with PEFT\n\n"
@@ -310,19 +402,20 @@ def write_model_card(
     hyper_parameters = (
         _table(("hyper-parameter", "value"), _flatten(config), right=False, exact=True) if config else "(none given)"
     )
-    sections = [
-        "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---",
-        f"# {output_dir.name}: {method} on {repo}",
-        "## Model description\n\n"
-        f"A {METHOD_DESCRIPTIONS[method]} adapter for `{repo}` ({spec.pipeline_tag}), trained with "
-        "peftprompt (plugins on Hugging Face PEFT) on a frozen backbone"
-        + (f" on {', '.join(datasets)}" if datasets else "")
-        + ". The task head, where the task has one, is trained and saved with the adapter.",
-        f"## How to load\n\n```python\n{load_code}```\n\n{merge_note}",
-        "## Training\n\n```bash\n" + command.strip() + "\n```\n\n" + hyper_parameters,
-        "## Results\n\n" + (_table(("metric", "value"), _flatten(metrics)) if metrics else "(no results given)"),
-        "## Trainable parameters and adapter size\n\n"
-        + _table(
+    card = render_model_card(
+        card_data,
+        title=f"{output_dir.name}: {method} on {repo}",
+        description=(
+            f"A {METHOD_DESCRIPTIONS[method]} adapter for `{repo}` ({spec.pipeline_tag}), trained with "
+            "peftprompt (plugins on Hugging Face PEFT) on a frozen backbone"
+            + (f" on {', '.join(datasets)}" if datasets else "")
+            + ". The task head, where the task has one, is trained and saved with the adapter."
+        ),
+        load_code=load_code,
+        load_note=merge_note,
+        training="```bash\n" + command.strip() + "\n```\n\n" + hyper_parameters,
+        results=_table(("metric", "value"), results) if results else "(no results given)",
+        parameters=_table(
             ("", "value"),
             [
                 ("trainable parameters", trainable_params),
@@ -331,10 +424,53 @@ def write_model_card(
                 ("adapter size on disk", f"{format_bytes(adapter_bytes)} ({adapter_bytes:,} bytes)"),
             ],
         ),
-        "## Framework versions\n\n" + "\n".join(f"- {name} {version}" for name, version in _framework_versions()),
-    ]
-    text = "\n\n".join(sections) + "\n"
-    return write_file_atomically(output_dir / MODEL_CARD, lambda f: f.write(text))
+        method=method,
+    )
+    return _save_card(card, output_dir / MODEL_CARD)
+
+
+def _transformers_load_code(auto_class_name: str, directory_name: str) -> str:
+    return (
+        f"from transformers import {auto_class_name}, AutoTokenizer\n\n"
+        f'model = {auto_class_name}.from_pretrained("path/to/{directory_name}")\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("path/to/{directory_name}")\n'
+    )
+
+
+def merged_model_card(adapter_dir: Union[str, Path], output_dir: Union[str, Path], *, base_model: str, method: str,
+                      task: str) -> ModelCard:
+    """The card of the merged export of `adapter_dir` into `output_dir`, from the adapters' template
+    (`MODEL_CARD_TEMPLATE`): ``library_name: transformers``, the tags ``peftprompt``, the method and ``merged``,
+    the ``datasets`` and ``metrics`` of the adapter's card, and its training, results and parameter sections
+    (`CARRIED_SECTIONS`; a section the adapter's card lacks says so). The loading code is plain transformers."""
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    spec = get_task(task)
+    repo = hub_id(base_model)
+    metadata, sections = read_model_card(adapter_dir / MODEL_CARD)
+    card_data = ModelCardData(
+        base_model=repo, library_name="transformers", pipeline_tag=spec.pipeline_tag,
+        tags=["peftprompt", method, "merged"], datasets=metadata.get("datasets"), metrics=metadata.get("metrics"),
+    )
+
+    def carried(name: str) -> str:
+        return sections.get(name) or f"(not recorded: the adapter's model card has no \"{name}\" section)"
+
+    return render_model_card(
+        card_data,
+        title=f"{output_dir.name}: {repo} with a {method} adapter merged in",
+        description=(
+            f"The {method} adapter `{adapter_dir.name}` folded into its base model `{repo}` ({spec.pipeline_tag}) "
+            "with PEFT's `merge_and_unload()`. It is a plain transformers checkpoint: it loads with transformers "
+            "alone (no PEFT, no peftprompt) and runs at the base model's speed."
+        ),
+        load_code=_transformers_load_code(spec.auto_class_name, output_dir.name),
+        load_note=f"Written by `peftprompt export --adapter {adapter_dir.name} --out {output_dir.name} --merge`.",
+        training=carried("Training"),
+        results=carried("Results"),
+        parameters=carried("Trainable parameters and adapter size"),
+        method=method,
+        merged=True,
+    )
 
 
 # Merged export -----------------------------------------------------------------------------------------------------
@@ -448,38 +584,14 @@ def export_merged(
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    card = (
-        "---\n" + yaml.safe_dump({"library_name": "transformers", "base_model": hub_id(base_model),
-                                  "pipeline_tag": spec.pipeline_tag,
-                                  "tags": ["peftprompt", method, "merged"]}, sort_keys=False) + "---\n\n"
-        f"# {Path(output_dir).name}: {hub_id(base_model)} with a {method} adapter merged in\n\n"
-        f"The {method} adapter `{adapter_dir.name}` folded into its base model with PEFT's `merge_and_unload()`. "
-        "It is a plain transformers checkpoint:\n\n"
-        f"```python\nfrom transformers import {spec.auto_class_name}, AutoTokenizer\n\n"
-        f'model = {spec.auto_class_name}.from_pretrained("path/to/{Path(output_dir).name}")\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("path/to/{Path(output_dir).name}")\n```\n'
-    )
-    adapter_card = adapter_dir / MODEL_CARD
+    card = merged_model_card(adapter_dir, output_dir, base_model=base_model, method=method, task=task)
 
     def write(tmp: Path) -> None:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        text = card
-        if adapter_card.is_file():  # carry over the training and results sections of the adapter's card
-            sections = _card_sections(adapter_card.read_text(encoding="utf-8"), CARRIED_SECTIONS)
-            text += "".join(f"\n{section}\n" for section in sections)
-        (tmp / MODEL_CARD).write_text(text, encoding="utf-8")
+        _save_card(card, tmp / MODEL_CARD)
 
     return write_dir_atomically(Path(output_dir), write)
-
-
-CARRIED_SECTIONS = ("## Training", "## Results", "## Trainable parameters and adapter size")
-
-
-def _card_sections(text: str, headings: tuple[str, ...]) -> list[str]:
-    """The ``## `` sections of a model card whose heading is one of `headings`, in the card's order."""
-    sections = ["## " + part for part in text.split("\n## ")[1:]]
-    return [s.strip() for s in sections if s.splitlines()[0].strip() in headings]
 
 
 # Export without merging: a checked copy of the adapter ----------------------------------------------------------
@@ -513,10 +625,14 @@ def export_adapter(adapter_dir: Union[str, Path], output_dir: Union[str, Path]) 
 __all__ = [
     "EmptyAdapterError",
     "adapter_state_for_saving",
+    "card_sections",
     "export_adapter",
     "export_merged",
     "head_num_labels",
     "hub_id",
+    "merged_model_card",
+    "read_model_card",
+    "render_model_card",
     "save_trained_adapter",
     "write_model_card",
 ]
