@@ -281,7 +281,7 @@ def card_sections(text: str) -> dict[str, str]:
 
     Deeper headings (``###``) stay inside their section; a ``#`` heading ends the section before it; lines inside
     fenced code blocks (a command or code with ``## `` in it) are never headings; a repeated heading keeps its first
-    section; ``\r\n`` line ends are read too.
+    section; CRLF line ends are read too.
     """
     sections: dict[str, list[str]] = {}
     current: Optional[list[str]] = None
