@@ -11,6 +11,8 @@
     peftprompt export --adapter out/lora --out merged --merge   a plain transformers model with the adapter merged in
     peftprompt eval selfask --source compositional_celebrities --n 100 --out results.json
                                                          direct vs few-shot vs fine-tuned self-ask, side by side
+    peftprompt eval selfask --source 2wikimultihopqa_context --split dev --index idx/ --adapter out/adapter
+                                                         open-book self-ask: follow-ups read from retrieved passages
     peftprompt index build --source musique_context --split dev --out idx/
                                                          a BM25 + dense passage index, and its recall@k
     peftprompt index search --index idx/ "Who directed Jaws?"   the best passages, BM25 and dense fused
@@ -284,15 +286,16 @@ def _check_answerer_names(names: list[str], args: argparse.Namespace) -> None:
 
 
 def _check_recursion_arguments(args: argparse.Namespace) -> None:
-    if args.max_depth < 0:
+    if args.max_depth is not None and args.max_depth < 0:
         raise InputError(f"--max-depth must be >= 0, got {args.max_depth}", field="--max-depth")
 
 
-def _add_recursion_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_recursion_arguments(parser: argparse.ArgumentParser, max_depth: Optional[int] = 2,
+                             max_depth_default: str = "%(default)s") -> None:
     """``--max-depth``, ``--answerers`` and ``--no-recurse``: who answers each layer's follow-ups, how deep."""
-    parser.add_argument("--max-depth", type=int, default=2,
+    parser.add_argument("--max-depth", type=int, default=max_depth,
                         help="layer at which the model answers directly instead of self-asking (0: answer the "
-                             "question directly; default %(default)s)")
+                             f"question directly; default {max_depth_default})")
     parser.add_argument("--answerers", nargs="+", default=None, metavar="NAME",
                         help="who answers the follow-ups of layer 1, 2, ... (the last repeats): retrieval (passages of "
                              "--index, read by the model), retriever (facts of --kb), operators (comparisons in an "
@@ -334,6 +337,14 @@ def _eval_selfask(args: argparse.Namespace) -> None:
 
     if args.n is not None and args.n < 1:
         raise InputError(f"--n must be >= 1, got {args.n}", field="--n")
+    if args.index:
+        _eval_open_book(args)
+        return
+    for option, value in (("--reader-adapter", args.reader_adapter), ("--k", args.k)):
+        if value is not None:
+            raise InputError(f"{option} only applies with --index (open-book self-ask)", field=option)
+    if args.max_depth is None:
+        args.max_depth = 2
     _check_recursion_arguments(args)
     approaches = args.approaches or [a for a in APPROACHES if a != "fine_tuned_self_ask" or args.adapter]
     unknown = [a for a in approaches if a not in APPROACHES]
@@ -387,15 +398,128 @@ def _eval_selfask(args: argparse.Namespace) -> None:
         print(f"wrote {out}")
 
 
+OPEN_BOOK_APPROACHES = {"direct": "closed_book", "single_step": "single_step",
+                        "few_shot_self_ask": "few_shot_self_ask", "fine_tuned_self_ask": "fine_tuned_self_ask"}
+"""``eval selfask --index``: each approach and the system of `peftprompt.selfask.open_book.run_open_book` (those of
+``benchmarks/openbook.py``) that it runs."""
+FINE_TUNED_OPEN_BOOK = ("single_step", "fine_tuned_self_ask")
+"""The open-book approaches that run the fine-tuned adapter (``--adapter``)."""
+
+
+def _eval_open_book(args: argparse.Namespace) -> None:
+    """``eval selfask --index``: open-book self-ask, scored as ``benchmarks/openbook.py`` scores its systems."""
+    from pathlib import Path
+
+    from .adapters import check_adapter_dir, load_adapter, merged_for_inference
+    from .atomic import write_file_atomically
+    from .backbones import load_backbone
+    from .recursive import convert, read_trees
+    from .retrieval.index import PassageIndex
+    from .retrieval.passages import OPEN_BOOK_SOURCES, read_questions
+    from .selfask import Answerer, answerers_from_names
+    from .selfask.evaluate import sample_trees
+    from .selfask.open_book import evaluate_open_book, format_open_book_table, questions_from_trees
+
+    k = 3 if args.k is None else args.k
+    if k < 1:
+        raise InputError(f"--k must be >= 1, got {k}", field="--k")
+    max_depth = 1 if args.max_depth is None else args.max_depth
+    _check_recursion_arguments(args)
+    for option, given in (("--no-kb", args.no_kb), ("--knowledge", args.knowledge != "all")):
+        if given:
+            raise InputError(f"{option} is about the gold sub-question facts; with --index follow-ups are read from "
+                             "retrieved passages", field=option)
+    names = args.answerers
+    if names:
+        _check_answerer_names(names, args)
+        if _names_use(names, "retriever"):
+            raise InputError("--answerers retriever answers from gold sub-question facts; with --index follow-ups "
+                             "are read from retrieved passages: use retrieval", field="--answerers")
+    approaches = args.approaches or [a for a in OPEN_BOOK_APPROACHES if a not in FINE_TUNED_OPEN_BOOK or args.adapter]
+    unknown = [a for a in approaches if a not in OPEN_BOOK_APPROACHES]
+    if unknown:
+        raise InputError(f"--approaches: unknown approach {unknown[0]!r} with --index; choose from "
+                         f"{', '.join(OPEN_BOOK_APPROACHES)}", field="--approaches")
+    tuned_needed = [a for a in approaches if a in FINE_TUNED_OPEN_BOOK]
+    if tuned_needed and not args.adapter:
+        raise InputError(f"approach {tuned_needed[0]!r} needs --adapter", field="--adapter")
+    if args.reader_adapter and not args.adapter:
+        raise InputError("--reader-adapter is a second adapter: give the decomposer's with --adapter",
+                         field="--reader-adapter")
+    # every input is checked before a model loads: the index (manifest and checksums), the adapters, the questions
+    index = PassageIndex.load(args.index)
+    for adapter in (args.adapter, args.reader_adapter):
+        if adapter:
+            check_adapter_dir(adapter)
+    if args.trees or args.source not in OPEN_BOOK_SOURCES:
+        limit = None if args.sample_seed is not None else args.n
+        trees = read_trees(args.trees) if args.trees else convert(args.source, split=args.split, limit=limit)
+        try:
+            questions = questions_from_trees(trees, index.passages)
+        except ValueError as err:
+            raise InputError(str(err), file=args.trees) from err
+    else:
+        questions = read_questions(args.source, args.split, limit=None if args.sample_seed is not None else args.n)
+    questions = sample_trees(questions, args.n, args.sample_seed)
+    if not questions:
+        option = "--trees" if args.trees else "--source"
+        raise InputError(f"{option}: no questions to evaluate from {args.trees or args.source}", field=option)
+    if names:
+        answerers_from_names(names, retrieval=Answerer())  # bad names fail before the models load
+
+    models = {}
+    if any(a not in FINE_TUNED_OPEN_BOOK for a in approaches):
+        models["base"] = load_backbone(args.model, task="causal_lm")
+    if tuned_needed:
+        tuned, tokenizer = load_backbone(args.model, task="causal_lm")
+        tuned = load_adapter(tuned, args.adapter)
+        if args.reader_adapter:
+            tuned.load_adapter(args.reader_adapter, adapter_name="reader")
+        models["tuned"] = (merged_for_inference(tuned), tokenizer)  # one adapter: folded into the weights
+    results: dict = {"n": len(questions)}
+    for approach in approaches:
+        fine_tuned = approach in FINE_TUNED_OPEN_BOOK
+        model, tokenizer = models["tuned" if fine_tuned else "base"]
+        results[approach] = evaluate_open_book(
+            questions, OPEN_BOOK_APPROACHES[approach], index, model.eval(), tokenizer, k=k,
+            reader_adapter="reader" if fine_tuned and args.reader_adapter else None, max_depth=max_depth,
+            recurse=max_depth > 1 and not args.no_recurse, answerers=names, progress=approach,
+        )
+    results["config"] = {
+        "source": None if args.trees else args.source, "trees": args.trees, "split": args.split,
+        "sample_seed": args.sample_seed, "model": args.model, "adapter": args.adapter,
+        "reader_adapter": args.reader_adapter, "index": args.index, "k": k, "max_depth": max_depth,
+        "recurse": max_depth > 1 and not args.no_recurse,
+        "answerers": names or {"few_shot_self_ask": "retrieval", "fine_tuned_self_ask": "operators+retrieval"},
+        "approaches": list(approaches),
+    }
+    reader = ("the reader adapter " + args.reader_adapter if args.reader_adapter
+              else "the adapter itself" if args.adapter else "the model")
+    print(f"{results['n']} questions ({args.trees or args.source}, model {args.model}"
+          f"{', adapter ' + args.adapter if args.adapter else ''}; open book: follow-ups in an operator's template "
+          f"computed, the others' top {k} passages of {args.index} read by {reader}; max_depth {max_depth})")
+    print(format_open_book_table(results))
+    if args.out:
+        text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
+        out = write_file_atomically(Path(args.out), lambda f: f.write(text))
+        print(f"wrote {out}")
+
+
 def _add_eval_selfask(eval_commands: argparse._SubParsersAction) -> None:
     from .selfask.evaluate import APPROACHES
 
     selfask = eval_commands.add_parser("selfask", help="direct answers vs few-shot vs fine-tuned self-ask: EM, F1, "
-                                       "well-formed rate, follow-ups and the compositionality gap")
+                                       "well-formed rate, follow-ups and the compositionality gap; with --index "
+                                       "open-book self-ask, scored as benchmarks/openbook.py scores it")
     selfask.add_argument("--source", default="compositional_celebrities",
-                         help="a key of peftprompt.recursive.SOURCES with gold answers (default: %(default)s)")
+                         help="a key of peftprompt.recursive.SOURCES with gold answers (default: %(default)s); with "
+                              "--index also a key of peftprompt.retrieval.passages.OPEN_BOOK_SOURCES "
+                              "(hotpotqa_distractor, 2wikimultihopqa_context, musique_context), whose supporting "
+                              "paragraphs give the supporting-paragraph recall")
     selfask.add_argument("--split", default=None, help="split to read (default: the source's only split)")
-    selfask.add_argument("--trees", default=None, help="a decomp-tree/v1 JSONL file instead of --source")
+    selfask.add_argument("--trees", default=None, help="a decomp-tree/v1 JSONL file instead of --source (with "
+                         "--index, a root's meta.supporting_titles, its supporting paragraphs' titles, gives the "
+                         "supporting-paragraph recall)")
     selfask.add_argument("--n", type=int, default=100, help="evaluate the first N questions (default: %(default)s)")
     selfask.add_argument("--sample-seed", type=int, default=None, metavar="SEED",
                          help="evaluate N questions drawn at random with this seed instead of the first N (files "
@@ -403,14 +527,33 @@ def _add_eval_selfask(eval_commands: argparse._SubParsersAction) -> None:
     selfask.add_argument("--model", default="smollm2-135m", help="embedded name, hub id or path of a causal LM")
     selfask.add_argument("--adapter", default=None, help="a fine-tuned self-ask adapter (fine_tuned_self_ask)")
     selfask.add_argument("--approaches", nargs="+", default=None, metavar="APPROACH",
-                         help=f"any of {', '.join(APPROACHES)} (default: all that apply)")
+                         help=f"any of {', '.join(APPROACHES)}; with --index also single_step (the whole question's "
+                              "passages read once) (default: all that apply)")
+    selfask.add_argument("--index", default=None, metavar="DIR",
+                         help="open-book self-ask over a passage index (peftprompt index build; "
+                              "benchmarks/openbook.py's are under outputs/openbook/index/), run as the benchmark's "
+                              "systems: in fine_tuned_self_ask a follow-up in an operator's template is computed and "
+                              "every other is answered by reading its top --k passages (operators+retrieval; "
+                              "few_shot_self_ask: retrieval only; direct: closed-book; --answerers overrides both); "
+                              "scored by EM, F1, faithfulness, supporting-paragraph recall, follow-ups and seconds "
+                              "per question")
+    selfask.add_argument("--reader-adapter", default=None, metavar="DIR",
+                         help="with --index: a second adapter that reads the passages (trained on reader episodes), "
+                              "on the same backbone as --adapter; without it the --adapter model reads them itself "
+                              "(as a one-adapter decomposer+reader). The few-shot and direct approaches read with the "
+                              "base model and a 2-shot reader prompt")
+    selfask.add_argument("--k", type=int, default=None,
+                         help="with --index: passages read per follow-up (default: 3, as the benchmark)")
     selfask.add_argument("--no-kb", action="store_true", help="the model answers follow-ups itself instead of a "
                          "retriever over the gold sub-question facts")
     selfask.add_argument("--knowledge", choices=["all", "leaves"], default="all",
                          help="the retriever's facts: every sub-question's answer (all) or the leaves' only, so a "
                               "compositional follow-up must be decomposed (default %(default)s)")
     selfask.add_argument("--threshold", type=float, default=0.8, help="retriever similarity needed to answer")
-    _add_recursion_arguments(selfask)
+    _add_recursion_arguments(selfask, max_depth=None,
+                             max_depth_default="2; with --index 1, the benchmark's fine_tuned_self_ask, where a "
+                                               "follow-up the reader cannot answer stays unknown (2 is its "
+                                               "fine_tuned_recursive)")
     selfask.add_argument("--no-sub-question-check", action="store_true",
                          help="skip asking the gold sub-questions (no compositionality gap)")
     selfask.add_argument("--out", default=None, help="write the results as JSON (atomically)")
