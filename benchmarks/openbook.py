@@ -7,7 +7,8 @@ Each data set's paragraphs, all questions pooled, make one passage index (BM25 +
 built once under ``--runs/index``). Every follow-up is answered from RETRIEVED paragraphs: never from gold
 sub-answers or a question's own paragraphs.
 
-Systems:
+Systems (run by `peftprompt.selfask.open_book.run_open_book`, scored by its `summarise_open_book` and `per_kind`,
+as ``peftprompt eval selfask --index`` runs and scores them):
 
 - ``closed_book``: the base model answers directly (4-shot, `FEW_SHOT_DIRECT`); no retrieval.
 - ``single_step``: the top ``k`` passages of the whole question, read by the fine-tuned reader.
@@ -49,8 +50,6 @@ import argparse
 import json
 import random
 import time
-from collections import defaultdict
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
@@ -63,17 +62,14 @@ from _env import environment_record, provenance_line
 from _runs import QUICK_TRAINING, run_recipe
 from peftprompt import load_adapter, load_backbone
 from peftprompt.atomic import write_file_atomically
-from peftprompt.metrics import exact_match, token_f1
-from peftprompt.recursive import Node, convert
+from peftprompt.recursive import convert
 from peftprompt.recursive.tree import question_key
 from peftprompt.retrieval.index import PassageIndex
 from peftprompt.retrieval.embed import native_bf16
-from peftprompt.retrieval.passages import OpenBookQuestion, pooled_passages, read_questions
+from peftprompt.retrieval.passages import pooled_passages, read_questions
 from peftprompt.retrieval.recall import recall_at_k
-from peftprompt.selfask import FEW_SHOT_DIRECT, FEW_SHOT_SELF_ASK, AnswererChain, OperatorAnswerer, SelfAskRunner
 from peftprompt.selfask.answerers import UNKNOWN
-from peftprompt.selfask.evaluate import supported_by_trace
-from peftprompt.selfask.open_book import ModelReader, RetrievalAnswerer, few_shot_reader
+from peftprompt.selfask.open_book import SYSTEM_ANSWERERS, per_kind, run_open_book, summarise_open_book
 from peftprompt.training import load_config
 
 NAME = "openbook"
@@ -109,10 +105,6 @@ KNOWLEDGE = "retrieved paragraphs (top k of the data set's pooled index); never 
 RECALL_KS = (2, 5, 10)
 TARGETS = {"self_ask_over_single_step_em": 0.10, "2wikimultihopqa_em": 0.45, "hotpotqa_comparison_em": 0.45,
            "faithfulness": 0.95}
-ANSWERERS = {"few_shot_self_ask": "retrieval", "fine_tuned_self_ask": "operators+retrieval",
-             "fine_tuned_recursive": "operators+retrieval"}
-"""Who answers each system's follow-ups (a cell records it; a cell written before operators existed lacks it and
-answered every follow-up by retrieval)."""
 BASELINE = Path(__file__).resolve().parent / "results" / f"{NAME}_no_operators.json"
 
 
@@ -194,88 +186,6 @@ def index_speed(runs: Path, encoder: str, queries: int = 200) -> dict:
     return info
 
 
-def record(question: OpenBookQuestion, answer: str, passages: list[str], follow_ups: int, well_formed: bool,
-           trace: Optional[dict] = None) -> dict[str, Any]:
-    gold = question.answers
-    found = set(passages)
-    return {"id": question.id, "kind": question.kind, "answer": answer, "em": exact_match(answer, gold),
-            "f1": token_f1(answer, gold), "follow_ups": follow_ups, "well_formed": well_formed,
-            "support_recall": (sum(p in found for p in question.supporting) / len(question.supporting)
-                               if question.supporting else None),
-            "passages": len(found), "trace": trace}
-
-
-def trace_passages(trace: dict) -> list[str]:
-    """Every passage id a self-ask trace (a ``decomp-tree/v1`` dict) retrieved, at any depth."""
-    ids = list(trace.get("meta", {}).get("passages", []))
-    for child in trace.get("children", []):
-        ids += trace_passages(child)
-    return ids
-
-
-def base_model(model):
-    """A context in which `model` runs without its adapters."""
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
-
-
-def run_system(system: str, questions: list[OpenBookQuestion], index: PassageIndex, model, tokenizer,
-               variant: Optional[str], k: int) -> list[dict]:
-    """Answer `questions` with `system` (see the module docstring); one record per question."""
-    texts = [q.question for q in questions]
-    two = variant == "two"
-    if system == "closed_book":
-        runner = SelfAskRunner(model, tokenizer, few_shot_direct=FEW_SHOT_DIRECT, progress=system)
-        with base_model(model):
-            results = runner.answer_directly(texts)
-        return [record(q, r.answer, [], 0, r.well_formed, r.trace.to_dict()) for q, r in zip(questions, results)]
-    if system == "few_shot_self_ask":
-        with base_model(model):
-            reader = ModelReader(model, tokenizer, few_shot=few_shot_reader())
-            runner = SelfAskRunner(model, tokenizer, answerer=RetrievalAnswerer(index, reader, k=k), recurse=False,
-                                   max_depth=1, few_shot=FEW_SHOT_SELF_ASK, progress=system)
-            results = runner.run_batch(texts)
-    else:
-        reader = ModelReader(model, tokenizer, adapter="reader" if two else None)
-        answerer = RetrievalAnswerer(index, reader, k=k)
-        if system == "single_step":
-            answers = answerer.answer_batch(texts)
-            return [record(q, a.text if a.source != "none" else "", a.meta["passages"], 0, a.source != "none")
-                    for q, a in zip(questions, answers)]
-        depth = 2 if system == "fine_tuned_recursive" else 1
-        runner = SelfAskRunner(model, tokenizer, answerer=AnswererChain([OperatorAnswerer(), answerer]),
-                               recurse=depth > 1, max_depth=depth,
-                               progress=f"{system} ({variant})")
-        results = runner.run_batch(texts)
-    return [record(q, r.answer, trace_passages(r.trace.to_dict()), r.follow_ups, r.well_formed, r.trace.to_dict())
-            for q, r in zip(questions, results)]
-
-
-def faithfulness(records: list[dict]) -> Optional[float]:
-    """The share of self-ask answers their trace supports (`supported_by_trace`); `None` for systems without
-    follow-ups."""
-    if not any(r["follow_ups"] for r in records):
-        return None
-    return sum(bool(r.get("trace")) and supported_by_trace(r["answer"], Node.from_dict(r["trace"]))
-               for r in records) / len(records)
-
-
-def summarise(records: list[dict]) -> dict[str, Any]:
-    n = len(records)
-    recalls = [r["support_recall"] for r in records if r["support_recall"] is not None]
-    return {"n": n, "em": sum(r["em"] for r in records) / n, "f1": sum(r["f1"] for r in records) / n,
-            "faithfulness": faithfulness(records),
-            "support_recall": sum(recalls) / len(recalls) if recalls else None,
-            "follow_ups": sum(r["follow_ups"] for r in records) / n,
-            "well_formed": sum(r["well_formed"] for r in records) / n}
-
-
-def per_kind(records: list[dict]) -> dict[str, dict]:
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in records:
-        groups[r["kind"]].append(r)
-    return {kind: summarise(rs) for kind, rs in sorted(groups.items())}
-
-
 def derived_cell(first: dict, second: dict) -> dict:
     """`DERIVED`: `first`'s records, with `second`'s answer (and its passages) where `first` answered ``unknown``;
     seconds: `first`'s plus `second`'s per question for each fallback."""
@@ -289,7 +199,8 @@ def derived_cell(first: dict, second: dict) -> dict:
     seconds = first["seconds"] + second["seconds"] * falls / len(records)
     return {"ids": first["ids"], "k": first["k"], "dtype": first.get("dtype"), "answerers": first.get("answerers"),
             "cpu": first.get("cpu"), "seconds": seconds,
-            "fallbacks": falls, "summary": summarise(records), "per_kind": per_kind(records), "records": records}
+            "fallbacks": falls, "summary": summarise_open_book(records), "per_kind": per_kind(records),
+            "records": records}
 
 
 def cell_key(system: str, variant: Optional[str], dataset: str) -> str:
@@ -297,8 +208,10 @@ def cell_key(system: str, variant: Optional[str], dataset: str) -> str:
 
 
 def cell_settings(cell: dict, system: str) -> tuple:
-    """What a cell's numbers depend on besides the adapters: its questions, ``k``, weight dtype and answerers."""
-    answerers = cell.get("answerers", "retrieval" if system in ANSWERERS else None)
+    """What a cell's numbers depend on besides the adapters: its questions, ``k``, weight dtype and answerers (who
+    answers each system's follow-ups, `SYSTEM_ANSWERERS`; a cell written before operators existed lacks them and
+    answered every follow-up by retrieval)."""
+    answerers = cell.get("answerers", "retrieval" if system in SYSTEM_ANSWERERS else None)
     return cell["ids"], cell["k"], cell.get("dtype"), answerers
 
 
@@ -309,7 +222,8 @@ def baseline_cells(path: Path) -> Optional[dict]:
         return None
     before = json.loads(path.read_text())
     return {"file": path.name, "cells": {key: cell for key, cell in before["cells"].items()
-                                         if key.split("/")[0] in ANSWERERS and key.split("/")[0] != "few_shot_self_ask"}}
+                                         if key.split("/")[0] in SYSTEM_ANSWERERS
+                                         and key.split("/")[0] != "few_shot_self_ask"}}
 
 
 def reusable(cell: Optional[dict], system: str, wanted: tuple, any_dtype: bool) -> bool:
@@ -622,7 +536,7 @@ def main() -> None:
                 source, split, title = DATASETS[key]
                 path = cell_dir / f"{system}_{variant or 'base'}_{key}.json"
                 ids = [q.id for q in questions[key]]
-                wanted = (ids, args.k, args.dtype, ANSWERERS.get(system))
+                wanted = (ids, args.k, args.dtype, SYSTEM_ANSWERERS.get(system))
                 cached = json.loads(path.read_text()) if path.is_file() else None
                 before = carried.get(cell_key(system, variant, key))
                 asked = (not args.cached_only and system in args.systems and key in args.datasets
@@ -640,9 +554,11 @@ def main() -> None:
                 model, tokenizer = model_for(variant if system in FINE_TUNED else next(iter(models), args.variants[0]))
                 print(f"{LABELS[system]} [{variant or 'base'}] / {title}: {len(ids)} questions", flush=True)
                 began = time.perf_counter()
-                records = run_system(system, questions[key], index, model, tokenizer, variant, args.k)
-                cell = {"ids": ids, "k": args.k, "dtype": args.dtype, "answerers": ANSWERERS.get(system), "cpu": cpu,
-                        "seconds": time.perf_counter() - began, "summary": summarise(records),
+                records = run_open_book(system, questions[key], index, model, tokenizer, k=args.k,
+                                        reader_adapter="reader" if variant == "two" else None,
+                                        progress=system if variant is None else f"{system} ({variant})")
+                cell = {"ids": ids, "k": args.k, "dtype": args.dtype, "answerers": SYSTEM_ANSWERERS.get(system),
+                        "cpu": cpu, "seconds": time.perf_counter() - began, "summary": summarise_open_book(records),
                         "per_kind": per_kind(records), "records": records}
                 text = json.dumps(cell, ensure_ascii=False)
                 write_file_atomically(path, lambda f: f.write(text))

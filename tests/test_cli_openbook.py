@@ -1,7 +1,7 @@
 """`peftprompt eval selfask --index`: open-book self-ask from the command line, scored with the benchmark's metrics
-(`peftprompt.selfask.open_book`), on a tiny random Llama with SmolLM2's tokenizer and a six-passage MiniLM index; the
-moved metric and system functions give what `benchmarks/openbook.py`'s own give; bad inputs are one line naming the
-path."""
+(`peftprompt.selfask.open_book`), on a tiny random Llama with SmolLM2's tokenizer and a six-passage MiniLM index;
+`benchmarks/openbook.py` runs and scores with these same functions (no copies of its own); bad inputs are one line
+naming the path."""
 
 from __future__ import annotations
 
@@ -224,6 +224,13 @@ def test_questions_from_trees_map_supporting_titles_to_the_index_passages():
         questions_from_trees([Node(question="q?", answer="a", meta={"supporting_titles": "Jaws"})])
 
 
+BENCHMARK_COPIES = {  # what benchmarks/openbook.py once defined itself -> the package function it uses now
+    "record": "open_book_record", "trace_passages": "trace_passages", "base_model": "without_adapters",
+    "faithfulness": "open_book_faithfulness", "summarise": "summarise_open_book", "per_kind": "per_kind",
+    "ANSWERERS": "SYSTEM_ANSWERERS", "run_system": "run_open_book",
+}
+
+
 def benchmark_module():
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
@@ -234,9 +241,25 @@ def benchmark_module():
         sys.path.remove(str(REPO / "benchmarks"))
 
 
-def synthetic_records(record) -> list[dict]:
-    """Records made by `record` (the benchmark's or the package's) covering right and wrong answers, operator and
-    retrieved intermediate answers, questions with and without supporting passages."""
+def test_the_benchmark_runs_and_scores_with_the_package_functions():
+    """``benchmarks/openbook.py`` keeps no copies of the systems and metrics: it imports them from
+    `peftprompt.selfask.open_book`, so the benchmark and ``eval selfask --index`` cannot drift apart."""
+    import peftprompt.selfask.open_book as package
+
+    bench = benchmark_module()
+    source = (REPO / "benchmarks" / "openbook.py").read_text()
+    for old, new in BENCHMARK_COPIES.items():
+        assert getattr(bench, old, None) in (None, getattr(package, new)), f"benchmarks/openbook.py has its own {old}"
+        for name in {old, new}:
+            assert not re.search(rf"^(def|class) {name}\b|^{name} *=", source, re.M), f"a copy of {name}"
+    for name in ("run_open_book", "summarise_open_book", "per_kind", "SYSTEM_ANSWERERS"):
+        assert getattr(bench, name) is getattr(package, name)
+    assert set(bench.SYSTEMS) == set(package.OPEN_BOOK_SYSTEMS)
+
+
+def synthetic_records(record=open_book_record) -> list[dict]:
+    """Records made by `record` covering right and wrong answers, operator and retrieved intermediate answers,
+    questions with and without supporting passages."""
     q = [OpenBookQuestion(id=f"q{i}", question=f"question {i}?", answer=answer, aliases=aliases, dataset="d",
                           split="dev", kind=kind, passages=(), supporting=supporting)
          for i, (answer, aliases, kind, supporting) in enumerate([
@@ -257,26 +280,56 @@ def synthetic_records(record) -> list[dict]:
             record(q[2], "the film Jaws", ["p4"], 0, True, traces[2])]
 
 
-def test_the_moved_metrics_are_the_benchmarks():
-    bench = benchmark_module()
-    ours, theirs = synthetic_records(open_book_record), synthetic_records(bench.record)
-    assert ours == theirs
-    assert [r["support_recall"] for r in ours] == [1.0, 0.5, None] and [r["em"] for r in ours] == [1.0, 1.0, 0.0]
-    assert summarise_open_book(ours) == bench.summarise(theirs)
-    assert per_kind(ours) == bench.per_kind(theirs)
+def test_the_open_book_metrics_give_these_numbers():
+    records = synthetic_records()
+    assert [list(r) for r in records] == [["id", "kind", "answer", "em", "f1", "follow_ups", "well_formed",
+                                           "support_recall", "passages", "trace"]] * 3  # the cells' record layout
+    assert [r["support_recall"] for r in records] == [1.0, 0.5, None] and [r["em"] for r in records] == [1.0, 1.0, 0.0]
+    assert [r["f1"] for r in records] == [1.0, 1.0, 1.0]  # "the film Jaws" has every word of "Jaws (film)"
+    assert [r["passages"] for r in records] == [3, 1, 1]
+    assert trace_passages(records[0]["trace"]) == ["p1", "p2", "p9"]
     # the second answer repeats its operator's; the first repeats no intermediate answer; the third has no trace
-    assert open_book_faithfulness(ours) == bench.faithfulness(theirs) == pytest.approx(1 / 3)
-    trace = ours[0]["trace"]
-    assert trace_passages(trace) == bench.trace_passages(trace) == ["p1", "p2", "p9"]
+    assert open_book_faithfulness(records) == pytest.approx(1 / 3)
+    assert open_book_faithfulness([{**r, "follow_ups": 0} for r in records]) is None
+    summary = summarise_open_book(records)
+    assert list(summary) == ["n", "em", "f1", "faithfulness", "support_recall", "follow_ups", "well_formed"]
+    assert summary == pytest.approx({"n": 3, "em": 2 / 3, "f1": 1.0, "faithfulness": 1 / 3, "support_recall": 0.75,
+                                     "follow_ups": 1.0, "well_formed": 2 / 3})
+    kinds = per_kind(records)
+    assert list(kinds) == ["comparison", "compositional"]
+    assert kinds["comparison"] == pytest.approx({"n": 2, "em": 0.5, "f1": 1.0, "faithfulness": 0.5,
+                                                 "support_recall": 0.5, "follow_ups": 0.5, "well_formed": 0.5})
+    assert kinds["compositional"] == pytest.approx({"n": 1, "em": 1.0, "f1": 1.0, "faithfulness": 0.0,
+                                                    "support_recall": 1.0, "follow_ups": 2.0, "well_formed": 1.0})
+
+
+def test_the_benchmarks_fallback_cell_is_scored_by_the_package():
+    """``fine_tuned_fallback``: the self-ask records, the single-step answer where self-ask ended unknown, scored by
+    `summarise_open_book` and `per_kind`, in the cell layout the results file keeps."""
+    bench = benchmark_module()
+    records = synthetic_records()
+    first = {"ids": ["q0", "q1", "q2"], "k": 3, "dtype": "float32", "answerers": "operators+retrieval", "cpu": "c",
+             "seconds": 6.0, "records": [records[0], {**records[1], "answer": "unknown", "em": 0.0, "f1": 0.0},
+                                         records[2]]}
+    second = {**first, "answerers": None, "seconds": 3.0,
+              "records": [{**r, "answer": "x", "em": 0.0, "f1": 0.0, "support_recall": 1.0} for r in records]}
+    cell = bench.derived_cell(first, second)
+    assert list(cell) == ["ids", "k", "dtype", "answerers", "cpu", "seconds", "fallbacks", "summary", "per_kind",
+                          "records"]
+    assert cell["fallbacks"] == 1 and cell["seconds"] == 7.0 and cell["answerers"] == "operators+retrieval"
+    assert [r["answer"] for r in cell["records"]] == ["Cincinnati", "x", "the film Jaws"]
+    assert [r["support_recall"] for r in cell["records"]] == [1.0, 1.0, None]
+    assert cell["summary"] == summarise_open_book(cell["records"]) and cell["per_kind"] == per_kind(cell["records"])
+    assert cell["summary"]["em"] == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize("system", ["closed_book", "single_step", "few_shot_self_ask", "fine_tuned_self_ask",
                                     "fine_tuned_recursive"])
-def test_run_open_book_answers_as_the_benchmarks_systems(workdir, tiny_smollm, scripted_model, system):
-    """The same questions, index and two-adapter model (the benchmark's ``two`` variant) give the same records."""
+def test_run_open_book_answers_with_each_system(workdir, tiny_smollm, scripted_model, system):
+    """The benchmark's ``two`` variant (decomposer and reader as two adapters on one backbone) as the benchmark
+    calls it: each system's exact match, follow-ups and passages read on the two scripted questions."""
     from peftprompt import load_adapter, load_backbone
 
-    bench = benchmark_module()
     index = PassageIndex.load(workdir / "idx")
     questions = questions_from_trees(read_trees(workdir / "questions.jsonl"), index.passages)
     base, tokenizer = load_backbone(str(tiny_smollm), task="causal_lm")
@@ -284,10 +337,21 @@ def test_run_open_book_answers_as_the_benchmarks_systems(workdir, tiny_smollm, s
     model.load_adapter(str(workdir / "reader"), adapter_name="reader")
     model.set_adapter("decomposer")
     model.eval()
-    variant = None if system in ("closed_book", "few_shot_self_ask") else "two"
-    theirs = bench.run_system(system, questions, index, model, tokenizer, variant, 2)
-    ours = run_open_book(system, questions, index, model, tokenizer, k=2,
-                         reader_adapter="reader" if variant else None)
-    assert ours == theirs
-    if system.endswith("self_ask"):
-        assert all(r["follow_ups"] >= 2 for r in ours)  # the scripted decomposer's chains were followed
+    fine_tuned = system not in ("closed_book", "few_shot_self_ask")
+    records = run_open_book(system, questions, index, model, tokenizer, k=2,
+                            reader_adapter="reader" if fine_tuned else None,
+                            progress=f"{system} (two)" if fine_tuned else system)
+    assert model.active_adapter == "decomposer"  # the reader adapter was switched back
+    assert [r["id"] for r in records] == ["q1", "q2"]
+    expected = {  # system: (exact match, follow-ups, distinct passages read) per question
+        "closed_book": ([0.0, 0.0], [0, 0], [0, 0]),
+        "single_step": ([0.0, 0.0], [0, 0], [2, 2]),
+        "few_shot_self_ask": ([1.0, 0.0], [2, 3], None),  # no operators: the comparison step is retrieved, unknown
+        "fine_tuned_self_ask": ([1.0, 1.0], [2, 3], None),
+        "fine_tuned_recursive": ([1.0, 1.0], [2, 3], None),
+    }[system]
+    assert [r["em"] for r in records] == expected[0] and [r["follow_ups"] for r in records] == expected[1]
+    if expected[2] is not None:
+        assert [r["passages"] for r in records] == expected[2]
+    else:
+        assert all(r["passages"] >= 2 for r in records)  # every retrieved follow-up read its top 2
