@@ -45,20 +45,33 @@ def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> Path:
     The previous content of `target` is replaced only after `write` has returned, so it survives any error
     raised while writing. Permissions are set as a normal ``mkdir`` would (``mkdtemp`` creates 0o700).
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = temporary_dir(target)
     try:
         write(tmp)
-        os.chmod(tmp, _permissions(0o777))
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return Path(target)
+
+
+def temporary_dir(target: Path) -> Path:
+    """A fresh hidden directory next to `target` (``.{name}.XXXX``) to write into, then `replace_dir` it: the two
+    halves of `write_dir_atomically`, for writers that are several processes (`peftprompt.training.checkpoints`)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+
+
+def replace_dir(tmp: Path, target: Path) -> Path:
+    """Rename the complete directory `tmp` (from `temporary_dir`) to `target`, replacing what `target` held."""
+    target = Path(target)
+    os.chmod(tmp, _permissions(0o777))
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
     return target

@@ -22,7 +22,7 @@ from transformers import DataCollatorForTokenClassification
 from peftprompt.data import CONLL03_LABELS, conll03_dataset
 from peftprompt.metrics import combine_metrics, flat_scores
 from peftprompt.training import build_model, train
-from peftprompt.training.recipe import parse_recipe_args, ship
+from peftprompt.training.recipe import parse_recipe_args, run_recipe, ship
 
 
 DEFAULT_METRICS = ["seqeval"]
@@ -66,4 +66,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

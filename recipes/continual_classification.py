@@ -25,7 +25,7 @@ from peftprompt.atomic import write_file_atomically
 from peftprompt.continual import ContinualLearner, ContinualOptions, load_task
 from peftprompt.errors import InputError
 from peftprompt.training import distributed_state
-from peftprompt.training.recipe import parse_recipe_args
+from peftprompt.training.recipe import parse_recipe_args, run_recipe
 
 
 def main(argv=None) -> None:
@@ -71,4 +71,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -51,7 +51,7 @@ from peftprompt.retrieval.reader import reader_examples
 from peftprompt.selfask import SelfAskRunner, answerers_from_names
 from peftprompt.selfask.evaluate import evaluate_selfask, knowledge_base
 from peftprompt.training import build_model, distributed_state, train
-from peftprompt.training.recipe import parse_recipe_args, ship
+from peftprompt.training.recipe import parse_recipe_args, run_recipe, ship
 
 DEFAULT_SOURCES = ["musique", "probtree_hotpotqa", "probtree_musique", "2wikimultihopqa"]
 DEFAULT_EVAL_SOURCES = ["probtree_2wiki"]
@@ -233,4 +233,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -21,7 +21,7 @@ from transformers import DataCollatorWithPadding
 from peftprompt.data import sst2_dataset
 from peftprompt.metrics import combine_metrics, flat_scores
 from peftprompt.training import build_model, train
-from peftprompt.training.recipe import parse_recipe_args, ship
+from peftprompt.training.recipe import parse_recipe_args, run_recipe, ship
 
 DEFAULT_METRICS = ["accuracy"]
 
@@ -67,4 +67,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -7,7 +7,8 @@ the command line and the end of the run (model card and ``results.json``), so al
     accelerate launch recipes/sst2_classification.py --config recipes/configs/minilm/sst2_lora.yaml max_steps=50
 
 Scripts that start a recipe themselves (``recipes/demo_selfask.py``, the benchmarks) build that command with
-`launch_command`.
+`launch_command`. A recipe script ends with ``run_recipe(main)``: a run that cannot go on (a save that failed, a
+SIGTERM) ends every process with the same one line and a non-zero status, not a traceback per process.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from ..atomic import write_file_atomically
-from ..errors import InputError
+from ..errors import InputError, RunError
+from .collective import shared_outcome
 from .config import TrainConfig, load_config
 from .model_setup import distributed_state
 from .state import TrainResult
@@ -56,10 +59,32 @@ def ship(result: TrainResult, metrics: dict, datasets: Sequence[str]) -> Optiona
     (``terminate called without an active exception``) and fail the whole launch after the adapter was saved.
     """
     state = distributed_state()
-    card = _write_card_and_results(result, metrics, datasets) if state.is_main_process else None
-    state.wait_for_everyone()
+    card = shared_outcome(lambda: _write_card_and_results(result, metrics, datasets), main_only=True,
+                          what="model card and results of", target=result.config.output_dir)
     state.destroy_process_group()
-    return card
+    return card if state.is_main_process else None
+
+
+def run_recipe(main: Callable[[], object]) -> None:
+    """Run a recipe script's `main` (``if __name__ == "__main__": run_recipe(main)``).
+
+    An error that says the run cannot go on, raised with the same message on every process, ends each process with
+    that one line on stderr (``{script}: error: {message}``), no traceback, and a non-zero status: a `RunError`
+    (`SaveError`: a checkpoint or adapter that could not be written, status 1; `TrainingInterrupted`: SIGTERM, a
+    checkpoint written, status 143) or an `InputError` found once training started (status 2, as for a bad config).
+    The process group is closed first (a gloo process that exits with it open can abort).
+    """
+    try:
+        main()
+    except (RunError, InputError) as err:
+        status = err.exit_code if isinstance(err, RunError) else 2
+        # torchrun ends the other processes with SIGTERM once one has exited: this one is exiting already, with its
+        # own status (the launcher still SIGKILLs a process that has not exited 30 s later)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr, flush=True)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        sys.exit(status)
 
 
 def _write_card_and_results(result: TrainResult, metrics: dict, datasets: Sequence[str]) -> Path:

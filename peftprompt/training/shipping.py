@@ -39,9 +39,10 @@ from safetensors import safe_open
 from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_dir, load_adapter, merge_adapter
 from ..atomic import write_dir_atomically, write_file_atomically
 from ..backbones import EMBEDDED_ALIASES, MINILM_PACKAGE, SMOLLM2_CACHE_NAME, load_backbone
-from ..errors import InputError
+from ..errors import InputError, RunError
 from ..methods import MERGEABLE_METHODS, METHOD_DESCRIPTIONS, METHODS, PROMPT_LEARNING_METHODS, method_name
 from ..report import format_bytes
+from .collective import shared_outcome
 from .sharding import gathered_weights, is_sharded
 from ..tasks import SAVED_HEAD_NAMES, TASK_NAMES, get_task, task_for_peft_type
 
@@ -70,7 +71,7 @@ ZERO3_HINT = (
 )
 
 
-class EmptyAdapterError(RuntimeError):
+class EmptyAdapterError(RunError):
     """The weights about to be saved are empty (sharded ZeRO-3 / FSDP parameters that were not gathered)."""
 
 
@@ -136,32 +137,29 @@ def save_trained_adapter(model, accelerator, output_dir: Union[str, Path], token
     onto the main process; a model sharded with ``fully_shard`` through `peftprompt.training.sharding`), (b) unwraps the model, (c) on the main process saves with
     ``save_pretrained(tmp, state_dict=..., safe_serialization=True)`` plus the tokenizer into a directory renamed
     into place only when complete, (d) refuses (`EmptyAdapterError`, raised on every process) to write weights that
-    are empty, keeping whatever `output_dir` held before. All processes wait for the save before returning.
+    are empty, keeping whatever `output_dir` held before. Any other failure of the write (disk full, permission
+    denied) raises the same `SaveError` on every process, naming `output_dir` and the cause
+    (`peftprompt.training.collective.shared_outcome`), and `output_dir` keeps what it held. All processes wait for
+    the save before returning.
     """
-    from accelerate.utils import broadcast_object_list
-
     output_dir = Path(output_dir)
     # every process: a collective under ZeRO-3 / FSDP, and for a model sharded by `peftprompt.training.sharding`
     state_dict = gathered_weights(model) if is_sharded(model) else accelerator.get_state_dict(model)
-    error: list[Optional[str]] = [None]
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
 
-        def write(tmp: Path) -> None:
-            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            _check_saved_weights(tmp)
+    def write(tmp: Path) -> None:
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _check_saved_weights(tmp)
 
+    def save() -> None:  # on the main process
         try:
             _refuse_empty(adapter_state_for_saving(model, accelerator, state_dict), f"the adapter for {output_dir}")
             write_dir_atomically(output_dir, write)
         except EmptyAdapterError as err:
-            error[0] = f"refusing to save {output_dir}: {err}"
-    broadcast_object_list(error)  # every process raises the same error instead of waiting on the main one
-    accelerator.wait_for_everyone()
-    if error[0] is not None:
-        raise EmptyAdapterError(error[0])
+            raise EmptyAdapterError(f"refusing to save {output_dir}: {err}") from err
+
+    shared_outcome(save, what="adapter", target=output_dir, main_only=True)  # the outcome reaches every process
     return output_dir
 
 

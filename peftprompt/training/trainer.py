@@ -46,6 +46,12 @@ What Accelerate does here, and what was measured (accelerate 1.15, torch 2.13 CP
   (tests/test_training.py).
 - Accelerate keeps one process-wide state: a second run in the same process with another mixed precision is
   refused with a clear error (each recipe runs in its own process).
+- SIGTERM while training (a scheduler's preemption, ``kill``, torchrun passing on its own SIGTERM) does not end the
+  process at once: the step in progress finishes, every process agrees at the step's end (one all-reduce of a flag
+  per step), writes a checkpoint and raises `TrainingInterrupted`, which recipes turn into one line and exit status
+  143. ``resume_from=latest`` continues the run. A save that fails on any process raises the same `SaveError` on
+  every process (`peftprompt.training.collective`); the faults tried and their outcomes are in the README's "Faults
+  and what happens".
 """
 
 from __future__ import annotations
@@ -53,12 +59,16 @@ from __future__ import annotations
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 from torch.distributed.tensor import DTensor
@@ -67,6 +77,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..adapters import directory_bytes
+from ..errors import SaveError, TrainingInterrupted
 from ..methods.training_hooks import rank_allocation
 from ..report import ParameterReport, count_parameters
 from .checkpoints import (
@@ -77,6 +88,7 @@ from .checkpoints import (
     resume_dir,
     save_checkpoint,
 )
+from .collective import shared_outcome
 from .config import TrainConfig, resolve_mixed_precision
 from .evaluation import ComputeMetrics, evaluate_loss
 from .losses import input_casts_skipped, supports_kept_logits, training_loss
@@ -162,6 +174,7 @@ class Trainer:
         self.command = shlex.join(getattr(sys, "orig_argv", sys.argv))
         self.state: Optional[TrainerState] = None
         self.stopped_early = False
+        self.stop_signal = 0  # set by SIGTERM while the epochs run (`_stop_signals`)
         self.packed_attention = False  # set by `train`: attention per packed episode (`.packed_attention`)
 
     # ------------------------------------------------------------------------------------------------------ setup
@@ -180,8 +193,11 @@ class Trainer:
             raise ValueError(f"fully_shard trains in float32: set mixed_precision no (it is {config.mixed_precision!r}"
                              f" -> {self.mixed_precision})")
         self.accelerator = accelerator = self._accelerator()
-        self.resume_dir = resume_dir(config, self.output_dir)
+        self.resume_dir, skipped = resume_dir(config, self.output_dir)
         self.log = RunLog(accelerator, self.output_dir / METRICS_FILE, fresh=self.resume_dir is None)
+        for line in skipped:  # damaged newest checkpoints (truncated, altered), each named
+            self.log.info(f"WARNING: {line}; skipped")
+            self.log.record({"type": "skipped_checkpoint", "reason": line})
         set_seed(config.seed)
 
         model = self.model
@@ -354,7 +370,8 @@ class Trainer:
         with training_layout_kept(self.model), packed_attention(self.model) as self.packed_attention:
             if self.state is None:
                 self.setup()
-            self._run_epochs()
+            with self._stop_signals():
+                self._run_epochs()
             return self.finish()
 
     def _run_epochs(self) -> None:
@@ -423,9 +440,53 @@ class Trainer:
         done = step >= state.total_steps or self.stopped_early
         if (config.save_every and step % config.save_every == 0) or (not config.save_every and evaluated) or done:
             self.save_checkpoint()
+        if not done:
+            self._stop_if_signalled()
         self.paused += time.perf_counter() - pause_started
         self.step_started = time.perf_counter()
         return done
+
+    # ---------------------------------------------------------------------------------------------------- signals
+    @contextmanager
+    def _stop_signals(self):
+        """While the epochs run, SIGTERM only sets `stop_signal`: `_stop_if_signalled` acts on it at the end of the
+        step. The previous handler comes back afterwards. (Signal handlers live in the main thread only; elsewhere
+        SIGTERM keeps its own handler.)"""
+        self.stop_signal = 0
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def remember(signum, frame) -> None:
+            self.stop_signal = signum
+
+        previous = signal.signal(signal.SIGTERM, remember)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _stop_if_signalled(self) -> None:
+        """If any process got SIGTERM: checkpoint this step (unless just done) and raise `TrainingInterrupted` on
+        every process. The flag is all-reduced every step, so all processes stop at the same step even when the
+        signal reached only some of them."""
+        flag = torch.tensor([self.stop_signal], dtype=torch.int64)
+        if self.state.world_size > 1:
+            flag = flag.to(self.accelerator.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        signum = int(flag.item())
+        if not signum:
+            return
+        step = self.state.global_step
+        if self.last_saved_step != step:
+            self.save_checkpoint()
+        name = signal.Signals(signum).name
+        self.log.info(f"{name} received: stopped after step {step} with a checkpoint")
+        raise TrainingInterrupted(
+            f"stopped by {name} after step {step} of {self.state.total_steps}: checkpoint "
+            f"{self.output_dir / CHECKPOINTS / f'step-{step}'} written; run again with resume_from=latest to continue",
+            signum,
+        )
 
     def _log_window(self) -> None:
         accelerator, state, device = self.accelerator, self.state, self.accelerator.device
@@ -519,10 +580,14 @@ class Trainer:
         if self.use_cache is not None:
             self.model_config.use_cache = self.use_cache
         adapter_dir = self.output_dir / ADAPTER_DIR
-        save_trained_adapter(self.model, accelerator, adapter_dir, self.tokenizer)  # on every process
-        if accelerator.is_main_process:
-            self.config.save(self.output_dir / CONFIG_FILE)
-        accelerator.wait_for_everyone()
+        try:
+            save_trained_adapter(self.model, accelerator, adapter_dir, self.tokenizer)  # on every process
+        except SaveError as err:  # the same on every process: say where the trained weights are
+            checkpoint = self.output_dir / CHECKPOINTS / f"step-{state.global_step}"
+            raise SaveError(f"{err}; the trained weights are in {checkpoint}: resume_from=latest writes the adapter "
+                            "again") from err.__cause__
+        shared_outcome(lambda: self.config.save(self.output_dir / CONFIG_FILE), what="run config",
+                       target=self.output_dir / CONFIG_FILE, main_only=True)
         accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)  # the caller's model without autocast wrapper
         device = accelerator.device
         peak = accelerator.gather(torch.tensor([peak_memory_mb(device)], device=device)).max().item()
