@@ -46,5 +46,11 @@ bench: models
 bench-quick: models
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/run_all.py --quick
 
+# The documentation site into site/ (mkdocs-material; the API pages from the docstrings by static analysis, so no
+# models are needed). --strict: a broken link or anchor, or a page missing from the nav, fails the build.
+.PHONY: docs
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
