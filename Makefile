@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 TEST_WORKERS ?= 2
 
-.PHONY: setup models test demo demo-sst2 bench bench-quick clean
+.PHONY: setup models test test-fast demo demo-sst2 bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,13 @@ setup: $(STAMP)
 models: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/peftprompt fetch
 
+# Two tiers, by folder (tests/conftest.py): `make test` runs both; `make test-fast` only tests/unit (no subprocesses,
+# no real backbones: a couple of minutes), for everyday work.
 test: models
 	$(TEST_ENV) $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
+
+test-fast: models
+	$(TEST_ENV) $(PY) -m pytest tests/unit -n $(TEST_WORKERS) --dist worksteal
 
 # The main job: self-ask LoRA on SmolLM2 under `accelerate launch`, traces, exact match before/after fine-tuning.
 demo: models

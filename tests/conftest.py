@@ -1,23 +1,58 @@
-"""Shared fixtures: tiny random models built from configs, and the real MiniLM where a real backbone matters."""
+"""Shared fixtures and helpers: tiny random models built from configs, and the real MiniLM where a real backbone matters.
+
+The tests come in two tiers, by folder:
+
+- ``tests/unit``: no subprocesses and no real backbone weights (tiny random models, tokenizers, data, pure logic);
+  ``make test-fast`` runs it. A unit test that starts a process or loads MiniLM / SmolLM2 weights fails, saying so.
+- ``tests/integration``: recipes under ``accelerate launch``, CLI and benchmark scripts, real backbones.
+
+Helpers that several test modules use live here (``from conftest import ...``), never in another test module.
+"""
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
+import math
 import os
+import re
+import subprocess
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from transformers import BertConfig, BertForTokenClassification, LlamaConfig, LlamaForCausalLM
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForTokenClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
 from transformers.utils import logging as transformers_logging
 
 import peftprompt
 from peftprompt import load_backbone
+from peftprompt.backbones import SMOLLM2_CACHE_NAME, cache_dir, minilm_path, smollm2_path
+from peftprompt.recursive import SelfAskCollator, Unroller, validate
+from peftprompt.recursive.tree import ANSWER_SOURCES, Node
+from peftprompt.retrieval.embed import SentenceEncoder
+from peftprompt.retrieval.index import PassageIndex
+from peftprompt.retrieval.passages import Passage
+from peftprompt.selfask import RetrieverAnswerer, ToolAnswerer
 from peftprompt.tasks import TRAINABLE_TASKS
+from peftprompt.training import TrainConfig, train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 transformers_logging.set_verbosity_error()
 
+REPO = Path(__file__).resolve().parents[1]  # the repository root
 TASKS = TRAINABLE_TASKS  # the method matrix: every task the engine trains
 NUM_LABELS = {"seq_cls": 2, "token_cls": 5}
 TINY_VOCAB = 128
@@ -53,13 +88,25 @@ def tiny_bert_token_cls(num_labels: int, seed: int = 0) -> BertForTokenClassific
     return BertForTokenClassification(config).eval()
 
 
-def base_model(task: str, seed: int = 0):
-    """The backbone of the method matrix: real MiniLM for the classification tasks, a tiny Llama for causal LM."""
-    if task == "causal_lm":
-        return tiny_llama(seed)
+@functools.cache
+def _loaded_minilm(task: str, seed: int) -> tuple[PreTrainedModel, torch.Tensor]:
+    """MiniLM with a `task` head seeded by `seed`, loaded once per test process, and the RNG state after loading."""
     torch.manual_seed(seed)
     model, _ = load_backbone("minilm", task=task, num_labels=NUM_LABELS[task])
-    return model.eval()
+    return model.eval(), torch.get_rng_state()
+
+
+def base_model(task: str, seed: int = 0):
+    """The backbone of the method matrix: real MiniLM for the classification tasks, a tiny Llama for causal LM.
+
+    MiniLM is read from disk once per test process (a session cache); each call gets a copy, and the random state
+    it leaves is the one a fresh load leaves, so a test draws the same numbers as if it had loaded the model itself.
+    """
+    if task == "causal_lm":
+        return tiny_llama(seed)
+    model, rng_state = _loaded_minilm(task, seed)
+    torch.set_rng_state(rng_state)
+    return copy.deepcopy(model)
 
 
 def make_batch(task: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -114,6 +161,55 @@ def tiny_bert(tmp_path_factory):
     return path
 
 
+UNIT_TIER = Path(__file__).parent / "unit"
+_running_unit_test: list[str] = []  # the node id of the unit-tier test being set up, run or torn down
+
+
+def _refuse_in_unit_tier(what: str) -> None:
+    if _running_unit_test:
+        pytest.fail(f"{_running_unit_test[0]} {what}: the unit tier runs no subprocess and loads no real backbone; "
+                    f"move this test to tests/integration", pytrace=False)
+
+
+def _guard_popen():
+    original = subprocess.Popen.__init__
+
+    def guarded(self, args, *rest, **kwargs):
+        _refuse_in_unit_tier(f"starts a process ({str(args)[:80]})")
+        original(self, args, *rest, **kwargs)
+
+    subprocess.Popen.__init__ = guarded
+
+
+def _guard_real_backbones():
+    original = PreTrainedModel.from_pretrained.__func__
+    real = {str(minilm_path()), str(cache_dir() / SMOLLM2_CACHE_NAME)}
+
+    def guarded(cls, path, *args, **kwargs):
+        if str(path) in real or str(path) in {"minilm", "smollm2-135m"}:
+            _refuse_in_unit_tier(f"loads the real backbone {path}")
+        return original(cls, path, *args, **kwargs)
+
+    PreTrainedModel.from_pretrained = classmethod(guarded)
+
+
+_guard_popen()
+_guard_real_backbones()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Mark the unit-tier test in progress, so the guards above can refuse a process or a real backbone."""
+    in_unit_tier = UNIT_TIER in Path(item.path).parents
+    if in_unit_tier:
+        _running_unit_test.append(item.nodeid)
+    try:
+        yield
+    finally:
+        if in_unit_tier:
+            _running_unit_test.clear()
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Leave no Accelerate singleton state (e.g. bf16 picked by `auto`, or by TRL's SFTConfig) to later tests."""
@@ -134,3 +230,285 @@ def minilm_seq_cls():
 
 def pytest_report_header(config):
     return f"peftprompt {peftprompt.__version__}, torch {torch.__version__}, threads {torch.get_num_threads()}"
+
+
+# --- Self-ask: a scripted model and its questions ----------------------------------------------------------------------
+
+FINAL = "So the final answer is:"
+
+PIECES = re.compile(r"\S+\s*|\s+")
+
+
+class Scripted:
+    """A fake model: the continuation of a prompt is chosen by its last question and how many intermediate answers
+    follow it (`scripts[question][step]`, the last entry repeating); prompts ending with ``So the final answer is:``
+    get `forced.get(question, default_forced)`. Continuations are cut to `max_new_tokens` whitespace words."""
+
+    def __init__(self, scripts, forced=None, default_forced=" forced\n"):
+        self.scripts, self.forced, self.default_forced = scripts, forced or {}, default_forced
+        self.calls: list[list[str]] = []
+
+    def __call__(self, prompts, max_new_tokens):
+        self.calls.append(list(prompts))
+        outs = []
+        for prompt, limit in zip(prompts, max_new_tokens):
+            episode = prompt.rsplit("Question: ", 1)[1]
+            question = episode.split("\n", 1)[0]
+            if prompt.endswith(FINAL):
+                out = self.forced.get(question, self.default_forced)
+            else:
+                script = self.scripts[question]
+                step = episode.count("Intermediate answer:")
+                out = script[min(step, len(script) - 1)]
+                out = out(step) if callable(out) else out
+            pieces = PIECES.findall(out)
+            kept, words = [], 0
+            for piece in pieces:
+                words += bool(piece.strip())
+                if words > limit:
+                    break
+                kept.append(piece)
+            outs.append("".join(kept))
+        return outs
+
+
+def tool(facts):
+    return ToolAnswerer(lambda q: facts.get(q, "unknown"))
+
+
+def check_trace(result):
+    """The trace validates as decomp-tree/v1 and unrolls back into the transcript."""
+    tree = Node.from_dict(result.trace.to_dict())
+    validate(tree)
+    episodes = Unroller()(tree)
+    assert episodes[0].text == result.text
+    return episodes
+
+
+QUESTION = "Who is the father-in-law of Queen Hyojeong?"
+
+TWO_STEPS = [
+    "Are follow up questions needed here: Yes.\nFollow up: Who is Queen Hyojeong married to?\nIntermediate answer:"
+    " this is never read",
+    "Follow up: Who is the father of King Heonjong of Joseon?\nIntermediate answer: ignored",
+    "So the final answer is: Crown Prince Hyomyeong\n\nQuestion: next example",
+]
+
+
+@pytest.fixture(scope="module")
+def retriever():
+    facts = [("Who is Queen Hyojeong married to?", "King Heonjong of Joseon"),
+             ("When was Craig Newmark born?", "December 6, 1952"),
+             ("What is the capital of France?", "Paris")]
+    return RetrieverAnswerer(facts, threshold=0.8)
+
+
+# --- Passage indexes with a stub encoder -------------------------------------------------------------------------------
+
+class StubEncoder(SentenceEncoder):
+    """Fixed unit vectors in 2-D: every query is ``(1, 0)``, a passage whose text is in `cosines` has that cosine
+    with it (passages are embedded as ``"{title}: {text}"``, queries here have no ``": "``)."""
+
+    def __init__(self, cosines: dict[str, float], fingerprint: float = 0.5):
+        self.name, self.cosines = "stub", cosines
+        self.encoder_id = {"name": "stub", "name_or_path": "stub", "hidden_size": 2, "vocab_size": 1,
+                           "fingerprint": [fingerprint]}
+
+    def encode(self, texts, batch_size=32, max_length=128, progress=False, bf16=False):
+        cosines = [self.cosines[text.partition(": ")[2]] if ": " in text else 1.0 for text in texts]
+        return torch.tensor([[c, math.sqrt(1 - c**2)] for c in cosines], dtype=torch.float32).reshape(len(texts), 2)
+
+
+# BM25 ranks A (all three query words) above B (one); C and D share no word with the query.
+# The stub's cosines rank C > B > D > A: the two lists disagree, and B, second in both, wins the fusion.
+CORPUS = [Passage.make("Alpha", "apollo moon landing"), Passage.make("Beta", "apollo programme"),
+          Passage.make("Gamma", "lunar module"), Passage.make("Delta", "space race")]
+
+COSINES = {"apollo moon landing": 0.1, "apollo programme": 0.8, "lunar module": 0.9, "space race": 0.7}
+
+
+@pytest.fixture
+def stub_index() -> PassageIndex:
+    return PassageIndex.build(CORPUS, StubEncoder(COSINES), progress=False)
+
+
+@pytest.fixture
+def saved(stub_index, tmp_path) -> Path:
+    return stub_index.save(tmp_path / "idx")
+
+
+# --- Training runs on tiny models --------------------------------------------------------------------------------------
+
+def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+class IdTokenizer:
+    """Just what SelfAskCollator needs to batch rows that are already token ids."""
+
+    pad_token_id, eos_token_id, is_fast = 0, 1, True
+
+
+def token_rows(n: int = 16, seed: int = 0) -> list[dict]:
+    """Rows of 8-12 random tokens whose first 3 are context (no loss), so rows hold different numbers of items."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(5, TINY_VOCAB, (8 + i % 5,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * (3 + i % 3) + ids[3 + i % 3 :]})
+    return rows
+
+
+def llama_lora(dropout: float = 0.0, seed: int = 0):
+    return peftprompt.attach(tiny_llama(seed), "lora", task="causal_lm", lora_dropout=dropout)
+
+
+def llm_config(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
+    values = dict(
+        model="tiny-llama", task="causal_lm", learning_rate=1e-2, per_device_train_batch_size=4, max_steps=6,
+        log_every=1, mixed_precision="no", output_dir=str(tmp_path / name),
+    )
+    return TrainConfig(**{**values, **overrides})
+
+
+def records(result_or_dir, kind: str | None = None) -> list[dict]:
+    path = result_or_dir.log_file if hasattr(result_or_dir, "log_file") else Path(result_or_dir) / "metrics.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in lines if kind is None or r["type"] == kind]
+
+
+# --- Decomposition trees -----------------------------------------------------------------------------------------------
+
+def golden_tree() -> Node:
+    """A hand-written 3-level tree: the root's first follow-up decomposes again."""
+    return Node(
+        id="jpi",
+        dataset="golden",
+        question="Who was the first president of the association which published JPI?",
+        answer="G. Stanley Hall",
+        children=[
+            Node(
+                id="1",
+                question="What association published JPI?",
+                answer="American Psychological Association",
+                answer_source="derived",
+                children=[
+                    Node(id="1", question="What is JPI?", answer="Journal of Personality and Individual Differences", answer_source="tool"),
+                    Node(
+                        id="2",
+                        question_template="Which association publishes #1?",
+                        question="Which association publishes Journal of Personality and Individual Differences?",
+                        answer="American Psychological Association",
+                        answer_source="model",
+                    ),
+                ],
+            ),
+            Node(
+                id="2",
+                question_template="Who was the first president of #1?",
+                question="Who was the first president of American Psychological Association?",
+                answer="G. Stanley Hall",
+            ),
+        ],
+    )
+
+
+def trees(max_depth: int):
+    leaf = st.builds(lambda q, a, s: Node(question=q, answer=a, answer_source=s), TEXT, TEXT, st.sampled_from(ANSWER_SOURCES[:4]))
+    if max_depth == 1:
+        return leaf
+    inner = st.builds(
+        lambda q, a, children: Node(
+            question=q, answer=a, children=[_with_id(c, i) for i, c in enumerate(children, start=1)]
+        ),
+        TEXT,
+        TEXT,
+        st.lists(trees(max_depth - 1), min_size=1, max_size=3),
+    )
+    return st.one_of(leaf, inner)
+
+
+# --- Training runs on tiny models: SmolLM2 tokens ----------------------------------------------------------------------
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    return AutoTokenizer.from_pretrained(smollm2_path())
+
+
+def small_trees() -> list[dict]:
+    """The golden 3-level tree and two hand-made ones."""
+    capital = {
+        "id": "cap", "dataset": "hand", "question": "What is the capital of the country where the Eiffel Tower is?",
+        "answer": "Paris",
+        "children": [
+            {"id": "1", "question": "Where is the Eiffel Tower?", "answer": "France", "answer_source": "gold"},
+            {"id": "2", "question_template": "What is the capital of #1?", "answer": "Paris", "answer_source": "gold"},
+        ],
+    }
+    leaf = {"id": "leaf", "dataset": "hand", "question": "Who wrote Hamlet?", "answer": "William Shakespeare"}
+    return [golden_tree().to_dict(), capital, leaf]
+
+
+class CompactIds:
+    """Wrap a collator to renumber SmolLM2 token ids into a small vocabulary (the tokens of the given trees), so
+    a tiny Llama can learn them in a few steps on the CPU."""
+
+    def __init__(self, collator: SelfAskCollator, trees: list[dict]) -> None:
+        encoder = collator.encoder
+        ids = {i for tree in trees for episode in encoder.encode_tree(tree) for i in episode.input_ids}
+        self.ids = {t: i for i, t in enumerate(sorted(ids | {collator.pad_token_id}))}
+        self.collator = collator
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        batch["input_ids"] = batch["input_ids"].apply_(self.ids.__getitem__)
+        batch["labels"] = batch["labels"].apply_(lambda t: t if t == -100 else self.ids[t])
+        return batch
+
+
+# --- Self-ask: facts ---------------------------------------------------------------------------------------------------
+
+FACTS = {
+    "Who is Queen Hyojeong married to?": "King Heonjong of Joseon",
+    "Who is the father of King Heonjong of Joseon?": "Crown Prince Hyomyeong",
+}
+
+
+# --- Decomposition trees: random ones ----------------------------------------------------------------------------------
+
+# Property-based: random valid trees (depth <= 5) unroll and parse back into the same tree.
+WORD = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'-,.?", min_size=1, max_size=8)
+
+TEXT = st.lists(WORD, min_size=1, max_size=6).map(" ".join)
+
+
+def _with_id(node: Node, k: int) -> Node:
+    node.id = str(k)
+    return node
+
+
+# --- Fault injection: runs of the tiny Llama in this process -----------------------------------------------------------
+
+def tiny_run_config(out: Path, **overrides) -> TrainConfig:
+    values = dict(model="tiny-llama", task="causal_lm", learning_rate=1e-2, per_device_train_batch_size=4,
+                  max_steps=6, save_every=2, log_every=1, mixed_precision="no", output_dir=str(out))
+    return TrainConfig(**{**values, **overrides})
+
+
+def run_here(out: Path, hook=None, **overrides):
+    """Train the tiny Llama LoRA in this process (dropout on), `hook` a forward pre-hook; returns the result."""
+    model = peftprompt.attach(tiny_llama(), "lora", task="causal_lm", lora_dropout=0.1)
+    if hook is not None:
+        model.register_forward_pre_hook(hook)
+    return train(tiny_run_config(out, **overrides), model, None, token_rows(32), SelfAskCollator(IdTokenizer(), max_length=64))
+
+
+def same_adapters(a: Path, b: Path) -> bool:
+    first, second = (load_file(path / "adapter" / "adapter_model.safetensors") for path in (a, b))
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
