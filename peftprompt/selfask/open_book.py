@@ -44,8 +44,9 @@ from ..recursive.unroll import SELF_ASK, Template, clean_text
 from ..retrieval.passages import OpenBookQuestion, Passage
 from ..retrieval.reader import reader_prompt
 from .answerers import UNKNOWN, Answer, Answerer, answerers_from_names
+from .backend import GenerateFn
 from .evaluate import supported_by_trace
-from .runner import FEW_SHOT_DIRECT, FEW_SHOT_SELF_ASK, GenerateFn, SelfAskRunner, normalise_question
+from .runner import FEW_SHOT_DIRECT, FEW_SHOT_SELF_ASK, SelfAskRunner, normalise_question
 
 ReaderFn = Callable[[list[str], list[list[Passage]]], list[str]]
 """``(questions, passages per question) -> answers``: what `RetrievalAnswerer` asks to read."""

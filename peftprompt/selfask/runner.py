@@ -1,5 +1,8 @@
-"""The recursive self-ask runner: a causal LM writes follow-up questions, an answerer answers them, and the model
-writes the final answer, in exactly the text format of the training episodes (`peftprompt.recursive.unroll`).
+"""The recursive self-ask runner, the protocol half: a causal LM writes follow-up questions, an answerer answers
+them, and the model writes the final answer, in exactly the text format of the training episodes
+(`peftprompt.recursive.unroll`). The other half, what generates the text, is a `GenerationBackend`
+(`peftprompt.selfask.backend`): the runner writes the prompts, says where each continuation stops (a `StopRule`)
+and reads the continuations; `model.generate` by default (`peftprompt.selfask.transformers_backend`).
 
 ```
 Question: {question}                              written by the runner (after an optional few-shot prefix)
@@ -10,12 +13,11 @@ Intermediate answer:                              this marker
 So the final answer is: {answer}                  generated; stops at the end of the line or at EOS
 ```
 
-Generation is greedy and batched over the questions in flight (`batch_size`, left padding) and stops at the
-intermediate answer marker, at the end of the final answer's line (newline or EOS), at a line starting another
-``Question:`` (a few-shot model running on to a next example), or at `max_new_tokens`; rows that stopped leave
-the batch while the others go on (`_decode`). Each question keeps its KV cache from one step to the next, and the
-few-shot prefix's is computed once (`peftprompt.selfask.kv_cache`), so a step feeds only the tokens its prompt
-gained; a batch of prompts with the same few-shot prefix holds its cache once (`peftprompt.selfask.shared_prefix`).
+Generation is greedy and batched over the questions in flight (`batch_size`) and stops at the intermediate answer
+marker, at the end of the final answer's line (newline or EOS), at a line starting another ``Question:`` (a few-shot
+model running on to a next example), or at `max_new_tokens` (`SelfAskRunner.step_stop`). Each question hands its
+backend's cache of one step (`Continuation.cache`: with a model, its KV cache) to its next, and says which few-shot
+prefix its prompt starts with (`GenerationRequest.prefix`), so a step can feed only the tokens its prompt gained.
 
 Recursion. The question is layer 0, its follow-ups layer 1, theirs layer 2, ... Each layer's follow-ups go to that
 layer's answerer (`answerers.py`; ``answerer`` may be one for every layer or a list, one per layer, the last
@@ -68,7 +70,6 @@ forced answer, and no question generates more than `max_total_tokens` tokens.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -76,10 +77,10 @@ from tqdm.auto import tqdm
 
 from ..recursive.tree import Node, question_key
 from ..recursive.unroll import SELF_ASK, Template, Unroller, clean_text, parse_episode
-from . import kv_cache
 from .answerers import UNKNOWN, Answer, Answerer, as_answerer
-from .kv_cache import PromptCache
-from .shared_prefix import shared_prefix_attention, supports_shared_prefix
+from .backend import CallableBackend, Continuation, GenerateFn, GenerationBackend, GenerationRequest
+from .stopping import END_OF_LINE, StopRule
+from .transformers_backend import TransformersBackend
 
 
 def format_episode(
@@ -122,17 +123,6 @@ FEW_SHOT_DIRECT = "".join(format_episode(q, [], a) + "\n\n" for q, _, a in _PRES
 
 normalise_question = question_key
 """Lower-cased words only: how follow-ups are compared for repeats (`peftprompt.recursive.tree.question_key`)."""
-
-
-@dataclass
-class Continuation:
-    """What one generation step wrote: its `text`, how many `tokens` it took, whether it ended with EOS, and the KV
-    `cache` of the prompt and these tokens (when the runner reuses caches)."""
-
-    text: str
-    tokens: int
-    eos: bool = False
-    cache: Optional[PromptCache] = None
 
 
 @dataclass
@@ -181,7 +171,7 @@ class _State:
     prefill: str = ""  # written for the model before its next step (a retried follow-up)
     banned: Optional[str] = None  # a word its next step may not start with
     retried_at: int = -1  # the step (follow-ups accepted so far) last asked again
-    cache: Optional[PromptCache] = None  # the KV cache of the last step's prompt and continuation
+    cache: Any = None  # the backend's cache of the last step's prompt and continuation (`Continuation.cache`)
     depth: int = 0  # its layer: 0 for a question, 1 for a follow-up the model self-asks, ...
     direct: bool = False  # answered directly (at max_depth): no follow-ups, the few-shot direct prefix
     parent: Optional["_State"] = None  # the question whose follow-up this one is
@@ -189,7 +179,6 @@ class _State:
     derived: bool = False  # its final answer is an operator's (`operator_ends`)
 
 
-GenerateFn = Callable[..., list[Union[str, Continuation]]]
 AnswererLike = Union[Answerer, Callable[[str], Any], None]
 
 
@@ -211,7 +200,8 @@ class SelfAskRunner:
     """Self-ask a causal LM, recursively.
 
     Args:
-        model, tokenizer: A `transformers` causal LM and its tokenizer (either may be `None` with `generate_fn`).
+        model, tokenizer: A `transformers` causal LM and its tokenizer, generating through a `TransformersBackend`
+            (`None` with `generate_fn` or `backend`; with `generate_fn`, the tokenizer counts its tokens).
         answerer (`Answerer`, callable or a list of them, *optional*): Answers follow-ups; `None` (the default) is
             the model itself (`ModelAnswerer`). A callable ``(question) -> str`` is used as a tool. A list gives one
             answerer per layer (the question's follow-ups are layer 1), the last one answering every deeper layer.
@@ -230,9 +220,11 @@ class SelfAskRunner:
         few_shot_direct (`str`, defaults to ``""``): Prefix of every direct prompt (e.g. `FEW_SHOT_DIRECT`).
         final_answer_tokens (`int`, defaults to 16): Tokens of `max_total_tokens` kept for a forced final answer.
         generate_fn (callable, *optional*): ``(prompts, max_new_tokens) -> continuations`` replacing
-            `model.generate` (a scripted model in tests); a `str` continuation counts its whitespace words as tokens
-            (its tokenizer's tokens with a tokenizer). It must stop as `_generate` documents. When a retried
-            follow-up bans a first word, it is called with a third argument: per prompt, that word or `None`.
+            `model.generate` (a scripted model in tests; `CallableBackend`); a `str` continuation counts its
+            whitespace words as tokens (its tokenizer's tokens with a tokenizer), and is cut at its stop. When a
+            retried follow-up bans a first word, it is called with a third argument: per prompt, that word or `None`.
+        backend (`GenerationBackend`, *optional*): What generates, instead of a model or `generate_fn` (e.g. a
+            llama.cpp backend: see `peftprompt.selfask.backend`).
         retry_repeats (`bool`, defaults to `True`): Ask once more for a follow-up that repeats the question (see
             the module docstring).
         operator_ends (`bool`, defaults to `True`): A follow-up an operator computed (`OperatorAnswerer`: the
@@ -241,14 +233,22 @@ class SelfAskRunner:
             writes the final answer after it (and may cut or change the name).
         progress (`str`, *optional*): Show a tqdm bar with this description over the questions of each top-level
             `run_batch` and each `answer_directly` (questions finished).
-        reuse_kv_cache (`bool`, defaults to `True`): Keep each question's KV cache from one step to the next and
-            share the few-shot prefixes' (`peftprompt.selfask.kv_cache`), so each step feeds only its new tokens;
-            off (or for a model that cannot, e.g. under prefix tuning), every step encodes its whole prompt again.
+        reuse_kv_cache (`bool`, defaults to `True`): With a model: keep each question's KV cache from one step to
+            the next and share the few-shot prefixes' (`peftprompt.selfask.kv_cache`), so each step feeds only its
+            new tokens; off (or for a model that cannot, e.g. under prefix tuning), every step encodes its whole
+            prompt again.
 
-    Scheduling: `run_batch` keeps at most `batch_size` questions in flight and steps them together (one
-    `generate` call a step); a finished question makes room for the next one, so the progress bar moves as
-    questions finish. A follow-up the model self-asks joins the same steps, at any depth, while the question that
-    asked it waits (and leaves it its place), so recursion never runs a small batch of its own.
+    Attributes:
+        backend (`GenerationBackend`): What generates: the `TransformersBackend` of `model`, the `CallableBackend`
+            of `generate_fn`, or `backend`.
+        step_stop (`StopRule`): Where a step's continuation ends: after the intermediate answer marker, at the end of
+            the final answer's line, or after the ``\\nQuestion:`` of a line starting another question, whichever
+            comes first (a forced answer ends at the end of its line: `END_OF_LINE`).
+
+    Scheduling: `run_batch` keeps at most `batch_size` questions in flight and steps them together (one backend
+    call a step); a finished question makes room for the next one, so the progress bar moves as questions finish. A
+    follow-up the model self-asks joins the same steps, at any depth, while the question that asked it waits (and
+    leaves it its place), so recursion never runs a small batch of its own.
     """
 
     def __init__(
@@ -271,9 +271,12 @@ class SelfAskRunner:
         retry_repeats: bool = True,
         reuse_kv_cache: bool = True,
         operator_ends: bool = True,
+        backend: Optional[GenerationBackend] = None,
     ):
-        if model is None and generate_fn is None:
-            raise ValueError("SelfAskRunner needs a model (and tokenizer) or a generate_fn")
+        if backend is not None and (model is not None or generate_fn is not None):
+            raise ValueError("SelfAskRunner: give a backend, or a model or a generate_fn, not both")
+        if model is None and generate_fn is None and backend is None:
+            raise ValueError("SelfAskRunner needs a model (and tokenizer), a generate_fn or a backend")
         if model is not None and tokenizer is None and generate_fn is None:
             raise ValueError("SelfAskRunner needs the model's tokenizer")
         for name, value in (("max_new_tokens", max_new_tokens), ("max_total_tokens", max_total_tokens),
@@ -286,7 +289,10 @@ class SelfAskRunner:
             raise ValueError(
                 f"final_answer_tokens ({final_answer_tokens}) must be < max_total_tokens ({max_total_tokens})"
             )
-        self.model, self.tokenizer = model, tokenizer
+        if backend is None:
+            backend = (CallableBackend(generate_fn, tokenizer) if generate_fn is not None else
+                       TransformersBackend(model, tokenizer, batch_size=batch_size, reuse_kv_cache=reuse_kv_cache))
+        self.backend = backend
         self.template = template
         self.model_answerer = ModelAnswerer(self)
         layers = list(answerer) if isinstance(answerer, (list, tuple)) else [answerer]
@@ -298,19 +304,15 @@ class SelfAskRunner:
         self.max_new_tokens, self.max_total_tokens = max_new_tokens, max_total_tokens
         self.batch_size, self.final_answer_tokens = batch_size, final_answer_tokens
         self.few_shot, self.few_shot_direct = few_shot, few_shot_direct
-        self.generate_fn = generate_fn
         self.retry_repeats = retry_repeats
         self.operator_ends = operator_ends
         self.progress = progress
-        self.reuse_kv_cache = reuse_kv_cache and model is not None and kv_cache.supports_reuse(model)
-        self.share_prefix = self.reuse_kv_cache and supports_shared_prefix(model)
-        self._prefix_caches: dict[str, PromptCache] = {}
-        self._prefix_heads: dict[tuple[int, int], PromptCache] = {}  # their first n tokens, shared by a batch
         head, tail = template.follow_up.split("{question}")
         self.follow_up_prefix = head.strip()  # "Follow up:"
         self.marker = tail  # "\nIntermediate answer:"
         self.next_question = "\n" + template.question.split("{question}")[0].strip()  # "\nQuestion:"
         self.final_prefix = template.final_answer.split("{answer}")[0].rstrip()  # "So the final answer is:"
+        self.step_stop = StopRule(after=(self.marker, self.next_question), line_after=(self.final_prefix,))
 
     # ------------------------------------------------------------------ public API
     def run(self, question: str, depth: int = 0) -> SelfAskResult:
@@ -560,222 +562,20 @@ class SelfAskRunner:
         )
 
     # ------------------------------------------------------------------ generation
-    def stop_index(self, text: str, answer_only: bool) -> Optional[int]:
-        """Where a continuation ends (characters kept), or `None` while it should go on: after the intermediate
-        answer marker, at the newline ending the final answer's line (any newline when `answer_only`), or after
-        the ``\nQuestion:`` of a line starting another question, whichever comes first."""
-        if answer_only:
-            i = text.find("\n")
-            return i if i >= 0 else None
-        found = [(i, mark) for mark in (self.marker, self.final_prefix, self.next_question)
-                 if (i := text.find(mark)) >= 0]
-        if not found:
-            return None
-        i, mark = min(found)
-        if mark == self.final_prefix:
-            i = text.find("\n", i)
-            return i if i >= 0 else None
-        return i + len(mark)
+    def _prefix_of(self, prompt: str) -> str:
+        """The few-shot prefix `prompt` starts with (`few_shot`, else `few_shot_direct`), or ``""``."""
+        return next((p for p in (self.few_shot, self.few_shot_direct) if p and prompt.startswith(p)), "")
 
     def _step(self, prompts: list[str], limits: list[int], banned: Optional[list[Optional[str]]] = None,
-              caches: Optional[list[Optional[PromptCache]]] = None) -> list[Continuation]:
-        if self.generate_fn is not None:
-            outputs = (self.generate_fn(prompts, limits, banned) if banned and any(banned)
-                       else self.generate_fn(prompts, limits))
-        else:
-            outputs = self._generate(prompts, limits, banned, caches)
-        if len(outputs) != len(prompts):
-            raise RuntimeError(f"generation returned {len(outputs)} continuations for {len(prompts)} prompts")
-        results = []
-        for prompt, out, limit in zip(prompts, outputs, limits):
-            raw = out if isinstance(out, str) else out.text
-            stop = self.stop_index(raw, prompt.endswith(self.final_prefix))
-            text = raw if stop is None else raw[:stop]
-            tokens = self._count_tokens(text) if isinstance(out, str) else out.tokens
-            results.append(Continuation(text, min(tokens, limit), getattr(out, "eos", False),
-                                        getattr(out, "cache", None)))
-        return results
-
-    def _count_tokens(self, text: str) -> int:
-        if self.tokenizer is not None:
-            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return len(text.split())
-
-    def _prefix_cache(self, prompt: str) -> Optional[PromptCache]:
-        """The KV cache of the few-shot prefix `prompt` starts with (computed once), if any."""
-        for prefix in (self.few_shot, self.few_shot_direct):
-            if prefix and prompt.startswith(prefix):
-                if prefix not in self._prefix_caches:
-                    ids = self.tokenizer(prefix)["input_ids"]
-                    self._prefix_caches[prefix] = kv_cache.encode(self.model, ids)
-                return self._prefix_caches[prefix]
-        return None
-
-    def _shared_prefix(self, prompts: list[str], encoded: list[list[int]]) -> Optional[PromptCache]:
-        """When every prompt of a batch starts with the same few-shot prefix and the model can attend to it once
-        for the whole batch (`peftprompt.selfask.shared_prefix`): the cache of the prefix's tokens that every
-        prompt's tokens start with (its last token may merge with the question's first, e.g. ``\n\n``)."""
-        prefix = self._prefix_cache(prompts[0]) if self.share_prefix else None
-        if prefix is None or any(self._prefix_cache(p) is not prefix for p in prompts[1:]):
-            return None
-        n = min(prefix.reusable(ids) for ids in encoded)  # a prompt's tokens may merge across the prefix's end
-        if n in (0, len(prefix.ids)):
-            return prefix if n else None
-        if (id(prefix), n) not in self._prefix_heads:
-            self._prefix_heads[id(prefix), n] = prefix.head(n)
-        return self._prefix_heads[id(prefix), n]
-
-    def _generate(self, prompts: list[str], max_new_tokens: list[int],
-                  banned: Optional[list[Optional[str]]] = None,
-                  caches: Optional[list[Optional[PromptCache]]] = None) -> list[Continuation]:
-        """`_generate_batches`, where the model can share a few-shot prefix's cache across a batch
-        (`_shared_prefix`) on the prompts of each few-shot prefix (or none) apart, in their order."""
-        if not self.share_prefix:
-            return self._generate_batches(prompts, max_new_tokens, banned, caches)
-        groups: dict[int, list[int]] = {}
-        for i, prompt in enumerate(prompts):
-            groups.setdefault(id(self._prefix_cache(prompt)), []).append(i)
-        results: list[Optional[Continuation]] = [None] * len(prompts)
-        for rows in groups.values():
-            def pick(values):
-                return None if values is None else [values[i] for i in rows]
-
-            for i, out in zip(rows, self._generate_batches(pick(prompts), pick(max_new_tokens), pick(banned),
-                                                           pick(caches))):
-                results[i] = out
-        return results
-
-    def _generate_batches(self, prompts: list[str], max_new_tokens: list[int],
-                          banned: Optional[list[Optional[str]]] = None,
-                          caches: Optional[list[Optional[PromptCache]]] = None) -> list[Continuation]:
-        """Greedy `model.generate` on `prompts` in batches of `batch_size` (left padding, KV cache on); row i
-        stops at `stop_index`, at EOS or after ``max_new_tokens[i]`` tokens, and may not start with the word
-        ``banned[i]`` (its first token, with and without a leading space). With `reuse_kv_cache`, row i continues
-        from ``caches[i]`` (its previous step) or its few-shot prefix's cache, whichever holds more of its tokens,
-        and, when `caches` is given (the caller keeps them), its continuation carries the cache of its prompt and
-        kept tokens. A batch whose prompts all start with the same few-shot prefix holds that prefix's keys and
-        values once (`_shared_prefix`): its rows are padded after the prefix, not before."""
-        import torch
-
-        tokenizer = self.tokenizer
-        if tokenizer.pad_token is None:  # as load_backbone does: pad with EOS (left padding, masked)
-            tokenizer.pad_token = tokenizer.eos_token
-        eos = tokenizer.eos_token_id
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        device = next(self.model.parameters()).device
-        keep_caches = self.reuse_kv_cache and caches is not None
-        caches = caches or [None] * len(prompts)
-        results: list[Continuation] = []
-        for start in range(0, len(prompts), self.batch_size):
-            chunk, limits = prompts[start : start + self.batch_size], max_new_tokens[start : start + self.batch_size]
-            answer_only = [p.endswith(self.final_prefix) for p in chunk]
-            encoded = tokenizer(chunk)["input_ids"]
-            lengths = [len(ids) for ids in encoded]
-            width = max(lengths)
-            reused: list[Optional[PromptCache]] = [None] * len(chunk)
-            fed, shared = width, None
-            if self.reuse_kv_cache:
-                shared = self._shared_prefix(chunk, encoded)
-                for row, (prompt, ids) in enumerate(zip(chunk, encoded)):
-                    options = [c for c in (caches[start + row], self._prefix_cache(prompt)) if c is not None]
-                    reused[row] = max(options, key=lambda c: c.reusable(ids), default=None)
-                fed = max(n - (c.reusable(ids) if c is not None else 0)
-                          for n, c, ids in zip(lengths, reused, encoded))
-            skip = kv_cache.prefix_length(shared)
-            pads = [width - n for n in lengths]
-            input_ids = torch.tensor([ids[:skip] + [pad] * p + ids[skip:] for p, ids in zip(pads, encoded)],
-                                     device=device)
-            attention_mask = torch.tensor([[1] * skip + [0] * p + [1] * (n - skip) for p, n in zip(pads, lengths)],
-                                          device=device)
-            past = (kv_cache.batched(reused, lengths, fed, self.model.config, spare=max(limits), shared=shared)
-                    if self.reuse_kv_cache else None)
-            words = (banned or [None] * len(prompts))[start : start + self.batch_size]
-            first_tokens = {row: sorted({tokenizer(text, add_special_tokens=False)["input_ids"][0]
-                                         for text in (" " + word, word)})
-                            for row, word in enumerate(words) if word}
-            decoded = self._decode(input_ids, attention_mask, past, limits, answer_only, first_tokens,
-                                   (pads, lengths) if keep_caches else None, shared)
-            for ids, cache in decoded:
-                hit_eos = eos is not None and eos in ids
-                results.append(Continuation(tokenizer.decode(ids, skip_special_tokens=True), len(ids), hit_eos, cache))
-        return results
-
-    def _decode(self, input_ids, attention_mask, past, limits: list[int], answer_only: list[bool],
-                first_tokens: dict[int, list[int]], cached_rows: Optional[tuple[list[int], list[int]]],
-                shared: Optional[PromptCache] = None) -> list[tuple[list[int], Optional[PromptCache]]]:
-        """Greedy `model.generate` of one left-padded batch: per row, the generated token ids kept (up to its stop,
-        EOS included) and, with `cached_rows` (the rows' padding and prompt lengths), the `PromptCache` of its
-        prompt and kept tokens. With `shared`, the prefix every row starts with, held once (`kv_cache.batched`):
-        each row's padding comes after it, and the model attends to it with `shared_prefix_attention`.
-
-        Finished rows do not ride along: a `generate` call ends once a quarter of its rows have stopped, and the
-        rows still going continue from the same cache, narrowed to them (``batch_select_indices``), in a new call.
-        `first_tokens` bans, per row, first tokens (`_generate_batches`)."""
-        import torch
-        from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
-
-        tokenizer, runner = self.tokenizer, self
-        eos = tokenizer.eos_token_id
-        width = input_ids.shape[1]
-        stopped_at: list[Optional[int]] = [None] * len(limits)
-        kept: list[list[int]] = [[] for _ in limits]
-        row_caches: list[Optional[PromptCache]] = [None] * len(limits)
-        active = list(range(len(limits)))  # the batch rows in the current call, in order
-
-        class _BanFirst(LogitsProcessor):
-            def __call__(self, input_ids, scores):
-                if input_ids.shape[1] == width:
-                    for row, ids in first_tokens.items():
-                        scores[row, ids] = -float("inf")
-                return scores
-
-        class _Stop(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                done = []
-                for row, ids in zip(active, input_ids[:, width:].tolist()):
-                    if stopped_at[row] is None and (
-                            len(ids) >= limits[row] or (eos is not None and eos in ids)
-                            or runner.stop_index(tokenizer.decode(ids, skip_special_tokens=True),
-                                                 answer_only[row]) is not None):
-                        stopped_at[row] = len(ids)
-                    done.append(stopped_at[row] is not None)
-                if 4 * sum(done) >= len(done):  # end the call: the rows still going continue without these
-                    done = [True] * len(done)
-                return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-        sequences, mask = input_ids, attention_mask
-        skip = kv_cache.prefix_length(shared)
-        with torch.no_grad(), shared_prefix_attention(self.model, shared) if shared is not None else nullcontext():
-            while active:
-                out = self.model.generate(
-                    input_ids=sequences, attention_mask=mask, past_key_values=past,
-                    max_new_tokens=max(limits[row] for row in active) - (sequences.shape[1] - width),
-                    do_sample=False, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=eos, stopping_criteria=StoppingCriteriaList([_Stop()]),
-                    logits_processor=LogitsProcessorList([_BanFirst()] if first_tokens else []),
-                )
-                finished = [i for i, row in enumerate(active) if stopped_at[row] is not None]
-                if not finished:
-                    raise RuntimeError("generate ended before any row reached a stop")
-                tokens = out.sequences.tolist()
-                for i in finished:
-                    ids = tokens[i][width : width + stopped_at[active[i]]]
-                    kept[active[i]] = ids[: ids.index(eos) + 1] if eos is not None and eos in ids else ids
-                if cached_rows is not None:
-                    pads, lengths = ([values[active[i]] for i in finished] for values in cached_rows)
-                    caches = kv_cache.split(out.past_key_values, pads,
-                                            [tokens[i][:skip] + tokens[i][skip + p:] for i, p in zip(finished, pads)],
-                                            [n + len(kept[active[i]]) for i, n in zip(finished, lengths)],
-                                            rows=finished, shared=shared)
-                    for i, cache in zip(finished, caches):
-                        row_caches[active[i]] = cache
-                going = [i for i, row in enumerate(active) if stopped_at[row] is None]
-                if going:
-                    index = torch.tensor(going, device=out.sequences.device)
-                    past = out.past_key_values
-                    past.batch_select_indices(index)
-                    grown = out.sequences.shape[1] - mask.shape[1]
-                    mask = torch.cat([mask, mask.new_ones(mask.shape[0], grown)], dim=1)[index]
-                    sequences = out.sequences[index]
-                active = [active[i] for i in going]
-        return list(zip(kept, row_caches))
+              caches: Optional[list[Any]] = None) -> list[Continuation]:
+        """One `GenerationRequest` per prompt to the backend: a prompt ending with the final-answer prefix stops at
+        the end of its line (`END_OF_LINE`), any other at `step_stop`; per prompt, the word `banned` as its first and
+        the `cache` of its previous step (kept for the next step when `caches` is given). Each continuation's tokens
+        are capped at its limit."""
+        requests = [GenerationRequest(prompt, limit, END_OF_LINE if prompt.endswith(self.final_prefix) else
+                                      self.step_stop, prefix=self._prefix_of(prompt),
+                                      banned_first_word=banned[i] if banned else None,
+                                      cache=caches[i] if caches else None, keep_cache=caches is not None)
+                    for i, (prompt, limit) in enumerate(zip(prompts, limits))]
+        return [Continuation(out.text, min(out.tokens, limit), out.eos, out.cache)
+                for out, limit in zip(self.backend.generate(requests), limits)]

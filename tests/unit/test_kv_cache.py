@@ -92,7 +92,7 @@ def test_no_reuse_under_prompt_learning(tiny_smollm):
     from transformers import AutoTokenizer
 
     runner = SelfAskRunner(prompted, AutoTokenizer.from_pretrained(tiny_smollm))
-    assert not runner.reuse_kv_cache
+    assert not runner.backend.reuse_kv_cache
 
 
 def test_runner_answers_the_same_with_and_without_reused_caches(tiny_smollm):
@@ -118,7 +118,7 @@ def test_runner_answers_the_same_with_and_without_reused_caches(tiny_smollm):
         runner = SelfAskRunner(model, tokenizer, answerer=lambda q: "Paris", few_shot=FEW_SHOT_SELF_ASK,
                                few_shot_direct=FEW_SHOT_DIRECT, max_new_tokens=12, batch_size=2,
                                reuse_kv_cache=reuse)
-        assert runner.reuse_kv_cache is reuse
+        assert runner.backend.reuse_kv_cache is reuse
         results = runner.run_batch(questions) + runner.answer_directly(questions)
         outcomes[reuse] = ([(r.text, r.answer, r.generated_tokens, r.issues) for r in results], sum(fed))
     assert outcomes[True][0] == outcomes[False][0]

@@ -468,8 +468,8 @@ def test_real_generate_bans_the_first_word_of_a_retried_follow_up(tiny_smollm):
     model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_smollm).eval(), AutoTokenizer.from_pretrained(tiny_smollm)
     runner = SelfAskRunner(model, tokenizer, answerer=tool({}), max_new_tokens=1)
     prompt = "Question: Who?\nAre follow up questions needed here: Yes.\nFollow up:"
-    (free,) = runner._generate([prompt], [1])
-    (banned,) = runner._generate([prompt], [1], [free.text.strip()])
+    (free,) = runner._step([prompt], [1])
+    (banned,) = runner._step([prompt], [1], [free.text.strip()])
     assert free.text.strip() and banned.text.strip() != free.text.strip()
 
 

@@ -1,13 +1,20 @@
 """A few-shot prefix held once for a whole generation batch: attending to it gives the logits of encoding every
 prompt whole (grouped-query heads, padding after the prefix, rows cached to different depths, a decoding step),
-and the runner uses it only where every prompt of a batch starts with the same prefix."""
+and the transformers backend uses it only where every prompt of a batch starts with the same prefix."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from peftprompt.selfask import FEW_SHOT_DIRECT, FEW_SHOT_SELF_ASK, SelfAskRunner
+from peftprompt.selfask import (
+    END_OF_LINE,
+    FEW_SHOT_DIRECT,
+    FEW_SHOT_SELF_ASK,
+    GenerationRequest,
+    SelfAskRunner,
+    TransformersBackend,
+)
 from peftprompt.selfask.kv_cache import batched, encode, split
 from peftprompt.selfask.shared_prefix import (
     SHARED_PREFIX_ATTENTION,
@@ -129,39 +136,44 @@ def test_runner_shares_the_prefix_per_group_and_answers_the_same(tiny_smollm, mo
     each few-shot prefix's prompts share its cache, and the transcripts equal those of per-row caches."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftprompt.selfask import runner as runner_module
+    from peftprompt.selfask import transformers_backend
 
     model = AutoModelForCausalLM.from_pretrained(tiny_smollm).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_smollm)
-    runner = SelfAskRunner(model, tokenizer, few_shot=FEW_SHOT_SELF_ASK, few_shot_direct=FEW_SHOT_DIRECT)
-    assert runner.share_prefix
+    backend = TransformersBackend(model, tokenizer)
+    assert backend.share_prefix
+
+    def requests(*prompts):
+        return [GenerationRequest(p, 1, END_OF_LINE, prefix=p[: p.rindex("Question: ")]) for p in prompts]
+
     prompts = [FEW_SHOT_SELF_ASK + "Question: Who?\n", FEW_SHOT_SELF_ASK + "Question: Where?\n"]
     encoded = tokenizer(prompts)["input_ids"]
-    shared = runner._shared_prefix(prompts, encoded)
-    whole = runner._prefix_cache(prompts[0])
+    shared = backend._shared_prefix(requests(*prompts), encoded)
+    whole = backend.prefix_cache(FEW_SHOT_SELF_ASK)
     # SmolLM2's tokenizer merges the prefix's closing "\n\n" differently before "Question": all but that token
     assert shared.ids == whole.ids[: len(shared.ids)] and len(whole.ids) - 1 <= len(shared.ids)
     assert all(ids[: len(shared.ids)] == shared.ids for ids in encoded)
     mixed = [prompts[0], FEW_SHOT_DIRECT + "Question: Who?\n"]
-    assert runner._shared_prefix(mixed, tokenizer(mixed)["input_ids"]) is None
+    assert backend._shared_prefix(requests(*mixed), tokenizer(mixed)["input_ids"]) is None
 
     entered = []
-    real = runner_module.shared_prefix_attention
+    real = transformers_backend.shared_prefix_attention
 
     def counting(model, prefix):
         entered.append(len(prefix.ids))
         return real(model, prefix)
 
-    monkeypatch.setattr(runner_module, "shared_prefix_attention", counting)
+    monkeypatch.setattr(transformers_backend, "shared_prefix_attention", counting)
     questions = ["Who was the father of the author of Dune?", "Where was Rumi born?", "Capital of the country of X?"]
     outcomes = []
     for share in (True, False):
         runner = SelfAskRunner(model, tokenizer, answerer=None, few_shot=FEW_SHOT_SELF_ASK,
                                few_shot_direct=FEW_SHOT_DIRECT, max_new_tokens=12, max_depth=1, batch_size=2)
-        runner.share_prefix = share
+        runner.backend.share_prefix = share
         entered.clear()
         results = runner.run_batch(questions) + runner.answer_directly(questions)
         outcomes.append([(r.text, r.answer, r.generated_tokens, r.issues) for r in results])
         assert bool(entered) is share
     assert outcomes[0] == outcomes[1]
-    assert SelfAskRunner(model, tokenizer, few_shot=FEW_SHOT_SELF_ASK, reuse_kv_cache=False).share_prefix is False
+    without_reuse = SelfAskRunner(model, tokenizer, few_shot=FEW_SHOT_SELF_ASK, reuse_kv_cache=False)
+    assert without_reuse.backend.share_prefix is False
