@@ -55,6 +55,18 @@ def tiny_llama():  # conftest.tiny_llama(): the same config and seed
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                         pad_token_id=0)).eval()
 
+class IdTokenizer:
+    pad_token_id, eos_token_id, is_fast = 0, 1, True
+
+rows = {rows!r}
+out, fault, extra = sys.argv[1], sys.argv[2], sys.argv[3:]
+resume = "resume" in extra
+overrides = {{k: int(v) for k, v in (item.split("=") for item in extra if "=" in item)}}
+kind, process, step = fault.split(":") if fault != "none" else ("none", "-1", "-1")
+process, step = int(process), int(step)
+state = PartialState(cpu=True)
+mine = state.process_index == process
+
 
 def note_the_time():
     with open(out + ".fault", "w") as f:
@@ -105,7 +117,7 @@ def run(output_dir, resume_from=None, faulty=True):
     settings = dict(model="tiny-llama", task="causal_lm", learning_rate=1e-2, per_device_train_batch_size=2,
                     max_steps={steps}, save_every=2, log_every=1, mixed_precision="no")
     config = TrainConfig(**{{**settings, **overrides}}, output_dir=output_dir, resume_from=resume_from)
-    return train(model, None, rows, SelfAskCollator(IdTokenizer(), max_length=64))
+    return train(config, model, None, rows, SelfAskCollator(IdTokenizer(), max_length=64))
 
 
 def main():
@@ -119,16 +131,10 @@ run_recipe(main)
 '''
 
 
-class IdTokenizer:
-    """Just what SelfAskCollator needs to batch rows that are already token ids."""
-
-    pad_token_id, eos_token_id, is_fast = 0, 1, True
-
-
 def launch_command(tmp_path: Path, *args: str) -> tuple[list[str], dict]:
     script = tmp_path / "fault_script.py"
     if not script.exists():
-        script.write_text(FAULT_SCRIPT.format(rows=token_rows(), steps=STEPS))
+        script.write_text(FAULT_SCRIPT.format(rows=token_rows(32), steps=STEPS))
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     command = [str(ACCELERATE), "launch", "--config_file", str(REPO / "recipes/accelerate/cpu_2proc.yaml"),
