@@ -512,3 +512,15 @@ def run_here(out: Path, hook=None, **overrides):
 def same_adapters(a: Path, b: Path) -> bool:
     first, second = (load_file(path / "adapter" / "adapter_model.safetensors") for path in (a, b))
     return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+# --- Open-book: a small collection of passages ----------------------------------------------------------------------
+
+FILM_PASSAGES = [  # six passages about two films, their directors and a city
+    Passage.make("Jaws (film)", "Jaws is a 1975 American thriller film directed by Steven Spielberg."),
+    Passage.make("Steven Spielberg", "Steven Spielberg is an American filmmaker. He was born in Cincinnati, Ohio."),
+    Passage.make("Casino Royale (2006 film)", "Casino Royale is a 2006 spy film directed by Martin Campbell."),
+    Passage.make("Martin Campbell", "Martin Campbell is a New Zealand film director, born in Hastings."),
+    Passage.make("Cincinnati", "Cincinnati is a city in the U.S. state of Ohio on the Ohio River."),
+    Passage.make("The Terminal", "The Terminal is a 2004 comedy-drama film starring Tom Hanks."),
+]

@@ -28,16 +28,8 @@ from peftprompt.selfask.open_book import (
     trace_passages,
 )
 
-from conftest import REPO
+from conftest import FILM_PASSAGES, REPO
 
-CORPUS = [
-    Passage.make("Jaws (film)", "Jaws is a 1975 American thriller film directed by Steven Spielberg."),
-    Passage.make("Steven Spielberg", "Steven Spielberg is an American filmmaker. He was born in Cincinnati, Ohio."),
-    Passage.make("Casino Royale (2006 film)", "Casino Royale is a 2006 spy film directed by Martin Campbell."),
-    Passage.make("Martin Campbell", "Martin Campbell is a New Zealand film director, born in Hastings."),
-    Passage.make("Cincinnati", "Cincinnati is a city in the U.S. state of Ohio on the Ohio River."),
-    Passage.make("The Terminal", "The Terminal is a 2004 comedy-drama film starring Tom Hanks."),
-]
 QUESTIONS = [
     {"id": "q1", "question": "Where was the director of Jaws born?", "answer": "Cincinnati", "aliases": [],
      "meta": {"type": "compositional", "supporting_titles": ["Jaws (film)", "Steven Spielberg"]}, "children": []},
@@ -95,13 +87,13 @@ def scripted_model(monkeypatch):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_smollm):
-    """An index of `CORPUS` (MiniLM), the questions as decomp-tree/v1 JSONL and two random LoRA adapters."""
+    """An index of `FILM_PASSAGES` (MiniLM), the questions as decomp-tree/v1 JSONL and two random LoRA adapters."""
     from transformers import AutoModelForCausalLM
 
     from peftprompt import attach, save_adapter
 
     root = tmp_path_factory.mktemp("openbook_cli")
-    PassageIndex.build(CORPUS, progress=False).save(root / "idx")
+    PassageIndex.build(FILM_PASSAGES, progress=False).save(root / "idx")
     (root / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
     for seed, name in enumerate(("decomposer", "reader")):
         import torch
@@ -124,7 +116,7 @@ def test_eval_selfask_with_an_index_writes_the_benchmarks_metrics(workdir, tiny_
     approaches = ["direct", "single_step", "few_shot_self_ask", "fine_tuned_self_ask"]  # all that apply
     assert list(results) == ["n", *approaches, "config"] and results["n"] == 2
     assert results["config"]["k"] == 2 and results["config"]["max_depth"] == 1 and not results["config"]["recurse"]
-    known = {p.id for p in CORPUS}
+    known = {p.id for p in FILM_PASSAGES}
     for approach in approaches:
         r = results[approach]
         assert set(r["summary"]) == SUMMARY_KEYS and r["summary"]["n"] == 2 and r["ids"] == ["q1", "q2"]
@@ -211,11 +203,11 @@ def test_questions_from_trees_map_supporting_titles_to_the_index_passages():
     trees = [Node.from_dict(q) for q in QUESTIONS]
     trees[1].meta["supporting_titles"].append("Nowhere")
     duplicate = Passage.make("Jaws (film)", "Jaws is a novel by Peter Benchley.")
-    first, second = questions_from_trees(trees, [*CORPUS, duplicate])
-    jaws = [p.id for p in (CORPUS[0], duplicate)]
-    assert first.supporting == (*jaws, CORPUS[1].id) and first.kind == "compositional" and first.answers == [
+    first, second = questions_from_trees(trees, [*FILM_PASSAGES, duplicate])
+    jaws = [p.id for p in (FILM_PASSAGES[0], duplicate)]
+    assert first.supporting == (*jaws, FILM_PASSAGES[1].id) and first.kind == "compositional" and first.answers == [
         "Cincinnati"]
-    assert second.supporting == (*jaws, CORPUS[2].id, "title:Nowhere")  # a title no passage has is never found
+    assert second.supporting == (*jaws, FILM_PASSAGES[2].id, "title:Nowhere")  # a title no passage has is never found
     assert second.answers == ["Jaws", "Jaws (film)"]
     no_titles = questions_from_trees([Node(question="q?", answer="a")])[0]
     assert no_titles.supporting == () and no_titles.kind == "all" and no_titles.id == "1"

@@ -9,20 +9,13 @@ import pytest
 
 from peftprompt.recursive import parse_episode, validate
 from peftprompt.retrieval.index import PassageIndex
-from peftprompt.retrieval.passages import Passage
 from peftprompt.retrieval.reader import reader_prompt
 from peftprompt.selfask import SelfAskRunner
 from peftprompt.selfask.open_book import ModelReader, RetrievalAnswerer, active_adapter, few_shot_reader
 
+from conftest import FILM_PASSAGES
+
 FINAL = "So the final answer is:"
-CORPUS = [
-    Passage.make("Jaws (film)", "Jaws is a 1975 American thriller film directed by Steven Spielberg."),
-    Passage.make("Steven Spielberg", "Steven Spielberg is an American filmmaker. He was born in Cincinnati, Ohio."),
-    Passage.make("Casino Royale (2006 film)", "Casino Royale is a 2006 spy film directed by Martin Campbell."),
-    Passage.make("Martin Campbell", "Martin Campbell is a New Zealand film director, born in Hastings."),
-    Passage.make("Cincinnati", "Cincinnati is a city in the U.S. state of Ohio on the Ohio River."),
-    Passage.make("The Terminal", "The Terminal is a 2004 comedy-drama film starring Tom Hanks."),
-]
 QUESTION = "Where was the director of Jaws born?"
 ANSWERS = {"Who directed Jaws?": "Steven Spielberg", "Where was Steven Spielberg born?": "Cincinnati",
            QUESTION: "Cincinnati"}
@@ -65,7 +58,7 @@ class ScriptedReader:
 
 @pytest.fixture(scope="module")
 def index():
-    return PassageIndex.build(CORPUS, progress=False)
+    return PassageIndex.build(FILM_PASSAGES, progress=False)
 
 
 def test_a_retrieval_answerer_follows_a_two_hop_chain(index):
@@ -78,7 +71,7 @@ def test_a_retrieval_answerer_follows_a_two_hop_chain(index):
                                  ("Where was Steven Spielberg born?", "Cincinnati"))
     # each follow-up's trace records the passages it read, best first, and the gold one is among them
     first, second = result.trace.children
-    ids = {p.title: p.id for p in CORPUS}
+    ids = {p.title: p.id for p in FILM_PASSAGES}
     assert first.meta["answerer"] == "retrieval" and first.answer_source == "tool"
     assert ids["Jaws (film)"] in first.meta["passages"] and len(first.meta["passages"]) == 2
     assert ids["Steven Spielberg"] in second.meta["passages"]
@@ -90,7 +83,7 @@ def test_a_retrieval_answerer_follows_a_two_hop_chain(index):
 
 def test_single_step_retrieval_answers_the_whole_question(index):
     answers = RetrievalAnswerer(index, ModelReader(generate_fn=ScriptedReader()), k=3).answer_batch([QUESTION])
-    assert answers[0].meta["passages"][0] in {p.id for p in CORPUS}
+    assert answers[0].meta["passages"][0] in {p.id for p in FILM_PASSAGES}
     assert (answers[0].text, answers[0].source) in {("Cincinnati", "tool"), ("unknown", "none")}
 
 
@@ -123,7 +116,7 @@ def test_model_reader_generates_one_bounded_line_on_a_real_model(tiny_smollm):
 
     model, tokenizer = load_backbone(str(tiny_smollm), task="causal_lm")
     reader = ModelReader(model, tokenizer, few_shot=few_shot_reader(), max_new_tokens=6)
-    answers = reader(["Who directed Jaws?", "Where was Steven Spielberg born?"], [CORPUS[:2], CORPUS[1:3]])
+    answers = reader(["Who directed Jaws?", "Where was Steven Spielberg born?"], [FILM_PASSAGES[:2], FILM_PASSAGES[1:3]])
     assert len(answers) == 2 and all("\n" not in a for a in answers)
     assert all(len(tokenizer(a, add_special_tokens=False)["input_ids"]) <= 6 for a in answers)
     assert few_shot_reader().count("Context:\n") == 2 and few_shot_reader().endswith("\n\n")
@@ -163,7 +156,7 @@ def test_ask_command_with_an_index_records_passages_in_traces(tiny_smollm, tmp_p
             "--max-depth", "1", "--trace-out", str(out)]
     assert main(argv) == 0
     (trace,) = read_trees(out)
-    known = {p.id for p in CORPUS}
+    known = {p.id for p in FILM_PASSAGES}
     for child in trace.children:  # a random model may ask no follow-up; any it asks was retrieved for
         assert child.meta["answerer"] in ("retrieval", "model") and set(child.meta["passages"]) <= known
         assert len(child.meta["passages"]) == 2
