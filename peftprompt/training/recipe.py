@@ -81,7 +81,9 @@ def run_recipe(main: Callable[[], object]) -> None:
         # torchrun ends the other processes with SIGTERM once one has exited: this one is exiting already, with its
         # own status (the launcher still SIGKILLs a process that has not exited 30 s later)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr, flush=True)
+        # one write, starting on a line of its own: processes sharing a terminal or pipe never run two lines together
+        sys.stderr.flush()
+        os.write(sys.stderr.fileno(), f"\n{Path(sys.argv[0]).name}: error: {err}\n".encode())
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         sys.exit(status)

@@ -189,7 +189,9 @@ def test_a_save_that_fails_on_one_process_fails_every_process_with_one_line(tmp_
     output = done.stdout + done.stderr
     assert done.returncode != 0 and seconds < 60, output[-3000:]
     assert error_lines(output) == [f"fault_script.py: error: {message.format(out=out)}"] * 2, output[-3000:]
-    assert output.count("exitcode  : 1 ") == 2  # the launcher's report: both processes exited with status 1
+    # The launcher reports the processes that failed: status 1 each, none 0. It may stop the second process while that
+    # one exits (then only one report is 1; a fresh-clone run saw this); both printed the line above before exiting.
+    assert output.count("exitcode  : 1 ") >= 1 and "exitcode  : 0 " not in output, output[-3000:]
     no_worker_traceback(output)
     saved = [step for step, _ in list_checkpoints(out)]
     assert saved == ([2] if fault.startswith("checkpoint") else [6, 8])  # keep_checkpoints: 2
