@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import InputError
@@ -31,6 +32,15 @@ from .methods import METHODS, REFUSED_METHODS
 from .tasks import CLASSIFICATION_TASKS, TASK_NAMES
 
 EXIT_USAGE = 2
+
+
+
+def _write_results(results: dict, out: Path) -> None:
+    """Write an evaluation's results as JSON (atomically) and say where."""
+    from .atomic import write_file_atomically
+
+    text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
+    print(f"wrote {write_file_atomically(out, lambda f: f.write(text))}")
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -330,7 +340,6 @@ def _add_ask(commands: argparse._SubParsersAction) -> None:
 def _eval_selfask(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .atomic import write_file_atomically
     from .recursive import convert, read_trees
     from .selfask import answerers_from_names
     from .selfask.evaluate import APPROACHES, compare_approaches, format_table, knowledge_base, sample_trees
@@ -393,9 +402,7 @@ def _eval_selfask(args: argparse.Namespace) -> None:
           f"{args.max_depth})")
     print(format_table(results))
     if args.out:
-        text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
-        out = write_file_atomically(Path(args.out), lambda f: f.write(text))
-        print(f"wrote {out}")
+        _write_results(results, Path(args.out))
 
 
 OPEN_BOOK_APPROACHES = {"direct": "closed_book", "single_step": "single_step",
@@ -411,7 +418,6 @@ def _eval_open_book(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .adapters import check_adapter_dir, load_adapter, merged_for_inference
-    from .atomic import write_file_atomically
     from .backbones import load_backbone
     from .recursive import convert, read_trees
     from .retrieval.index import PassageIndex
@@ -500,9 +506,7 @@ def _eval_open_book(args: argparse.Namespace) -> None:
           f"computed, the others' top {k} passages of {args.index} read by {reader}; max_depth {max_depth})")
     print(format_open_book_table(results))
     if args.out:
-        text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
-        out = write_file_atomically(Path(args.out), lambda f: f.write(text))
-        print(f"wrote {out}")
+        _write_results(results, Path(args.out))
 
 
 def _add_eval_selfask(eval_commands: argparse._SubParsersAction) -> None:
