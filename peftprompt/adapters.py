@@ -11,8 +11,7 @@ import json
 from pathlib import Path
 from typing import Union
 
-from peft import PeftModel
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PeftModel
 from peft.utils import ModulesToSaveWrapper
 from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from .atomic import write_dir_atomically
+from .compat import drop_pre_quantization_dtype
 from .errors import InputError, InputFileNotFoundError
 from .tasks import UNQUANTISED_MODULES, get_task
 
@@ -106,9 +107,7 @@ def smollm2_path(force: bool = False) -> Path:
             ) from err
         # A GGUF-loaded model refuses save_pretrained; rebuild it from its config as a plain checkpoint.
         config = gguf_model.config
-        config.quantization_config = None
-        if hasattr(config, "_pre_quantization_dtype"):
-            del config._pre_quantization_dtype
+        drop_pre_quantization_dtype(config)
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         plain.load_state_dict(gguf_model.state_dict(), strict=False)
         plain.tie_weights()

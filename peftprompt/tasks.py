@@ -20,6 +20,7 @@ from typing import Optional
 
 from peft import TaskType
 
+from .compat import auto_class_names
 from .errors import InputError
 
 
@@ -120,26 +121,15 @@ def task_for_peft_type(task_type) -> Optional[Task]:
 def infer_task(model) -> str:
     """Guess the task from the model class: its name (``...ForSequenceClassification`` -> ``"seq_cls"``, ...), or
     the class its auto class builds for its ``model_type`` (GPT-2's ``GPT2LMHeadModel`` -> ``"causal_lm"``)."""
-    from transformers.models.auto import modeling_auto
-
     class_name = type(model).__name__
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for task in TASKS.values():
         if not task.model_class_suffix:
             continue
-        auto_names = getattr(modeling_auto, _AUTO_CLASS_TABLES[task.auto_class_name])
+        auto_names = auto_class_names(task.auto_class_name)
         if class_name.endswith(task.model_class_suffix) or auto_names.get(model_type) == class_name:
             return task.name
     return next(task.name for task in TASKS.values() if not task.model_class_suffix)
-
-
-# transformers' table (model_type -> class name) behind each auto class
-_AUTO_CLASS_TABLES = {
-    "AutoModelForSequenceClassification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
-    "AutoModelForTokenClassification": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
-    "AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
-    "AutoModel": "MODEL_MAPPING_NAMES",
-}
 
 
 __all__ = [

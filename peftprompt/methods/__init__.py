@@ -42,8 +42,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional, Union
 
 from peft import PeftConfig, PeftModel, get_peft_model
-from transformers import PreTrainedModel
-from transformers.pytorch_utils import Conv1D
+from transformers import Conv1D, PreTrainedModel
 
 from ..errors import InputError
 from ..tasks import Task, get_task, infer_task

@@ -14,14 +14,10 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
-from peft import PeftConfig
-from peft.config import PromptLearningConfig
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-from peft.tuners.adaption_prompt.config import TRANSFORMERS_MODEL_CONFIG as ADAPTION_PROMPT_MODELS
-from peft.tuners.lora import EvaConfig
-from transformers import PreTrainedModel
-from transformers.pytorch_utils import Conv1D
+from peft import PEFT_TYPE_TO_CONFIG_MAPPING, EvaConfig, PeftConfig, PromptLearningConfig
+from transformers import Conv1D, PreTrainedModel
 
+from ..compat import ADAPTION_PROMPT_MODELS
 from ..tasks import Task
 from .bitfit.layer import SUPPORTED_LAYERS  # importing BitFit registers it with PEFT
 from .optimizers import OPTIMIZER_ARGS

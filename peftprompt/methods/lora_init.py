@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from peft import PeftModel
-from peft.tuners.lora.eva import initialize_lora_eva_weights
+from peft import PeftModel, initialize_lora_eva_weights
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 

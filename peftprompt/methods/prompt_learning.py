@@ -21,9 +21,9 @@ from types import MethodType
 from typing import Optional
 
 import torch
-from torch import nn
-from peft.peft_model import PeftModel, PeftModelForTokenClassification
+from peft import PeftModel, PeftModelForTokenClassification
 from peft.utils import PeftType
+from torch import nn
 from transformers.modeling_outputs import TokenClassifierOutput
 
 PREFIX_CHECKPOINTING_ERROR = (

@@ -18,14 +18,14 @@ import math
 import re
 from typing import Iterable, Optional, Union
 
-from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-from peft.utils.constants import (
+from peft import PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import (
     TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
 )
 from torch import nn
-from transformers.pytorch_utils import Conv1D
+from transformers import Conv1D
 
 from ..tasks import HEAD_NAMES
 

@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers import DynamicCache, DynamicLayer
 
 from ..methods.prompt_learning import adds_virtual_tokens, base_forward_parameter
 

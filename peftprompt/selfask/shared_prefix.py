@@ -26,11 +26,13 @@ from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
 
 if TYPE_CHECKING:
     from .kv_cache import PromptCache
+
+# transformers' own SDPA attention and mask functions, looked up by their registered name
+sdpa_attention_forward = AttentionInterface()["sdpa"]
+sdpa_mask = AttentionMaskInterface()["sdpa"]
 
 SHARED_PREFIX_ATTENTION = "sdpa_shared_prefix"
 _PREFIX: ContextVar[Optional["PromptCache"]] = ContextVar("shared_prefix", default=None)

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from accelerate import PartialState
 from accelerate.utils import set_seed
-from peft.utils.other import cast_mixed_precision_params
+from peft.utils import cast_mixed_precision_params
 
 from ..adapters import check_adapter_dir, load_adapter
 from ..backbones import load_backbone

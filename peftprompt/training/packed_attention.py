@@ -25,8 +25,10 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+
+# transformers' own SDPA attention and mask functions, looked up by their registered name
+sdpa_attention_forward = AttentionInterface()["sdpa"]
+sdpa_mask = AttentionMaskInterface()["sdpa"]
 
 PACKED_ATTENTION = "sdpa_packed"
 

@@ -17,7 +17,8 @@ from collections.abc import Mapping
 from typing import Iterator
 
 import torch
-from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from ..compat import LengthGroupedSampler
 
 
 def example_lengths(dataset) -> list[int]:

@@ -2,10 +2,9 @@
 
 from peft.utils import register_peft_method
 
-from .config import BitFitConfig
+from .config import BITFIT, BitFitConfig
 from .layer import BitFitLayer
 from .model import BitFitModel
-from .peft_type import BITFIT
 
 __all__ = ["BITFIT", "BitFitConfig", "BitFitLayer", "BitFitModel"]
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from peft.config import PeftConfig
+from peft import PeftConfig
 
-from .peft_type import BITFIT
+from ...compat import extend_peft_type
+
+BITFIT = extend_peft_type("BITFIT")  # PeftType.BITFIT, the member register_peft_method needs
 
 
 @dataclass

@@ -7,9 +7,10 @@ import warnings
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
-from transformers.pytorch_utils import Conv1D
+from transformers import Conv1D
+
+from ...compat import BaseTunerLayer, check_adapters_to_merge, move_adapter_to_base_device
 
 SUPPORTED_LAYERS = (nn.Linear, nn.LayerNorm, Conv1D)
 
@@ -51,7 +52,7 @@ class BitFitLayer(nn.Module, BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, inference_mode: bool = False) -> None:
         self.bitfit_bias[adapter_name] = nn.Parameter(torch.zeros(self.out_features))
-        self._move_adapter_to_device_of_base_layer(adapter_name)
+        move_adapter_to_base_device(self, adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:

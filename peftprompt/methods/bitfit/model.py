@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from peft import PeftConfig
 from torch import nn
 
+from ...compat import BaseTuner, check_target_module_exists
 from ...tasks import task_for_peft_type
 from ..targets import inside_head
 from .config import BitFitConfig
