@@ -127,7 +127,8 @@ def test_eval_selfask_with_an_index_writes_the_benchmarks_metrics(workdir, tiny_
     # fine-tuned: both chains read from retrieved passages, the comparison's last step computed by the operator
     # One gold passage sits at a near-tie of the top-2 cut: in a fresh-clone run under two workers it fell to third
     # (recall 5/6 instead of 1) after other tests in the same process; the other figures are exact.
-    assert summary["fine_tuned_self_ask"].pop("support_recall") >= 5 / 6
+    recall = summary["fine_tuned_self_ask"].pop("support_recall")
+    assert recall == 1.0 or recall == pytest.approx(5 / 6)  # the mean of six recalls is not 5 / 6 to the last bit
     assert summary["fine_tuned_self_ask"] == {"n": 2, "em": 1.0, "f1": 1.0, "faithfulness": 1.0,
                                               "follow_ups": 2.5, "well_formed": 1.0}
     (operator,) = [c for c in results["fine_tuned_self_ask"]["records"][1]["trace"]["children"]

@@ -191,6 +191,9 @@ if state.is_main_process:
     torch.save(logits, out + "/logits.pt")
 sys.stdout.write(f"RESULT rank={{state.process_index}} world={{result.world_size}} sharded={{is_sharded(trainer.model)}}\\n")
 sys.stdout.flush()
+# as `ship` does: every process reaches the end before any closes its gloo group (a CI run once aborted with
+# "terminate called without an active exception" on the process that closed first)
+state.wait_for_everyone()
 state.destroy_process_group()
 """
 
