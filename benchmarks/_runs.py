@@ -3,8 +3,8 @@
 `run_recipe` trains ``recipes/<recipe>`` with a config file and ``key=value`` overrides into a run directory, through
 `peftprompt.training.recipe.launch_command` (the ``accelerate launch`` line of ``make demo``, or one plain process),
 unless that directory already holds the same run. A run is done when its ``results.json`` exists and its saved
-config (``train_config.yaml``, written by training) equals the requested one (`same_run`). Every benchmark that trains
-goes through here, so they share that rule.
+config (``train_config.yaml``, written by training), read as a typed `TrainConfig`, equals the requested one
+(`same_run`). Every benchmark that trains goes through here, so they share that rule.
 
 A benchmark whose runs span sessions keeps a record of each finished run (`keep_record`: its results, config,
 evaluations and the CPU that ran it, a few KB) under ``benchmarks/results/<name>_runs/``; a later session finds it
@@ -24,7 +24,8 @@ import yaml
 
 from _env import cpu_model
 from peftprompt import load_adapter, load_backbone
-from peftprompt.training.config import load_config
+from peftprompt.errors import InputError
+from peftprompt.training.config import TrainConfig, load_config
 from peftprompt.training.recipe import launch_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,26 +46,27 @@ def requested_config(config: Union[str, Path], overrides: Sequence[str], run_dir
     return load_config(config, [*overrides, f"output_dir={run_dir}"]).as_dict()
 
 
-def same_run(saved: Mapping[str, Any], requested: Mapping[str, Any]) -> bool:
-    """Whether a saved run config (``train_config.yaml``) describes the requested run.
+def same_run(saved: Any, requested: Mapping[str, Any]) -> bool:
+    """Whether a saved run config (``train_config.yaml``, as read by ``yaml.safe_load``) describes the requested run
+    (`requested_config`).
 
-    Every setting the saved file records must equal the requested one, except `NOT_COMPARED` (where the run lives
-    and how it was resumed). A top-level field or a ``data`` key the file does not record is not compared: it was
-    added to the config format, or to a recipe's data keys, after the run was trained, so runs trained before stay
-    reusable. ``method_args`` is compared whole: a key missing there is PEFT's default, not an older format.
+    The saved settings are read through `TrainConfig` over the requested ones, so the typed config decides what they
+    mean (``1e-3`` or ``"1e-3"``, one metric or a list of one): the run is the same when that config equals the
+    requested one, `NOT_COMPARED` (where the run lives and how it was resumed) left out. A saved key that is no
+    longer a field, or a value no longer valid, is another run. A top-level field or a ``data`` key the file does not
+    record keeps its requested value: it was added to the config format, or to a recipe's data section, after the
+    run was trained, so runs trained before stay reusable. ``method_args`` is compared whole: a key missing there is
+    PEFT's default, not an older format.
     """
-    for key, value in saved.items():
-        if key in NOT_COMPARED:
-            continue
-        if key not in requested:
-            return False  # a field the config no longer has
-        wanted = requested[key]
-        if key == "data" and isinstance(value, dict) and isinstance(wanted, dict):
-            if any(k not in wanted or wanted[k] != v for k, v in value.items()):
-                return False
-        elif value != wanted:
-            return False
-    return True
+    if not isinstance(saved, Mapping):
+        return False
+    merged = {**requested, **{key: value for key, value in saved.items() if key not in NOT_COMPARED}}
+    if isinstance(saved.get("data"), Mapping):
+        merged["data"] = {**requested["data"], **saved["data"]}
+    try:
+        return TrainConfig(**merged).as_dict() == dict(requested)
+    except InputError:
+        return False
 
 
 def finished_run(run_dir: Path, requested: Mapping[str, Any]) -> Optional[dict]:
@@ -72,8 +74,7 @@ def finished_run(run_dir: Path, requested: Mapping[str, Any]) -> Optional[dict]:
     results, saved = run_dir / RESULTS_FILE, run_dir / CONFIG_FILE
     if not (results.is_file() and saved.is_file()):
         return None
-    recorded = yaml.safe_load(saved.read_text())
-    if not isinstance(recorded, dict) or not same_run(recorded, requested):
+    if not same_run(yaml.safe_load(saved.read_text()), requested):
         return None
     return json.loads(results.read_text())
 

@@ -125,9 +125,9 @@ def training_questions() -> set[str]:
     keys: set[str] = set()
     for config, overrides in TRAININGS.values():
         data = load_config(CONFIGS / config, overrides).data
-        for source in data.get("sources", []):
+        for source in data.sources:
             keys |= {question_key(node.question) for tree in convert(source) for _, node in tree.iter_nodes()}
-        for source in data.get("reader_sources", []):
+        for source in data.reader_sources:
             keys |= {question_key(q.question) for q in read_questions(source, "train")}
     return keys
 

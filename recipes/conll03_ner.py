@@ -22,6 +22,7 @@ from transformers import DataCollatorForTokenClassification
 from peftprompt.data import CONLL03_LABELS, conll03_dataset
 from peftprompt.metrics import combine_metrics, flat_scores
 from peftprompt.training import build_model, train
+from peftprompt.training.data_config import NerData
 from peftprompt.training.recipe import parse_recipe_args, run_recipe, ship
 
 
@@ -45,7 +46,7 @@ def entity_metrics(names: list[str]):
 
 
 def main(argv=None) -> None:
-    config = parse_recipe_args(__doc__, argv)
+    config = parse_recipe_args(__doc__, argv, data=NerData)
     if config.num_labels != len(CONLL03_LABELS):
         raise SystemExit(f"conll03_ner: num_labels must be {len(CONLL03_LABELS)} (the CoNLL-2003 tags), got {config.num_labels}")
     compute_metrics = entity_metrics(config.metrics or DEFAULT_METRICS)  # before the model: a bad module fails fast

@@ -3,13 +3,14 @@ matrix, backward transfer and forgetting.
 
     accelerate launch recipes/continual_classification.py --config recipes/configs/minilm/continual_replay.yaml [key=value ...]
 
-The tasks (``data.tasks``, in training order) come from ``../shared/data/cl_benchmark`` (AG News, Amazon, Yelp,
-DBpedia) and SST-2, with their fixed splits and one 25-label space (`peftprompt.continual.tasks`);
-``data.train_per_task`` / ``data.test_per_task`` rows of each are sampled with the config's seed. ``data.strategy``
-is one of ``sequential``, ``replay`` (``data.replay_fraction``), ``adapter_per_task`` (scored with the task given
-and routed: ``data.router_examples``), ``osf`` (method ``osf``, ``data.osf_effective_rank``), ``orthogonal_lora``
-(O-LoRA-style, ``data.orthogonal_weight``) or ``joint``; see `peftprompt.continual.learner`. Each task is one
-training run of the config's settings (``num_epochs``, ``learning_rate``, ...) under ``output_dir/stages/``.
+The ``data`` section is `peftprompt.training.data_config.ContinualData`. The tasks (``data.tasks``, in training
+order) come from ``../shared/data/cl_benchmark`` (AG News, Amazon, Yelp, DBpedia) and SST-2, with their fixed splits
+and one 25-label space (`peftprompt.continual.tasks`); ``data.train_per_task`` / ``data.test_per_task`` rows of each
+are sampled with the config's seed. ``data.strategy`` is one of ``sequential``, ``replay``
+(``data.replay_fraction``), ``adapter_per_task`` (scored with the task given and routed: ``data.router_examples``),
+``osf`` (method ``osf``, ``data.osf_effective_rank``), ``orthogonal_lora`` (O-LoRA-style, ``data.orthogonal_weight``)
+or ``joint``; see `peftprompt.continual.learner`. Each task is one training run of the config's settings
+(``num_epochs``, ``learning_rate``, ...) under ``output_dir/stages/``.
 
 ``results.json``: the strategy and tasks, ``accuracy_matrix`` (row i: after task i; ``null`` where not measured),
 ``average_accuracy``, ``backward_transfer``, ``forgetting``, per-task costs (``stages``: trainable parameters,
@@ -22,19 +23,19 @@ import json
 from pathlib import Path
 
 from peftprompt.atomic import write_file_atomically
-from peftprompt.continual import ContinualLearner, ContinualOptions, load_task
+from peftprompt.continual import ContinualData, ContinualLearner, load_task
 from peftprompt.errors import InputError
 from peftprompt.training import distributed_state
 from peftprompt.training.recipe import parse_recipe_args, run_recipe
 
 
 def main(argv=None) -> None:
-    config = parse_recipe_args(__doc__, argv)
+    config = parse_recipe_args(__doc__, argv, data=ContinualData)
+    options = config.data
     try:
-        options = ContinualOptions.from_data(config.data)
         tasks = [load_task(name, options.train_per_task, options.test_per_task, seed=config.seed)
                  for name in options.tasks]
-        learner = ContinualLearner(config, options, tasks)
+        learner = ContinualLearner(config, tasks)
         result = learner.run()
     except InputError as err:
         raise SystemExit(f"continual_classification: {err}") from None

@@ -39,6 +39,7 @@ from peftprompt.selfask import RetrieverAnswerer, SelfAskRunner
 from peftprompt.selfask.continual import VERIFIER, replay_sample, split_pool, verified_trees
 from peftprompt.selfask.evaluate import evaluate_selfask, knowledge_base, sample_trees
 from peftprompt.training import load_config
+from peftprompt.training.data_config import SelfAskData
 from peftprompt.training.recipe import launch_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,9 +90,9 @@ def main() -> None:
     out = args.output_dir.resolve()
     started = time.perf_counter()
     config = load_config(args.config, args.overrides)
-    if not config.data.get("sources"):
-        parser.error(f"{args.config} names no data.sources to train round 0 on")
-    sources = [s for s in config.data["sources"] if s != args.pool_source]
+    if not isinstance(config.data, SelfAskData) or not config.data.sources:
+        parser.error(f"{args.config} names no data.sources to train round 0 on (a self-ask config, task causal_lm)")
+    sources = [s for s in config.data.sources if s != args.pool_source]
     original = [tree for source in sources for tree in load_trees(source)]
     pool_training, pool = split_pool(convert(args.pool_source), args.pool_size, seed=args.seed)
     original, overlapping = drop_overlap(original + pool_training, pool)  # a pool question is never a gold tree

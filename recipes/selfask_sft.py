@@ -2,16 +2,20 @@
 
     accelerate launch recipes/selfask_sft.py --config recipes/configs/smollm2/selfask_lora.yaml [key=value ...]
 
-Training trees come from ``data.sources`` (default: MuSiQue's gold decompositions and the ProbTree trees of
-HotpotQA and MuSiQue; a name of `peftprompt.recursive.SOURCES` or a ``.jsonl`` file of trees); evaluation-only sets (Compositional Celebrities, Bamboogle) are refused.
+Every ``data.<key>`` below is a field of the typed section `peftprompt.training.data_config.SelfAskData` (its
+defaults, its checks: a bad value is refused when the config is loaded, with its file and line).
+Training trees come from ``data.sources`` (default: MuSiQue's gold decompositions, the ProbTree trees of HotpotQA and
+MuSiQue and the 2WikiMultiHopQA training questions; a name of `peftprompt.recursive.SOURCES` or a ``.jsonl`` file of
+trees); evaluation-only sets (Compositional Celebrities, Bamboogle) are refused.
 Comparison trees end with their operator step (`peftprompt.recursive.operator_steps`), whose answer is computed and
 masked; ``data.operator_steps=false`` takes those steps out, so the model learns to compare in words. The ProbTree
 2WikiMultiHopQA trees (``data.eval_sources``) are held out and scored by loss, and with ``data.generate_eval=N``
 also by generation: the first N held-out questions are answered by recursive self-ask and scored by exact match,
 token F1 and well-formed rate. Their follow-ups go to ``data.eval_answerers`` (one name per layer, the last
-repeating: ``retriever``, ``model`` or a tool ``module:function``; default ``[retriever]``), the retriever holding
-the trees' own sub-answers (``data.eval_knowledge``: ``leaves``, the default, or ``all`` nodes); what it cannot
-answer the model self-asks, down to ``data.eval_max_depth`` (default 2).
+repeating: ``retriever``, ``model``, ``operators+retriever`` or a tool ``module:function``; default
+``[operators+retriever]``), the retriever holding the trees' own sub-answers (``data.eval_knowledge``: ``leaves``,
+the default, or ``all`` nodes); what it cannot answer the model self-asks, down to ``data.eval_max_depth``
+(default 2).
 Reader episodes (``data.reader_sources``: open-book sources such as ``2wikimultihopqa_context``, ``musique_context``
 and ``hotpotqa_distractor``, train split only; default none) teach answering one follow-up from retrieved paragraphs:
 one per gold hop (or question, for HotpotQA) with ``data.reader_passages`` paragraphs (default 3: its gold ones and
@@ -21,9 +25,10 @@ distractors from the same question), each cut to ``data.reader_max_words`` words
 trains a reader-only adapter. ``max_train_samples`` caps the trees and the reader examples each. Evaluation stays on
 the held-out trees.
 Episodes are unrolled (``data.mode``: flat, recursive or mix, see `peftprompt.recursive.unroll`), tokenised once and
-packed over the data set into rows of ``max_length`` (``data.packing``: auto, true or false). Prompt tuning, P-tuning and prefix tuning train on padded
-episodes instead, one per row: PEFT drops the ``position_ids`` of the first two and prefix tuning's
-``past_key_values`` turn off transformers' block-diagonal mask, so packed episodes would attend to each other.
+packed over the data set into rows of ``max_length`` (``data.packing``: auto, true or false). Prompt tuning, P-tuning
+and prefix tuning train on padded episodes instead, one per row (``data.packing: true`` with them is refused): PEFT
+drops the ``position_ids`` of the first two and prefix tuning's ``past_key_values`` turn off transformers'
+block-diagonal mask, so packed episodes would attend to each other.
 """
 
 from __future__ import annotations
@@ -45,98 +50,35 @@ from peftprompt.recursive import (
     pack_rows,
 )
 from peftprompt.recursive.operator_steps import without_operator_steps
-from peftprompt.recursive.unroll import MODES, Episode
-from peftprompt.retrieval.passages import OPEN_BOOK_SOURCES, read_questions
+from peftprompt.recursive.unroll import Episode
+from peftprompt.retrieval.passages import read_questions
 from peftprompt.retrieval.reader import reader_examples
 from peftprompt.selfask import SelfAskRunner, answerers_from_names
 from peftprompt.selfask.evaluate import evaluate_selfask, knowledge_base
 from peftprompt.training import build_model, distributed_state, train
+from peftprompt.training.data_config import SelfAskData
 from peftprompt.training.recipe import parse_recipe_args, run_recipe, ship
 
-DEFAULT_SOURCES = ["musique", "probtree_hotpotqa", "probtree_musique", "2wikimultihopqa"]
-DEFAULT_EVAL_SOURCES = ["probtree_2wiki"]
-DATA_KEYS = {"sources", "eval_sources", "mode", "leaf_episodes", "allow_evaluation_only", "generate_eval", "packing",
-             "eval_answerers", "eval_knowledge", "eval_max_depth", "reader_sources", "reader_passages",
-             "reader_max_words", "reader_unanswerable", "operator_steps"}
 
-
-def check_data_keys(config) -> None:
-    """Refuse ``data`` keys this recipe does not know."""
-    unknown = set(config.data) - DATA_KEYS
-    if unknown:
-        raise SystemExit(f"selfask_sft: unknown data option(s) {sorted(unknown)}; known: {sorted(DATA_KEYS)}")
-
-
-def training_sources(config) -> tuple[list[str], list[str]]:
-    """``data.sources`` (trees; default `DEFAULT_SOURCES`) and ``data.reader_sources`` (open-book sources for reader
-    episodes; default none), checked: at least one source in all."""
-    sources = config.data.get("sources", DEFAULT_SOURCES)
-    reader_sources = config.data.get("reader_sources", [])
-    for name, value in (("sources", sources), ("reader_sources", reader_sources)):
-        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-            raise SystemExit(f"selfask_sft: data.{name} must be a list of source names, got {value!r}")
-    unknown = [s for s in reader_sources if s not in OPEN_BOOK_SOURCES]
-    if unknown:
-        raise SystemExit(f"selfask_sft: data.reader_sources: unknown open-book source(s) {unknown}; "
-                         f"choose from {', '.join(OPEN_BOOK_SOURCES)}")
-    if not sources and not reader_sources:
-        raise SystemExit("selfask_sft: nothing to train on: data.sources is empty and data.reader_sources is not "
-                         "given; name tree sources, reader sources (a reader-only adapter), or both")
-    return sources, reader_sources
-
-
-def reader_settings(config) -> dict:
-    """``data.reader_passages`` (paragraphs per reader episode, default 3) and ``data.reader_max_words`` (words kept
-    of each, default 120), checked."""
-    settings = {"passages": config.data.get("reader_passages", 3),
-                "max_words": config.data.get("reader_max_words", 120)}
-    for name, value in settings.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SystemExit(f"selfask_sft: data.reader_{name} must be an integer >= 1, got {value!r}")
-    unanswerable = config.data.get("reader_unanswerable", 0.0)
-    if isinstance(unanswerable, bool) or not isinstance(unanswerable, (int, float)) or not 0 <= unanswerable <= 1:
-        raise SystemExit(f"selfask_sft: data.reader_unanswerable must be a share in [0, 1], got {unanswerable!r}")
-    return {**settings, "unanswerable": float(unanswerable)}
-
-
-def reader_training_episodes(reader_sources: list[str], config, passages: int, max_words: int,
-                             unanswerable: float = 0.0) -> list[Episode]:
-    """Reader episodes of the train split of `reader_sources`, at most ``config.max_train_samples`` (a seeded
-    sample)."""
+def reader_training_episodes(config) -> list[Episode]:
+    """Reader episodes of the train split of ``data.reader_sources`` (``data.reader_passages`` paragraphs each, cut
+    to ``data.reader_max_words`` words, and ``data.reader_unanswerable`` more without their gold paragraphs), at
+    most ``config.max_train_samples`` (a seeded sample)."""
+    data = config.data
     try:
-        questions = [q for source in reader_sources for q in read_questions(source, "train")]
+        questions = [q for source in data.reader_sources for q in read_questions(source, "train")]
     except InputError as err:
         raise SystemExit(f"selfask_sft: data.reader_sources: {err}") from None
-    examples = reader_examples(questions, passages_per_example=passages, seed=config.seed, unanswerable=unanswerable)
+    examples = reader_examples(questions, passages_per_example=data.reader_passages, seed=config.seed,
+                               unanswerable=data.reader_unanswerable)
     random.Random(config.seed).shuffle(examples)
-    return [example.episode(max_words=max_words) for example in examples[: config.max_train_samples]]
+    return [example.episode(max_words=data.reader_max_words) for example in examples[: config.max_train_samples]]
 
 
 def unroller_for(config) -> Unroller:
-    """The `Unroller` of ``data.mode`` (flat, recursive or mix; default recursive) and ``data.leaf_episodes``
-    (recursive and mix: also a ``No.`` episode per leaf; default true)."""
-    mode = config.data.get("mode", "recursive")
-    if mode not in MODES:
-        raise SystemExit(f"selfask_sft: data.mode must be one of {', '.join(MODES)}; got {mode!r}")
-    leaf_episodes = config.data.get("leaf_episodes", True)
-    if not isinstance(leaf_episodes, bool):
-        raise SystemExit(f"selfask_sft: data.leaf_episodes must be true or false, got {leaf_episodes!r}")
-    return Unroller(mode=mode, leaf_episodes=leaf_episodes)
-
-
-def generation_settings(config) -> dict:
-    """``data.eval_answerers``, ``data.eval_knowledge`` and ``data.eval_max_depth``, checked."""
-    answerers = config.data.get("eval_answerers", ["operators+retriever"])
-    answerers = [answerers] if isinstance(answerers, str) else answerers
-    knowledge = config.data.get("eval_knowledge", "leaves")
-    max_depth = config.data.get("eval_max_depth", 2)
-    if not isinstance(answerers, list) or not answerers or not all(isinstance(a, str) for a in answerers):
-        raise SystemExit(f"selfask_sft: data.eval_answerers must be a list of names, got {answerers!r}")
-    if knowledge not in ("leaves", "all"):
-        raise SystemExit(f"selfask_sft: data.eval_knowledge must be leaves or all, got {knowledge!r}")
-    if not isinstance(max_depth, int) or max_depth < 0:
-        raise SystemExit(f"selfask_sft: data.eval_max_depth must be an integer >= 0, got {max_depth!r}")
-    return {"answerers": answerers, "leaves_only": knowledge == "leaves", "max_depth": max_depth}
+    """The `Unroller` of ``data.mode`` (flat, recursive or mix) and ``data.leaf_episodes`` (recursive and mix: also
+    a ``No.`` episode per leaf)."""
+    return Unroller(mode=config.data.mode, leaf_episodes=config.data.leaf_episodes)
 
 
 def is_prompt_learning(method: str) -> bool:
@@ -146,13 +88,9 @@ def is_prompt_learning(method: str) -> bool:
 
 
 def uses_packing(config) -> bool:
-    """``data.packing``: true, false, or auto (the default: packed unless the method is prompt learning)."""
-    packing = config.data.get("packing", "auto")
-    if packing not in (True, False, "auto"):
-        raise SystemExit(f"selfask_sft: data.packing must be true, false or auto; got {packing!r}")
-    if packing is True and is_prompt_learning(config.method):
-        raise SystemExit(f"selfask_sft: data.packing=true with method {config.method}: its packed episodes would "
-                         "attend to each other (see the recipe's docstring); use data.packing=auto or false")
+    """``data.packing``: true, false, or auto (packed unless the method is prompt learning, with which true is
+    refused when the config is loaded)."""
+    packing = config.data.packing
     return not is_prompt_learning(config.method) if packing == "auto" else packing
 
 
@@ -192,28 +130,21 @@ def generation_eval(trees, tokenizer, answerers: list[str], leaves_only: bool, m
 
 
 def main(argv=None) -> None:
-    config = parse_recipe_args(__doc__, argv)
-    check_data_keys(config)
+    config = parse_recipe_args(__doc__, argv, data=SelfAskData)
+    data = config.data
     if config.metrics is not None:
         raise SystemExit("selfask_sft: field 'metrics' is not used by this recipe (it reports the eval loss, and "
                          "self-ask EM / F1 with data.generate_eval=N): remove it")
     packing = uses_packing(config)
     unroller = unroller_for(config)
-    settings = generation_settings(config)
-    sources, reader_sources = training_sources(config)
-    reader = reader_settings(config)
-    eval_sources = config.data.get("eval_sources", DEFAULT_EVAL_SOURCES)
-    train_trees = [tree for source in sources for tree in load_trees(source)]
-    operator_steps = config.data.get("operator_steps", True)
-    if not isinstance(operator_steps, bool):
-        raise SystemExit(f"selfask_sft: data.operator_steps must be true or false, got {operator_steps!r}")
-    if not operator_steps:
+    train_trees = [tree for source in data.sources for tree in load_trees(source)]
+    if not data.operator_steps:
         train_trees = [without_operator_steps(tree) for tree in train_trees]
-    check_trainable(train_trees, allow_evaluation_only=config.data.get("allow_evaluation_only", False))
+    check_trainable(train_trees, allow_evaluation_only=data.allow_evaluation_only)
     random.Random(config.seed).shuffle(train_trees)
     train_trees = train_trees[: config.max_train_samples]
-    eval_trees = [tree for source in eval_sources for tree in convert(source)][: config.max_eval_samples]
-    readers = reader_training_episodes(reader_sources, config, **reader)
+    eval_trees = [tree for source in data.eval_sources for tree in convert(source)][: config.max_eval_samples]
+    readers = reader_training_episodes(config)
 
     model, tokenizer = build_model(config)
     dropped: Counter = Counter()
@@ -224,12 +155,14 @@ def main(argv=None) -> None:
               f"({dropped['episodes']} over max_length dropped)", file=sys.stderr)
     eval_rows = episode_rows(eval_trees, tokenizer, config, unroller, packing)
     collator = SelfAskCollator(tokenizer, max_length=config.max_length)
-    generate_eval = int(config.data.get("generate_eval", 0))
-    evaluate_fn = generation_eval(eval_trees[:generate_eval], tokenizer, **settings) if generate_eval else None
+    evaluate_fn = None
+    if data.generate_eval:
+        evaluate_fn = generation_eval(eval_trees[: data.generate_eval], tokenizer, data.eval_answerers,
+                                      leaves_only=data.eval_knowledge == "leaves", max_depth=data.eval_max_depth)
     result = train(config, model, tokenizer, train_rows, collator, eval_rows, evaluate_fn=evaluate_fn)
     metrics = {"eval_loss": result.metrics["loss"], "eval_perplexity": result.metrics.get("perplexity")}
     metrics.update({k: v for k, v in result.metrics.items() if k.startswith("selfask_")})
-    ship(result, metrics, sources + reader_sources)
+    ship(result, metrics, data.sources + data.reader_sources)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 Trains on ``sst2/train.tsv``; each evaluation scores the first ``max_eval_samples`` sentences of ``sst2/dev.tsv``
 (the validation set: best step, early stopping, learning-rate choice) and all of ``sst2/test.tsv`` (698 labelled
 GLUE-dev sentences, reported, never used to choose). ``data.eval_min_words: N`` keeps only the validation rows of
-at least N words: ``dev.tsv`` holds GLUE training phrases, mostly fragments, the test set whole sentences.
+at least N words: ``dev.tsv`` holds GLUE training phrases, mostly fragments, the test set whole sentences (the
+``data`` section is `peftprompt.training.data_config.ClassificationData`).
 ``results.json`` has ``accuracy`` (test, at the last step) and ``dev_accuracy``.
 
 Each evaluation is scored by the `evaluate` modules of the config's ``metrics`` (default ``[accuracy]``, the
@@ -21,6 +22,7 @@ from transformers import DataCollatorWithPadding
 from peftprompt.data import sst2_dataset
 from peftprompt.metrics import combine_metrics, flat_scores
 from peftprompt.training import build_model, train
+from peftprompt.training.data_config import ClassificationData
 from peftprompt.training.recipe import parse_recipe_args, run_recipe, ship
 
 DEFAULT_METRICS = ["accuracy"]
@@ -37,27 +39,13 @@ def label_metrics(names: list[str]):
     return compute
 
 
-DATA_KEYS = ("eval_min_words",)
-
-
-def eval_min_words(data: dict) -> int:
-    """``data.eval_min_words`` (default 0); any other ``data`` key, or a value that is not an int >= 0, exits."""
-    unknown = sorted(set(data) - set(DATA_KEYS))
-    if unknown:
-        raise SystemExit(f"sst2_classification: unknown data option(s) {unknown}; known: {list(DATA_KEYS)}")
-    value = data.get("eval_min_words", 0)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise SystemExit(f"sst2_classification: data.eval_min_words must be an int >= 0, got {value!r}")
-    return value
-
-
 def main(argv=None) -> None:
-    config = parse_recipe_args(__doc__, argv)
-    min_words = eval_min_words(config.data)
+    config = parse_recipe_args(__doc__, argv, data=ClassificationData)
     compute_metrics = label_metrics(config.metrics or DEFAULT_METRICS)  # before the model: a bad module fails fast
     model, tokenizer = build_model(config)
     train_set = sst2_dataset(tokenizer, "train", config.max_length, limit=config.max_train_samples)
-    dev_set = sst2_dataset(tokenizer, "dev", config.max_length, limit=config.max_eval_samples, min_words=min_words)
+    dev_set = sst2_dataset(tokenizer, "dev", config.max_length, limit=config.max_eval_samples,
+                           min_words=config.data.eval_min_words)
     test_set = sst2_dataset(tokenizer, "test", config.max_length)
     result = train(config, model, tokenizer, train_set, DataCollatorWithPadding(tokenizer), dev_set,
                    compute_metrics=compute_metrics, test_dataset=test_set)

@@ -3,17 +3,21 @@
 LoRA, joint training), and the accuracy-matrix scores.
 
 ```py
-from peftprompt.continual import ContinualLearner, ContinualOptions, load_task
+from peftprompt.continual import ContinualLearner, load_task
+from peftprompt.training import load_config
 
-options = ContinualOptions(strategy="replay", tasks=["agnews", "yelp", "dbpedia"])
+config = load_config("recipes/configs/minilm/continual_replay.yaml", ["data.tasks=[agnews, yelp, dbpedia]"])
+options = config.data                                          # a ContinualData: strategy, tasks, their sizes
 tasks = [load_task(name, options.train_per_task, options.test_per_task) for name in options.tasks]
-result = ContinualLearner(config, options, tasks).run()      # config: a TrainConfig (method, rates, output_dir)
+result = ContinualLearner(config, tasks).run()
 result.accuracy_matrix, result.scores                          # scores: average accuracy, backward transfer, forgetting
 ```
-The recipe ``recipes/continual_classification.py`` runs this under ``accelerate launch``.
+The recipe ``recipes/continual_classification.py`` runs this under ``accelerate launch``; the ``data`` section of
+its configs is `ContinualData` (`peftprompt.training.data_config`).
 """
 
-from .learner import STRATEGIES, ContinualLearner, ContinualOptions, ContinualResult
+from ..training.data_config import STRATEGIES, ContinualData
+from .learner import ContinualLearner, ContinualResult
 from .metrics import average_accuracy, backward_transfer, continual_scores, forgetting
 from .orthogonal import OrthogonalLoRAPenalty
 from .replay import ReplayMemory
@@ -26,8 +30,8 @@ __all__ = [
     "TASK_NAMES",
     "CentroidRouter",
     "ClassificationTask",
+    "ContinualData",
     "ContinualLearner",
-    "ContinualOptions",
     "ContinualResult",
     "LinearRouter",
     "OrthogonalLoRAPenalty",

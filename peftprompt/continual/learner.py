@@ -1,10 +1,11 @@
 """Train one backbone through a sequence of classification tasks with a continual-learning strategy, and measure the
 accuracy matrix after every task.
 
-Strategies (`STRATEGIES`), each trained with the config's adapter ``method`` (LoRA in the recipe configs):
+Strategies (`STRATEGIES` of `peftprompt.training.data_config`, where the config's ``data`` section, a `ContinualData`,
+is checked), each trained with the config's adapter ``method`` (LoRA in the recipe configs):
 
 - ``sequential``: one adapter and head trained task after task (the forgetting lower bound).
-- ``replay``: as ``sequential``, each later task's training rows mixed with `ContinualOptions.replay_fraction` of
+- ``replay``: as ``sequential``, each later task's training rows mixed with `ContinualData.replay_fraction` of
   every earlier task's (`ReplayMemory`).
 - ``adapter_per_task``: a PEFT named adapter (with its own head) per task on one frozen backbone. Scored with the
   task given (each task's test rows through its own adapter) and routed, once per router of `ROUTERS`
@@ -12,10 +13,10 @@ Strategies (`STRATEGIES`), each trained with the config's adapter ``method`` (Lo
   `router_examples` training rows per task, each picks the adapter of every input among the tasks trained so far).
 - ``osf``: PEFT's orthogonal subspace fine-tuning as its continual-learning example uses it: for each task a fresh
   OSF adapter (method ``osf``) whose frozen share of every weight's singular directions (``effective_rank``) grows
-  linearly over the tasks (`ContinualOptions.osf_effective_rank`, first -> last), trained, then merged into the
+  linearly over the tasks (`ContinualData.osf_effective_rank`, first -> last), trained, then merged into the
   backbone (``merge_and_unload``) before the next task.
 - ``orthogonal_lora``: O-LoRA-style (`OrthogonalLoRAPenalty`): a fresh LoRA per task, trained with a penalty on the
-  overlap of its ``lora_A`` with the earlier tasks' (weight `ContinualOptions.orthogonal_weight`), then merged into
+  overlap of its ``lora_A`` with the earlier tasks' (weight `ContinualData.orthogonal_weight`), then merged into
   the backbone before the next task (the same forward pass as O-LoRA's frozen, summed adapters).
 - ``joint``: one adapter trained once on every task's rows together (the multi-task upper bound; one matrix row).
 
@@ -40,7 +41,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -55,94 +56,17 @@ from ..methods import attach, default_config
 from ..retrieval.embed import SentenceEncoder
 from ..tasks import HEAD_NAMES
 from ..training import TrainConfig, build_model, distributed_state, train
+from ..training.data_config import ContinualData
 from .metrics import continual_scores
 from .orthogonal import OrthogonalLoRAPenalty
 from .replay import ReplayMemory
 from .routing import ROUTERS, Router
-from .tasks import TASK_NAMES, ClassificationTask, label_space
+from .tasks import ClassificationTask, label_space
 
-STRATEGIES = ("sequential", "replay", "adapter_per_task", "osf", "orthogonal_lora", "joint")
 MERGED_PER_TASK = ("osf", "orthogonal_lora")
 STAGES_DIR = "stages"
 ADAPTERS_DIR = "adapters"
 ROUTER_FILE = "router-{name}.safetensors"
-
-
-@dataclass
-class ContinualOptions:
-    """The ``data`` options of a continual run (``data.<name>`` in a recipe config).
-
-    Attributes:
-        strategy: One of `STRATEGIES`.
-        tasks: The task order, names of `TASK_NAMES` (each once).
-        train_per_task / test_per_task: Rows sampled from each task's training / test split (``None``: all).
-        replay_fraction: ``replay``: the share of each finished task's training rows trained again with each later
-            task.
-        router_examples: ``adapter_per_task``: training rows per task whose embeddings the routers learn from.
-        router_layers: ``adapter_per_task``: what the routers read of each text: ``all`` (the mean-pooled output of
-            every layer of the frozen backbone, concatenated) or ``last`` (the sentence embedding alone).
-        osf_effective_rank: ``osf``: the frozen share of each weight's singular directions for the first and the
-            last task (linear in between).
-        orthogonal_weight: ``orthogonal_lora``: the weight of the orthogonality penalty (O-LoRA's lambda_1).
-    """
-
-    strategy: str
-    tasks: list[str]
-    train_per_task: Optional[int] = 2000
-    test_per_task: Optional[int] = 500
-    replay_fraction: float = 0.02
-    router_examples: int = 1000
-    router_layers: str = "all"
-    osf_effective_rank: list[float] = field(default_factory=lambda: [0.3, 0.7])
-    orthogonal_weight: float = 0.5
-
-    @classmethod
-    def from_data(cls, data: dict[str, Any]) -> "ContinualOptions":
-        """Read and check a config's ``data`` dict; a wrong key or value raises `InputError` naming ``data.<key>``."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise InputError(f"unknown option(s) {unknown}; known: {sorted(names)}", field=f"data.{unknown[0]}")
-        for required in ("strategy", "tasks"):
-            if required not in data:
-                raise InputError(f"is required (one of {', '.join(STRATEGIES)})" if required == "strategy" else
-                                 f"is required: a list of tasks from {', '.join(TASK_NAMES)}", field=f"data.{required}")
-        options = cls(**data)
-        options.check()
-        return options
-
-    def check(self) -> None:
-        def bad(name: str, why: str) -> InputError:
-            return InputError(f"{why}, got {getattr(self, name)!r}", field=f"data.{name}")
-
-        if self.strategy not in STRATEGIES:
-            raise bad("strategy", f"must be one of {', '.join(STRATEGIES)}")
-        if (not isinstance(self.tasks, list) or not self.tasks or len(set(self.tasks)) != len(self.tasks)
-                or any(task not in TASK_NAMES for task in self.tasks)):
-            raise bad("tasks", f"must list tasks of {', '.join(TASK_NAMES)}, each once")
-        for name in ("train_per_task", "test_per_task"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise bad(name, "must be an int >= 1 or null")
-        if not isinstance(self.replay_fraction, (int, float)) or not 0 <= self.replay_fraction <= 1:
-            raise bad("replay_fraction", "must be a number in [0, 1]")
-        if not isinstance(self.router_examples, int) or self.router_examples < 1:
-            raise bad("router_examples", "must be an int >= 1")
-        if self.router_layers not in ("all", "last"):
-            raise bad("router_layers", "must be 'all' or 'last'")
-        ranks = self.osf_effective_rank
-        if not (isinstance(ranks, list) and len(ranks) == 2 and all(isinstance(r, (int, float)) and 0 < r < 1
-                                                                    for r in ranks)):
-            raise bad("osf_effective_rank", "must be [first, last], each a share in (0, 1)")
-        if (not isinstance(self.orthogonal_weight, (int, float)) or isinstance(self.orthogonal_weight, bool)
-                or self.orthogonal_weight < 0):
-            raise bad("orthogonal_weight", "must be a number >= 0")
-
-    def osf_rank(self, position: int) -> float:
-        """The frozen share of singular directions for the task at `position` of the sequence."""
-        first, last = self.osf_effective_rank
-        steps = len(self.tasks) - 1
-        return first if steps == 0 else round(first + (last - first) * position / steps, 6)
 
 
 @dataclass
@@ -230,31 +154,23 @@ def share_right(predictions: Sequence[int], rows: Sequence[tuple[str, int]]) -> 
 
 
 class ContinualLearner:
-    """Runs `ContinualOptions.strategy` over `tasks` (in order) with the training settings of `config`.
+    """Runs the strategy of ``config.data`` (a `ContinualData`: checked when the config was built) over `tasks`
+    (in order) with the training settings of `config`.
 
     Args:
-        config: The training config of every task's run (``method``, rates, epochs, batch...); ``task`` must be
-            ``seq_cls`` and ``num_labels`` the size of `label_space()` (25).
-        options: The strategy, the task order and their sizes.
-        tasks: The loaded tasks, in `options.tasks` order (`load_task`).
+        config: The training config of every task's run (``method``, rates, epochs, batch...) and, in ``data``, the
+            strategy, the task order and their sizes; ``num_labels`` must be the size of `label_space()` (25).
+        tasks: The loaded tasks, in ``config.data.tasks`` order (`load_task`).
     """
 
-    def __init__(self, config: TrainConfig, options: ContinualOptions, tasks: Sequence[ClassificationTask]):
-        if config.task != "seq_cls":
-            raise InputError(f"continual learning trains sequence classifiers: task must be 'seq_cls', got "
-                             f"{config.task!r}", field="task")
+    def __init__(self, config: TrainConfig, tasks: Sequence[ClassificationTask]):
+        options = config.data
+        if not isinstance(options, ContinualData):
+            raise InputError(f"continual learning needs a continual data section (data.strategy, data.tasks); this "
+                             f"config's is a {options.kind} one", field="data")
         if [task.name for task in tasks] != options.tasks:
-            raise ValueError(f"tasks {[task.name for task in tasks]} are not in the order of options.tasks "
+            raise ValueError(f"tasks {[task.name for task in tasks]} are not in the order of data.tasks "
                              f"{options.tasks}")
-        if config.resume_from is not None:
-            raise InputError("a task sequence is not resumed half-way: leave resume_from out (an interrupted run starts "
-                             "over)", field="resume_from")
-        if options.strategy == "osf" and config.method != "osf":
-            raise InputError(f"strategy 'osf' trains PEFT's OSF adapters: set method: osf (got {config.method!r})",
-                             field="method")
-        if options.strategy == "orthogonal_lora" and config.method != "lora":
-            raise InputError(f"strategy 'orthogonal_lora' trains LoRA adapters: set method: lora (got "
-                             f"{config.method!r})", field="method")
         n_labels = len(label_space())
         if config.num_labels != n_labels:
             raise InputError(f"the continual tasks share {n_labels} labels: set num_labels: {n_labels}, got "
@@ -344,14 +260,12 @@ class ContinualLearner:
         the active and only trainable one (``adapter_per_task``), or a new adapter on the merged backbone (``osf``,
         ``orthogonal_lora``)."""
         strategy, config = self.options.strategy, self.config
-        if strategy == "adapter_per_task" and config.method == "full":
-            raise InputError("adapter_per_task needs an adapter method, not 'full'", field="method")
         name = self.tasks[position].name if strategy != "joint" else "joint"
         method_args = dict(config.method_args)
         if strategy == "osf":
             method_args["effective_rank"] = self.options.osf_rank(position)
         if model is None:
-            model, self.tokenizer = build_model(dataclasses.replace(config, method_args=method_args),
+            model, self.tokenizer = build_model(config.replace(method_args=method_args),
                                                 adapter_name=name if strategy == "adapter_per_task" else "default")
             return model
         if strategy == "adapter_per_task":
@@ -365,7 +279,7 @@ class ContinualLearner:
         """Train `model` on `rows` as one run under ``stages/<position>-<name>``; returns the model and the stage's
         record."""
         stage_dir = self.output_dir / STAGES_DIR / f"{position}-{name}"
-        config = dataclasses.replace(self.config, output_dir=str(stage_dir), resume_from=None)
+        config = self.config.replace(output_dir=str(stage_dir), resume_from=None)
         dataset = labelled_text_dataset(self.tokenizer, rows, config.max_length)
         penalty_before = self._penalty_now(model)
         with trained_labels_only(model, self._trained_labels(position)):

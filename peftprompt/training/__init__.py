@@ -1,4 +1,5 @@
-"""Training: `TrainConfig` (YAML + ``key=value`` overrides) and the `Trainer` on Accelerate (`train()` runs it).
+"""Training: `TrainConfig` (YAML + ``key=value`` overrides; its ``data``, the recipe's typed section from
+`peftprompt.training.data_config`) and the `Trainer` on Accelerate (`train()` runs it).
 
 ```py
 from peftprompt.training import build_model, load_config, train

@@ -1,15 +1,18 @@
-"""Training configuration: one dataclass, read from YAML plus ``key=value`` overrides, with precise errors.
+"""Training configuration: one pydantic model, read from YAML plus ``key=value`` overrides, with precise errors.
 
 ```py
 >>> config = load_config("recipes/configs/minilm/sst2_lora.yaml", ["learning_rate=5e-4", "method_args.r=16"])
+>>> config.data.eval_min_words  # the recipe's typed data section (peftprompt.training.data_config)
 >>> config.to_yaml()          # saved next to the results as train_config.yaml
 ```
 
+`TrainConfig` is a pydantic model (`peftprompt.training.validation` says why pydantic); its ``data`` mapping becomes
+the typed section of its recipe (`peftprompt.training.data_config`), validated with the rest, once.
 Every error is a `peftprompt.errors.InputError` (a `ValueError`) that names the field and where its value came
-from: ``file:line`` for a YAML key (lines from the YAML node marks) or the override as written; its ``file``,
-``line`` and ``field`` attributes say the same. Unknown keys get the closest known key as a hint.
-Values are checked by the field's type: an int is fine for a float field, and so is a string such as ``"1e-4"``
-(YAML 1.1, which PyYAML implements, reads ``1e-4`` without a dot as a string).
+from: ``file:line`` for a YAML key, nested keys and list items included (lines from the YAML node marks), or the
+override as written; its ``file``, ``line`` and ``field`` (``data.max_depth``) attributes say the same. Unknown keys
+get the closest known key as a hint. Values are checked by the field's type: an int is fine for a float field, and
+so is a string such as ``"1e-4"`` (YAML 1.1, which PyYAML implements, reads ``1e-4`` without a dot as a string).
 
 `resolve_mixed_precision` picks the precision the hardware does well: on CUDA bf16 where supported, else fp16; on
 the CPU bf16 only with native bf16 instructions (``avx512_bf16`` / ``amx_bf16`` in ``/proc/cpuinfo``): without
@@ -21,22 +24,20 @@ on that host, and runs there differ numerically from fp32 runs; pass ``mixed_pre
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import math
-import types
-import typing
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Annotated, Any
 
 import torch
 import yaml
+from pydantic import BeforeValidator, Field, SerializeAsAny, ValidationInfo, field_validator, model_validator
 
 from ..errors import InputError, InputFileNotFoundError
-from ..metrics import metric_script
 from ..methods import METHODS
+from ..metrics import metric_script
 from ..tasks import TRAINABLE_TASKS, get_task
+from .data_config import DataSection, data_section
+from .validation import Bool, ConfigModel, FieldError, Float, Int, Names, UnknownKeyError, one_of, suggest
 
 TASKS = TRAINABLE_TASKS  # the tasks the engine trains (`peftprompt.tasks`; ``feature`` has no labels)
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16", "auto")
@@ -53,32 +54,24 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lr_scheduler": LR_SCHEDULERS,
     "frozen_dtype": ("float32", "bfloat16", "float16", "auto"),
 }
-
-# name -> (predicate, wording of the constraint); None values of optional fields are not checked.
-RANGES: dict[str, tuple[Any, str]] = {
-    "num_labels": (lambda v: v >= 1, ">= 1"),
-    "max_length": (lambda v: v >= 2, ">= 2"),
-    "max_train_samples": (lambda v: v >= 1, ">= 1"),
-    "max_eval_samples": (lambda v: v >= 1, ">= 1"),
-    "learning_rate": (lambda v: v > 0, "> 0"),
-    "weight_decay": (lambda v: v >= 0, ">= 0"),
-    "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "per_device_train_batch_size": (lambda v: v >= 1, ">= 1"),
-    "per_device_eval_batch_size": (lambda v: v >= 1, ">= 1"),
-    "gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
-    "max_steps": (lambda v: v >= 1, ">= 1"),
-    "num_epochs": (lambda v: v > 0, "> 0"),
-    "max_grad_norm": (lambda v: v > 0, "> 0 (or null for no clipping)"),
-    "eval_every": (lambda v: v >= 0, ">= 0"),
-    "early_stopping_patience": (lambda v: v >= 1, ">= 1"),
-    "save_every": (lambda v: v >= 0, ">= 0"),
-    "keep_checkpoints": (lambda v: v >= 0, ">= 0 (0 keeps every checkpoint)"),
-    "log_every": (lambda v: v >= 1, ">= 1"),
-}
+MAPPING_FIELDS = ("method_args", "data")
+"""The fields a dotted override key sets an entry inside (``method_args.r=16``)."""
 
 
-@dataclass
-class TrainConfig:
+def _yaml_no(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads an unquoted `no` as false: ``mixed_precision: no`` means "no"."""
+    return "no" if value is False else value
+
+
+Task = one_of(CHOICES["task"])
+Method = one_of(CHOICES["method"])
+MixedPrecision = Annotated[one_of(MIXED_PRECISION_CHOICES), BeforeValidator(_yaml_no)]
+Optimizer = one_of(OPTIMIZERS)
+LrScheduler = one_of(LR_SCHEDULERS)
+FrozenDtype = one_of(CHOICES["frozen_dtype"])
+
+
+class TrainConfig(ConfigModel):
     """Everything a training run needs besides the data pipeline (which the recipes build from `data`).
 
     Steps are optimiser steps (one per `gradient_accumulation_steps` micro-batches). `max_steps` wins over
@@ -86,215 +79,143 @@ class TrainConfig:
     `metric_for_best` names a key of the evaluation metrics (``"accuracy"``, ``"loss"``, ...; an ``eval_`` prefix
     is ignored); when it is None the best evaluation is the lowest eval loss. Early stopping stops after
     `early_stopping_patience` evaluations without a strict improvement. Checkpoints are written every
-    `save_every` steps (0: at each evaluation) and at the end, the newest `keep_checkpoints` kept (0 keeps all).
-    `resume_from` is None, ``"latest"`` (the newest complete checkpoint in ``output_dir/checkpoints``; a fresh
-    start when there is none) or a checkpoint directory.
+    `save_every` steps (0: at each evaluation) and at the end, the newest `keep_checkpoints` kept (0 keeps all);
+    `max_grad_norm` None: no clipping. `resume_from` is None, ``"latest"`` (the newest complete checkpoint in
+    ``output_dir/checkpoints``; a fresh start when there is none) or a checkpoint directory.
+
+    Built from keywords (``TrainConfig(task="causal_lm", max_steps=10)``) or by `load_config`; a bad value raises
+    `InputError` (a `FieldError` naming the field). `data` takes a mapping, which becomes the task's data section.
     """
 
     # what to train
     model: str = "minilm"
-    task: str = "seq_cls"
-    num_labels: Optional[int] = None
-    method: str = "lora"
-    method_args: dict = field(default_factory=dict)
+    task: Task = "seq_cls"
+    num_labels: Int | None = Field(None, ge=1)
+    method: Method = "lora"
+    method_args: dict[str, Any] = Field(default_factory=dict)
     # a saved adapter directory to continue training from (its own config; the method must be the same); null: a
     # fresh adapter from method / method_args
-    init_adapter: Optional[str] = None
-    load_in_8bit: bool = False
-    load_in_4bit: bool = False
-    gradient_checkpointing: bool = False
+    init_adapter: str | None = None
+    load_in_8bit: Bool = False
+    load_in_4bit: Bool = False
+    gradient_checkpointing: Bool = False
     # the frozen backbone weights' dtype (adapters train in float32 whatever it is); auto: the mixed-precision dtype
-    frozen_dtype: str = "float32"
-    # data (recipes interpret these)
-    data: dict = field(default_factory=dict)
-    max_length: int = 128
-    max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = None
+    frozen_dtype: FrozenDtype = "float32"
+    # data: the recipe's typed section (peftprompt.training.data_config), picked by task and data.strategy
+    data: SerializeAsAny[DataSection] = Field(default_factory=dict, validate_default=True)
+    max_length: Int = Field(128, ge=2)
+    max_train_samples: Int | None = Field(None, ge=1)
+    max_eval_samples: Int | None = Field(None, ge=1)
     # optimisation
-    optimizer: str = "adamw"
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    lr_scheduler: str = "linear"
-    warmup_ratio: float = 0.06
-    per_device_train_batch_size: int = 16
-    per_device_eval_batch_size: int = 64
+    optimizer: Optimizer = "adamw"
+    learning_rate: Float = Field(1e-4, gt=0)
+    weight_decay: Float = Field(0.0, ge=0)
+    lr_scheduler: LrScheduler = "linear"
+    warmup_ratio: Float = Field(0.06, ge=0, lt=1)
+    per_device_train_batch_size: Int = Field(16, ge=1)
+    per_device_eval_batch_size: Int = Field(64, ge=1)
     # batches of examples of similar length (less padding; tokenised examples only), as Trainer's group_by_length
-    group_by_length: bool = False
-    gradient_accumulation_steps: int = 1
-    max_steps: Optional[int] = None
-    num_epochs: float = 1.0
-    max_grad_norm: Optional[float] = 1.0
-    mixed_precision: str = "auto"
+    group_by_length: Bool = False
+    gradient_accumulation_steps: Int = Field(1, ge=1)
+    max_steps: Int | None = Field(None, ge=1)
+    num_epochs: Float = Field(1.0, gt=0)
+    max_grad_norm: Float | None = Field(1.0, gt=0)
+    mixed_precision: MixedPrecision = "auto"
     # shard the model over the processes with torch's fully_shard (FSDP2) instead of DDP: for CPU processes, where
     # Accelerate's FSDP plugin does not apply (peftprompt.training.sharding); fp32, no evaluate_fn
-    fully_shard: bool = False
-    seed: int = 0
+    fully_shard: Bool = False
+    seed: Int = 0
     # evaluation, checkpoints, logging
-    eval_every: int = 0
+    eval_every: Int = Field(0, ge=0)
     # evaluate modules the recipe scores its evaluations with: packaged names (accuracy, seqeval, squad) or paths to
     # your own module (a .py file or a folder holding <folder name>.py); null: the recipe's default
-    metrics: Optional[list[str]] = None
-    metric_for_best: Optional[str] = None
-    greater_is_better: bool = True
-    early_stopping_patience: Optional[int] = None
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    resume_from: Optional[str] = None
-    log_every: int = 10
+    metrics: Names | None = Field(None, min_length=1)
+    metric_for_best: str | None = None
+    greater_is_better: Bool = True
+    early_stopping_patience: Int | None = Field(None, ge=1)
+    save_every: Int = Field(0, ge=0)
+    keep_checkpoints: Int = Field(2, ge=0)
+    resume_from: str | None = None
+    log_every: Int = Field(10, ge=1)
     output_dir: str = "outputs/run"
 
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            try:
-                setattr(self, f.name, check_field(f.name, getattr(self, f.name)))
-            except FieldError as err:
-                raise InputError(str(err), field=f.name) from None
-        problem = cross_field_problem(self)
-        if problem:
-            raise InputError(problem)
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_section(cls, value: Any, info: ValidationInfo) -> Any:
+        """A mapping (or another section, as a mapping) becomes the section `data_section` picks, validated."""
+        if isinstance(value, DataSection):
+            value = value.model_dump()
+        if not isinstance(value, Mapping):
+            return value  # pydantic refuses it: "field 'data' expects a mapping"
+        if "task" not in info.data:
+            return DataSection()  # the task is wrong, and that error is the one reported
+        value = {str(key): item for key, item in value.items()}
+        return data_section(info.data["task"], value)(**value)
+
+    @field_validator("metrics")
+    @classmethod
+    def _metric_modules(cls, names: list[str] | None) -> list[str] | None:
+        for name in names or ():
+            metric_script(name)  # a ValueError naming the module that is neither packaged nor found
+        return names
+
+    @model_validator(mode="after")
+    def _fields_agree(self) -> TrainConfig:
+        problem = cross_field_problem(self) or self.data.config_problem(self)
+        if problem is not None:
+            raise problem
+        return self
 
     def as_dict(self) -> dict[str, Any]:
-        """The config as plain YAML/JSON-serialisable data."""
-        return dataclasses.asdict(self)
+        """The config as plain YAML/JSON-serialisable data (``data`` with every key of its section)."""
+        return self.model_dump()
 
     def to_yaml(self) -> str:
         """The config as YAML, in field order; `load_config` reads it back to an equal config."""
         return yaml.safe_dump(self.as_dict(), sort_keys=False, default_flow_style=False)
 
-    def save(self, path: Union[str, Path]) -> Path:
+    def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_yaml())
         return path
 
-
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_TYPE_HINTS = typing.get_type_hints(TrainConfig)
-
-
-class FieldError(InputError):
-    """A field's value is wrong; the message has no location yet (the caller adds file:line or the override)."""
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with `changes` (``config.replace(output_dir=...)``), validated like any config."""
+        return type(self)(**{**{name: getattr(self, name) for name in type(self).model_fields}, **changes})
 
 
-def _base_type(name: str) -> tuple[type, bool]:
-    """The field's type and whether it is optional (``Optional[int]`` -> ``(int, True)``)."""
-    hint = _TYPE_HINTS[name]
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (Union, types.UnionType) and type(None) in args:
-        return next(a for a in args if a is not type(None)), True
-    return hint, False
-
-
-def _suggest(word: str, candidates: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def check_field(name: str, value: Any) -> Any:
-    """Return `value` converted to field `name`'s type, or raise `FieldError` saying what is wrong."""
-    kind, optional = _base_type(name)
-    if value is None:
-        if optional:
-            return None
-        raise FieldError(f"field {name!r} expects {kind.__name__}, got null")
-    expected = kind.__name__ + (" or null" if optional else "")
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise FieldError(f"field {name!r} expects {expected}, got {value!r}")
-    elif kind is int:
-        converted = _as_int(value)
-        if converted is None:
-            raise FieldError(f"field {name!r} expects {expected}, got {value!r}")
-        value = converted
-    elif kind is float:
-        converted = _as_float(value)
-        if converted is None:
-            raise FieldError(f"field {name!r} expects {expected}, got {value!r}")
-        value = converted
-    elif kind is str:
-        if value is False and "no" in CHOICES.get(name, ()):
-            value = "no"  # YAML 1.1 (PyYAML) reads an unquoted `no` as false: `mixed_precision: no` means "no"
-        if not isinstance(value, str):
-            raise FieldError(f"field {name!r} expects {expected}, got {value!r}")
-    elif kind is dict:
-        if not isinstance(value, dict):
-            raise FieldError(f"field {name!r} expects a mapping, got {value!r}")
-        value = dict(value)
-    elif typing.get_origin(kind) is list:
-        value = [value] if isinstance(value, str) else value  # `metrics: accuracy` means [accuracy]
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
-            raise FieldError(f"field {name!r} expects a non-empty list of strings{' or null' if optional else ''}, "
-                             f"got {value!r}")
-    if name == "metrics":
-        for entry in value:
-            try:
-                metric_script(entry)
-            except ValueError as err:
-                raise FieldError(f"field 'metrics': {err}") from None
-    if name in CHOICES and value not in CHOICES[name]:
-        raise FieldError(
-            f"field {name!r} must be one of {', '.join(CHOICES[name])}, got {value!r}{_suggest(value, CHOICES[name])}"
-        )
-    if name in RANGES:
-        ok, wording = RANGES[name]
-        if not ok(value):
-            raise FieldError(f"field {name!r} must be {wording}, got {value!r}")
-    return value
-
-
-def _as_int(value: Any) -> Optional[int]:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        number = _as_float(value)
-        if number is not None and number.is_integer():
-            return int(number)
-    return None
-
-
-def _as_float(value: Any) -> Optional[float]:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            return None
-        return number if math.isfinite(number) else None
-    return None
-
-
-def cross_field_problem(config: TrainConfig) -> Optional[str]:
-    """A message for an inconsistent combination of fields, or None."""
+def cross_field_problem(config: TrainConfig) -> InputError | None:
+    """An inconsistent combination of top-level fields, as an `InputError` naming the field to change; or None."""
     if get_task(config.task).classification and config.num_labels is None:
-        return (
+        return InputError(
             f"num_labels is required for task {config.task!r} (the size of the classification head): "
-            "set num_labels: N in the config or pass num_labels=N"
+            "set num_labels: N in the config or pass num_labels=N",
+            field="num_labels",
         )
     if config.load_in_8bit and config.load_in_4bit:
-        return "load_in_8bit and load_in_4bit are exclusive: choose one"
+        return InputError("load_in_8bit and load_in_4bit are exclusive: choose one", field="load_in_4bit")
     if config.init_adapter and config.method == "full":
-        return "init_adapter continues a saved adapter, but method 'full' trains the whole model: choose its method"
+        return InputError(
+            "init_adapter continues a saved adapter, but method 'full' trains the whole model: choose its method",
+            field="init_adapter",
+        )
     if config.frozen_dtype in ("bfloat16", "float16") and config.method == "full":
-        return (
+        return InputError(
             f"frozen_dtype {config.frozen_dtype!r} needs a frozen backbone, but method 'full' trains every weight: "
-            "keep frozen_dtype: float32 and use mixed_precision for half-precision compute"
+            "keep frozen_dtype: float32 and use mixed_precision for half-precision compute",
+            field="frozen_dtype",
         )
     if config.frozen_dtype in ("bfloat16", "float16") and (config.load_in_8bit or config.load_in_4bit):
-        return (
+        return InputError(
             f"frozen_dtype {config.frozen_dtype!r} is for unquantised backbones; a quantised one already stores its "
-            "linear weights in 8 or 4 bits: keep frozen_dtype: float32"
+            "linear weights in 8 or 4 bits: keep frozen_dtype: float32",
+            field="frozen_dtype",
         )
     return None
 
 
-def load_config(path: Union[str, Path, None], overrides: Sequence[str] = ()) -> TrainConfig:
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a `TrainConfig` from a YAML mapping at `path` (or the defaults when None), then apply `overrides`.
 
     Args:
@@ -305,7 +226,8 @@ def load_config(path: Union[str, Path, None], overrides: Sequence[str] = ()) -> 
 
     Raises:
         InputError: unknown key (with the closest known key), wrong type, bad choice or range, missing
-            ``num_labels`` for a classification task; each message names the file and line or the override.
+            ``num_labels`` for a classification task, a data section that does not go with the rest; each message
+            names the field and the file and line or the override.
         InputFileNotFoundError: `path` does not exist.
     """
     values: dict[str, Any] = {}
@@ -317,27 +239,39 @@ def load_config(path: Union[str, Path, None], overrides: Sequence[str] = ()) -> 
         values, where = _read_yaml(path)
     for override in overrides:
         _apply_override(values, where, override)
-    for name, value in list(values.items()):
-        try:
-            values[name] = check_field(name, value)
-        except FieldError as err:
-            raise InputError(f"{err} ({where[name]})", field=name, **_located(where[name])) from None
     try:
         return TrainConfig(**values)
-    except InputError as err:
-        source = f" ({path})" if path is not None and "num_labels" in str(err) else ""
-        raise InputError(f"{err}{source}", file=path, field=err.field) from None
+    except FieldError as err:
+        raise _located(err, where, path) from None
 
 
-def _located(where: str) -> dict[str, Any]:
-    """``file`` and ``line`` of a ``where`` entry (``"path:line"``); nothing for an override."""
-    if where.startswith("override "):
-        return {}
-    file, _, line = where.rpartition(":")
-    return {"file": file, "line": int(line)}
+def _located(err: FieldError, where: dict[str, str], path: Path | None) -> InputError:
+    """`err` with where its field was set: the YAML ``file:line`` or the override; the file for a problem of
+    several fields that names none the config sets."""
+    place = _place(where, err.field)
+    if place is None:
+        return InputError(f"{err.message} ({path})" if path is not None else err.message, file=path, field=err.field)
+    if place.startswith("override "):
+        message = f"{place}: unknown key{err.hint}" if isinstance(err, UnknownKeyError) else f"{err.message} ({place})"
+        return InputError(message, field=err.field)
+    file, _, line = place.rpartition(":")
+    message = err.message if isinstance(err, UnknownKeyError) else f"{err.message} ({place})"
+    return InputError(message, file=file, line=int(line), field=err.field)
+
+
+def _place(where: dict[str, str], field: str | None) -> str | None:
+    """Where `field` (``data.tasks.1``) was set: its own entry, else its closest parent's, else its first child's."""
+    if field is None:
+        return None
+    parts = field.split(".")
+    for end in range(len(parts), 0, -1):
+        if ".".join(parts[:end]) in where:
+            return where[".".join(parts[:end])]
+    return next((place for key, place in where.items() if key.startswith(f"{field}.")), None)
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The mapping at `path` and where each of its keys and list items is (``{"data.tasks.1": "run.yaml:9"}``)."""
     text = path.read_text()
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -345,24 +279,37 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
-        raise InputError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', None) or err})", file=path,
-                         line=mark.line + 1 if mark is not None else None) from None
+        raise InputError(
+            f"{path}{line}: invalid YAML ({getattr(err, 'problem', None) or err})",
+            file=path,
+            line=mark.line + 1 if mark is not None else None,
+        ) from None
     if node is None:
         return {}, {}
     if not isinstance(node, yaml.MappingNode) or not isinstance(data, dict):
-        raise InputError("expected a mapping of config keys at the top level", file=path,
-                         line=node.start_mark.line + 1)
-    values: dict[str, Any] = {}
+        raise InputError(
+            "expected a mapping of config keys at the top level", file=path, line=node.start_mark.line + 1
+        )
     where: dict[str, str] = {}
-    for key_node, _ in node.value:
-        key, line = key_node.value, key_node.start_mark.line + 1
-        if key not in FIELDS:
-            raise InputError(f"unknown key {key!r}{_suggest(key, list(FIELDS))}", file=path, line=line, field=key)
+    _mark(node, "", path, where)
+    return {str(key): value for key, value in data.items()}, where
+
+
+def _mark(node: yaml.Node, prefix: str, path: Path, where: dict[str, str]) -> None:
+    """Record the line of every key and list item under `node` as ``where[<dotted path>]``; refuse a key written
+    twice in one mapping (PyYAML would keep the last silently)."""
+    if isinstance(node, yaml.MappingNode):
+        children = [(key_node.value, key_node, value_node) for key_node, value_node in node.value]
+    elif isinstance(node, yaml.SequenceNode):
+        children = [(str(i), item, item) for i, item in enumerate(node.value)]
+    else:
+        return
+    for name, marked, child in children:
+        key, line = f"{prefix}{name}", marked.start_mark.line + 1
         if key in where:
             raise InputError(f"duplicate key {key!r} (first at {where[key]})", file=path, line=line, field=key)
         where[key] = f"{path}:{line}"
-        values[key] = data[key]
-    return values, where
+        _mark(child, f"{key}.", path, where)
 
 
 def _apply_override(values: dict[str, Any], where: dict[str, str], override: str) -> None:
@@ -372,31 +319,35 @@ def _apply_override(values: dict[str, Any], where: dict[str, str], override: str
     key = key.strip()
     parts = key.split(".")
     name = parts[0]
-    if name not in FIELDS:
-        raise InputError(f"override {override!r}: unknown key{_suggest(name, list(FIELDS))}", field=name)
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as err:
-        raise InputError(f"override {override!r}: cannot parse the value ({getattr(err, 'problem', err)})",
-                         field=name) from None
-    if len(parts) > 1:
-        if _base_type(name)[0] is not dict:
-            raise InputError(f"override {override!r}: {name!r} is not a mapping, so {key!r} cannot be set",
-                         field=name)
-        current = values.get(name)
-        target = dict(current) if isinstance(current, dict) else dict(FIELDS[name].default_factory())
-        values[name] = target
-        for part in parts[1:-1]:
-            inner = target.get(part)
-            target[part] = dict(inner) if isinstance(inner, dict) else {}
-            target = target[part]
-        target[parts[-1]] = value
-    else:
-        values[name] = value
-    where[name] = f"override {override!r}"
+        raise InputError(
+            f"override {override!r}: cannot parse the value ({getattr(err, 'problem', err)})", field=name
+        ) from None
+    place = f"override {override!r}"
+    if len(parts) > 1 and name in TrainConfig.model_fields and name not in MAPPING_FIELDS:
+        raise InputError(f"override {override!r}: {name!r} is not a mapping, so {key!r} cannot be set", field=name)
+    target = values
+    for depth, part in enumerate(parts[:-1], start=1):
+        inner = target.get(part)
+        if not isinstance(inner, dict):  # what was there (if anything) is replaced: the override sets it now
+            _forget(where, ".".join(parts[:depth]))
+            where[".".join(parts[:depth])] = place
+        target[part] = dict(inner) if isinstance(inner, dict) else {}
+        target = target[part]
+    target[parts[-1]] = value
+    _forget(where, key)
+    where[key] = place
 
 
-def cpu_bf16_flags(cpuinfo: Union[str, Path] = "/proc/cpuinfo") -> set[str]:
+def _forget(where: dict[str, str], key: str) -> None:
+    """Drop where `key` and everything under it were set (a value set again replaces them all)."""
+    for known in [k for k in where if k == key or k.startswith(f"{key}.")]:
+        del where[known]
+
+
+def cpu_bf16_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
     """The native-bf16 CPU flags present (``amx_bf16``, ``avx512_bf16``); empty where /proc/cpuinfo is absent."""
     try:
         text = Path(cpuinfo).read_text()
@@ -432,7 +383,8 @@ def resolve_mixed_precision(requested: str) -> tuple[str, str]:
     if requested not in MIXED_PRECISION_CHOICES:
         raise InputError(
             f"mixed_precision must be one of {', '.join(MIXED_PRECISION_CHOICES)}, got {requested!r}"
-            f"{_suggest(requested, MIXED_PRECISION_CHOICES)}", field="mixed_precision"
+            f"{suggest(requested, MIXED_PRECISION_CHOICES)}",
+            field="mixed_precision",
         )
     if requested == "no":
         return "no", "mixed precision off (requested)"
@@ -442,8 +394,10 @@ def resolve_mixed_precision(requested: str) -> tuple[str, str]:
         if requested == "auto":
             return ("bf16", f"CUDA GPU {name} supports bf16") if bf16 else ("fp16", f"CUDA GPU {name} has no bf16")
         if requested == "bf16" and not bf16:
-            raise InputError(f"mixed_precision 'bf16' requested but CUDA GPU {name} does not support it: use fp16",
-                             field="mixed_precision")
+            raise InputError(
+                f"mixed_precision 'bf16' requested but CUDA GPU {name} does not support it: use fp16",
+                field="mixed_precision",
+            )
         return requested, f"requested, on CUDA GPU {name}"
     flags = cpu_bf16_flags()
     if requested == "fp16":

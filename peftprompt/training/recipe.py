@@ -27,15 +27,19 @@ from ..atomic import write_file_atomically
 from ..errors import InputError, RunError
 from .collective import shared_outcome
 from .config import TrainConfig, load_config
+from .data_config import DataSection
 from .model_setup import distributed_state
 from .state import TrainResult
 from .shipping import write_model_card
 
 
-def parse_recipe_args(description: str, argv: Optional[Sequence[str]] = None) -> TrainConfig:
+def parse_recipe_args(description: str, argv: Sequence[str] | None = None,
+                      data: type[DataSection] | None = None) -> TrainConfig:
     """Parse ``--config FILE`` and ``key=value`` overrides; a bad config exits with one line and status 2.
 
-    Also quiets transformers' per-load reports (a fresh task head is expected in a recipe).
+    `data` is the data section the recipe reads (`peftprompt.training.data_config`): a config whose section is
+    another (a continual recipe given an SST-2 config) is a bad config too. Also quiets transformers' per-load
+    reports (a fresh task head is expected in a recipe).
     """
     from transformers.utils import logging as transformers_logging
 
@@ -45,9 +49,14 @@ def parse_recipe_args(description: str, argv: Optional[Sequence[str]] = None) ->
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config fields, e.g. max_steps=20")
     args = parser.parse_args(argv)
     try:
-        return load_config(args.config, args.overrides)
+        config = load_config(args.config, args.overrides)
+        if data is not None and not isinstance(config.data, data):
+            raise InputError(f"this recipe reads a {data.kind} data section (picked by {data.picked_by}), but the "
+                             f"config's is a {config.data.kind} one (task {config.task})", file=args.config,
+                             field="data")
     except InputError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
+    return config
 
 
 def ship(result: TrainResult, metrics: dict, datasets: Sequence[str]) -> Optional[Path]:

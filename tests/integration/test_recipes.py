@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, BertForSequenceClassification
 
 from peftprompt import load_adapter
 from peftprompt.backbones import smollm2_path
+from peftprompt.errors import InputError
 from peftprompt.recursive import Unroller, convert
 from peftprompt.training import load_config
 
@@ -69,16 +70,14 @@ def test_sst2_recipe(tiny_bert, tmp_path):
 
 
 def test_sst2_recipe_data_options():
-    sys.path.insert(0, str(REPO / "recipes"))
-    try:
-        from sst2_classification import eval_min_words
-    finally:
-        sys.path.remove(str(REPO / "recipes"))
-    assert eval_min_words({}) == 0 and eval_min_words({"eval_min_words": 10}) == 10
-    with pytest.raises(SystemExit, match=r"unknown data option\(s\) \['eval_min_word'\]; known: \['eval_min_words'\]"):
-        eval_min_words({"eval_min_word": 10})
-    with pytest.raises(SystemExit, match="data.eval_min_words must be an int >= 0, got -1"):
-        eval_min_words({"eval_min_words": -1})
+    config = REPO / "recipes/configs/minilm/sst2_lora.yaml"
+    assert load_config(config).data.eval_min_words == 0
+    assert load_config(config, ["data.eval_min_words=10"]).data.eval_min_words == 10
+    with pytest.raises(InputError, match=r"^override 'data.eval_min_word=10': unknown key \(did you mean "
+                                         r"'data.eval_min_words'\?\)$"):
+        load_config(config, ["data.eval_min_word=10"])
+    with pytest.raises(InputError, match=r"^field 'data.eval_min_words' must be >= 0, got -1 \(override"):
+        load_config(config, ["data.eval_min_words=-1"])
 
 
 def test_conll03_recipe(tiny_bert, tmp_path):
@@ -127,13 +126,13 @@ def test_selfask_packing_choice(method, packing, packed):
 
 
 @pytest.mark.parametrize("method, packing, message", [
-    ("prefix", "true", "data.packing=true with method prefix"), ("lora", "sometimes", "data.packing must be true, false"),
+    ("prefix", "true", "data.packing=true with method prefix"),
+    ("lora", "sometimes", "field 'data.packing' must be one of true, false, auto, got 'sometimes'"),
 ])
 def test_selfask_packing_refusals(method, packing, message):
-    config = load_config(REPO / "recipes/configs/smollm2/selfask_lora.yaml",
-                         [f"method={method}", "method_args={}", f"data.packing={packing}"])
-    with pytest.raises(SystemExit, match=message):
-        selfask_sft_module().uses_packing(config)
+    with pytest.raises(InputError, match=message):
+        load_config(REPO / "recipes/configs/smollm2/selfask_lora.yaml",
+                    [f"method={method}", "method_args={}", f"data.packing={packing}"])
 
 
 def test_selfask_unpacked_rows_are_single_episodes():
@@ -199,15 +198,12 @@ def test_selfask_modes_parse_and_give_their_episode_counts(mode, leaf_episodes, 
 
 
 def test_selfask_bad_mode_and_generation_settings_are_refused():
-    module = selfask_sft_module()
-    for overrides, message in ((["data.mode=deep"], "data.mode must be one of flat, recursive, mix"),
-                               (["data.eval_knowledge=some"], "data.eval_knowledge must be leaves or all"),
-                               (["data.leaf_episodes=maybe"], "data.leaf_episodes must be true or false"),
-                               (["data.eval_max_depth=-1"], "data.eval_max_depth must be an integer >= 0")):
-        config = load_config(REPO / "recipes/configs/smollm2/selfask_lora.yaml", overrides)
-        with pytest.raises(SystemExit, match=message):
-            module.unroller_for(config)
-            module.generation_settings(config)
+    for overrides, message in ((["data.mode=deep"], "field 'data.mode' must be one of flat, recursive, mix"),
+                               (["data.eval_knowledge=some"], "field 'data.eval_knowledge' must be one of leaves"),
+                               (["data.leaf_episodes=maybe"], "field 'data.leaf_episodes' expects bool, got 'maybe'"),
+                               (["data.eval_max_depth=-1"], "field 'data.eval_max_depth' must be >= 0, got -1")):
+        with pytest.raises(InputError, match=message):
+            load_config(REPO / "recipes/configs/smollm2/selfask_lora.yaml", overrides)
 
 
 def test_demo_schedule_overrides_the_shipped_config_and_yields_to_the_user():
@@ -220,7 +216,7 @@ def test_demo_schedule_overrides_the_shipped_config_and_yields_to_the_user():
     config = load_config(demo.CONFIG, demo.DEMO_SCHEDULE)
     assert (shipped.max_steps, shipped.method_args["lora_dropout"]) == (200, 0.1)
     assert (config.max_steps, config.learning_rate, config.method_args["lora_dropout"]) == (100, 2e-3, 0.0)
-    assert (config.data["generate_eval"], config.max_eval_samples) == (0, 40) and shipped.learning_rate == 1e-3
-    assert config.method_args["r"] == shipped.method_args["r"] and config.data["mode"] == shipped.data["mode"]
+    assert (config.data.generate_eval, config.max_eval_samples) == (0, 40) and shipped.learning_rate == 1e-3
+    assert config.method_args["r"] == shipped.method_args["r"] and config.data.mode == shipped.data.mode
     command, _ = demo.train_command(Path("out"), ["max_steps=20"])
     assert command[-len(demo.DEMO_SCHEDULE) - 1:] == [*demo.DEMO_SCHEDULE, "max_steps=20"]

@@ -10,8 +10,9 @@ import torch
 
 from peftprompt import attach, load_backbone
 from peftprompt.continual import (
+    TASK_NAMES,
     CentroidRouter,
-    ContinualOptions,
+    ContinualData,
     LinearRouter,
     OrthogonalLoRAPenalty,
     ReplayMemory,
@@ -79,21 +80,38 @@ def test_a_bad_row_is_named_and_a_test_row_seen_in_training_is_dropped(tmp_path,
 
 def test_options_name_the_data_key_they_refuse():
     with pytest.raises(InputError, match=r"data\.strategy.*one of sequential"):
-        ContinualOptions.from_data({"strategy": "ewc", "tasks": ["agnews"]})
-    with pytest.raises(InputError, match=r"data\.tasks.*each once"):
-        ContinualOptions.from_data({"strategy": "replay", "tasks": ["agnews", "agnews"]})
-    with pytest.raises(InputError, match=r"data\.replay_fraction"):
-        ContinualOptions.from_data({"strategy": "replay", "tasks": ["agnews"], "replay_fraction": 1.5})
-    with pytest.raises(InputError, match=r"data\.replay_fractoin"):
-        ContinualOptions.from_data({"strategy": "replay", "tasks": ["agnews"], "replay_fractoin": 0.1})
-    with pytest.raises(InputError, match=r"data\.router_layers.*'all' or 'last'"):
-        ContinualOptions.from_data({"strategy": "adapter_per_task", "tasks": ["agnews"], "router_layers": "middle"})
+        ContinualData(strategy="ewc", tasks=["agnews"])
+    with pytest.raises(InputError, match=r"data\.tasks.*each task once"):
+        ContinualData(strategy="replay", tasks=["agnews", "agnews"])
+    with pytest.raises(InputError, match=r"data\.tasks\.1.*got 'agnwes' \(did you mean 'agnews'\?\)"):
+        ContinualData(strategy="replay", tasks=["agnews", "agnwes"])
+    with pytest.raises(InputError, match=r"data\.replay_fraction' must be in \[0, 1\], got 1\.5"):
+        ContinualData(strategy="replay", tasks=["agnews"], replay_fraction=1.5)
+    with pytest.raises(InputError, match=r"unknown key 'data\.replay_fractoin' \(did you mean 'data\.replay_frac"):
+        ContinualData(strategy="replay", tasks=["agnews"], replay_fractoin=0.1)
+    with pytest.raises(InputError, match=r"data\.router_layers.*one of all, last"):
+        ContinualData(strategy="adapter_per_task", tasks=["agnews"], router_layers="middle")
     with pytest.raises(InputError, match=r"data\.orthogonal_weight.*>= 0"):
-        ContinualOptions.from_data({"strategy": "orthogonal_lora", "tasks": ["agnews"], "orthogonal_weight": -1})
-    options = ContinualOptions.from_data({"strategy": "osf", "tasks": ["agnews", "yelp", "sst2"]})
+        ContinualData(strategy="orthogonal_lora", tasks=["agnews"], orthogonal_weight=-1)
+    options = ContinualData(strategy="osf", tasks=["agnews", "yelp", "sst2"])
     assert [options.osf_rank(i) for i in range(3)] == pytest.approx([0.3, 0.5, 0.7])
-    five = ContinualOptions.from_data({"strategy": "osf", "tasks": ["dbpedia", "amazon", "agnews", "yelp", "sst2"]})
+    five = ContinualData(strategy="osf", tasks=["dbpedia", "amazon", "agnews", "yelp", "sst2"])
     assert [five.osf_rank(i) for i in range(5)] == [0.3, 0.4, 0.5, 0.6, 0.7]  # as recorded: no 0.39999999999999997
+
+
+def test_the_data_section_knows_the_tasks_and_the_config_it_needs():
+    from peftprompt.training import load_config
+    from peftprompt.training.data_config import CONTINUAL_TASKS
+
+    assert CONTINUAL_TASKS == TASK_NAMES  # the config layer cannot import peftprompt.continual: kept equal here
+    config = REPO / "recipes/configs/minilm/continual_osf.yaml"
+    with pytest.raises(InputError, match=r"'orthogonal_lora' trains LoRA adapters: set method: lora .*osf\.yaml:6\)$"):
+        load_config(config, ["data.strategy=orthogonal_lora"])  # the method's line: that is what to change
+    for overrides, field in ((["task=token_cls"], "task"), (["resume_from=latest"], "resume_from"),
+                             (["data.strategy=adapter_per_task", "method=full"], "method")):
+        with pytest.raises(InputError) as refused:
+            load_config(config, overrides)
+        assert refused.value.field == field
 
 
 # after task 0: 0.9 on task 0; after 1: 0.8, 0.7; after 2: 0.6, 0.75, 0.85
@@ -260,12 +278,12 @@ def test_a_single_head_trains_over_the_labels_seen_so_far():
 
     config = load_config(REPO / "recipes/configs/minilm/continual_sequential.yaml", ["data.tasks=[agnews,sst2]"])
     tasks = [load_task(name, 5, 5) for name in ("agnews", "sst2")]
-    learner = ContinualLearner(config, ContinualOptions.from_data(config.data), tasks)
+    learner = ContinualLearner(config, tasks)
     assert learner._trained_labels(0) == [0, 1, 2, 3]
     assert learner._trained_labels(1) == [0, 1, 2, 3, 23, 24]
     for strategy, expected in (("adapter_per_task", [23, 24]), ("joint", [0, 1, 2, 3, 23, 24])):
-        options = ContinualOptions.from_data({**config.data, "strategy": strategy})
-        assert ContinualLearner(config, options, tasks)._trained_labels(1) == expected
+        other = config.replace(data={**config.data.model_dump(), "strategy": strategy})
+        assert ContinualLearner(other, tasks)._trained_labels(1) == expected
 
 
 class LoraLayer(torch.nn.Module):

@@ -186,43 +186,38 @@ def test_non_training_splits_are_refused():
         reader_examples([toy_question(), toy_question(split="test")])
 
 
-def test_recipe_refuses_unknown_data_keys_and_no_sources():
-    module = selfask_sft_module()
-    config = load_config(REPO / "recipes/configs/smollm2/selfask_lora.yaml", ["data.reader_source=[musique_context]"])
-    with pytest.raises(SystemExit, match=r"unknown data option\(s\) \['reader_source'\]"):
-        module.check_data_keys(config)
-    config = load_config(REPO / "recipes/configs/smollm2/selfask_lora.yaml", ["data.sources=[]"])
-    with pytest.raises(SystemExit, match="nothing to train on: data.sources is empty"):
-        module.training_sources(config)
-    for overrides, message in ((["data.reader_sources=[musique]"], "unknown open-book source"),
-                               (["data.reader_sources=musique_context"], "must be a list of source names")):
-        config = load_config(REPO / "recipes/configs/smollm2/selfask_lora.yaml", overrides)
-        with pytest.raises(SystemExit, match=message):
-            module.training_sources(config)
-    for overrides, message in ((["data.reader_passages=0"], "data.reader_passages must be an integer >= 1"),
-                               (["data.reader_max_words=many"], "data.reader_max_words must be an integer >= 1")):
-        config = load_config(REPO / "recipes/configs/smollm2/selfask_lora.yaml", overrides)
-        with pytest.raises(SystemExit, match=message):
-            module.reader_settings(config)
+def test_reader_options_are_checked_when_the_config_is_loaded():
+    config = REPO / "recipes/configs/smollm2/selfask_lora.yaml"
+    for overrides, message in (
+        (["data.reader_source=[musique_context]"],
+         r"override 'data.reader_source=\[musique_context\]': unknown key \(did you mean 'data.reader_sources'\?\)"),
+        (["data.sources=[]"], r"nothing to train on: data.sources is empty .*\(override 'data.sources=\[\]'\)"),
+        (["data.reader_sources=[musique]"],
+         r"field 'data.reader_sources.0' must be one of .*, got 'musique' \(did you mean 'musique_context'\?\)"),
+        (["data.reader_sources=musique_context"], r"field 'data.reader_sources' expects a list of names from "),
+        (["data.reader_passages=0"], r"field 'data.reader_passages' must be >= 1, got 0"),
+        (["data.reader_max_words=many"], r"field 'data.reader_max_words' expects int, got 'many'"),
+        (["data.reader_unanswerable=2"], r"field 'data.reader_unanswerable' must be in \[0, 1\], got 2"),
+    ):
+        with pytest.raises(InputError, match=message):
+            load_config(config, overrides)
 
 
 def test_shipped_reader_configs_validate():
-    module = selfask_sft_module()
-    reader_only = load_config(REPO / "recipes/configs/smollm2/reader_lora.yaml")
-    module.check_data_keys(reader_only)
-    assert module.training_sources(reader_only) == ([], list(SOURCES))
-    openbook = load_config(REPO / "recipes/configs/smollm2/selfask_openbook_lora.yaml")
-    module.check_data_keys(openbook)
-    shipped = load_config(REPO / "recipes/configs/smollm2/selfask_lora.yaml")
-    assert module.training_sources(openbook) == (shipped.data["sources"], list(SOURCES))
-    assert module.reader_settings(openbook) == {"passages": 3, "max_words": 120, "unanswerable": 0.1}
+    reader_only = load_config(REPO / "recipes/configs/smollm2/reader_lora.yaml").data
+    assert (reader_only.sources, reader_only.reader_sources) == ([], list(SOURCES))
+    openbook = load_config(REPO / "recipes/configs/smollm2/selfask_openbook_lora.yaml").data
+    shipped = load_config(REPO / "recipes/configs/smollm2/selfask_lora.yaml").data
+    assert (openbook.sources, openbook.reader_sources) == (shipped.sources, list(SOURCES))
+    assert (openbook.reader_passages, openbook.reader_max_words, openbook.reader_unanswerable) == (3, 120, 0.1)
 
 
 def test_recipe_shuffles_reader_episodes_in_and_counts_those_too_long(tokenizer):
     module = selfask_sft_module()
     config = load_config(REPO / "recipes/configs/smollm2/selfask_openbook_lora.yaml",
-                         ["max_train_samples=12", "max_length=400"])
-    episodes = module.reader_training_episodes(["musique_context", "hotpotqa_distractor"], config, 3, 120)
+                         ["max_train_samples=12", "max_length=400", "data.reader_unanswerable=0",
+                          "data.reader_sources=[musique_context, hotpotqa_distractor]"])
+    episodes = module.reader_training_episodes(config)
     assert len(episodes) == 12 and {e.dataset for e in episodes} == {"musique_context", "hotpotqa_distractor"}
     trees = module.convert("probtree_2wiki")[:10]
     dropped = Counter()

@@ -32,6 +32,7 @@ from peftprompt.training import (
 from peftprompt.training import config as config_module
 from peftprompt.training import losses as training_losses
 from peftprompt.training import trainer as trainer_module
+from peftprompt.training.data_config import SelfAskData
 
 from conftest import (
     TINY_VOCAB,
@@ -65,12 +66,12 @@ def test_yaml_and_overrides_round_trip(tmp_path):
     )
     config = load_config(
         path,
-        ["method_args.r=16", "data.sources=[probtree_2wiki, probtree_hotpotqa]", "data.packing.enabled=true",
+        ["method_args.r=16", "data.sources=[probtree_2wiki, probtree_hotpotqa]", "data.packing=false",
          "learning_rate=5e-4", "resume_from=latest", "max_grad_norm="],
     )
     assert config.learning_rate == 5e-4 and isinstance(config.warmup_ratio, float)
     assert config.method_args == {"r": 16, "target_modules": ["q_proj", "v_proj"]}
-    assert config.data == {"sources": ["probtree_2wiki", "probtree_hotpotqa"], "packing": {"enabled": True}}
+    assert config.data == SelfAskData(sources=["probtree_2wiki", "probtree_hotpotqa"], packing=False)
     assert config.resume_from == "latest" and config.max_grad_norm is None and config.max_steps == 100
     assert load_config(path).learning_rate == 1e-4
     saved = config.save(tmp_path / "saved.yaml")
