@@ -271,12 +271,12 @@ def test_real_generate_stops_per_row_at_the_markers():
             self.rows = [target_ids[2 if "Next?" in text else "Capital?" in text] for text in texts]
             return super().generate(input_ids=input_ids, past_key_values=past_key_values, **kwargs)
 
-        def forward(self, input_ids=None, attention_mask=None, past_key_values=None, **kwargs):
-            past = 0 if past_key_values is None else past_key_values.get_seq_length()
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))  # named cache from transformers 5.24
+            past = 0 if cache is None else cache.get_seq_length()
             self.batch_sizes.append(input_ids.shape[0])
             step = past + input_ids.shape[1] - self.width
-            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                                  **kwargs)
+            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
             logits = torch.full_like(out.logits[:, -1:], -1e4)
             for row, ids in enumerate(self.rows):
                 logits[row, 0, ids[step] if step < len(ids) else tokenizer.eos_token_id] = 1e4
