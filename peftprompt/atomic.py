@@ -39,6 +39,26 @@ def write_file_atomically(target: Path, write: Callable[[TextIO], None]) -> Path
     return target
 
 
+def write_path_atomically(target: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` with a file path next to `target` (for writers that open the file themselves, such as
+    ``gguf.GGUFWriter``), then rename it to `target`: as `write_file_atomically`, the previous `target` survives any
+    error raised while writing."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, _permissions(0o666))
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
 def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_dir)`` on a fresh directory next to `target`, then rename it to `target`.
 

@@ -9,6 +9,7 @@
     peftprompt data show trees.jsonl --n 3               the collated training rows, trained tokens highlighted
     peftprompt ask "question" --kb facts.jsonl --show    recursive self-ask with a trace tree
     peftprompt export --adapter out/lora --out merged --merge   a plain transformers model with the adapter merged in
+    peftprompt export --adapter out/lora --gguf lora.gguf      the LoRA adapter as a GGUF file for llama.cpp
     peftprompt eval selfask --source compositional_celebrities --n 100 --out results.json
                                                          direct vs few-shot vs fine-tuned self-ask, side by side
     peftprompt eval selfask --source 2wikimultihopqa_context --split dev --index idx/ --adapter out/adapter
@@ -198,6 +199,19 @@ def _add_group(commands: argparse._SubParsersAction, name: str, help: str, subco
 def _export(args: argparse.Namespace) -> None:
     from .training.shipping import export_adapter, export_merged
 
+    if (args.out is None) == (args.gguf is None):
+        raise InputError("give --out (a directory) or --gguf (a GGUF LoRA file for llama.cpp), one of the two",
+                         field="--out")
+    if args.gguf is not None:
+        from .gguf_export import export_lora_gguf
+
+        if args.merge or args.task is not None or args.num_labels is not None:
+            raise InputError("--gguf writes the LoRA adapter itself: it takes no --merge, --task or --num-labels",
+                             field="--gguf")
+        out = export_lora_gguf(args.adapter, args.gguf, base_model=args.base_model, dtype=args.gguf_dtype)
+        print(f"wrote {out} ({out.stat().st_size:,} bytes): run it beside its base with "
+              f"`llama-cli -m BASE.gguf --lora {out}`")
+        return
     if not args.merge:
         for name in ("base_model", "task", "num_labels"):
             if getattr(args, name) is not None:
@@ -215,10 +229,15 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
         help="ship an adapter: a checked copy, or with --merge a plain transformers model with the adapter merged in",
     )
     export.add_argument("--adapter", required=True, help="a saved adapter directory")
-    export.add_argument("--out", required=True, help="output directory (written atomically)")
+    export.add_argument("--out", default=None, help="output directory (written atomically)")
+    export.add_argument("--gguf", default=None, metavar="FILE",
+                        help="instead of --out: write a LoRA adapter as a GGUF LoRA file that llama.cpp loads beside "
+                        "its base model's GGUF (Llama architecture; written atomically)")
+    export.add_argument("--gguf-dtype", default="f32", choices=("f32", "f16"), help="with --gguf: the tensor type")
     export.add_argument("--merge", action="store_true", help="merge the adapter into its base model (lora, ia3, "
                         "bitfit); without it, copy the adapter's config, weights, tokenizer and model card")
-    export.add_argument("--base-model", default=None, help="with --merge: the backbone (default: from the adapter)")
+    export.add_argument("--base-model", default=None,
+                        help="with --merge or --gguf: the backbone (default: from the adapter)")
     export.add_argument("--task", default=None, choices=TASK_NAMES,
                         help="with --merge: the task head (default: the adapter's task_type)")
     export.add_argument("--num-labels", type=int, default=None,
