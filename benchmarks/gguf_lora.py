@@ -81,9 +81,11 @@ def compare(ours: list[dict], theirs: list[dict]) -> dict:
     same = [a["greedy"] == b["greedy"] for a, b in zip(ours, theirs)]
     first = [next((i for i, (x, y) in enumerate(zip(a["greedy"], b["greedy"])) if x != y), None)
              for a, b in zip(ours, theirs)]
-    return {"n": len(ours), "identical_greedy": sum(same), "first_differing_token": [f for f in first if f is not None],
+    same_next = sum(int(a["logits"].argmax()) == int(b["logits"].argmax()) for a, b in zip(ours, theirs))
+    return {"n": len(ours), "identical_greedy": sum(same),
+            "first_differing_token": [f for f in first if f is not None],
             "max_abs_logit_diff": {"max": max(diffs), "median": float(np.median(diffs)), "per_prompt": diffs},
-            "same_next_token": sum(int(a["logits"].argmax()) == int(b["logits"].argmax()) for a, b in zip(ours, theirs))}
+            "same_next_token": same_next}
 
 
 def write_results(result: dict, out: Path) -> None:
