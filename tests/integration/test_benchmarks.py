@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -785,3 +786,16 @@ def test_forgetting_is_zero_for_an_unchanged_backbone_and_grows_with_a_change(ti
     prompted = attach(encoder, "prompt").eval()  # 20 virtual tokens: left out of the mean, but attended to
     moved = forgetting.sentence_embeddings(prompted, tokenizer, texts, max_length=32)
     assert moved.shape == (3, 64) and 0 < forgetting.embedding_drift(base, moved) <= 2
+
+
+def test_gguf_lora_comparison_counts_identical_continuations_and_logit_gaps(tmp_path):
+    """The comparison of `benchmarks/gguf_lora.py` (its llama.cpp half needs llama-cpp-python, an optional extra)."""
+    gguf_lora = benchmark_module("gguf_lora")
+    ours = [{"logits": np.array([0.0, 2.0, 1.0]), "greedy": [5, 6, 7]},
+            {"logits": np.array([3.0, 0.0, 1.0]), "greedy": [1, 2, 3]}]
+    theirs = [{"logits": np.array([0.5, 2.25, 1.0]), "greedy": [5, 6, 7]},
+              {"logits": np.array([1.0, 2.5, 1.0]), "greedy": [1, 9, 3]}]
+    result = gguf_lora.compare(ours, theirs)
+    assert (result["n"], result["identical_greedy"], result["same_next_token"]) == (2, 1, 1)
+    assert result["first_differing_token"] == [1]
+    assert result["max_abs_logit_diff"] == {"max": 2.5, "median": 1.5, "per_prompt": [0.5, 2.5]}
