@@ -23,20 +23,12 @@ def write_file_atomically(target: Path, write: Callable[[TextIO], None]) -> Path
     The previous `target` is replaced only after `write` has returned (and the data reached the disk), so it
     survives any error raised while writing; the temporary file is removed.
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+
+    def write_text(path: Path) -> None:
+        with open(path, "w", encoding="utf-8") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _permissions(0o666))
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+
+    return write_path_atomically(target, write_text)
 
 
 def write_path_atomically(target: Path, write: Callable[[Path], None]) -> Path:
