@@ -35,7 +35,6 @@ from .tasks import CLASSIFICATION_TASKS, TASK_NAMES
 EXIT_USAGE = 2
 
 
-
 def _write_results(results: dict, out: Path) -> None:
     """Write an evaluation's results as JSON (atomically) and say where."""
     from .atomic import write_file_atomically
