@@ -62,7 +62,7 @@ from _env import environment_record, provenance_line
 from _runs import QUICK_TRAINING, run_recipe
 from peftprompt import load_adapter, load_backbone
 from peftprompt.atomic import write_file_atomically
-from peftprompt.recursive import convert
+from peftprompt.recursive import training_trees
 from peftprompt.recursive.tree import question_key
 from peftprompt.retrieval.index import PassageIndex
 from peftprompt.retrieval.embed import native_bf16
@@ -125,8 +125,8 @@ def training_questions() -> set[str]:
     keys: set[str] = set()
     for config, overrides in TRAININGS.values():
         data = load_config(CONFIGS / config, overrides).data
-        for source in data.sources:
-            keys |= {question_key(node.question) for tree in convert(source) for _, node in tree.iter_nodes()}
+        keys |= {question_key(node.question) for tree in training_trees(data.sources, data.mirror_comparisons)
+                 for _, node in tree.iter_nodes()}
         for source in data.reader_sources:
             keys |= {question_key(q.question) for q in read_questions(source, "train")}
     return keys

@@ -50,7 +50,7 @@ from _env import environment_record, provenance_line
 from _runs import QUICK_TRAINING, finished_run, requested_config, run_recipe
 from peftprompt import load_adapter, load_backbone
 from peftprompt.atomic import write_file_atomically
-from peftprompt.recursive import Node, convert
+from peftprompt.recursive import Node, convert, training_trees
 from peftprompt.recursive.operator_steps import COMPARISON_WORDING
 from peftprompt.recursive.sources import DEEP_EVAL_SETS, deep_eval_trees
 from peftprompt.selfask import RetrieverAnswerer, SelfAskRunner, answerers_from_names
@@ -447,7 +447,7 @@ def main() -> None:
     shipped = args.shipped or config["data"].get("mode", "flat")
     shipped_depth = config["data"].get("eval_max_depth", 2)  # the depth the shipped runner self-asks to
     answerers = args.answerers or config["data"].get("eval_answerers", ["retriever"])
-    training = [tree for source in sources for tree in convert(source)]
+    training = training_trees(sources, mirror_comparisons=True)  # a superset of what any mode trains on
     deep, held_out = deep_eval_trees(training)
     deep = sample_trees(deep, args.n_deep, seed=SEED)
     cc = sample_trees(convert("compositional_celebrities"), args.n_cc, seed=SEED)

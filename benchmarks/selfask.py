@@ -35,7 +35,7 @@ from transformers.utils import logging as transformers_logging
 
 from _env import environment_record
 from peftprompt import load_adapter, load_backbone, merged_for_inference
-from peftprompt.recursive import convert
+from peftprompt.recursive import convert, training_trees
 from peftprompt.recursive.tree import question_key
 from peftprompt.selfask.evaluate import APPROACHES, compare_approaches, sample_trees
 
@@ -70,11 +70,11 @@ def training_record(adapter_dir: Path) -> dict:
 
 
 def asked_in_training(trees: list, sources: Optional[list[str]]) -> Optional[int]:
-    """How many of `trees`' questions a training tree of `sources` asks (any node, normalised text); `None` when the
-    adapter's training sources are unknown."""
+    """How many of `trees`' questions a training tree of `sources` asks (any node, normalised text, the mirrored
+    comparisons included); `None` when the adapter's training sources are unknown."""
     if not sources:
         return None
-    seen = {question_key(node.question) for source in sources for tree in convert(source)
+    seen = {question_key(node.question) for tree in training_trees(sources, mirror_comparisons=True)
             for _, node in tree.iter_nodes()}
     return sum(question_key(tree.question) in seen for tree in trees)
 

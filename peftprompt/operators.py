@@ -378,8 +378,8 @@ def apply(call: OperatorCall) -> OperatorResult:
 
 
 # --------------------------------------------------------------------------------------- the question's wording ---
-_EARLIER = re.compile(r"\b(?:first|earlier|earliest|older|oldest|before|sooner|predates?)\b", re.IGNORECASE)
-_LATER = re.compile(r"\b(?:later|latest|last|younger|youngest|more recent(?:ly)?|most recent(?:ly)?|after|newer)\b",
+EARLIER_WORDS = re.compile(r"\b(?:first|earlier|earliest|older|oldest|before|sooner|predates?)\b", re.IGNORECASE)
+LATER_WORDS = re.compile(r"\b(?:later|latest|last|younger|youngest|more recent(?:ly)?|most recent(?:ly)?|after|newer)\b",
                     re.IGNORECASE)
 _LARGER = re.compile(r"\b(?:more|most|larger|largest|bigger|biggest|greater|greatest|taller|tallest|higher|highest|"
                      r"longer|longest|heavier|older)\b", re.IGNORECASE)
@@ -394,7 +394,7 @@ def operator_for(question: str, kind: str) -> Optional[str]:
     ``"Are A and B from the same country?"`` with names -> ``same``; ``"Are A and B both singers?"`` with yes/no
     answers -> ``both``. `None` when the wording does not say (or says both ways)."""
     if kind == "date":
-        found = {op for op, pattern in (("earlier", _EARLIER), ("later", _LATER)) if pattern.search(question)}
+        found = {op for op, pattern in (("earlier", EARLIER_WORDS), ("later", LATER_WORDS)) if pattern.search(question)}
     elif kind == "quantity":
         found = {op for op, pattern in (("larger", _LARGER), ("smaller", _SMALLER)) if pattern.search(question)}
     elif kind == "name":

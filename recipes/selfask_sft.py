@@ -8,7 +8,9 @@ Training trees come from ``data.sources`` (default: MuSiQue's gold decomposition
 MuSiQue and the 2WikiMultiHopQA training questions; a name of `peftprompt.recursive.SOURCES` or a ``.jsonl`` file of
 trees); evaluation-only sets (Compositional Celebrities, Bamboogle) are refused.
 Comparison trees end with their operator step (`peftprompt.recursive.operator_steps`), whose answer is computed and
-masked; ``data.operator_steps=false`` takes those steps out, so the model learns to compare in words. The ProbTree
+masked; ``data.operator_steps=false`` takes those steps out, so the model learns to compare in words, and
+``data.mirror_comparisons=true`` adds every date comparison asked the other way round ("born first" -> "born later",
+the other answer), so ``earlier`` and ``later`` steps are as frequent (`training_trees`). The ProbTree
 2WikiMultiHopQA trees (``data.eval_sources``) are held out and scored by loss, and with ``data.generate_eval=N``
 also by generation: the first N held-out questions are answered by recursive self-ask and scored by exact match,
 token F1 and well-formed rate. Their follow-ups go to ``data.eval_answerers`` (one name per layer, the last
@@ -46,8 +48,8 @@ from peftprompt.recursive import (
     Unroller,
     check_trainable,
     convert,
-    load_trees,
     pack_rows,
+    training_trees,
 )
 from peftprompt.recursive.operator_steps import without_operator_steps
 from peftprompt.recursive.unroll import Episode
@@ -137,7 +139,7 @@ def main(argv=None) -> None:
                          "self-ask EM / F1 with data.generate_eval=N): remove it")
     packing = uses_packing(config)
     unroller = unroller_for(config)
-    train_trees = [tree for source in data.sources for tree in load_trees(source)]
+    train_trees = training_trees(data.sources, data.mirror_comparisons)
     if not data.operator_steps:
         train_trees = [without_operator_steps(tree) for tree in train_trees]
     check_trainable(train_trees, allow_evaluation_only=data.allow_evaluation_only)

@@ -1,7 +1,7 @@
 """Recursive (self-ask) prompting data: decomposition trees, converters, the unroller and the collator."""
 
 from .collator import EncodedEpisode, EpisodeEncoder, SelfAskCollator, pack_rows
-from .sources import SOURCES, convert, convert_report, load_trees
+from .sources import SOURCES, convert, convert_report, load_trees, training_trees
 from .tree import (
     ANSWER_SOURCES,
     DEFAULT_MAX_DEPTH,
@@ -46,6 +46,7 @@ __all__ = [
     "convert",
     "convert_report",
     "load_trees",
+    "training_trees",
     "read_trees",
     "read_trees_report",
     "resolve_templates",

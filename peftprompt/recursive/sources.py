@@ -28,10 +28,10 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from ..errors import InputError
-from .operator_steps import DATE_RELATIONS, add_operator_step, add_parallel_operator_step
+from .operator_steps import DATE_RELATIONS, add_operator_step, add_parallel_operator_step, mirrored_comparisons
 from .tree import Node, SkipReport, TreeError, entity_key, question_key, read_trees, resolve_templates, validate
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -634,6 +634,14 @@ def load_trees(source: str) -> list[Node]:
     if source.endswith(".jsonl"):
         return read_trees(source)
     return convert(source)
+
+
+def training_trees(sources: Sequence[str], mirror_comparisons: bool = False) -> list[Node]:
+    """The trees of every source in `sources` (`load_trees`), with `mirror_comparisons` followed by the date
+    comparisons asked the other way round (`operator_steps.mirrored_comparison`): what ``recipes/selfask_sft.py``
+    trains on, and what the benchmarks keep out of their evaluation questions."""
+    trees = [tree for source in sources for tree in load_trees(source)]
+    return trees + mirrored_comparisons(trees) if mirror_comparisons else trees
 
 
 def drop_overlap(trees: Iterable[Node], others: Iterable[Node]) -> tuple[list[Node], list[Node]]:

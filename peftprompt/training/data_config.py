@@ -79,6 +79,9 @@ class SelfAskData(DataSection):
         mode: How trees unroll into episodes (`peftprompt.recursive.unroll.MODES`).
         leaf_episodes: ``recursive`` / ``mix``: also a ``No.`` episode per leaf.
         operator_steps: Keep comparison trees' operator steps (computed, masked); false trains comparing in words.
+        mirror_comparisons: Also train on every date comparison asked the other way round ("born first" ->
+            "born later", the other answer; `peftprompt.recursive.operator_steps.mirrored_comparison`), so
+            ``earlier`` and ``later`` are asked equally often.
         allow_evaluation_only: Let evaluation-only sets (Compositional Celebrities, Bamboogle) be trained on.
         packing: Pack episodes into rows; ``auto``: packed unless the method is prompt learning.
         generate_eval: Held-out questions answered by self-ask at each evaluation (0: none).
@@ -98,6 +101,7 @@ class SelfAskData(DataSection):
     mode: UnrollMode = "recursive"
     leaf_episodes: Bool = True
     operator_steps: Bool = True
+    mirror_comparisons: Bool = False
     allow_evaluation_only: Bool = False
     packing: Packing = "auto"
     generate_eval: Int = Field(0, ge=0)

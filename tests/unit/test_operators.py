@@ -9,10 +9,13 @@ import pytest
 
 from peftprompt import operators
 from peftprompt.operators import OperatorError, apply, format_follow_up, parse_date, parse_follow_up, parse_quantity
-from peftprompt.recursive import Node, Unroller, convert, validate
+from peftprompt.recursive import Node, Unroller, convert, training_trees, validate
+from peftprompt.recursive.tree import question_key
 from peftprompt.recursive.operator_steps import (
     add_parallel_operator_step,
     compared_names,
+    mirrored_comparison,
+    mirrored_comparisons,
     operator_step,
     operator_step_stats,
     without_operator_steps,
@@ -173,6 +176,59 @@ def test_probtree_parallel_comparison_gets_a_step_from_its_two_follow_ups():
     # an operator that disagrees with the gold answer adds nothing and says why
     node, reason = operator_step("Who was born first, A or B?", [("A", "1990"), ("B", "1980")], "date", ["A"])
     assert node is None and reason == "operator earlier answers 'B', gold 'A'"
+
+
+def test_a_date_comparison_mirrored_asks_the_other_way_and_the_operator_answers_again():
+    root = Node(question="Who was born first, Kwok Kin Pong or Edison Chen?", answer="Edison Chen", aliases=["Chen"],
+                id="q7", children=[Node(question="When was Kwok Kin Pong born?", answer="30 March 1987", id="1"),
+                                   Node(question="When was Edison Chen born?", answer="7 October 1980", id="2")])
+    add_parallel_operator_step(root)
+    mirrored = mirrored_comparison(root)
+    validate(mirrored)
+    assert (mirrored.question, mirrored.answer, mirrored.aliases, mirrored.id) == (
+        "Who was born later, Kwok Kin Pong or Edison Chen?", "Kwok Kin Pong", [], "q7-mirrored")
+    step = mirrored.children[-1]
+    assert (step.id, step.question, step.answer, step.answer_source, step.meta["operator_answer"]) == (
+        "3", "Which is later: Kwok Kin Pong (30 March 1987) or Edison Chen (7 October 1980)?", "Kwok Kin Pong",
+        "tool", "Kwok Kin Pong")
+    assert mirrored.children[:2] == root.children[:2]  # the facts are the same
+    assert mirrored.meta["operator"] == "later" and mirrored.meta["mirrored_from"] == root.question
+    assert root.question.endswith("first, Kwok Kin Pong or Edison Chen?") and root.meta["operator"] == "earlier"
+    assert mirrored_comparison(mirrored).question == "Who was born earlier, Kwok Kin Pong or Edison Chen?"
+
+
+@pytest.mark.parametrize("question", [
+    "Who was born first, The Last Emperor or Lucy Last?",  # "Last" is a name: one direction word, mirrored
+    "Who was born first and died later, A or B?",  # two direction words
+    "Which came out before the other, A or B?",  # a word with no mirror
+])
+def test_only_one_unambiguous_direction_word_outside_the_names_is_mirrored(question):
+    names = re.search(r", (.+) or (.+)\?$", question).groups()
+    root = Node(question=question, answer=names[0], children=[
+        Node(question=f"When was {names[0]} born?", answer="1901", id="1"),
+        Node(question=f"When was {names[1]} born?", answer="1950", id="2")])
+    result = apply(operators.OperatorCall("earlier", names, ("1901", "1950")))  # the step, whatever the wording
+    root.children.append(Node(question=result.call.question, answer=result.answer, answer_source="tool", id="3",
+                              meta={"operator_step": "earlier", **result.to_meta()}))
+    mirrored = mirrored_comparison(root)
+    if "Last" in question:
+        assert mirrored.question == "Who was born later, The Last Emperor or Lucy Last?"
+        assert mirrored.answer == "Lucy Last"
+    else:
+        assert mirrored is None
+
+
+def test_mirrored_training_comparisons_balance_earlier_and_later_and_ask_no_held_out_question():
+    trees = convert("2wikimultihopqa")
+    mirrored = mirrored_comparisons(trees)
+    before = operator_step_stats(trees)["added"]
+    after = operator_step_stats(trees + mirrored)["added"]
+    assert (before["earlier"], before["later"]) == (70, 17)
+    assert after["earlier"] == after["later"] == 87 and len(mirrored) == 87
+    assert all(m.answer != m.meta["mirrored_from"] and m.children[-1].answer == m.answer for m in mirrored)
+    assert len(training_trees(["2wikimultihopqa"], mirror_comparisons=True)) == len(trees) + len(mirrored)
+    held_out = {question_key(t.question) for t in convert("2wikimultihopqa", split="dev")}
+    assert not held_out & {question_key(m.question) for m in mirrored}
 
 
 def test_operator_steps_are_never_facts_and_can_be_taken_out():
