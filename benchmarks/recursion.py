@@ -22,7 +22,10 @@ are retrieved. Per cell the report adds EM by question type, faithfulness (the s
 supports, `evaluate.supported_by_trace`) and operator coverage (operator follow-ups computed, and every one that
 was not, with why). The results measured before operators existed (adapters trained without operator steps,
 follow-ups to the retriever alone) are kept in ``recursion_no_operators.json`` and shown beside these
-(``--baseline``).
+(``--baseline``); ``--compare CHANGE WITHOUT WITH`` labels that side-by-side table when the baseline lacks something
+else, e.g. the mirrored comparisons (``--train-args data.mirror_comparisons=true --baseline results/recursion.json
+--compare "mirrored comparisons" "..." "..."``). The held-out questions never include one a training tree asks,
+mirrored comparisons included, so runs with and without them are scored on the same questions.
 
 Runs are reused: a mode trained before with the same config (its ``results.json`` and ``train_config.yaml`` under
 ``--runs``, `_runs.run_recipe`) is not trained again, an interrupted one continues from its newest checkpoint, and
@@ -55,6 +58,7 @@ from peftprompt.recursive.operator_steps import COMPARISON_WORDING
 from peftprompt.recursive.sources import DEEP_EVAL_SETS, deep_eval_trees
 from peftprompt.selfask import RetrieverAnswerer, SelfAskRunner, answerers_from_names
 from peftprompt.selfask.evaluate import evaluate_selfask, knowledge_base, sample_trees
+from peftprompt.training import load_config
 
 NAME = "recursion"
 SEED = 0
@@ -167,9 +171,17 @@ def paired_bootstrap(a: list[bool], b: list[bool], samples: int = 2000) -> dict:
     return {"difference": (sum(b) - sum(a)) / n, "ci95": [diffs[int(0.025 * samples)], diffs[int(0.975 * samples)]]}
 
 
-def baseline_cells(path: Path, sets: dict[str, list[Node]]) -> Optional[dict]:
-    """The cells of `path` (results measured without operators) on the same questions, each with its EM by
-    `question_type` computed from its per-question ``correct``; `None` without the file."""
+BASELINE_CHANGE = ("operators", "the adapters trained before operator steps existed, follow-ups to the retriever "
+                   "alone", "this run's adapters, trained on the same trees plus their operator steps for the same "
+                   "steps")
+"""The default ``--compare``: what this run adds, what the baseline is, and what this run is."""
+
+
+def baseline_cells(path: Path, sets: dict[str, list[Node]], compare: tuple[str, str, str] = BASELINE_CHANGE
+                   ) -> Optional[dict]:
+    """The cells of `path` (results measured without `compare`'s change, by default without operators) on the same
+    questions, each with its EM by `question_type` computed from its per-question ``correct``; `None` without the
+    file."""
     if not path.is_file():
         return None
     old = json.loads(path.read_text())
@@ -179,8 +191,10 @@ def baseline_cells(path: Path, sets: dict[str, list[Node]]) -> Optional[dict]:
         if cell["n"] == len(sets[key]):
             cells[name] = {k: cell[k] for k in ("em", "f1", "well_formed", "mean_follow_ups", "correct") if k in cell}
             cells[name]["per_type"] = per_type(cell["correct"], sets[key])
+    change, without, with_ = compare
     return {"file": path.name, "commit": old["environment"].get("git_commit"),
-            "machine": old["environment"].get("machine"), "cells": cells}
+            "machine": old["environment"].get("machine"), "cells": cells, "change": change, "without": without,
+            "with": with_}
 
 
 def _slim(cell: dict) -> dict:
@@ -211,11 +225,10 @@ def _side_by_side(result: dict) -> list[str]:
     if not pairs:
         return []
     base = result["baseline"]
-    lines = ["## With and without operators", "",
-             f"Without: the adapters trained before operator steps existed, follow-ups to the retriever alone "
-             f"(`{base['file']}`, commit {base['commit']}, {base['machine'].get('cpu_model')}). With: this run's "
-             f"adapters, trained on the same trees plus their operator steps for the same steps, follow-ups to "
-             f"`{' / '.join(result['answerers'])}`. Same questions, same knowledge.", "",
+    change, without, with_ = (base.get(k, v) for k, v in zip(("change", "without", "with"), BASELINE_CHANGE))
+    lines = [f"## With and without {change}", "",
+             f"Without: {without} (`{base['file']}`, commit {base['commit']}, {base['machine'].get('cpu_model')}). "
+             f"With: {with_}, follow-ups to `{' / '.join(result['answerers'])}`. Same questions, same knowledge.", "",
              "| mode | max_depth | deep EM without → with | comparisons EM without → with | Compositional Celebrities "
              "EM without → with | faithfulness with |", "|---|---:|---|---|---|---:|"]
     for mode, depth in pairs:
@@ -260,10 +273,12 @@ def write_results(result: dict, out: Path) -> None:
     text = json.dumps(result, indent=2, ensure_ascii=False) + "\n"
     write_file_atomically(out / f"{NAME}.json", lambda f: f.write(text))
     cells, depths, modes = result["cells"], result["depths"], result["modes"]
-    lines = [f"# Recursion depth on SmolLM2-135M-Instruct + LoRA, with operators: exact match against max_depth, "
+    lines = ["# Recursion depth on SmolLM2-135M-Instruct + LoRA, with operators: exact match against max_depth, "
              "per training mode", "",
              f"Each mode trained on the same {result['training_trees']} trees ({', '.join(result['sources'])}), "
-             "comparison trees ending with their operator step, "
+             "comparison trees ending with their operator step"
+             + (f" ({result['mirrored']} of them date comparisons asked the other way round, "
+                "`data.mirror_comparisons`)" if result.get("mirrored") else "") + ", "
              f"for the same {result['training_steps']} steps of packed 512-token rows; greedy decoding. max_depth 0 "
              "answers the question directly; at max_depth d a follow-up the answerers cannot answer is self-asked "
              f"by the model one layer deeper, directly at layer d. Answerers of every layer: "
@@ -311,12 +326,13 @@ def write_results(result: dict, out: Path) -> None:
     figure = Figure(figsize=(14, 4.5), layout="constrained")
     FigureCanvasAgg(figure)
     old = (result.get("baseline") or {}).get("cells", {})
+    change = (result.get("baseline") or {}).get("change", BASELINE_CHANGE[0])
     shipped = result["summary"].get("shipped")
     if shipped:  # EM by question type, with and without operators, in the shipped configuration
         ax = figure.add_subplot(1, 3, 3)
         name = f"{shipped['mode']}/deep/{shipped['max_depth']}"
         kinds = list(cells[name]["per_type"])
-        for j, (label, cell) in enumerate((("no operators", old.get(name)), ("operators", cells[name]))):
+        for j, (label, cell) in enumerate(((f"without {change}", old.get(name)), (change, cells[name]))):
             if cell is not None:
                 ax.barh([k + j * 0.4 for k in range(len(kinds))], [cell["per_type"][k]["em"] for k in kinds],
                         height=0.4, label=label, color="C7" if j == 0 else "C0")
@@ -333,11 +349,11 @@ def write_results(result: dict, out: Path) -> None:
             colour = f"C{j}"
             points = [(d, cells[f"{mode}/{key}/{d}"]["em"]) for d in depths if f"{mode}/{key}/{d}" in cells]
             if points:
-                ax.plot(*zip(*points), marker="o", color=colour, label=f"{mode}, operators")
+                ax.plot(*zip(*points), marker="o", color=colour, label=f"{mode}, {change}")
             before = [(d, old[f"{mode}/{key}/{d}"]["em"]) for d in depths if f"{mode}/{key}/{d}" in old]
             if before:
                 ax.plot(*zip(*before), marker="x", linestyle="--", color=colour, alpha=0.6,
-                        label=f"{mode}, no operators")
+                        label=f"{mode}, without {change}")
         ax.set_xticks(depths)
         ax.set_xlabel("max_depth (0 = direct answer)")
         ax.set_ylabel("exact match")
@@ -345,7 +361,7 @@ def write_results(result: dict, out: Path) -> None:
         ax.set_title(f"{title} (n={result['n'][key]})", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    figure.suptitle("SmolLM2-135M self-ask LoRA: exact match against recursion depth, with and without operators",
+    figure.suptitle(f"SmolLM2-135M self-ask LoRA: exact match against recursion depth, with and without {change}",
                     fontsize=11)
     figure.savefig(out / f"{NAME}.png", dpi=120)
 
@@ -424,6 +440,9 @@ def main() -> None:
                              "off); its cells are kept apart and reported beside the shipped runner's")
     parser.add_argument("--baseline", type=Path, default=BASELINE,
                         help="results measured without operators, shown beside these (default %(default)s)")
+    parser.add_argument("--compare", nargs=3, default=list(BASELINE_CHANGE), metavar=("CHANGE", "WITHOUT", "WITH"),
+                        help="what the baseline lacks and this run adds (a few words), what the baseline is and what "
+                             "this run is (a phrase each; default: operators)")
     parser.add_argument("--shipped", default=None, choices=MODES,
                         help="the mode the shipped config trains (default: its data.mode)")
     parser.add_argument("--fresh", action="store_true", help="recompute the evaluated cells")
@@ -447,8 +466,9 @@ def main() -> None:
     shipped = args.shipped or config["data"].get("mode", "flat")
     shipped_depth = config["data"].get("eval_max_depth", 2)  # the depth the shipped runner self-asks to
     answerers = args.answerers or config["data"].get("eval_answerers", ["retriever"])
-    training = training_trees(sources, mirror_comparisons=True)  # a superset of what any mode trains on
-    deep, held_out = deep_eval_trees(training)
+    trained = training_trees(sources, load_config(CONFIG, overrides).data.mirror_comparisons)
+    # held out: no question of the trees, nor of their mirrored comparisons, whether or not this run trains on them
+    deep, held_out = deep_eval_trees(training_trees(sources, mirror_comparisons=True))
     deep = sample_trees(deep, args.n_deep, seed=SEED)
     cc = sample_trees(convert("compositional_celebrities"), args.n_cc, seed=SEED)
     print(f"held-out deep questions: {len(deep)} {held_out}; Compositional Celebrities: {len(cc)}")
@@ -492,13 +512,14 @@ def main() -> None:
 
     result = {
         "benchmark": NAME, "model": args.model, "threshold": args.threshold, "seed": SEED, "modes": args.modes,
-        "depths": args.depths, "sources": sources, "training_trees": len(training),
+        "depths": args.depths, "sources": sources, "training_trees": len(trained),
+        "mirrored": sum("mirrored_from" in tree.meta for tree in trained),
         "training_steps": training_record(args.runs / args.modes[0]).get("global_step"),
         "training": {mode: training_record(args.runs / mode) for mode in args.modes
                      if (args.runs / mode / "results.json").is_file()},
         "n": {key: len(trees) for key, trees in sets.items()}, "held_out": held_out,
         "knowledge": KNOWLEDGE, "answerers": answerers, "targets": TARGETS, "cells": cells,
-        "baseline": baseline_cells(args.baseline, sets),
+        "baseline": baseline_cells(args.baseline, sets, tuple(args.compare)),
         "operator_ends": not args.model_final_answer,
         "model_final_answer": {key: _slim(json.loads(p.read_text())) for key in sets
                                if (p := cell_dir / f"{shipped}_{key}_{shipped_depth}{MODEL_FINAL}.json").is_file()},

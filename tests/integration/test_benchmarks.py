@@ -159,10 +159,12 @@ def test_recursion_benchmark_dry_run_reuses_runs_and_cells(tiny_smollm, tmp_path
     # results measured before (here: these) are shown beside the new ones, by question type
     baseline = tmp_path / "baseline.json"
     baseline.write_text(json.dumps(result))
-    run("recursion.py", *args, "--baseline", str(baseline))  # everything reused: no cell is evaluated again
+    run("recursion.py", *args, "--baseline", str(baseline), "--compare", "mirrored comparisons",
+        "the first run's adapters", "the same adapters")  # everything reused: no cell is evaluated again
     assert [c.stat().st_mtime_ns for c in sorted((runs / "cells").iterdir())] == stamps
     md = (tmp_path / "results" / "recursion.md").read_text()
-    assert "## With and without operators" in md and "EM by question type" in md
+    assert "## With and without mirrored comparisons" in md and "EM by question type" in md
+    assert "Without: the first run's adapters (`baseline.json`" in md and "With: the same adapters, follow-ups" in md
 
 
 def test_selfask_benchmark_without_an_adapter_says_how_to_train_one(tmp_path):
