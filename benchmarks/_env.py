@@ -7,6 +7,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Optional
@@ -91,6 +92,23 @@ def environment_record() -> dict:
         "git_commit": git_commit(),
         "command": shlex.join(sys.orig_argv),
     }
+
+
+def matmul_gflops(seconds: float = 3.0, size: int = 1024) -> float:
+    """The host's speed as one core sees it now: GFLOP/s of float32 ``size`` x ``size`` matmuls on one thread for
+    about `seconds`. The same CPU model can run a third slower on a busy host, so a timing records this beside it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        torch.mm(a, b)  # warm-up
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            torch.mm(a, b)
+            done += 1
+        return 2 * size**3 * done / (time.perf_counter() - started) / 1e9
+    finally:
+        torch.set_num_threads(threads)
 
 
 def provenance_line(env: dict) -> str:

@@ -18,7 +18,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from _env import environment_record, provenance_line
+from _env import environment_record, matmul_gflops, provenance_line
 from _runs import QUICK_TRAINING
 
 NAME = "demo_time"
@@ -36,14 +36,16 @@ def main() -> None:
                         help="the demo's run directory, kept (default: a temporary one); must not exist yet")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides for the demo")
     args = parser.parse_args()
-    started = time.perf_counter()
     if args.output_dir is not None and args.output_dir.exists():
         parser.error(f"--output_dir {args.output_dir} exists: the demo would resume there instead of training")
+    speed_before, started = matmul_gflops(), time.perf_counter()
     with tempfile.TemporaryDirectory() if args.output_dir is None else nullcontext(str(args.output_dir)) as run_dir:
         subprocess.run([sys.executable, str(REPO / "recipes/demo_selfask.py"), "--output_dir", run_dir,
                         *(QUICK if args.quick else []), *args.overrides], cwd=REPO, check=True)
         summary = json.loads((Path(run_dir) / "demo_summary.json").read_text())
-    result = {"benchmark": NAME, **summary, "wall_seconds": time.perf_counter() - started,
+    wall_seconds = time.perf_counter() - started
+    result = {"benchmark": NAME, **summary, "wall_seconds": wall_seconds,
+              "host_fp32_matmul_gflops_one_thread": {"before": speed_before, "after": matmul_gflops()},
               "goal": {"minutes": GOAL_MINUTES, "em": GOAL_EM,
                        "met": summary["total_minutes"] <= GOAL_MINUTES and summary["after_em"] >= GOAL_EM},
               "environment": environment_record()}
@@ -60,6 +62,9 @@ def main() -> None:
         f"{'correct' if summary['deep_question_correct'] else 'wrong'}"
         f"{' (operator step: ' + summary['deep_question_operator'] + ')' if summary.get('deep_question_operator') else ''}. Goal: <= {GOAL_MINUTES} minutes and EM >= "
         f"{GOAL_EM}: {'met' if result['goal']['met'] else 'missed'} on this machine.\n\n"
+        "Host speed, float32 1024 x 1024 matmuls on one thread, before and after the job: "
+        + " / ".join(f"{v:.1f}" for v in result["host_fp32_matmul_gflops_one_thread"].values())
+        + " GFLOP/s (the same CPU model runs slower on a busy host; compare timings at the same speed).\n\n"
         f"{provenance_line(result['environment'])}\n")
     print((args.out / f"{NAME}.md").read_text())
 
