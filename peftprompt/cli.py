@@ -10,6 +10,8 @@
     peftprompt ask "question" --kb facts.jsonl --show    recursive self-ask with a trace tree
     peftprompt export --adapter out/lora --out merged --merge   a plain transformers model with the adapter merged in
     peftprompt export --adapter out/lora --gguf lora.gguf      the LoRA adapter as a GGUF file for llama.cpp
+    peftprompt export --adapter out/lora --merge --gguf m.gguf  the merged model as a GGUF model for llama.cpp
+    peftprompt export --base-model smollm2-135m --gguf b.gguf  a base model alone as a GGUF model
     peftprompt eval selfask --source compositional_celebrities --n 100 --out results.json
                                                          direct vs few-shot vs fine-tuned self-ask, side by side
     peftprompt eval selfask --source 2wikimultihopqa_context --split dev --index idx/ --adapter out/adapter
@@ -199,18 +201,16 @@ def _export(args: argparse.Namespace) -> None:
     from .training.shipping import export_adapter, export_merged
 
     if (args.out is None) == (args.gguf is None):
-        raise InputError("give --out (a directory) or --gguf (a GGUF LoRA file for llama.cpp), one of the two",
+        raise InputError("give --out (a directory) or --gguf (a GGUF file for llama.cpp), one of the two",
                          field="--out")
     if args.gguf is not None:
-        from .gguf_export import export_lora_gguf
-
-        if args.merge or args.task is not None or args.num_labels is not None:
-            raise InputError("--gguf writes the LoRA adapter itself: it takes no --merge, --task or --num-labels",
-                             field="--gguf")
-        out = export_lora_gguf(args.adapter, args.gguf, base_model=args.base_model, dtype=args.gguf_dtype)
-        print(f"wrote {out} ({out.stat().st_size:,} bytes): run it beside its base with "
-              f"`llama-cli -m BASE.gguf --lora {out}`")
+        _export_gguf(args)
         return
+    for name in ("gguf_dtype", "tokenizer_gguf"):
+        if getattr(args, name) is not None:
+            raise InputError(f"--{name.replace('_', '-')} only applies with --gguf", field="--gguf")
+    if args.adapter is None:
+        raise InputError("--out writes an adapter or a merged model: give --adapter", field="--adapter")
     if not args.merge:
         for name in ("base_model", "task", "num_labels"):
             if getattr(args, name) is not None:
@@ -222,17 +222,57 @@ def _export(args: argparse.Namespace) -> None:
     print(f"merged adapter {args.adapter} into its base model: {out} (a plain transformers checkpoint)")
 
 
+def _export_gguf(args: argparse.Namespace) -> None:
+    """``export --gguf``: a LoRA adapter as a GGUF LoRA file, or with --merge the merged model as a GGUF model, or
+    without --adapter the base model (--base-model) alone as a GGUF model."""
+    from .gguf_export import export_lora_gguf, export_model_gguf
+
+    if args.adapter is None or args.merge:
+        if args.adapter is None:
+            if args.base_model is None:
+                raise InputError("--gguf exports an adapter (--adapter) or a base model alone (--base-model): give "
+                                 "one", field="--adapter")
+            if args.merge or args.task is not None or args.num_labels is not None:
+                raise InputError("--gguf of a base model alone takes no --merge, --task or --num-labels",
+                                 field="--merge")
+            model, tokenizer, what = args.base_model, None, f"base model {args.base_model}"
+        else:
+            from .training.shipping import merge_saved_adapter
+
+            merged = merge_saved_adapter(args.adapter, base_model=args.base_model, task=args.task,
+                                         num_labels=args.num_labels)
+            model, tokenizer, what = merged.model, merged.tokenizer, f"adapter {args.adapter} merged into its base"
+        out = export_model_gguf(model, args.gguf, dtype=args.gguf_dtype or "f16", tokenizer_gguf=args.tokenizer_gguf,
+                                tokenizer=tokenizer)
+        print(f"wrote {what} as a GGUF model: {out} ({out.stat().st_size:,} bytes): run it with "
+              f"`llama-cli -m {out}`")
+        return
+    if args.task is not None or args.num_labels is not None or args.tokenizer_gguf is not None:
+        raise InputError("--gguf without --merge writes the LoRA adapter itself: it takes no --task, --num-labels or "
+                         "--tokenizer-gguf", field="--gguf")
+    out = export_lora_gguf(args.adapter, args.gguf, base_model=args.base_model, dtype=args.gguf_dtype or "f32")
+    print(f"wrote {out} ({out.stat().st_size:,} bytes): run it beside its base with "
+          f"`llama-cli -m BASE.gguf --lora {out}`")
+
+
 def _add_export(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser(
         "export",
-        help="ship an adapter: a checked copy, or with --merge a plain transformers model with the adapter merged in",
+        help="ship an adapter: a checked copy, with --merge a plain model with the adapter merged in, with --gguf "
+        "files for llama.cpp",
     )
-    export.add_argument("--adapter", required=True, help="a saved adapter directory")
+    export.add_argument("--adapter", default=None, help="a saved adapter directory")
     export.add_argument("--out", default=None, help="output directory (written atomically)")
     export.add_argument("--gguf", default=None, metavar="FILE",
-                        help="instead of --out: write a LoRA adapter as a GGUF LoRA file that llama.cpp loads beside "
-                        "its base model's GGUF (Llama architecture; written atomically)")
-    export.add_argument("--gguf-dtype", default="f32", choices=("f32", "f16"), help="with --gguf: the tensor type")
+                        help="instead of --out, a GGUF file for llama.cpp (Llama architecture; written atomically): "
+                        "a LoRA adapter as a GGUF LoRA file to run beside its base model's GGUF; with --merge the "
+                        "merged model as a GGUF model; without --adapter the --base-model alone")
+    export.add_argument("--gguf-dtype", default=None, choices=("f32", "f16", "q8_0"),
+                        help="with --gguf: the tensor type (a LoRA file: f32, the default, or f16; a model: f16, the "
+                        "default, f32 or q8_0)")
+    export.add_argument("--tokenizer-gguf", default=None, metavar="FILE",
+                        help="with --gguf of a model: a GGUF with the model's tokenizer, whose tokenizer metadata is "
+                        "copied (default: SmolLM2's, for models with its vocabulary)")
     export.add_argument("--merge", action="store_true", help="merge the adapter into its base model (lora, ia3, "
                         "bitfit); without it, copy the adapter's config, weights, tokenizer and model card")
     export.add_argument("--base-model", default=None,

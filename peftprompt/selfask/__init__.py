@@ -13,6 +13,7 @@ from .answerers import (
     as_answerer,
 )
 from .backend import CallableBackend, Continuation, GenerationBackend, GenerationRequest
+from .llama_cpp_backend import LlamaCppBackend  # imports llama_cpp only when a model is loaded
 from .runner import (
     FEW_SHOT_DIRECT,
     FEW_SHOT_SELF_ASK,
@@ -36,6 +37,7 @@ __all__ = [
     "Continuation",
     "GenerationBackend",
     "GenerationRequest",
+    "LlamaCppBackend",
     "ModelAnswerer",
     "OperatorAnswerer",
     "RetrieverAnswerer",

@@ -5,40 +5,19 @@
 `Continuation` each. The backend knows nothing of self-ask: it continues text, stops where each request's
 `StopRule` says (`peftprompt.selfask.stopping`), at EOS or after ``max_new_tokens`` tokens, and may keep state
 between a prompt's steps (a KV cache) in `Continuation.cache`, which the runner hands back with that prompt's next
-request. Two backends come with the package:
+request. Three backends come with the package:
 
 - `peftprompt.selfask.transformers_backend.TransformersBackend`: `model.generate` of a transformers causal LM, with
   KV caches kept across steps, a few-shot prefix's cache shared by a batch, and finished rows leaving the batch
   (what ``SelfAskRunner(model, tokenizer)`` builds);
+- `peftprompt.selfask.llama_cpp_backend.LlamaCppBackend`: llama.cpp on a GGUF model, with a GGUF LoRA adapter beside
+  it or merged in (``SelfAskRunner(backend=LlamaCppBackend.from_files("base.gguf", lora="adapter.gguf"))``; the
+  optional extra ``llama``);
 - `CallableBackend`: a plain function ``(prompts, max_new_tokens[, banned_first_words]) -> continuations`` (what
   ``SelfAskRunner(generate_fn=...)`` builds; the tests' scripted models).
 
-Another backend plugs in by subclassing `GenerationBackend`, without touching the protocol. A sketch of one on
-llama.cpp (``llama-cpp-python``'s `Llama`; `StopWatch` checks the rule as the text streams in):
-
-```py
-class LlamaCppBackend(GenerationBackend):
-    def __init__(self, llm):  # llama_cpp.Llama("SmolLM2-135M-Instruct.Q4_1.gguf")
-        self.llm = llm
-
-    def generate(self, requests):
-        continuations = []
-        for request in requests:
-            text, tokens, eos, watch = "", 0, False, request.stop.watch()
-            for chunk in self.llm(request.prompt, max_tokens=request.max_new_tokens, temperature=0.0, stream=True):
-                choice = chunk["choices"][0]
-                text, tokens, eos = text + choice["text"], tokens + 1, choice["finish_reason"] == "stop"
-                if watch.feed(choice["text"]):
-                    break
-            end = request.stop.index(text)
-            continuations.append(Continuation(text if end is None else text[:end], tokens, eos))
-        return continuations
-
-runner = SelfAskRunner(backend=LlamaCppBackend(llm), answerer=RetrieverAnswerer(facts))
-```
-
-(It ignores `GenerationRequest.banned_first_word`: a follow-up that repeats the question is then asked again
-without the ban, and may repeat again; ``logit_bias`` would honour it.)
+Another backend plugs in by subclassing `GenerationBackend` (its `generate`), without touching the protocol; it
+checks each request's `StopRule` as its text streams in with `StopRule.watch`.
 """
 
 from __future__ import annotations

@@ -224,7 +224,7 @@ class SelfAskRunner:
             whitespace words as tokens (its tokenizer's tokens with a tokenizer), and is cut at its stop. When a
             retried follow-up bans a first word, it is called with a third argument: per prompt, that word or `None`.
         backend (`GenerationBackend`, *optional*): What generates, instead of a model or `generate_fn` (e.g. a
-            llama.cpp backend: see `peftprompt.selfask.backend`).
+            `peftprompt.selfask.llama_cpp_backend.LlamaCppBackend`: llama.cpp on a GGUF model).
         retry_repeats (`bool`, defaults to `True`): Ask once more for a follow-up that repeats the question (see
             the module docstring).
         operator_ends (`bool`, defaults to `True`): A follow-up an operator computed (`OperatorAnswerer`: the

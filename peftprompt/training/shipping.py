@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -35,6 +36,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 from peft import PeftConfig, PeftModel
 from safetensors import safe_open
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_dir, load_adapter, merge_adapter
 from ..atomic import write_dir_atomically, write_file_atomically
@@ -515,19 +517,30 @@ def _make_plain(merged) -> None:
         )
 
 
-def export_merged(
+@dataclass
+class MergedAdapter:
+    """A saved adapter merged into its base model (`merge_saved_adapter`): the plain `model`, its `tokenizer` (the
+    adapter's, else the base model's), and the `base_model`, `method` and `task` it was merged for."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    base_model: str
+    method: str
+    task: str
+
+
+def merge_saved_adapter(
     adapter_dir: Union[str, Path],
-    output_dir: Union[str, Path],
     base_model: Optional[str] = None,
     task: Optional[str] = None,
     num_labels: Optional[int] = None,
-) -> Path:
+) -> MergedAdapter:
     """Merge a saved adapter of a method that merges (`peftprompt.methods.MERGEABLE_METHODS`: LoRA, IA3, BitFit...)
-    into its base model and save a plain transformers checkpoint.
+    into its base model, in memory: a plain transformers model (`export_merged` saves it; `peftprompt export --merge
+    --gguf` writes it as a GGUF model with `peftprompt.gguf_export.export_model_gguf`).
 
     Args:
         adapter_dir: A directory written by `peftprompt.save_adapter` / `save_trained_adapter`.
-        output_dir: Where the merged model and tokenizer go (written atomically).
         base_model (`str`, *optional*): The backbone; by default the adapter config's ``base_model_name_or_path``
             (the local path of an embedded backbone is mapped back to its name, so adapters move between machines).
         task (`str`, *optional*): A task of `peftprompt.tasks.TASKS`; by default the one whose PEFT task type is the
@@ -579,14 +592,26 @@ def export_merged(
     merged.eval()
     _make_plain(merged)
     if (adapter_dir / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    card = merged_model_card(adapter_dir, output_dir, base_model=base_model, method=method, task=task)
+    return MergedAdapter(merged, tokenizer, base_model, method, task)
+
+
+def export_merged(
+    adapter_dir: Union[str, Path],
+    output_dir: Union[str, Path],
+    base_model: Optional[str] = None,
+    task: Optional[str] = None,
+    num_labels: Optional[int] = None,
+) -> Path:
+    """Merge a saved adapter into its base model (`merge_saved_adapter`, whose arguments these are) and save a plain
+    transformers checkpoint, with its tokenizer and a model card, to `output_dir` (atomically)."""
+    merged = merge_saved_adapter(adapter_dir, base_model=base_model, task=task, num_labels=num_labels)
+    card = merged_model_card(Path(adapter_dir), output_dir, base_model=merged.base_model, method=merged.method,
+                             task=merged.task)
 
     def write(tmp: Path) -> None:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        merged.model.save_pretrained(tmp, safe_serialization=True)
+        merged.tokenizer.save_pretrained(tmp)
         _save_card(card, tmp / MODEL_CARD)
 
     return write_dir_atomically(Path(output_dir), write)
@@ -622,12 +647,14 @@ def export_adapter(adapter_dir: Union[str, Path], output_dir: Union[str, Path]) 
 
 __all__ = [
     "EmptyAdapterError",
+    "MergedAdapter",
     "adapter_state_for_saving",
     "card_sections",
     "export_adapter",
     "export_merged",
     "head_num_labels",
     "hub_id",
+    "merge_saved_adapter",
     "merged_model_card",
     "read_model_card",
     "render_model_card",

@@ -22,8 +22,9 @@ from conftest import FACTS, FINAL, PIECES, QUESTION, TWO_STEPS, Scripted, check_
 
 
 class Streaming(GenerationBackend):
-    """The module docstring's llama.cpp sketch with a scripted model behind it: each prompt's text streams in word
-    by word (a piece a token) until the request's `StopWatch` says stop, or the text or the token budget ends."""
+    """A backend of one's own that streams, as `LlamaCppBackend` does, with a scripted model behind it: each prompt's
+    text streams in word by word (a piece a token) until the request's `StopWatch` says stop, or the text or the
+    token budget ends."""
 
     def __init__(self, script: Scripted):
         self.script, self.requests = script, []
@@ -87,7 +88,7 @@ def test_a_function_is_a_backend_whose_text_is_cut_at_its_stop():
 def test_the_backends_do_not_import_the_protocol():
     """Imports run one way: the runner imports the seam and the backends, never the other way round."""
     package = Path(peftprompt.selfask.__file__).parent
-    for module in ("backend", "stopping", "transformers_backend", "kv_cache", "shared_prefix"):
+    for module in ("backend", "stopping", "transformers_backend", "llama_cpp_backend", "kv_cache", "shared_prefix"):
         tree = ast.parse((package / f"{module}.py").read_text())
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         assert not imported & {"runner", "peftprompt.selfask.runner", "answerers", "open_book"}, module
