@@ -218,6 +218,14 @@ def _cell_row(mode: str, depth: int, c: dict, deep: bool) -> str:
     return row
 
 
+def _interval(then: dict, now: dict) -> str:
+    """`paired_bootstrap`'s interval of ``now - then`` on the same questions, or nothing without both records."""
+    if "correct" not in then or "correct" not in now:
+        return ""
+    low, high = paired_bootstrap(then["correct"], now["correct"])["ci95"]
+    return f" ({low:+.3f} .. {high:+.3f})"
+
+
 def _side_by_side(result: dict) -> list[str]:
     """The with / without operators table: every mode and depth measured both ways."""
     cells, old = result["cells"], (result.get("baseline") or {}).get("cells", {})
@@ -228,16 +236,18 @@ def _side_by_side(result: dict) -> list[str]:
     change, without, with_ = (base.get(k, v) for k, v in zip(("change", "without", "with"), BASELINE_CHANGE))
     lines = [f"## With and without {change}", "",
              f"Without: {without} (`{base['file']}`, commit {base['commit']}, {base['machine'].get('cpu_model')}). "
-             f"With: {with_}, follow-ups to `{' / '.join(result['answerers'])}`. Same questions, same knowledge.", "",
+             f"With: {with_}, follow-ups to `{' / '.join(result['answerers'])}`. Same questions, same knowledge; in "
+             "brackets, the paired bootstrap 95 % interval of the difference.", "",
              "| mode | max_depth | deep EM without → with | comparisons EM without → with | Compositional Celebrities "
-             "EM without → with | faithfulness with |", "|---|---:|---|---|---|---:|"]
+             "EM without → with | faithfulness with |",
+             "|---|---:|---|---|---|---:|"]
     for mode, depth in pairs:
         now, then = cells[f"{mode}/deep/{depth}"], old[f"{mode}/deep/{depth}"]
         comp_now, comp_then = (c["per_type"].get("all comparisons", {}).get("em") for c in (now, then))
         cc_now, cc_then = cells.get(f"{mode}/compositional_celebrities/{depth}"), old.get(
             f"{mode}/compositional_celebrities/{depth}")
-        cc = f"{cc_then['em']:.3f} → {cc_now['em']:.3f}" if cc_now and cc_then else "—"
-        lines.append(f"| {mode} | {depth} | {then['em']:.3f} → {now['em']:.3f} | "
+        cc = f"{cc_then['em']:.3f} → {cc_now['em']:.3f}{_interval(cc_then, cc_now)}" if cc_now and cc_then else "—"
+        lines.append(f"| {mode} | {depth} | {then['em']:.3f} → {now['em']:.3f}{_interval(then, now)} | "
                      f"{comp_then:.3f} → {comp_now:.3f} | {cc} | {now['faithfulness']:.3f} |")
     lines += ["", "EM by question type (held-out deep questions):", ""]
     kinds = sorted({k for mode, depth in pairs for k in cells[f"{mode}/deep/{depth}"]["per_type"]})
