@@ -54,7 +54,7 @@ from _runs import QUICK_TRAINING, finished_run, requested_config, run_recipe
 from peftprompt import load_adapter, load_backbone
 from peftprompt.atomic import write_file_atomically
 from peftprompt.recursive import Node, convert, training_trees
-from peftprompt.recursive.operator_steps import COMPARISON_WORDING
+from peftprompt.recursive.operator_steps import COMPARISON_WORDING, mirrored_comparisons
 from peftprompt.recursive.sources import DEEP_EVAL_SETS, deep_eval_trees
 from peftprompt.selfask import RetrieverAnswerer, SelfAskRunner, answerers_from_names
 from peftprompt.selfask.evaluate import evaluate_selfask, knowledge_base, sample_trees
@@ -478,7 +478,8 @@ def main() -> None:
     answerers = args.answerers or config["data"].get("eval_answerers", ["retriever"])
     trained = training_trees(sources, load_config(CONFIG, overrides).data.mirror_comparisons)
     # held out: no question of the trees, nor of their mirrored comparisons, whether or not this run trains on them
-    deep, held_out = deep_eval_trees(training_trees(sources, mirror_comparisons=True))
+    mirrored = [] if any("mirrored_from" in tree.meta for tree in trained) else mirrored_comparisons(trained)
+    deep, held_out = deep_eval_trees(trained + mirrored)
     deep = sample_trees(deep, args.n_deep, seed=SEED)
     cc = sample_trees(convert("compositional_celebrities"), args.n_cc, seed=SEED)
     print(f"held-out deep questions: {len(deep)} {held_out}; Compositional Celebrities: {len(cc)}")
