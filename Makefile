@@ -34,10 +34,12 @@ test: models
 test-fast: models
 	$(TEST_ENV) $(PY) -m pytest tests/unit -n $(TEST_WORKERS) --dist worksteal
 
-# llama.cpp: builds the optional extra `llama` (llama-cpp-python from source: about 7 minutes on 2 cores, once), then
-# runs the tests that load llama.cpp, which `make test` skips without it.
+# llama.cpp: builds the optional extra `llama` (llama-cpp-python from source: about 7 minutes on 2 cores, once;
+# benchmarks/results/llama_cpp_build.md), then runs the tests that load llama.cpp, which `make test` skips without it.
+# CI runs it after `make test` (.ci/run); the import check keeps a failed build from passing as skipped tests.
 test-llama: models
 	$(PY) -m pip install -q -e ".[llama]"
+	$(PY) -c "import llama_cpp; print('llama.cpp', llama_cpp.__version__)"
 	$(TEST_ENV) $(PY) -m pytest tests/integration/test_llama_cpp_backend.py tests/integration/test_gguf_layout.py -rs
 
 # The main job: self-ask LoRA on SmolLM2 under `accelerate launch`, traces, exact match before/after fine-tuning.

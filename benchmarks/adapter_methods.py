@@ -205,7 +205,7 @@ def write_outputs(task: str, rows: list[dict], sweep: list[dict], record: dict, 
                    out / f"{task}.png")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), required=True)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
@@ -223,7 +223,7 @@ def main() -> None:
                         help=f"{QUICK_STEPS} steps, the config's rate only, {QUICK_EVAL_SAMPLES} validation "
                              f"sentences, methods {', '.join(QUICK_METHODS)} unless --methods")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     extra = [f"max_eval_samples={QUICK_EVAL_SAMPLES}"] if args.quick else []
     args.methods = args.methods or list(QUICK_METHODS if args.quick else DEFAULT_METHODS)
     if args.quick:

@@ -61,14 +61,14 @@ def write_markdown(record: dict, cells, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--architectures", nargs="+", choices=list(ARCHITECTURES), default=list(ARCHITECTURES))
     parser.add_argument("--methods", nargs="+", choices=[*METHODS, *REFUSED_METHODS],
                         default=[*METHODS, *REFUSED_METHODS])
     parser.add_argument("--quick", action="store_true", help="Llama, GPT-2 and BERT with the core methods only")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.architectures, args.methods = ["llama", "gpt2", "bert"], list(CORE_METHODS)
     torch.set_num_threads(1)

@@ -194,7 +194,7 @@ def write_results(result: dict, out: Path) -> None:
     figure.savefig(out / f"{NAME}.png", dpi=120)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=16, help="episodes per padded batch")
@@ -202,7 +202,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="trees per source")
     parser.add_argument("--quick", action="store_true", help="200 trees per source and 1 timed step")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.limit, args.steps = args.limit or 200, 1
     torch.manual_seed(SEED)

@@ -263,7 +263,7 @@ def plot(result: dict, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     parser.add_argument("--orders", nargs="+", type=int, choices=sorted(ORDERS), default=sorted(ORDERS))
@@ -276,7 +276,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="train nothing: report the finished runs")
     parser.add_argument("--quick", action="store_true", help=f"a smoke run: {' '.join(QUICK)}")
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results (outputs/bench_quick)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.run_dir = (args.run_dir or REPO / "outputs" / ("continual_quick" if args.quick else "continual")).resolve()
     args.records = (args.records or (args.run_dir / "records" if args.quick else RESULTS / "continual_runs")).resolve()
     args.out = args.out or (REPO / "outputs" / "bench_quick" / "results" if args.quick else RESULTS)

@@ -297,7 +297,7 @@ def plot(result: dict, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["sst2", "conll03"])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
@@ -314,7 +314,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="train nothing: report the finished runs")
     parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK}, methods {QUICK_METHODS}")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.methods = args.methods or list(QUICK_METHODS if args.quick else DEFAULT_METHODS)
     args.run_dir = (args.run_dir or REPO / "outputs" / ("convergence_quick" if args.quick else "convergence")).resolve()
     args.records = (args.records or (args.run_dir / "records" if args.quick else RESULTS / "convergence_runs")).resolve()

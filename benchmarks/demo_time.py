@@ -28,14 +28,14 @@ GOAL_EM = 0.78
 QUICK = ["--n", "5", *QUICK_TRAINING]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--quick", action="store_true", help="5 steps, 5 questions")
     parser.add_argument("--output_dir", type=Path, default=None,
                         help="the demo's run directory, kept (default: a temporary one); must not exist yet")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides for the demo")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.output_dir is not None and args.output_dir.exists():
         parser.error(f"--output_dir {args.output_dir} exists: the demo would resume there instead of training")
     speed_before, started = matmul_gflops(), time.perf_counter()

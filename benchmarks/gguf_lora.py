@@ -121,7 +121,7 @@ def write_results(result: dict, out: Path) -> None:
     figure.savefig(out / f"{NAME}.png", dpi=120)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", type=Path, required=True, help="a saved SmolLM2 LoRA adapter")
     parser.add_argument("--n", type=int, default=100, help="Compositional Celebrities questions")
@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     parser.add_argument("--dtype", choices=("f32", "f16"), default="f32", help="the GGUF adapter's tensor type")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         import llama_cpp
     except ImportError:

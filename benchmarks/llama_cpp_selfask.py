@@ -182,7 +182,7 @@ def write_results(result: dict, out: Path) -> None:
     figure.savefig(out / f"{NAME}.png", dpi=120)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", type=Path, required=True, help="a saved SmolLM2 LoRA adapter")
     parser.add_argument("--model", default="smollm2-135m", help="the adapter's base model (transformers)")
@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("outputs") / NAME,
                         help="where the GGUF files and each system's records are kept")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         llama_cpp = import_llama_cpp()
     except ImportError as err:

@@ -579,8 +579,8 @@ def compare(args: argparse.Namespace) -> dict:
     }
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     transformers_logging.set_verbosity_error()
     write_results(compare(args), args.out)
     print((args.out / f"{NAME}.md").read_text())

@@ -140,7 +140,7 @@ def write_plot(record: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(CORE_METHODS))
     parser.add_argument("--steps", type=int, default=8, help="timed steps per method (>= 5; default 8)")
@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--quick", action="store_true", help="5 timed steps after 1 warm-up step")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.warmup = 5, 1
     if args.steps < 5 or args.warmup < 0:

@@ -444,7 +444,7 @@ def sample_suffix(args: argparse.Namespace) -> str:
     return f"_n{args.n}" if args.n and not args.quick else ""
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
@@ -471,7 +471,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--baseline", type=Path, default=BASELINE,
                         help="results measured before operators existed, shown side by side")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     started = time.perf_counter()
     args.dtype = resolve_dtype(args.dtype)
     overrides = list(args.train_args)

@@ -180,11 +180,11 @@ def write_results(result: dict, out: Path) -> None:
     figure.savefig(out / f"{NAME}.png", dpi=120)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the input JSON files are")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     started = time.perf_counter()
     missing = [f"{args.results / f'{stem}.json'} (written by `.venv/bin/python {command}`)"
                for stem, (_, _, _, command) in SOURCES.items() if not (args.results / f"{stem}.json").is_file()]

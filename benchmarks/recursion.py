@@ -432,7 +432,7 @@ def summarise(result: dict, shipped_mode: str, shipped_depth: int) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=[*MODES, *VARIANTS],
                         help="training modes and variants to compare (default: flat recursive mix)")
@@ -463,7 +463,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="5 training steps, 8 questions per set, depths 0 and 2")
     parser.add_argument("--train-args", nargs="*", default=[], metavar="key=value", help="training overrides")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     started = time.perf_counter()
     overrides = list(args.train_args)
     if args.quick:  # its own runs, so the full benchmark's trained adapters and cells stay untouched

@@ -127,7 +127,7 @@ def estimate(stage: Stage, args: argparse.Namespace, line: Optional[list[str]]) 
     return (stage.quick_guess if args.quick else stage.guess), "guess"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     names = [stage.name for stage in STAGES]
     parser.add_argument("--only", nargs="+", choices=names, metavar="STAGE", help=f"run these: {', '.join(names)}")
@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--no-reuse", dest="reuse", action="store_false",
                         help="repeat the sweeps' finished runs instead of reading them")
     parser.add_argument("--plan", action="store_true", help="print the stages, commands and estimates; run nothing")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.out = (args.out or (QUICK_DIR / "results" if args.quick else RESULTS)).resolve()
     stages = [stage for stage in STAGES if not args.only or stage.name in args.only]
     plan = []

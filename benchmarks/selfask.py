@@ -151,7 +151,7 @@ def write_results(result: dict, out: Path) -> None:
     figure.savefig(out / f"{NAME}.png", dpi=120)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", type=Path, default=Path("outputs/demo_selfask/adapter"),
                         help="the fine-tuned self-ask adapter (default: the one `make demo` trains)")
@@ -164,7 +164,7 @@ def main() -> None:
                              "(the base model's rows do not depend on the adapter), each named with where it ran")
     parser.add_argument("--quick", action="store_true", help="20 questions per set")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not (args.adapter / "adapter_config.json").is_file():
         parser.error(f"no adapter at {args.adapter}: train one first (`make demo`, or `accelerate launch "
                      "recipes/selfask_sft.py --config recipes/configs/smollm2/selfask_lora.yaml`)")

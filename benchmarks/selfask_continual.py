@@ -107,7 +107,7 @@ def plot(result: dict, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--round-lr", default=None, help="the recipe's --round-lr (default: the recipe's)")
@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="train this backbone instead of the config's (model=...)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: a few questions and steps")
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results (outputs/bench_quick)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     run_dir = (args.run_dir or REPO / "outputs" / (f"{NAME}_quick" if args.quick else NAME)).resolve()
     out = args.out or (REPO / "outputs" / "bench_quick" / "results" if args.quick else RESULTS)
     started = time.perf_counter()

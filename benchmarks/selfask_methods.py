@@ -183,7 +183,7 @@ def write_results(result: dict, out: Path) -> None:
                    f"{result['steps']} training steps per method", out / f"{NAME}.png")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", choices=VARIANTS, default=None,
                         help=f"default: {', '.join(DEFAULT_METHODS)}; with --quick {', '.join(QUICK_METHODS)}")
@@ -200,7 +200,7 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="where the runs live (default outputs/bench, outputs/bench_quick with --quick)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     extra = []
     args.methods = args.methods or list(QUICK_METHODS if args.quick else DEFAULT_METHODS)
     if args.quick:

@@ -51,58 +51,63 @@ APPROACHES = {"fine_tuned_self_ask": "fine-tuned, zero-shot", "few_shot_self_ask
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One setting, one approach: answer the questions, write seconds, scores and transcripts to ``--result``."""
+    """Answer the questions of each job in ``--jobs`` (a setting and an approach) in turn, and write each one's
+    seconds, scores and transcripts to its result file."""
     import peftprompt
     from transformers.utils import logging as transformers_logging
 
-    from peftprompt import load_adapter, load_backbone
     from peftprompt.recursive import convert
-    from peftprompt.selfask import FEW_SHOT_SELF_ASK, RetrieverAnswerer, SelfAskRunner
-    from peftprompt.selfask.evaluate import evaluate_selfask, knowledge_base, sample_trees
 
     transformers_logging.set_verbosity_error()
     code = Path(peftprompt.__file__).resolve().parents[1]
     if code != Path(args.code).resolve():
         raise SystemExit(f"selfask_speed: imported peftprompt from {code}, expected {args.code}")
-    fine_tuned = args.approach == "fine_tuned_self_ask"
-    trees = sample_trees(convert("compositional_celebrities"), args.n if fine_tuned else args.n_few_shot, seed=SEED)
+    source = convert("compositional_celebrities")
+    for job in json.loads(args.jobs):
+        Path(job["result"]).write_text(json.dumps(answer(job["setting"], job["approach"], source, args)))
+
+
+def answer(setting: str, approach: str, source: list, args: argparse.Namespace) -> dict:
+    """One setting, one approach: the seconds, scores and transcripts of `evaluate_selfask`."""
+    from peftprompt import load_adapter, load_backbone
+    from peftprompt.selfask import FEW_SHOT_SELF_ASK, RetrieverAnswerer, SelfAskRunner
+    from peftprompt.selfask.evaluate import evaluate_selfask, knowledge_base, sample_trees
+
+    fine_tuned = approach == "fine_tuned_self_ask"
+    trees = sample_trees(source, args.n if fine_tuned else args.n_few_shot, seed=SEED)
     retriever = RetrieverAnswerer(knowledge_base(trees))
     model, tokenizer = load_backbone(args.model, task="causal_lm")
     if fine_tuned:
         model = load_adapter(model, args.adapter)
-        if args.merge:
+        if setting in MERGED:
             from peftprompt import merged_for_inference  # not in the code measured as before
 
             model = merged_for_inference(model)
-    runner_args = json.loads(args.runner_args)
-    runner = SelfAskRunner(model.eval(), tokenizer, answerer=retriever, **runner_args,
+    runner = SelfAskRunner(model.eval(), tokenizer, answerer=retriever, **(SETTINGS[setting][1] or {}),
                            **({} if fine_tuned else {"few_shot": FEW_SHOT_SELF_ASK}))
     started = time.perf_counter()
     scores = evaluate_selfask(trees, runner, "self_ask", sub_question_check=False, return_records=True)
     seconds = time.perf_counter() - started
     records = scores.pop("records")
-    Path(args.result).write_text(json.dumps({
+    return {
         "seconds": seconds, "n": len(trees), "questions_per_second": len(trees) / seconds,
         "model_class": type(model).__name__,  # PeftModel...: the adapter unmerged
         "em": scores["em"], "well_formed": scores["well_formed"],
         "mean_generated_tokens": scores["mean_generated_tokens"],
         "texts": [r["text"] for r in records], "questions": [r["question"] for r in records],
-    }))
+    }
 
 
-def run_setting(setting: str, approach: str, args: argparse.Namespace, code: Path, out: Path) -> dict:
-    """`worker` in a fresh process with `code` first on ``PYTHONPATH``."""
-    runner_args = SETTINGS[setting][1] or {}
-    result = out / f"{setting}_{approach}.json"
+def run_jobs(jobs: list[tuple[str, str]], code: Path, args: argparse.Namespace, out: Path) -> list[dict]:
+    """`worker` for the (setting, approach) `jobs` in one fresh process with `code` first on ``PYTHONPATH``."""
+    files = [str(out / f"{setting}_{approach}.json") for setting, approach in jobs]
+    listed = [{"setting": setting, "approach": approach, "result": file} for (setting, approach), file in zip(jobs, files)]
     env = {**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("PEFTPROMPT_DATA", str(REPO.parent / "shared" / "data"))
-    subprocess.run([sys.executable, __file__, "--worker", "--approach", approach, "--code", str(code),
-                    "--model", args.model,
+    subprocess.run([sys.executable, __file__, "--worker", "--code", str(code), "--model", args.model,
                     "--adapter", str(args.adapter.resolve()), "--n", str(args.n), "--n-few-shot", str(args.n_few_shot),
-                    "--runner-args", json.dumps(runner_args), "--result", str(result),
-                    *(["--merge"] if setting in MERGED else [])], check=True, env=env,
-                   cwd=REPO)
-    return json.loads(result.read_text())
+                    "--jobs", json.dumps(listed)], check=True, env=env, cwd=REPO)
+    return [json.loads(Path(file).read_text()) for file in files]
 
 
 def first_difference(a: str, b: str) -> str:
@@ -171,7 +176,7 @@ def write_results(result: dict, out: Path) -> None:
     figure.savefig(out / f"{NAME}.png", dpi=120)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", type=Path, default=Path("outputs/demo_selfask/adapter"),
                         help="the fine-tuned self-ask adapter (default: the one `make demo` trains)")
@@ -179,15 +184,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100, help="questions for the fine-tuned adapter (default 100)")
     parser.add_argument("--n-few-shot", type=int, default=50, help="questions for the base model (default 50)")
     parser.add_argument("--baseline-ref", default=BASELINE_REF, help="the commit measured as before")
-    parser.add_argument("--quick", action="store_true", help="8 questions each")
+    parser.add_argument("--quick", action="store_true", help="8 questions each, one process per code")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--approach", choices=list(APPROACHES), help=argparse.SUPPRESS)
     parser.add_argument("--code", help=argparse.SUPPRESS)
-    parser.add_argument("--runner-args", default="{}", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    parser.add_argument("--merge", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--jobs", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
     if not (args.adapter / "adapter_config.json").is_file():
@@ -202,14 +204,18 @@ def main() -> None:
         subprocess.run(["git", "worktree", "add", "--detach", str(before_code), args.baseline_ref], cwd=REPO,
                        check=True, capture_output=True)
         try:
-            for approach, label in APPROACHES.items():
-                runs = result["runs"][approach] = {}
-                for setting, (name, runner_args) in SETTINGS.items():
-                    print(f"{label}: {name}", flush=True)
-                    runs[setting] = run_setting(setting, approach, args,
-                                                before_code if runner_args is None else REPO, Path(tmp))
-                    print(f"  {runs[setting]['seconds']:.1f} s, {runs[setting]['questions_per_second']:.2f} "
-                          f"questions/s, EM {runs[setting]['em']:.3f}", flush=True)
+            # Full runs: each setting and approach in its own process, so none is timed with another's memory
+            # around; --quick: one process per code (before, this commit), as the timings are not the point there.
+            jobs = [(setting, approach) for approach in APPROACHES for setting in SETTINGS]
+            groups = ([[job for job in jobs if (job[0] == "before") == before] for before in (True, False)]
+                      if args.quick else [[job] for job in jobs])
+            for group in groups:
+                print(", ".join(f"{APPROACHES[a]}: {SETTINGS[s][0]}" for s, a in group), flush=True)
+                code = before_code if SETTINGS[group[0][0]][1] is None else REPO
+                for (setting, approach), run in zip(group, run_jobs(group, code, args, Path(tmp))):
+                    result["runs"].setdefault(approach, {})[setting] = run
+                    print(f"  {SETTINGS[setting][0]}: {run['seconds']:.1f} s, {run['questions_per_second']:.2f} "
+                          f"questions/s, EM {run['em']:.3f}", flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(before_code)], cwd=REPO, check=False)
     for approach in APPROACHES:

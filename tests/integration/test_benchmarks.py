@@ -3,26 +3,50 @@ files checked; the measured numbers themselves live in benchmarks/results/)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from conftest import REPO
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
-def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+def run(script: str, *args: str, exit_code: int = 0) -> subprocess.CompletedProcess:
+    """``benchmarks/<script> args`` as its command line runs it, but in this process: its `main(args)` from the
+    repository root, with its output captured and its exit code as a process would return it. Each script's own
+    processes (training runs, workers) still start as they do; only the import of the libraries is saved, which
+    costs more than most dry runs.
+
+    Args:
+        exit_code: The exit code expected (2: an argument error, reported by `argparse` on stderr).
+    """
+    main = benchmark_module(script.removesuffix(".py")).main
+    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    threads = torch.get_num_threads()  # some scripts set their own (--threads); the other tests here use one
+    with (mock.patch.dict(os.environ, ENV), contextlib.chdir(REPO), contextlib.redirect_stdout(stdout),
+          contextlib.redirect_stderr(stderr)):
+        try:
+            main(list(args))
+        except SystemExit as exited:  # argparse's errors and the scripts' `sys.exit(message)`
+            code = exited.code if isinstance(exited.code, int) else 1
+            if isinstance(exited.code, str):
+                print(exited.code, file=sys.stderr)
+        finally:
+            torch.set_num_threads(threads)
+    done = subprocess.CompletedProcess([script, *args], code, stdout.getvalue(), stderr.getvalue())
+    assert done.returncode == exit_code, done.stderr[-3000:]
     return done
 
 
@@ -168,9 +192,8 @@ def test_recursion_benchmark_dry_run_reuses_runs_and_cells(tiny_smollm, tmp_path
 
 
 def test_selfask_benchmark_without_an_adapter_says_how_to_train_one(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks/selfask.py"), "--adapter", str(tmp_path / "none")],
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "make demo" in done.stderr and "Traceback" not in done.stderr
+    done = run("selfask.py", "--adapter", str(tmp_path / "none"), exit_code=2)
+    assert "make demo" in done.stderr
 
 
 @pytest.mark.slow
@@ -245,12 +268,7 @@ def test_selfask_methods_dry_run(tiny_smollm, tmp_path):
 
 
 def runs_module():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import _runs
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return _runs
+    return benchmark_module("_runs")
 
 
 def test_a_run_is_done_when_its_saved_config_equals_the_requested_one(tmp_path, monkeypatch):
@@ -402,9 +420,7 @@ def test_params_vs_accuracy_pareto_front(tmp_path):
 
 def test_params_vs_accuracy_names_the_command_of_a_missing_input(tmp_path):
     result_file(tmp_path / "sst2.json", [method_row("lora", 100, "accuracy", 0.85)])
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks/params_vs_accuracy.py"), "--results", str(tmp_path)],
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
+    done = run("params_vs_accuracy.py", "--results", str(tmp_path), exit_code=2)
     assert "conll03.json (written by `.venv/bin/python benchmarks/adapter_methods.py --task conll03`)" in done.stderr
     assert "selfask_methods.json (written by `.venv/bin/python benchmarks/selfask_methods.py`)" in done.stderr
     assert "sst2.json" not in done.stderr
@@ -683,10 +699,9 @@ def test_continual_dry_run_scores_every_strategy_and_reuses_finished_runs(tiny_b
     assert not (tmp_path / "runs" / "sequential_order1").exists()
     assert json.loads((tmp_path / "out" / "continual.json").read_text())["per_order"] == result["per_order"]
     # strategies with no finished run: a clear refusal that names the runs, not a half-written report
-    refused = subprocess.run([sys.executable, str(REPO / "benchmarks" / "continual.py"), *args[:-2], "--out",
-                              str(tmp_path / "none"), "--report-only", "--strategies", "osf"],
-                             capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600)
-    assert refused.returncode != 0 and not (tmp_path / "none").exists()
+    refused = run("continual.py", *args[:-2], "--out", str(tmp_path / "none"), "--report-only", "--strategies", "osf",
+                  exit_code=1)
+    assert not (tmp_path / "none").exists()
     assert "continual: no finished run to report (osf order 1, osf order 2;" in refused.stderr
 
 
@@ -801,3 +816,20 @@ def test_gguf_lora_comparison_counts_identical_continuations_and_logit_gaps(tmp_
     assert (result["n"], result["identical_greedy"], result["same_next_token"]) == (2, 1, 1)
     assert result["first_differing_token"] == [1]
     assert result["max_abs_logit_diff"] == {"max": 2.5, "median": 1.5, "per_prompt": [0.5, 2.5]}
+
+
+def test_llama_cpp_build_times_the_extras_requirement_by_ninjas_steps():
+    """The build itself takes minutes (`make test-llama` builds it); its parsing and report are checked here."""
+    build = benchmark_module("llama_cpp_build")
+    assert build.extra_requirement() == "llama-cpp-python>=0.3.36,<0.4"  # pyproject.toml's extra `llama`
+    step = build.STEP.search("  [37/152] Building C object vendor/llama.cpp/ggml/src/CMakeFiles/ggml-base.dir/ggml.c.o")
+    assert (int(step[1]), int(step[2])) == (37, 152)
+    created = ("  Created wheel for llama_cpp_python: filename=llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl "
+               "size=23754755 sha256=7c5f")
+    wheel = build.WHEEL.search(created)
+    assert (wheel[1], wheel[2]) == ("llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl", "0.3.36")
+    result = {"requirement": "llama-cpp-python>=0.3.36,<0.4", "parallel_level": 2, "version": "0.3.36",
+              "wall_seconds": 413.8, "user_seconds": 753.3, "system_seconds": 50.9, "wheel_bytes": 23754755,
+              "compiler": "cc (Debian 12.2.0-14) 12.2.0"}
+    env = {"machine": {"cpu_model": "AMD EPYC", "cpu_count": 2}, "git_commit": "abc", "command": "llama_cpp_build.py"}
+    assert "| 0.3.36 | 6 min 54 s | 753 s | 51 s | 22.7 MiB | cc (Debian 12.2.0-14) 12.2.0 |" in build.markdown(result, env)
