@@ -25,9 +25,11 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
+from transformers import AutoTokenizer
 
 from _env import environment_record
 from peftprompt import attach, load_backbone
+from peftprompt.backbones import resolve_backbone
 from peftprompt.recursive import convert
 from peftprompt.recursive.collator import EpisodeEncoder, SelfAskCollator, pack_rows
 from peftprompt.recursive.unroll import Unroller
@@ -101,8 +103,9 @@ def pad_fractions(tokenizer, rows: list[dict], packed_rows: list[dict], batch_si
     }
 
 
-def step_fraction(tokenizer, trees: list, max_length: int, rows_per_batch: int, steps: int) -> dict:
-    """Collation time of one packed batch (cold from trees, and warm) over one SmolLM2 LoRA optimiser step on it."""
+def step_fraction(model_name: str, tokenizer, trees: list, max_length: int, rows_per_batch: int, steps: int) -> dict:
+    """Collation time of one packed batch (cold from trees, and warm) over one LoRA optimiser step of `model_name`
+    (SmolLM2-135M by default) on it."""
     collator = SelfAskCollator(tokenizer, max_length=max_length, packing=True)
     # enough trees for `rows_per_batch` full rows, taken in order
     chosen, tokens = [], 0
@@ -122,7 +125,7 @@ def step_fraction(tokenizer, trees: list, max_length: int, rows_per_batch: int, 
         collator(features)
         warm.append(time.perf_counter() - start)
 
-    model, _ = load_backbone("smollm2-135m", task="causal_lm")
+    model, _ = load_backbone(model_name, task="causal_lm")
     model.config.use_cache = False  # packed rows need it: see peftprompt.recursive.collator
     model = attach(model, "lora", task="causal_lm")
     model.train()
@@ -136,6 +139,7 @@ def step_fraction(tokenizer, trees: list, max_length: int, rows_per_batch: int, 
         step_seconds.append(time.perf_counter() - start)
     step_s = statistics.median(step_seconds[1:])
     return {
+        "model": model_name,
         "step_batch_shape": list(batch["input_ids"].shape),
         "step_batch_trees": len(chosen),
         "collate_cold_s": cold_s,
@@ -169,7 +173,7 @@ def write_results(result: dict, out: Path) -> None:
         f"| collation (warm, cached) / LoRA step | {r['collation_fraction_of_step_warm']:.5f} | |",
         "",
         "Stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in r["timings"].items()) + ". "
-        f"LoRA step (SmolLM2-135M, r 8, batch {r['step_batch_shape']}): {r['lora_step_s']:.1f} s, median of "
+        f"LoRA step ({r['model']}, r 8, batch {r['step_batch_shape']}): {r['lora_step_s']:.1f} s, median of "
         f"{len(r['lora_step_s_all']) - 1} after one warm-up; collating that batch: {r['collate_cold_s'] * 1000:.0f} ms "
         f"cold, {r['collate_warm_s'] * 1000:.1f} ms warm.",
         "",
@@ -201,12 +205,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed LoRA steps (after one warm-up)")
     parser.add_argument("--limit", type=int, default=None, help="trees per source")
     parser.add_argument("--quick", action="store_true", help="200 trees per source and 1 timed step")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="the causal LM whose tokenizer and LoRA step are measured (default SmolLM2-135M)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     if args.quick:
         args.limit, args.steps = args.limit or 200, 1
     torch.manual_seed(SEED)
-    _, tokenizer = load_backbone("smollm2-135m", task="causal_lm")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(args.model))
 
     start = time.perf_counter()
     path = data_path(tokenizer, args.max_length, args.limit)
@@ -224,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         "timings": {**path["timings"], "collate_padded_s": pads["collate_padded_s"]},
         "counts": counts,
     }
-    result.update(step_fraction(tokenizer, path["trees"], args.max_length, pads["packed_rows_per_batch"], args.steps))
+    result.update(step_fraction(args.model, tokenizer, path["trees"], args.max_length, pads["packed_rows_per_batch"], args.steps))
     result["wall_s"] = time.perf_counter() - start
     result["environment"] = environment_record()
     write_results(result, args.out)

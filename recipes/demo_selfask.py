@@ -99,12 +99,12 @@ class Clock:
         self.section = now
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/demo_selfask"))
     parser.add_argument("--n", type=int, default=100, help="questions scored before and after (default 100)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.n < SHOWN:
         parser.error(f"--n must be >= {SHOWN}, got {args.n}")
     console = Console(soft_wrap=True, highlight=False)

@@ -73,12 +73,12 @@ def train_and_score(
     return report, accuracy, train_seconds
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="optimiser steps per method (default 300)")
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--methods", nargs="+", choices=sorted(LEARNING_RATES), default=["lora", "bitfit"])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     transformers_logging.set_verbosity_error()  # no load report for each freshly initialised head
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")

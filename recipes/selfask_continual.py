@@ -69,7 +69,7 @@ def score(runner: SelfAskRunner, trees: list[Node]) -> dict:
     return {key: result[key] for key in ("n", "em", "f1", "well_formed", "mean_follow_ups")}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=CONFIG, help="the self-ask training config of every round")
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/selfask_continual"))
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--n-eval", type=int, default=100, help="held-out and Compositional Celebrities questions")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides (every round)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.rounds * args.questions_per_round > args.pool_size:
         parser.error(f"--rounds x --questions-per-round ({args.rounds * args.questions_per_round}) exceeds "
                      f"--pool-size ({args.pool_size})")

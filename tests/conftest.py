@@ -11,15 +11,23 @@ Helpers that several test modules use live here (``from conftest import ...``), 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import importlib.util
+import io
 import json
 import math
 import os
 import re
 import subprocess
+import sys
 import textwrap
+import threading
 from pathlib import Path
+from types import ModuleType
+from typing import Callable, Sequence
+from unittest import mock
 
 import pytest
 import torch
@@ -47,6 +55,7 @@ from peftprompt.retrieval.passages import Passage
 from peftprompt.selfask import RetrieverAnswerer, ToolAnswerer
 from peftprompt.tasks import TRAINABLE_TASKS
 from peftprompt.training import TrainConfig, train
+from peftprompt.training.recipe import run_recipe
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
@@ -56,6 +65,109 @@ REPO = Path(__file__).resolve().parents[1]  # the repository root
 TASKS = TRAINABLE_TASKS  # the method matrix: every task the engine trains
 NUM_LABELS = {"seq_cls": 2, "token_cls": 5}
 TINY_VOCAB = 128
+
+
+def script_module(path: Path) -> ModuleType:
+    """A script (``recipes/*.py``, ``benchmarks/*.py``) imported as a module, once per process, with its folder on
+    ``sys.path`` while it imports (the benchmarks import their ``_*.py`` helpers by name)."""
+    name = path.stem
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    sys.modules[name] = module
+    return module
+
+
+def call_main(main: Callable[[list[str]], object], args: Sequence[str], exit_code: int = 0,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """A script's ``main(args)`` run in this process as its command line runs it: from the repository root, offline,
+    its output captured, and its exit code as a process would return it. A fresh process would first spend more
+    seconds importing torch, transformers and PEFT than most of these runs take; the processes a script starts itself
+    (training runs, workers) still start.
+
+    Args:
+        exit_code: The exit code expected (2: an argument error, reported by `argparse` on stderr).
+        env: More environment variables while it runs.
+    """
+    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    threads = torch.get_num_threads()  # some scripts set their own (--threads); the other tests use one
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
+    with (mock.patch.dict(os.environ, env), contextlib.chdir(REPO), contextlib.redirect_stdout(stdout),
+          contextlib.redirect_stderr(stderr)):
+        try:
+            main(list(args))
+        except SystemExit as exited:  # argparse's errors and `sys.exit(message)`
+            code = exited.code if isinstance(exited.code, int) else 1
+            if isinstance(exited.code, str):
+                print(exited.code, file=sys.stderr)
+        finally:
+            torch.set_num_threads(threads)
+            AcceleratorState._reset_state(reset_partial_state=True)  # as a process that ends would
+            GradientState._reset_state()
+    done = subprocess.CompletedProcess(list(args), code, stdout.getvalue(), stderr.getvalue())
+    assert done.returncode == exit_code, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture
+def scripts_in_process(monkeypatch):
+    """The processes a benchmark starts of our own scripts, ``python recipes/<recipe>.py ...`` (a training run on one
+    plain process: what `launch_command` gives for one CPU process) and ``python benchmarks/<script>.py --worker
+    ...``, run in this process instead: the script's `main` (a recipe's through `run_recipe`, as its ``__main__``
+    runs it), its output going where the process's would, its exit code returned as the process's. A fresh process
+    would spend longer importing torch, transformers and PEFT than these runs take on tiny models. Runs under
+    ``accelerate launch``, runs of other code (another ``PYTHONPATH``), and a second run while one is in progress
+    (runs side by side) still start their own processes."""
+    real_run = subprocess.run
+    busy = threading.Lock()
+    plain_kwargs = {"cwd", "env", "stdout", "stderr", "check", "capture_output", "text"}
+
+    def run(command, *args, **kwargs):
+        argv = [str(part) for part in command] if isinstance(command, (list, tuple)) else []
+        script = Path(argv[1]) if len(argv) > 1 and argv[0] == sys.executable else None
+        env = kwargs.get("env") or {}
+        output = kwargs.get("stdout")
+        captured = kwargs.get("capture_output") or output is subprocess.PIPE
+        ours = (script is not None and script.parent in (REPO / "recipes", REPO / "benchmarks")
+                and env.get("PYTHONPATH", str(REPO)) == str(REPO) and not args and set(kwargs) <= plain_kwargs
+                and (captured or (kwargs.get("stderr") is output and output is not subprocess.DEVNULL)))
+        if not ours or not busy.acquire(blocking=False):
+            return real_run(command, *args, **kwargs)
+        try:
+            module = script_module(script)
+            main = functools.partial(module.main, argv[2:])
+            stdout, stderr = (io.StringIO(), io.StringIO()) if captured else (output, output)
+            threads = torch.get_num_threads()
+            code = 0
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(mock.patch.dict(os.environ, env))
+                stack.enter_context(contextlib.chdir(kwargs.get("cwd") or REPO))
+                if stdout is not None:
+                    stack.enter_context(contextlib.redirect_stdout(stdout))
+                    stack.enter_context(contextlib.redirect_stderr(stderr))
+                try:
+                    run_recipe(main) if script.parent.name == "recipes" else main()
+                except SystemExit as exited:
+                    code = exited.code if isinstance(exited.code, int) else 1
+                finally:
+                    torch.set_num_threads(threads)
+                    AcceleratorState._reset_state(reset_partial_state=True)
+                    GradientState._reset_state()
+        finally:
+            busy.release()
+        if kwargs.get("check") and code:
+            raise subprocess.CalledProcessError(code, command)
+        if captured:
+            return subprocess.CompletedProcess(command, code, stdout.getvalue(), stderr.getvalue())
+        return subprocess.CompletedProcess(command, code)
+
+    monkeypatch.setattr(subprocess, "run", run)
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:

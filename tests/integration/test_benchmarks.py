@@ -3,51 +3,25 @@ files checked; the measured numbers themselves live in benchmarks/results/)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
-from conftest import REPO
+from conftest import REPO, call_main, script_module
 
-ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+# the training runs and workers the scripts start as plain processes run in the test's process (`scripts_in_process`)
+pytestmark = pytest.mark.usefixtures("scripts_in_process")
 
 
 def run(script: str, *args: str, exit_code: int = 0) -> subprocess.CompletedProcess:
-    """``benchmarks/<script> args`` as its command line runs it, but in this process: its `main(args)` from the
-    repository root, with its output captured and its exit code as a process would return it. Each script's own
-    processes (training runs, workers) still start as they do; only the import of the libraries is saved, which
-    costs more than most dry runs.
-
-    Args:
-        exit_code: The exit code expected (2: an argument error, reported by `argparse` on stderr).
-    """
-    main = benchmark_module(script.removesuffix(".py")).main
-    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
-    threads = torch.get_num_threads()  # some scripts set their own (--threads); the other tests here use one
-    with (mock.patch.dict(os.environ, ENV), contextlib.chdir(REPO), contextlib.redirect_stdout(stdout),
-          contextlib.redirect_stderr(stderr)):
-        try:
-            main(list(args))
-        except SystemExit as exited:  # argparse's errors and the scripts' `sys.exit(message)`
-            code = exited.code if isinstance(exited.code, int) else 1
-            if isinstance(exited.code, str):
-                print(exited.code, file=sys.stderr)
-        finally:
-            torch.set_num_threads(threads)
-    done = subprocess.CompletedProcess([script, *args], code, stdout.getvalue(), stderr.getvalue())
-    assert done.returncode == exit_code, done.stderr[-3000:]
-    return done
+    """``benchmarks/<script> args``, its `main` called in this process (`call_main`)."""
+    return call_main(benchmark_module(script.removesuffix(".py")).main, args, exit_code)
 
 
 @pytest.mark.slow
@@ -465,8 +439,8 @@ def test_methods_overview_quick_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_collator_benchmark_quick_run(tmp_path):
-    run("collator.py", "--quick", "--limit", "20", "--out", str(tmp_path))
+def test_collator_benchmark_quick_run(tiny_smollm, tmp_path):
+    run("collator.py", "--quick", "--limit", "20", "--model", str(tiny_smollm), "--out", str(tmp_path))
     result = json.loads((tmp_path / "collator.json").read_text())
     assert result["counts"]["episodes_kept"] > 0 and result["episodes_per_s"] > 0
     assert {"machine", "versions", "git_commit", "command"} <= set(result["environment"])
@@ -580,11 +554,7 @@ def test_openbook_reuses_cells_of_the_same_settings_and_shows_them_with_and_with
 
 
 def benchmark_module(name: str):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    return script_module(REPO / "benchmarks" / f"{name}.py")
 
 
 def test_convergence_dry_run_reads_finished_runs_and_picks_the_best_validation_step(tiny_bert, tmp_path):
@@ -791,6 +761,7 @@ def test_forgetting_is_zero_for_an_unchanged_backbone_and_grows_with_a_change(ti
             float(lm(**one, labels=one["input_ids"]).loss), abs=1e-5)
     adapted = attach(lm, "lora").eval()  # B = 0: the same function
     assert forgetting.lm_loss(adapted, tokenizer, texts, max_length=32) == pytest.approx(base_loss, abs=1e-5)
+    torch.manual_seed(0)  # the change below, whatever ran in this process before
     with torch.no_grad():
         for name, p in adapted.named_parameters():
             if "lora_B" in name:
@@ -822,7 +793,7 @@ def test_llama_cpp_build_times_the_extras_requirement_by_ninjas_steps():
     """The build itself takes minutes (`make test-llama` builds it); its parsing and report are checked here."""
     build = benchmark_module("llama_cpp_build")
     assert build.extra_requirement() == "llama-cpp-python>=0.3.36,<0.4"  # pyproject.toml's extra `llama`
-    step = build.STEP.search("  [37/152] Building C object vendor/llama.cpp/ggml/src/CMakeFiles/ggml-base.dir/ggml.c.o")
+    step = build.STEP.search("  [37/152] Building C object vendor/llama.cpp/ggml/src/CMakeFiles/ggml.c.o")
     assert (int(step[1]), int(step[2])) == (37, 152)
     created = ("  Created wheel for llama_cpp_python: filename=llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl "
                "size=23754755 sha256=7c5f")
@@ -832,4 +803,5 @@ def test_llama_cpp_build_times_the_extras_requirement_by_ninjas_steps():
               "wall_seconds": 413.8, "user_seconds": 753.3, "system_seconds": 50.9, "wheel_bytes": 23754755,
               "compiler": "cc (Debian 12.2.0-14) 12.2.0"}
     env = {"machine": {"cpu_model": "AMD EPYC", "cpu_count": 2}, "git_commit": "abc", "command": "llama_cpp_build.py"}
-    assert "| 0.3.36 | 6 min 54 s | 753 s | 51 s | 22.7 MiB | cc (Debian 12.2.0-14) 12.2.0 |" in build.markdown(result, env)
+    row = "| 0.3.36 | 6 min 54 s | 753 s | 51 s | 22.7 MiB | cc (Debian 12.2.0-14) 12.2.0 |"
+    assert row in build.markdown(result, env)
