@@ -53,9 +53,9 @@ APPROACHES = {"fine_tuned_self_ask": "fine-tuned, zero-shot", "few_shot_self_ask
 def worker(args: argparse.Namespace) -> None:
     """Answer the questions of each job in ``--jobs`` (a setting and an approach) in turn, and write each one's
     seconds, scores and transcripts to its result file."""
-    import peftprompt
     from transformers.utils import logging as transformers_logging
 
+    import peftprompt
     from peftprompt.recursive import convert
 
     transformers_logging.set_verbosity_error()
