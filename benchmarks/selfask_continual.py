@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
                                                        "questions scored (default: the recipe's)")
     parser.add_argument("--run-dir", type=Path, default=None, help="default outputs/selfask_continual (_quick)")
     parser.add_argument("--model", default=None, help="train this backbone instead of the config's (model=...)")
+    parser.add_argument("--processes", default=None, help="the recipe's: training processes per round (default 2)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: a few questions and steps")
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results (outputs/bench_quick)")
     args = parser.parse_args(argv)
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     training = [*ROUND_0, *(QUICK_TRAINING if args.quick else []), *([f"model={args.model}"] if args.model else [])]
     rounds = ["--rounds", str(args.rounds), *(QUICK if args.quick else [])]  # the flags given come after QUICK
     for flag, value in (("--round-lr", args.round_lr), ("--replay", args.replay),
-                        ("--questions-per-round", args.questions_per_round), ("--n-eval", args.n_eval)):
+                        ("--questions-per-round", args.questions_per_round), ("--n-eval", args.n_eval),
+                        ("--processes", args.processes)):
         if value is not None:
             rounds += [flag, value]
     command = [sys.executable, str(REPO / "recipes" / f"{NAME}.py"), "--output_dir", str(run_dir), *rounds,

@@ -53,12 +53,13 @@ KNOWLEDGE = {
 }
 
 
-def train_round(round_dir: Path, config: Path, overrides: list[str]) -> None:
-    """Train (or finish training) one round into `round_dir` with ``selfask_sft.py``; skipped when done."""
+def train_round(round_dir: Path, config: Path, overrides: list[str], processes: int) -> None:
+    """Train (or finish training) one round into `round_dir` with ``selfask_sft.py`` on `processes` CPU processes
+    (`launch_command`); skipped when done."""
     if (round_dir / "results.json").is_file():
         return
     command, env = launch_command(REPO / "recipes/selfask_sft.py", config,
-                                  [*overrides, f"output_dir={round_dir}", "resume_from=latest"], processes=2)
+                                  [*overrides, f"output_dir={round_dir}", "resume_from=latest"], processes=processes)
     print("$", " ".join(command), file=sys.stderr, flush=True)
     if subprocess.run(command, cwd=REPO, env=env).returncode != 0:
         raise SystemExit(f"selfask_continual: training {round_dir.name} failed; its output is above")
@@ -82,6 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--round-lr", type=float, default=5e-4)
     parser.add_argument("--n-eval", type=int, default=100, help="held-out and Compositional Celebrities questions")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--processes", type=int, choices=(1, 2), default=2,
+                        help="training processes per round on a CPU (2: accelerate launch, as make demo; 1: one plain "
+                             "process)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides (every round)")
     args = parser.parse_args(argv)
     if args.rounds * args.questions_per_round > args.pool_size:
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         if trees:  # nothing verified yet: the round keeps the adapter it has
             if not train_file.is_file():
                 write_trees(train_file, trees)
-            train_round(round_dir, args.config, [*overrides, f"data.sources=[{train_file}]"])
+            train_round(round_dir, args.config, [*overrides, f"data.sources=[{train_file}]"], args.processes)
             adapter = round_dir / "adapter"
         record["adapter"] = str(adapter)
         evaluation = round_dir / "eval.json"

@@ -122,10 +122,10 @@ def scripts_in_process(monkeypatch):
     ...``, run in this process instead: the script's `main` (a recipe's through `run_recipe`, as its ``__main__``
     runs it), its output going where the process's would, its exit code returned as the process's. A fresh process
     would spend longer importing torch, transformers and PEFT than these runs take on tiny models. Runs under
-    ``accelerate launch``, runs of other code (another ``PYTHONPATH``), and a second run while one is in progress
-    (runs side by side) still start their own processes."""
+    ``accelerate launch``, runs of other code (another ``PYTHONPATH``), and a run on another thread while one is in
+    progress (runs side by side) still start their own processes; a run started by a run here runs here too."""
     real_run = subprocess.run
-    busy = threading.Lock()
+    busy = threading.RLock()
     plain_kwargs = {"cwd", "env", "stdout", "stderr", "check", "capture_output", "text"}
 
     def run(command, *args, **kwargs):

@@ -677,7 +677,7 @@ def test_continual_dry_run_scores_every_strategy_and_reuses_finished_runs(tiny_b
 
 def test_selfask_continual_dry_run_reports_every_round(tiny_smollm, tmp_path):
     args = ["--quick", "--rounds", "1", "--round-lr", "1e-4", "--replay", "2", "--questions-per-round", "3",
-            "--n-eval", "3", "--model", str(tiny_smollm),
+            "--n-eval", "3", "--processes", "1", "--model", str(tiny_smollm),
             "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "out")]
     run("selfask_continual.py", *args)
     result = json.loads((tmp_path / "out" / "selfask_continual.json").read_text())
