@@ -2,7 +2,7 @@
 approach) before and after the runner kept KV caches across steps and 64 questions in flight and the adapter was
 merged, with every answer compared, transcript by transcript, against the runner before.
 
-Settings, each in its own process (torch's default threads, greedy decoding):
+Settings, each in its own process (``--quick``: one process per code; torch's default threads, greedy decoding):
 
 - **before**: the runner at ``--baseline-ref`` (a `git worktree` of that commit on ``PYTHONPATH``): every step
   encodes each whole prompt again, all questions stepped together in `generate` calls of 8;

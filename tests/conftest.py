@@ -26,7 +26,7 @@ import textwrap
 import threading
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 from unittest import mock
 
 import pytest
@@ -84,33 +84,43 @@ def script_module(path: Path) -> ModuleType:
     return module
 
 
-def call_main(main: Callable[[list[str]], object], args: Sequence[str], exit_code: int = 0,
-              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """A script's ``main(args)`` run in this process as its command line runs it: from the repository root, offline,
-    its output captured, and its exit code as a process would return it. A fresh process would first spend more
-    seconds importing torch, transformers and PEFT than most of these runs take; the processes a script starts itself
-    (training runs, workers) still start.
-
-    Args:
-        exit_code: The exit code expected (2: an argument error, reported by `argparse` on stderr).
-        env: More environment variables while it runs.
-    """
-    stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+def run_like_a_process(main: Callable[[], object], env: Mapping[str, str], cwd: Path, output: tuple | None) -> int:
+    """Call `main()` as a process would run a script, and return the exit code the process would end with: with
+    `env` added to the environment, from `cwd`, its stdout and stderr going to `output` (two streams; `None`: this
+    process's), a `SystemExit` message printed on stderr, and the state a process would leave behind (torch's
+    threads, Accelerate's singletons) put back."""
     threads = torch.get_num_threads()  # some scripts set their own (--threads); the other tests use one
-    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
-    with (mock.patch.dict(os.environ, env), contextlib.chdir(REPO), contextlib.redirect_stdout(stdout),
-          contextlib.redirect_stderr(stderr)):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.dict(os.environ, env))
+        stack.enter_context(contextlib.chdir(cwd))
+        if output is not None:
+            stack.enter_context(contextlib.redirect_stdout(output[0]))
+            stack.enter_context(contextlib.redirect_stderr(output[1]))
         try:
-            main(list(args))
-        except SystemExit as exited:  # argparse's errors and `sys.exit(message)`
-            code = exited.code if isinstance(exited.code, int) else 1
+            main()
+        except SystemExit as exited:  # argparse's errors, `sys.exit(message)`, `run_recipe`'s one-line errors
             if isinstance(exited.code, str):
                 print(exited.code, file=sys.stderr)
+            return 0 if exited.code is None else exited.code if isinstance(exited.code, int) else 1
         finally:
             torch.set_num_threads(threads)
-            AcceleratorState._reset_state(reset_partial_state=True)  # as a process that ends would
+            AcceleratorState._reset_state(reset_partial_state=True)
             GradientState._reset_state()
-    done = subprocess.CompletedProcess(list(args), code, stdout.getvalue(), stderr.getvalue())
+    return 0
+
+
+def call_main(
+    main: Callable[[list[str]], object], args: Sequence[str], exit_code: int = 0
+) -> subprocess.CompletedProcess:
+    """A script's ``main(args)`` run in this process as its command line runs it (`run_like_a_process`): from the
+    repository root, offline, its output captured, and its exit code checked against `exit_code` (2: an argument
+    error, reported by `argparse` on stderr). A fresh process would first spend more seconds importing torch,
+    transformers and PEFT than most of these runs take; the processes a script starts itself still start (unless
+    `scripts_in_process` is in use)."""
+    output = io.StringIO(), io.StringIO()
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    code = run_like_a_process(functools.partial(main, list(args)), env, REPO, output)
+    done = subprocess.CompletedProcess(list(args), code, output[0].getvalue(), output[1].getvalue())
     assert done.returncode == exit_code, done.stderr[-3000:]
     return done
 
@@ -119,11 +129,12 @@ def call_main(main: Callable[[list[str]], object], args: Sequence[str], exit_cod
 def scripts_in_process(monkeypatch):
     """The processes a benchmark starts of our own scripts, ``python recipes/<recipe>.py ...`` (a training run on one
     plain process: what `launch_command` gives for one CPU process) and ``python benchmarks/<script>.py --worker
-    ...``, run in this process instead: the script's `main` (a recipe's through `run_recipe`, as its ``__main__``
-    runs it), its output going where the process's would, its exit code returned as the process's. A fresh process
-    would spend longer importing torch, transformers and PEFT than these runs take on tiny models. Runs under
-    ``accelerate launch``, runs of other code (another ``PYTHONPATH``), and a run on another thread while one is in
-    progress (runs side by side) still start their own processes; a run started by a run here runs here too."""
+    ...``, run in this process instead (`run_like_a_process`): the script's `main` (a recipe's through `run_recipe`,
+    as its ``__main__`` runs it), its output going where the process's would, its exit code returned as the
+    process's. A fresh process would spend longer importing torch, transformers and PEFT than these runs take on
+    tiny models. Runs under ``accelerate launch``, runs of other code (another ``PYTHONPATH``), and a run on another
+    thread while one is in progress (runs side by side) still start their own processes; a run started by a run here
+    runs here too."""
     real_run = subprocess.run
     busy = threading.RLock()
     plain_kwargs = {"cwd", "env", "stdout", "stderr", "check", "capture_output", "text"}
@@ -132,39 +143,25 @@ def scripts_in_process(monkeypatch):
         argv = [str(part) for part in command] if isinstance(command, (list, tuple)) else []
         script = Path(argv[1]) if len(argv) > 1 and argv[0] == sys.executable else None
         env = kwargs.get("env") or {}
-        output = kwargs.get("stdout")
-        captured = kwargs.get("capture_output") or output is subprocess.PIPE
+        stdout = kwargs.get("stdout")
+        captured = kwargs.get("capture_output") or stdout is subprocess.PIPE
         ours = (script is not None and script.parent in (REPO / "recipes", REPO / "benchmarks")
                 and env.get("PYTHONPATH", str(REPO)) == str(REPO) and not args and set(kwargs) <= plain_kwargs
-                and (captured or (kwargs.get("stderr") is output and output is not subprocess.DEVNULL)))
+                and (captured or (kwargs.get("stderr") is stdout and stdout is not subprocess.DEVNULL)))
         if not ours or not busy.acquire(blocking=False):
             return real_run(command, *args, **kwargs)
         try:
-            module = script_module(script)
-            main = functools.partial(module.main, argv[2:])
-            stdout, stderr = (io.StringIO(), io.StringIO()) if captured else (output, output)
-            threads = torch.get_num_threads()
-            code = 0
-            with contextlib.ExitStack() as stack:
-                stack.enter_context(mock.patch.dict(os.environ, env))
-                stack.enter_context(contextlib.chdir(kwargs.get("cwd") or REPO))
-                if stdout is not None:
-                    stack.enter_context(contextlib.redirect_stdout(stdout))
-                    stack.enter_context(contextlib.redirect_stderr(stderr))
-                try:
-                    run_recipe(main) if script.parent.name == "recipes" else main()
-                except SystemExit as exited:
-                    code = exited.code if isinstance(exited.code, int) else 1
-                finally:
-                    torch.set_num_threads(threads)
-                    AcceleratorState._reset_state(reset_partial_state=True)
-                    GradientState._reset_state()
+            main = functools.partial(script_module(script).main, argv[2:])
+            if script.parent.name == "recipes":
+                main = functools.partial(run_recipe, main)
+            output = (io.StringIO(), io.StringIO()) if captured else None if stdout is None else (stdout, stdout)
+            code = run_like_a_process(main, env, Path(kwargs.get("cwd") or REPO), output)
         finally:
             busy.release()
         if kwargs.get("check") and code:
             raise subprocess.CalledProcessError(code, command)
         if captured:
-            return subprocess.CompletedProcess(command, code, stdout.getvalue(), stderr.getvalue())
+            return subprocess.CompletedProcess(command, code, output[0].getvalue(), output[1].getvalue())
         return subprocess.CompletedProcess(command, code)
 
     monkeypatch.setattr(subprocess, "run", run)
