@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         "timings": {**path["timings"], "collate_padded_s": pads["collate_padded_s"]},
         "counts": counts,
     }
-    result.update(step_fraction(args.model, tokenizer, path["trees"], args.max_length, pads["packed_rows_per_batch"], args.steps))
+    result.update(step_fraction(args.model, tokenizer, path["trees"], args.max_length, pads["packed_rows_per_batch"],
+                                args.steps))
     result["wall_s"] = time.perf_counter() - start
     result["environment"] = environment_record()
     write_results(result, args.out)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ from peftprompt.selfask.open_book import (
     trace_passages,
 )
 
-from conftest import FILM_PASSAGES, REPO
+from conftest import FILM_PASSAGES, REPO, script_module
 
 QUESTIONS = [
     {"id": "q1", "question": "Where was the director of Jaws born?", "answer": "Cincinnati", "aliases": [],
@@ -229,13 +228,7 @@ BENCHMARK_COPIES = {  # what benchmarks/openbook.py once defined itself -> the p
 
 
 def benchmark_module():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import openbook
-
-        return openbook
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    return script_module(REPO / "benchmarks" / "openbook.py")
 
 
 def test_the_benchmark_runs_and_scores_with_the_package_functions():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,7 +17,7 @@ from peftprompt.errors import InputError
 from peftprompt.recursive import Unroller, convert
 from peftprompt.training import load_config
 
-from conftest import REPO
+from conftest import REPO, script_module
 
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
@@ -109,10 +108,7 @@ def test_selfask_recipe(tiny_smollm, tmp_path):
 
 def selfask_sft_module():
     """recipes/selfask_sft.py imported as a module."""
-    spec = importlib.util.spec_from_file_location("selfask_sft", REPO / "recipes/selfask_sft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module(REPO / "recipes/selfask_sft.py")
 
 
 @pytest.mark.parametrize("method, packing, packed", [
@@ -209,9 +205,7 @@ def test_selfask_bad_mode_and_generation_settings_are_refused():
 def test_demo_schedule_overrides_the_shipped_config_and_yields_to_the_user():
     """`make demo` trains the shipped self-ask config on its shorter schedule; its overrides are valid keys, come
     after the config and before the user's own (which win)."""
-    spec = importlib.util.spec_from_file_location("demo_selfask", REPO / "recipes/demo_selfask.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = script_module(REPO / "recipes/demo_selfask.py")
     shipped = load_config(demo.CONFIG)
     config = load_config(demo.CONFIG, demo.DEMO_SCHEDULE)
     assert (shipped.max_steps, shipped.method_args["lora_dropout"]) == (200, 0.1)

@@ -4,7 +4,6 @@ packaged `evaluate` modules loaded offline, combined, and a user's own module by
 from __future__ import annotations
 
 import ast
-import importlib.util
 import socket
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from peftprompt.metrics import (
 )
 from peftprompt.training import load_config
 
-from conftest import REPO
+from conftest import REPO, script_module
 
 
 def test_accuracy():
@@ -326,10 +325,7 @@ def test_flat_scores():
 
 
 def recipe(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module(REPO / "recipes" / f"{name}.py")
 
 
 def test_recipes_score_through_the_config_metrics(no_network, user_module):

@@ -3,7 +3,6 @@ questions, and the self-ask recipe's reader options."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections import Counter
 
 import pytest
@@ -17,7 +16,7 @@ from peftprompt.retrieval.passages import Hop, OpenBookQuestion, Passage, read_q
 from peftprompt.retrieval.reader import ReaderExample, reader_episode, reader_examples, reader_prompt
 from peftprompt.training import load_config
 
-from conftest import REPO
+from conftest import REPO, script_module
 
 SOURCES = ("2wikimultihopqa_context", "musique_context", "hotpotqa_distractor")
 PASSAGES = (
@@ -39,10 +38,7 @@ def train_questions():
 
 
 def selfask_sft_module():
-    spec = importlib.util.spec_from_file_location("selfask_sft", REPO / "recipes/selfask_sft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module(REPO / "recipes/selfask_sft.py")
 
 
 def toy_question(passages: int = 10, split: str = "train", hops: bool = True) -> OpenBookQuestion:
