@@ -103,6 +103,9 @@ OTHER_METHODS: dict[str, tuple[str, float]] = {
 }
 VARIANTS.update({name: Variant("lora", (f"method={name}",), label, rate)
                  for name, (label, rate) in OTHER_METHODS.items()})
+LORA_PRESETS = ("lora_all_linear", "dora", "rslora", "pissa", "olora", "loraplus", "lora_fa")
+OTHER_TUNERS = tuple(name for name in OTHER_METHODS if name not in (*LORA_PRESETS, "osf"))
+"""The PEFT tuners of `OTHER_METHODS` that are neither LoRA presets nor OSF (AdaLoRA, VeRA, LoHa, ...)."""
 METHODS = tuple(VARIANTS)
 LABELS = {variant: v.label for variant, v in VARIANTS.items()}
 QUICK_STEPS, QUICK_EVAL_SAMPLES = 20, 200

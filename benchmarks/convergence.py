@@ -12,7 +12,12 @@ for the methods it lacks, such as ``dora`` or ``vera``, `method_comparison.py`'s
 each method's rates on validation; its best (rank 1) and second best (rank 2) rates train at the long budget, and the
 rate with the better best validation score there is chosen. Both are shown when they differ. Every variant of
 `adapter_methods.VARIANTS` is accepted (``--methods lora_all_linear dora rslora pissa``); one without short-budget
-runs is refused with the command that makes them.
+runs is refused with the command that makes them. ``newcomer`` names, per task, the newer tuner (not a LoRA preset:
+LoHa, VeRA, SHiRA, ...) with the best validation score in ``method_comparison.json``.
+
+Targets: full fine-tuning's test score, the gap of LoRA and its presets (and BitFit on SST-2) to it, and which
+methods close the gap (at most `CLOSE_TO_FULL` below full: 1 point on SST-2, 1.5 on CoNLL-2003), with their trainable
+parameters; the closest where none does.
 
 Runs live in ``--run-dir`` as ``<task>_<variant>_lr<LR>`` and survive interruptions: an interrupted run continues
 from its newest checkpoint (one per evaluation; `_runs.run_recipe`), and each finished run leaves a record (results,
@@ -41,7 +46,7 @@ from tqdm import tqdm
 
 from _env import environment_record, provenance_line
 from _runs import MACHINE_FILE, RESULTS_FILE, finished_dir as finished_in, keep_record, requested_config, run_recipe
-from adapter_methods import DEFAULT_METHODS, LABELS, METHODS, TASKS, VARIANTS, config_path
+from adapter_methods import DEFAULT_METHODS, LABELS, METHODS, OTHER_TUNERS, TASKS, VARIANTS, config_path
 from peftprompt.report import format_bytes
 
 NAME = "convergence"
@@ -61,6 +66,10 @@ TARGETS = {  # task: (full fine-tuning's test score at least, {variant: at most 
     "sst2": (0.90, {**dict.fromkeys(LORA_GAP_METHODS, 0.01), "bitfit": 0.02}),
     "conll03": (0.88, dict.fromkeys(LORA_GAP_METHODS, 0.015)),
 }
+CLOSE_TO_FULL = {"sst2": 0.01, "conll03": 0.015}  # task: a method at most this far below full closes the gap
+NEWCOMER = "newcomer"
+"""In ``--methods``: per task, the tuner of `adapter_methods.OTHER_TUNERS` with the best validation score at 300 steps
+(`method_comparison.py`'s chosen rows)."""
 PRECISION_LABELS = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
 REACHED = 0.99  # the share of the best validation score whose first reaching is timed
 QUICK = {"num_epochs": 2, "eval_every": 3, "patience": 2, "max_train_samples": 48, "max_eval_samples": 16}
@@ -83,6 +92,15 @@ def short_budget(task: str, results: Path) -> tuple[list[dict], list[dict]]:
         sweep += [run for run in data.get("sweep", []) if run["method"] not in known]
         chosen += [row for row in data.get("results", []) if row["method"] not in known]
     return sweep, chosen
+
+
+def best_newcomer(task: str, results: Path) -> Optional[str]:
+    """The `NEWCOMER` of `task`: the tuner of `OTHER_TUNERS` whose chosen 300-step run in ``method_comparison.json``
+    has the best validation score (ties: the fewer trainable parameters); `None` before that sweep is in."""
+    path, dev = results / "method_comparison.json", TASKS[task][2]
+    rows = json.loads(path.read_text())["tasks"].get(task, {}).get("results", []) if path.is_file() else []
+    rows = [r for r in rows if r["method"] in OTHER_TUNERS]
+    return max(rows, key=lambda r: (r[dev], -r["trainable_params"]))["method"] if rows else None
 
 
 def ranked_rates(task: str, results: Path) -> dict[str, list[float]]:
@@ -202,14 +220,22 @@ def targets(chosen: list[dict]) -> dict:
     it (test at the best validation step); None where a run is missing."""
     out = {}
     for task, (floor, gaps) in TARGETS.items():
-        test = {r["method"]: r["test_at_best"] for r in chosen if r["task"] == task}
-        if "full" not in test:
+        rows = {r["method"]: r for r in chosen if r["task"] == task}
+        if "full" not in rows:
             continue
-        out[task] = {"full": {"value": test["full"], "target": floor, "met": test["full"] >= floor}}
+        full = rows["full"]["test_at_best"]
+        out[task] = {"full": {"value": full, "target": floor, "met": full >= floor}}
         for method, gap in gaps.items():
-            if method in test:
-                below = test["full"] - test[method]
+            if method in rows:
+                below = full - rows[method]["test_at_best"]
                 out[task][method] = {"below_full": below, "target": gap, "met": below <= gap}
+        others = sorted(({"method": m, "label": r["label"], "trainable_params": r["trainable_params"],
+                          "below_full": full - r["test_at_best"]} for m, r in rows.items() if m != "full"),
+                        key=lambda o: (o["below_full"], o["trainable_params"]))
+        within = sorted((o for o in others if o["below_full"] <= CLOSE_TO_FULL[task]),
+                        key=lambda o: o["trainable_params"])
+        out[task]["close_to_full"] = {"target": CLOSE_TO_FULL[task], "met": bool(within), "within": within,
+                                      "closest": others[0] if others else None}
     return out
 
 
@@ -262,15 +288,29 @@ def write_results(result: dict, out: Path) -> None:
     for task, checks in result["targets"].items():
         parts = [f"full {checks['full']['value']:.4f} (target >= {checks['full']['target']:.2f}: "
                  f"{'met' if checks['full']['met'] else 'missed'})"]
-        parts += [f"{LABELS[m]} {abs(c['below_full']) * 100:.2f} points {'below' if c['below_full'] >= 0 else 'above'} "
-                  f"full (target: at most {c['target'] * 100:.1f} below: {'met' if c['met'] else 'missed'})"
-                  for m, c in checks.items() if m != "full"]
+        parts += [f"{LABELS[m]} {_gap(c['below_full'])} full (target: at most {c['target'] * 100:.1f} below: "
+                  f"{'met' if c['met'] else 'missed'})"
+                  for m, c in checks.items() if m not in ("full", "close_to_full")]
         lines.append(f"Targets, {TASKS[task][3]}: " + "; ".join(parts) + ".")
+        close = checks["close_to_full"]
+        if close["within"]:
+            lines.append(f"Within {close['target'] * 100:.1f} points of full fine-tuning: " + "; ".join(
+                f"{o['label']} ({o['trainable_params']:,} trainable parameters, {_gap(o['below_full'])} full)"
+                for o in close["within"]) + ".")
+        elif close["closest"]:
+            o = close["closest"]
+            lines.append(f"No method is within {close['target'] * 100:.1f} points of full fine-tuning; the closest: "
+                         f"{o['label']} ({o['trainable_params']:,} trainable parameters, "
+                         f"{_gap(o['below_full'])} full).")
     if result["missing"]:
         lines += ["", "Not finished yet: " + ", ".join(result["missing"]) + "."]
     lines += ["", provenance_line(result["environment"]), ""]
     (out / f"{NAME}.md").write_text("\n".join(lines))
     plot(result, out / f"{NAME}.png")
+
+
+def _gap(below_full: float) -> str:
+    return f"{abs(below_full) * 100:.2f} points {'below' if below_full >= 0 else 'above'}"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -300,8 +340,9 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["sst2", "conll03"])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
-                        help=f"default: {', '.join(DEFAULT_METHODS)} (the variants of sst2.json / conll03.json)")
+    parser.add_argument("--methods", nargs="+", choices=[*METHODS, NEWCOMER], default=None,
+                        help=f"default: {', '.join(DEFAULT_METHODS)} (the variants of sst2.json / conll03.json); "
+                             f"{NEWCOMER}: per task, the best validated newer tuner of method_comparison.json")
     parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2],
                         help="which of the short-budget sweep's rates train at the long budget (1: its best)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
@@ -320,14 +361,21 @@ def main(argv: list[str] | None = None) -> None:
     args.records = (args.records or (args.run_dir / "records" if args.quick else RESULTS / "convergence_runs")).resolve()
     started = time.perf_counter()
     rates = {task: ranked_rates(task, args.results) for task in args.tasks}
-    unswept = [f"{task} {method}" for task in args.tasks for method in args.methods if method not in rates[task]]
+    newcomer = {task: best_newcomer(task, args.results) for task in args.tasks}
+    if NEWCOMER in args.methods and None in newcomer.values():
+        raise SystemExit(f"convergence: {NEWCOMER} needs the 300-step results of every tuner: run "
+                         f"benchmarks/method_comparison.py --tasks {' '.join(args.tasks)} first (no "
+                         f"{args.results / 'method_comparison.json'} with them)")
+    methods = {task: [newcomer[task] if m == NEWCOMER else m for m in args.methods] for task in args.tasks}
+    unswept = [f"{task} {method}" for task in args.tasks for method in methods[task] if method not in rates[task]]
     if unswept:
         raise SystemExit(f"convergence: no short-budget rates for {', '.join(unswept)} under {args.results}: run "
                          f"benchmarks/method_comparison.py --tasks {' '.join(args.tasks)} --methods "
                          f"{' '.join(dict.fromkeys(u.split()[1] for u in unswept))} first")
     # method by method (the order of --methods), so the methods a target names can come first
-    jobs = [(task, method, rates[task][method][rank - 1]) for method in args.methods for task in args.tasks
-            for rank in sorted(args.ranks) if rank <= len(rates[task][method])]
+    jobs = list(dict.fromkeys((task, method, rates[task][method][rank - 1]) for i in range(len(args.methods))
+                              for task in args.tasks for method in [methods[task][i]] for rank in sorted(args.ranks)
+                              if rank <= len(rates[task][method])))
     if not args.report_only:
         run_jobs([job for job in jobs if finished_dir(job, args) is None], args)
     rows, missing = [], []
@@ -346,7 +394,8 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "benchmark": NAME, "budgets": {t: {**BUDGETS[t], **(QUICK if args.quick else {})} for t in args.tasks},
         "reached_share": REACHED, "ranks": sorted(args.ranks), "parallel": args.parallel, "quick": args.quick,
-        "model": args.model or "minilm", "partial": bool(missing), "missing": missing, "runs": rows,
+        "model": args.model or "minilm", "newcomer": newcomer if NEWCOMER in args.methods else None,
+        "partial": bool(missing), "missing": missing, "runs": rows,
         "chosen": chosen, "short_budget": short_budget_test, "targets": targets(chosen),
         "wall_seconds": time.perf_counter() - started, "environment": environment_record(),
     }

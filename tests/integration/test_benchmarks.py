@@ -618,6 +618,32 @@ def test_convergence_curve_keeps_one_evaluation_per_step(tmp_path):
                                    {**row, "method": "bitfit", "test_at_best": 0.886}])
     assert targets["sst2"]["full"]["met"] and not targets["sst2"]["lora"]["met"] and targets["sst2"]["bitfit"]["met"]
     assert targets["sst2"]["lora"]["below_full"] == pytest.approx(0.012)
+    # the gap closes when any method is within a point of full: none here, BitFit (1.9 below) is closest
+    close = targets["sst2"]["close_to_full"]
+    assert not close["met"] and close["within"] == [] and close["closest"]["method"] == "lora"
+    targets = convergence.targets([{**row, "method": "full", "test_at_best": 0.905},
+                                   {**row, "method": "dora", "test_at_best": 0.899, "trainable_params": 80},
+                                   {**row, "method": "loha", "test_at_best": 0.897, "trainable_params": 40},
+                                   {**row, "method": "ia3", "test_at_best": 0.85, "trainable_params": 10}])
+    close = targets["sst2"]["close_to_full"]
+    assert close["met"] and [o["method"] for o in close["within"]] == ["loha", "dora"]  # fewest parameters first
+    assert close["closest"]["method"] == "dora" and close["within"][0]["below_full"] == pytest.approx(0.008)
+
+    # --methods newcomer: per task, the newer tuner (not a LoRA preset, not OSF) with the best 300-step validation
+    results = {"tasks": {"sst2": {"results": [
+        {"method": "dora", "dev_accuracy": 0.9, "trainable_params": 5}, {"method": "osf", "dev_accuracy": 0.9,
+         "trainable_params": 5}, {"method": "vera", "dev_accuracy": 0.8, "trainable_params": 5},
+        {"method": "shira", "dev_accuracy": 0.85, "trainable_params": 9},
+        {"method": "loha", "dev_accuracy": 0.85, "trainable_params": 7}]}}}
+    (tmp_path / "method_comparison.json").write_text(json.dumps(results))
+    assert convergence.best_newcomer("sst2", tmp_path) == "loha"  # ties: the fewer trainable parameters
+    assert convergence.best_newcomer("conll03", tmp_path) is None
+    refused = run("convergence.py", "--tasks", "conll03", "--methods", "newcomer", "--results", str(tmp_path),
+                  "--report-only", "--out", str(tmp_path / "out"), exit_code=1)
+    assert "newcomer needs the 300-step results of every tuner: run benchmarks/method_comparison.py" in refused.stderr
+    refused = run("convergence.py", "--tasks", "sst2", "--methods", "hra", "--results", str(tmp_path),
+                  "--report-only", "--out", str(tmp_path / "out"), exit_code=1)
+    assert "no short-budget rates for sst2 hra under" in refused.stderr
 
 
 def test_speed_encoder_dry_run(tiny_bert, tmp_path):
@@ -742,6 +768,53 @@ def test_method_comparison_quick_run_keeps_records_that_a_fresh_checkout_reads(t
     assert [r["method"] for r in partial["tasks"]["sst2"]["results"]] == ["lora"]
     comparison.write_results(partial, tmp_path / "partial")
     assert "## SST-2 accuracy (MiniLM, test.tsv) (PARTIAL)" in (tmp_path / "partial" / "method_comparison.md").read_text()
+
+
+def test_method_comparison_widens_a_grid_whose_best_rate_lies_at_an_edge(monkeypatch, tmp_path):
+    comparison = benchmark_module("method_comparison")
+    validation = {  # (method, rate): dev accuracy; LoRA keeps improving upwards, full downwards, BitFit peaks inside
+        **{("lora", lr): acc for lr, acc in [(0.001, 0.80), (0.003, 0.82), (0.009, 0.84), (0.027, 0.86), (0.081, 0.88)]},
+        **{("full", lr): acc for lr, acc in [(1.67e-05, 0.83), (5e-05, 0.85), (0.00015, 0.84), (0.00045, 0.5)]},
+        **{("bitfit", lr): acc for lr, acc in [(0.002, 0.80), (0.006, 0.82), (0.018, 0.5)]},
+    }
+    trained = []
+
+    def recorded(job, forgetting):
+        return tmp_path if job.lr in dict(trained).get(job.method, ()) or job.lr in grid[job.method] else None
+
+    def run_jobs(jobs, forgetting, args, parallel):
+        for job in jobs:
+            trained.append((job.method, [*dict(trained).get(job.method, ()), job.lr]))
+        return []
+
+    monkeypatch.setattr(comparison, "recorded", recorded)
+    monkeypatch.setattr(comparison, "run_jobs", run_jobs)
+    monkeypatch.setattr(comparison, "run_row", lambda job, d, spec=None: {
+        "learning_rate": job.lr, "dev_accuracy": validation[job.method, job.lr]})
+    args = comparison.parse_args(["--tasks", "sst2", "--run-dir", str(tmp_path), "--records", str(tmp_path)])
+    grid = {m: comparison.grid_rates("sst2", m, args) for m in ("lora", "full", "bitfit")}
+    assert grid == {"lora": [0.001, 0.003, 0.009], "full": [5e-05, 0.00015, 0.00045], "bitfit": [0.002, 0.006, 0.018]}
+    jobs = {m: [comparison.Job("sst2", m, lr, args) for lr in rates] for m, rates in grid.items()}
+
+    assert comparison.widen_grids("sst2", jobs, None, args) == []
+    # LoRA's best stays at the top: widened twice (--widen 2), x 3 each; full's bottom rate is widened once, and its
+    # best then lies inside
+    assert [job.lr for job in jobs["lora"]] == [0.001, 0.003, 0.009, 0.027, 0.081]
+    assert [job.lr for job in jobs["full"]] == [5e-05, 0.00015, 0.00045, 1.67e-05]
+    assert [job.lr for job in jobs["bitfit"]] == [0.002, 0.006, 0.018]
+    assert dict(trained) == {"lora": [0.027, 0.081], "full": [1.67e-05]}
+    assert comparison.grid_edge(0.081, [j.lr for j in jobs["lora"]]) == "top"
+    assert comparison.grid_edge(1.67e-05, [j.lr for j in jobs["full"]]) == "bottom"
+    assert comparison.grid_edge(5e-05, [j.lr for j in jobs["full"]]) is None
+    assert comparison.grid_edge(0.006, [j.lr for j in jobs["bitfit"]]) is None
+
+    # --report-only trains nothing: the first rate beyond an edge is added, and missing until it is recorded
+    trained.clear()
+    report = comparison.parse_args(["--tasks", "sst2", "--run-dir", str(tmp_path), "--records", str(tmp_path),
+                                    "--report-only"])
+    jobs = {m: [comparison.Job("sst2", m, lr, report) for lr in rates] for m, rates in grid.items()}
+    comparison.widen_grids("sst2", jobs, None, report)
+    assert trained == [] and [job.lr for job in jobs["lora"]][3:] == [0.027] and len(jobs["bitfit"]) == 3
 
 
 def test_forgetting_is_zero_for_an_unchanged_backbone_and_grows_with_a_change(tiny_bert, tiny_smollm):
