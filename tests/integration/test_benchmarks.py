@@ -862,6 +862,24 @@ def test_gguf_lora_comparison_counts_identical_continuations_and_logit_gaps(tmp_
     assert result["max_abs_logit_diff"] == {"max": 2.5, "median": 1.5, "per_prompt": [0.5, 2.5]}
 
 
+def test_test_time_reads_pytests_summary_and_reports_against_the_goal():
+    """The timed run clones and sets up a fresh checkout (minutes); its parsing and report are checked here."""
+    timing = benchmark_module("test_time")
+    output = ("........................................................................ [ 99%]\n"
+              "=========================== short test summary info ============================\n"
+              "SKIPPED [1] tests/integration/test_llama_cpp_backend.py:20: llama_cpp is not installed\n"
+              "================= 866 passed, 1 skipped in 533.12s (0:08:53) =================\n")
+    assert timing.pytest_summary(output) == {"counts": {"passed": 866, "skipped": 1}, "seconds": 533.12}
+    assert timing.PERCENT.search(output.splitlines()[0])[1] == "99"
+    with pytest.raises(ValueError, match="no pytest summary line"):
+        timing.pytest_summary("make: *** [Makefile:31: test] Error 1\n")
+    result = {"target": "test", "commit": "0123456789abcdef", "setup_seconds": 160.2, "test_seconds": 536.0,
+              "total_seconds": 696.2, "pytest": timing.pytest_summary(output), "goal": {"seconds": 720, "met": True}}
+    env = {"machine": {"cpu_model": "AMD EPYC", "cpu_count": 2}, "git_commit": "abc", "command": "test_time.py"}
+    row = "| 160 s | 536 s | **696 s** | 866 passed, 1 skipped in 533 s | at most 720 s in all: met |"
+    assert row in timing.markdown(result, env) and "commit `0123456789ab`" in timing.markdown(result, env)
+
+
 def test_llama_cpp_build_times_the_extras_requirement_by_ninjas_steps():
     """The build itself takes minutes (`make test-llama` builds it); its parsing and report are checked here."""
     build = benchmark_module("llama_cpp_build")
