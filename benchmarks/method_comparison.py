@@ -492,10 +492,11 @@ def task_lines(task: str, data: dict, result: dict) -> list[str]:
                 f"{_mark(r.get(f'pareto_{score}'))} |")
     grid = {}
     for r in data["sweep"]:
-        grid.setdefault(r["label"], []).append(f"{r['learning_rate']:g}: {r[key]:.4f}")
+        grid.setdefault(r["label"], []).append((r["learning_rate"], r[key]))
     if grid:
-        lines += ["", f"Every run of the grid ({key} per learning rate): "
-                  + "; ".join(f"{name} {', '.join(cells)}" for name, cells in grid.items()) + "."]
+        lines += ["", f"Every run of the grid ({key} per learning rate): " + "; ".join(
+            f"{name} {', '.join(f'{lr:g}: {score:.4f}' for lr, score in sorted(cells))}"
+            for name, cells in grid.items()) + "."]
     edges = {edge: [r["label"] for r in data["results"] if r.get("grid_edge") == edge] for edge in ("top", "bottom")}
     if edges["top"] or edges["bottom"]:
         at_edges = [f"the {edge} rate for {', '.join(names)}" for edge, names in edges.items() if names]
