@@ -596,6 +596,17 @@ def test_convergence_dry_run_reads_finished_runs_and_picks_the_best_validation_s
     run("convergence.py", *args, "--records", str(records))
     assert not (tmp_path / "runs" / "sst2_lora_lr0.003").exists()  # nothing trained again
     assert json.loads((tmp_path / "results" / "convergence.json").read_text())["chosen"][0]["curve"] == curve
+    # --lower-rate trains only the lower of the two rates; the other is read where it ran, and never missing
+    run("convergence.py", *args, "--records", str(records), "--lower-rate")
+    assert [r["learning_rate"] for r in json.loads((tmp_path / "results" / "convergence.json").read_text())["runs"]] \
+        == [0.001, 0.003]
+    shutil.rmtree(records / "sst2_lora_lr0.003")
+    run("convergence.py", *args, "--records", str(records), "--lower-rate")
+    result = json.loads((tmp_path / "results" / "convergence.json").read_text())
+    assert [r["learning_rate"] for r in result["runs"]] == [0.001] and not result["partial"]
+    assert not (tmp_path / "runs" / "sst2_lora_lr0.003").exists()  # the higher rate is not trained
+    md = (tmp_path / "results" / "convergence.md").read_text()
+    assert "trained only the lower of the two (`--lower-rate`)" in md
 
 
 def test_convergence_curve_keeps_one_evaluation_per_step(tmp_path):
@@ -773,7 +784,7 @@ def test_method_comparison_quick_run_keeps_records_that_a_fresh_checkout_reads(t
 def test_method_comparison_widens_a_grid_whose_best_rate_lies_at_an_edge(monkeypatch, tmp_path):
     comparison = benchmark_module("method_comparison")
     validation = {  # (method, rate): dev accuracy; LoRA keeps improving upwards, full downwards, BitFit peaks inside
-        **{("lora", lr): acc for lr, acc in [(0.001, 0.80), (0.003, 0.82), (0.009, 0.84), (0.027, 0.86), (0.081, 0.88)]},
+        **{("lora", lr): acc for lr, acc in zip([0.001, 0.003, 0.009, 0.027, 0.081], [0.8, 0.82, 0.84, 0.86, 0.88])},
         **{("full", lr): acc for lr, acc in [(1.67e-05, 0.83), (5e-05, 0.85), (0.00015, 0.84), (0.00045, 0.5)]},
         **{("bitfit", lr): acc for lr, acc in [(0.002, 0.80), (0.006, 0.82), (0.018, 0.5)]},
     }
