@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -81,7 +82,9 @@ def run_recipe(main: Callable[[], object]) -> None:
     that one line on stderr (``{script}: error: {message}``), no traceback, and a non-zero status: a `RunError`
     (`SaveError`: a checkpoint or adapter that could not be written, status 1; `TrainingInterrupted`: SIGTERM, a
     checkpoint written, status 143) or an `InputError` found once training started (status 2, as for a bad config).
-    The process group is closed first (a gloo process that exits with it open can abort).
+    A process of a process group leaves at once (`os._exit`, its output flushed): destroying the group can hang when
+    another process has left first (pytorch/pytorch#75097), and an interpreter that shuts down with gloo's threads
+    alive can abort; everything the run writes is closed by then.
     """
     try:
         main()
@@ -94,7 +97,9 @@ def run_recipe(main: Callable[[], object]) -> None:
         sys.stderr.flush()
         os.write(sys.stderr.fileno(), f"\n{Path(sys.argv[0]).name}: error: {err}\n".encode())
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+            logging.shutdown()
+            sys.stdout.flush()
+            os._exit(status)
         sys.exit(status)
 
 
