@@ -30,8 +30,8 @@ from .collective import shared_outcome
 from .config import TrainConfig, load_config
 from .data_config import DataSection
 from .model_setup import distributed_state
-from .state import TrainResult
 from .shipping import write_model_card
+from .state import TrainResult
 
 
 def parse_recipe_args(description: str, argv: Sequence[str] | None = None,
