@@ -11,9 +11,8 @@ Learning rates: the short-budget sweep (300 steps: `adapter_methods.py`'s ``<tas
 for the methods it lacks, such as ``dora`` or ``vera``, `method_comparison.py`'s ``method_comparison.json``) ranks
 each method's rates on validation; its best (rank 1) and second best (rank 2) rates train at the long budget, and the
 rate with the better best validation score there is chosen. Both are shown when they differ. ``--lower-rate`` trains
-only the lower of the two (and reads the other where it has run): in 16 of 16 pairs of the adapter-weight methods
-(LoRA r4 / r8 / r16, QLoRA, IA3, BitFit, full) on both tasks the lower rate won at the long budget, and in 19 of all 22
-(prefix on SST-2, prompt and P-tuning on CoNLL-2003 took the higher). Every variant of
+only the lower of the two (and reads the other where it has run), the one the long budget chose for every
+adapter-weight method of ``convergence.md`` (LoRA, QLoRA, IA3, BitFit, full). Every variant of
 `adapter_methods.VARIANTS` is accepted (``--methods lora_all_linear dora rslora pissa``); one without short-budget
 runs is refused with the command that makes them. ``newcomer`` names, per task, the newer tuner (not a LoRA preset:
 LoHa, VeRA, SHiRA, ...) with the best validation score in ``method_comparison.json``.

@@ -28,8 +28,8 @@ Budget, the same for every method of a task:
   and test scored once, at the last step. Learning rates: ``ENCODER_GRID`` (1, 3, 9) x the variant's starting rate
   (its config file's, or `adapter_methods.OTHER_METHODS`'): in the 300-step sweeps of ``sst2.json`` and
   ``conll03.json`` the chosen multiple of the config rate was 3 or 9 in 21 of 22 cases, never 0.3. A grid whose
-  best rate lies at an edge is widened by one rate beyond it (x 3 or / 3), up to ``WIDEN`` (2) times per method: on
-  SST-2 the three-rate grid left 20 of 31 methods at an edge.
+  best rate lies at an edge is widened by one rate beyond it (x 3 or / 3), up to ``WIDEN`` (2) times per method; the
+  report names the methods whose best rate is still at an edge.
 - SmolLM2: ``SELFASK_STEPS`` (80) optimiser steps of 2 rows of 512 packed tokens (2 processes), cosine schedule, no
   in-training generation; learning rates ``SELFASK_GRID`` (1, 3) x the variant's rate in `selfask_methods`.
 - Per method and task the rate with the best validation score (SST-2 accuracy / CoNLL entity F1 / the lowest
