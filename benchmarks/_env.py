@@ -1,7 +1,9 @@
-"""The environment a benchmark ran in (machine, load, threads, versions, git commit, command), for its JSON."""
+"""The environment a benchmark ran in (machine, load, threads, versions, git commit, command), for its JSON, and the
+JSON and Markdown files its result goes to."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -13,6 +15,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from peftprompt.atomic import write_file_atomically
 
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "peftprompt")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -116,3 +120,12 @@ def provenance_line(env: dict) -> str:
     machine = env["machine"]
     return (f"Machine: {machine.get('cpu_model')} ({machine['cpu_count']} CPUs); commit {env['git_commit']}; "
             f"command `{env['command']}`.")
+
+
+def write_result_files(out: Path, name: str, result: dict, markdown: str) -> None:
+    """Write ``<name>.json`` (`result`) and ``<name>.md`` (`markdown`) to `out`, each atomically, and print the
+    Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_file_atomically(out / f"{name}.json", lambda f: json.dump(result, f, indent=2))
+    write_file_atomically(out / f"{name}.md", lambda f: f.write(markdown))
+    print(markdown)

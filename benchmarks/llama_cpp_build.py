@@ -12,7 +12,6 @@ size, the compiler and the CPU. The full build log goes beside them in ``--log-d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import resource
@@ -26,8 +25,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from _env import environment_record, provenance_line
-from peftprompt.atomic import write_file_atomically
+from _env import environment_record, provenance_line, write_result_files
 
 NAME = "llama_cpp_build"
 REPO = Path(__file__).resolve().parents[1]
@@ -113,10 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         built = build_wheel(requirement, Path(wheel_dir), log_path)
     result = {"requirement": requirement, "parallel_level": os.cpu_count(), "compiler": compiler_version(), **built,
               "log": str(log_path), "environment": env}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_file_atomically(args.out / f"{NAME}.json", lambda f: json.dump(result, f, indent=2))
-    write_file_atomically(args.out / f"{NAME}.md", lambda f: f.write(markdown(result, env)))
-    print(markdown(result, env))
+    write_result_files(args.out, NAME, result, markdown(result, env))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ machine: the goal is about wall time on 2 cores.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -24,8 +23,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from _env import environment_record, provenance_line
-from peftprompt.atomic import write_file_atomically
+from _env import environment_record, provenance_line, write_result_files
 
 NAME = "test_time"
 REPO = Path(__file__).resolve().parents[1]
@@ -107,10 +105,7 @@ def main(argv: list[str] | None = None) -> None:
               "test_seconds": round(tests, 1), "total_seconds": round(total, 1), "pytest": pytest_summary(output),
               "goal": {"seconds": GOAL_SECONDS, "met": total <= GOAL_SECONDS} if args.target == "test" else None,
               "environment": env}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_file_atomically(args.out / f"{NAME}.json", lambda f: json.dump(result, f, indent=2))
-    write_file_atomically(args.out / f"{NAME}.md", lambda f: f.write(markdown(result, env)))
-    print(markdown(result, env))
+    write_result_files(args.out, NAME, result, markdown(result, env))
 
 
 if __name__ == "__main__":
