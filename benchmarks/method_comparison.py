@@ -77,6 +77,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable, Optional
@@ -449,8 +450,26 @@ def _mark(flag: Optional[bool]) -> str:
     return "yes" if flag else ""
 
 
+def machines(sweep: list[dict]) -> tuple[Optional[str], str]:
+    """The CPU that ran most of a task's `sweep` and a line saying which CPUs ran its runs: seconds per step compare
+    only within one machine, so the report marks the rows measured on another."""
+    counts = Counter(r.get("cpu_model") or "a CPU not recorded" for r in sweep).most_common()
+    if len(counts) == 1:
+        return counts[0][0], f"Machine: every run on {counts[0][0]}."
+    others = ", ".join(cpu for cpu, _ in counts[1:])
+    return counts[0][0], ("Machines: " + ", ".join(f"{n} run{'s' * (n > 1)} on {cpu}" for cpu, n in counts)
+                          + f". Seconds per step compare only within one machine: those marked * were measured on "
+                          f"{others}.")
+
+
 def task_lines(task: str, data: dict, result: dict) -> list[str]:
     key, _, scores = SCORES[task]
+    usual_cpu, machine_line = machines(data["sweep"]) if data["sweep"] else (None, "")
+
+    def per_step(row: dict, digits: int) -> str:
+        mark = "" if (row.get("cpu_model") or "a CPU not recorded") == usual_cpu else " *"
+        return f"{row['seconds_per_step']:.{digits}f}{mark}"
+
     budget = result["budgets"]["selfask" if task == "selfask" else "encoder"]
     partial = " (PARTIAL)" if data["missing"] else ""
     lines = [f"## {TASK_TITLES[task]}{partial}", ""]
@@ -473,7 +492,7 @@ def task_lines(task: str, data: dict, result: dict) -> list[str]:
                 f"{format_bytes(r['adapter_bytes'])} | {r['learning_rate']:g} | {r['eval_loss']:.4f} | "
                 f"{r['compositional_celebrities_em']:.3f} | {r['deep_em']:.3f} | "
                 f"{r['compositional_celebrities_well_formed']:.2f} / {r['deep_well_formed']:.2f} | "
-                f"{r['seconds_per_step']:.2f} | {r['peak_memory_mb']:.0f} | {r['forgetting']:+.4f} | "
+                f"{per_step(r, 2)} | {r['peak_memory_mb']:.0f} | {r['forgetting']:+.4f} | "
                 f"{_mark(r.get('pareto_compositional_celebrities_em'))} / {_mark(r.get('pareto_deep_em'))} |")
     else:
         score, heading = scores[0]
@@ -488,7 +507,7 @@ def task_lines(task: str, data: dict, result: dict) -> list[str]:
             lines.append(
                 f"| {r['label']} | {r['trainable_params']:,} | {r['trainable_pct']:.3f} | "
                 f"{format_bytes(r['adapter_bytes'])} | {r['learning_rate']:g} | {r[key]:.4f} | {r[score]:.4f} | "
-                f"{r['seconds_per_step']:.3f} | {r['peak_memory_mb']:.0f} | {r['forgetting']:.4f} | "
+                f"{per_step(r, 3)} | {r['peak_memory_mb']:.0f} | {r['forgetting']:.4f} | "
                 f"{_mark(r.get(f'pareto_{score}'))} |")
     grid = {}
     for r in data["sweep"]:
@@ -509,6 +528,7 @@ def task_lines(task: str, data: dict, result: dict) -> list[str]:
                   f"them ({side_by_side} at a time: {data['step_hours'] / side_by_side:.1f} h of wall time in steps; "
                   "start-up, evaluation and forgetting come on top). The budget was sized for "
                   f"{result['estimate_hours'][task]} h of wall time for the whole task."]
+        lines += ["", machine_line]
     if data["skipped"]:
         lines += ["", "No variant on this task: " + ", ".join(data["skipped"]) + "."]
     if data["missing"]:
