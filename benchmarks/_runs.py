@@ -70,13 +70,19 @@ def same_run(saved: Any, requested: Mapping[str, Any]) -> bool:
 
 
 def finished_run(run_dir: Path, requested: Mapping[str, Any]) -> Optional[dict]:
-    """The ``results.json`` of the run in `run_dir` when it is done and `same_run` as `requested`, else `None`."""
+    """The ``results.json`` of the run in `run_dir` when it is done and `same_run` as `requested`, else `None`.
+
+    A run saved with ``mixed_precision: auto`` ran in the precision its machine chose (``results.json`` says which):
+    it matches a request for ``auto``, or for that precision by name (``no`` matches an ``auto`` run that ran in
+    fp32, never one that ran in bf16)."""
     results, saved = run_dir / RESULTS_FILE, run_dir / CONFIG_FILE
     if not (results.is_file() and saved.is_file()):
         return None
-    if not same_run(yaml.safe_load(saved.read_text()), requested):
-        return None
-    return json.loads(results.read_text())
+    config, result = yaml.safe_load(saved.read_text()), json.loads(results.read_text())
+    if (isinstance(config, Mapping) and config.get("mixed_precision") == "auto"
+            and requested.get("mixed_precision") != "auto"):
+        config = {**config, "mixed_precision": result.get("mixed_precision", "auto")}
+    return result if same_run(config, requested) else None
 
 
 def finished_dir(requested: Mapping[str, Any], *directories: Path) -> Optional[Path]:

@@ -32,6 +32,9 @@ Budget, the same for every method of a task:
   report names the methods whose best rate is still at an edge.
 - SmolLM2: ``SELFASK_STEPS`` (80) optimiser steps of 2 rows of 512 packed tokens (2 processes), cosine schedule, no
   in-training generation; learning rates ``SELFASK_GRID`` (1, 3) x the variant's rate in `selfask_methods`.
+- Every run trains in fp32 (``PRECISION``), whatever the CPU: the sessions run on different machines, and ``auto``
+  would pick bf16 on those with native bf16, so neither the scores nor the seconds of one table would share a
+  precision. A record trained with ``auto`` that ran in fp32 counts (`_runs.finished_run`).
 - Per method and task the rate with the best validation score (SST-2 accuracy / CoNLL entity F1 / the lowest
   self-ask validation loss; ties: the smaller rate) is chosen; its test score is reported, and every run of the grid
   is in the JSON and the Markdown. Self-ask exact match is measured for the chosen rate only.
@@ -115,6 +118,7 @@ TASK_TITLES = {"sst2": "SST-2 accuracy (MiniLM, test.tsv)", "conll03": "CoNLL-20
 ENCODER_STEPS, ENCODER_GRID, ENCODER_SAVE_EVERY = 300, (1.0, 3.0, 9.0), 100
 WIDEN = 2  # MiniLM: rates added beyond an edge of a method's grid while its best rate lies at that edge
 SELFASK_STEPS, SELFASK_GRID, SELFASK_SAVE_EVERY = 80, (1.0, 3.0), 20
+PRECISION = "mixed_precision=no"  # fp32 on every machine: one precision per table
 N_CC, N_DEEP, MAX_DEPTH = 100, 100, 2
 FORGETTING_TEXTS = 64
 FORGETTING_LENGTH = {"encoder": 128, "causal_lm": 256}  # tokens per paragraph: MiniLM's training length, SmolLM2's
@@ -149,13 +153,14 @@ class Job:
             self.config, self.recipe, self.processes = selfask_methods.CONFIG, "selfask_sft.py", args.processes
             extra = list(QUICK_SELFASK if args.quick else [])
             self.overrides = [*selfask_methods.train_overrides(variant, args.selfask_steps, args.lm_model, extra),
-                              f"learning_rate={lr:g}", f"save_every={SELFASK_SAVE_EVERY}", "keep_checkpoints=1"]
+                              f"learning_rate={lr:g}", f"save_every={SELFASK_SAVE_EVERY}", "keep_checkpoints=1",
+                              PRECISION]
             self.env = None
         else:
             steps = args.encoder_steps
             self.config, self.recipe, self.processes = config_path(task, method), ENCODER_TASKS[task][0], 1
             self.overrides = [f"max_steps={steps}", f"eval_every={steps}", f"save_every={ENCODER_SAVE_EVERY}",
-                              "keep_checkpoints=1", "group_by_length=true", f"learning_rate={lr:g}",
+                              "keep_checkpoints=1", "group_by_length=true", f"learning_rate={lr:g}", PRECISION,
                               *ENCODER_VARIANTS[method].overrides, *VALIDATION[task],
                               *(QUICK_ENCODER if args.quick else []), *([f"model={args.model}"] if args.model else [])]
             self.env = {"OMP_NUM_THREADS": "1"}

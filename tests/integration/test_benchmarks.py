@@ -279,6 +279,24 @@ def test_a_run_is_done_when_its_saved_config_equals_the_requested_one(tmp_path, 
     assert _runs.run_recipe(config, overrides, run, recipe="selfask_sft.py") == {"global_step": 5}
 
 
+def test_an_auto_precision_run_matches_a_request_for_the_precision_it_ran_in(tmp_path):
+    from peftprompt.training import load_config
+
+    _runs = runs_module()
+    config, run = REPO / "recipes/configs/minilm/sst2_lora.yaml", tmp_path / "run"
+    run.mkdir()
+    (run / "train_config.yaml").write_text(yaml.safe_dump(load_config(config, ["mixed_precision=auto"]).as_dict()))
+
+    def finished(ran_in: str, requested: str):
+        (run / "results.json").write_text(json.dumps({"mixed_precision": ran_in}))
+        return _runs.finished_run(run, _runs.requested_config(config, [f"mixed_precision={requested}"], run))
+
+    assert finished("no", "no") == {"mixed_precision": "no"}  # auto chose fp32 on its machine: an fp32 run
+    assert finished("bf16", "no") is None  # auto chose bf16: not the fp32 run asked for
+    assert finished("bf16", "bf16") is not None
+    assert finished("bf16", "auto") is not None and finished("no", "auto") is not None  # auto takes either
+
+
 def test_an_interrupted_run_continues_only_when_it_was_asked_for_the_same_config(tmp_path, monkeypatch):
     _runs = runs_module()
     config, run, launched = REPO / "recipes/configs/minilm/sst2_lora.yaml", tmp_path / "run", []
