@@ -412,7 +412,8 @@ def run_task(task: str, args: argparse.Namespace, requested: list[str], forgetti
         rows.append({**best, "grid_edge": grid_edge(best["learning_rate"], [r["learning_rate"] for r in runs])})
     return {"methods": methods, "skipped": [m for m in requested if m not in methods],
             "results": with_pareto(task, rows), "sweep": sweep, "missing": missing, "failed": failed,
-            "step_hours": sum(r["step_seconds"] for r in sweep) / 3600}
+            "step_hours": sum(r["step_seconds"] for r in sweep) / 3600,
+            "train_hours": sum(r["train_seconds"] for r in sweep) / 3600}
 
 
 def widen_grids(task: str, jobs: dict[str, list[Job]], forgetting: Forgetting, args: argparse.Namespace) -> list[str]:
@@ -456,13 +457,20 @@ def _mark(flag: Optional[bool]) -> str:
 
 
 def machines(sweep: list[dict]) -> tuple[Optional[str], str]:
-    """The CPU that ran most of a task's `sweep` and a line saying which CPUs ran its runs: seconds per step compare
-    only within one machine, so the report marks the rows measured on another."""
-    counts = Counter(r.get("cpu_model") or "a CPU not recorded" for r in sweep).most_common()
+    """The CPU that ran most of a task's `sweep` and a line saying which CPUs ran its runs and their hours of
+    optimiser steps: seconds per step compare only within one machine, so the report marks the rows measured on
+    another."""
+    runs, hours = Counter(), Counter()
+    for r in sweep:
+        cpu = r.get("cpu_model") or "a CPU not recorded"
+        runs[cpu] += 1
+        hours[cpu] += r["step_seconds"] / 3600
+    counts = runs.most_common()
     if len(counts) == 1:
         return counts[0][0], f"Machine: every run on {counts[0][0]}."
     others = ", ".join(cpu for cpu, _ in counts[1:])
-    return counts[0][0], ("Machines: " + ", ".join(f"{n} run{'s' * (n > 1)} on {cpu}" for cpu, n in counts)
+    return counts[0][0], ("Machines: " + ", ".join(f"{n} run{'s' * (n > 1)} on {cpu} ({hours[cpu]:.1f} h of steps)"
+                                                   for cpu, n in counts)
                           + f". Seconds per step compare only within one machine: those marked * were measured on "
                           f"{others}.")
 
@@ -529,10 +537,11 @@ def task_lines(task: str, data: dict, result: dict) -> list[str]:
                   + "; ".join(at_edges) + "."]
     if data["sweep"]:
         side_by_side = 1 if task == "selfask" else result["parallel"]
-        lines += ["", f"Compute: {len(data['sweep'])} runs, {data['step_hours']:.1f} h of optimiser steps summed over "
-                  f"them ({side_by_side} at a time: {data['step_hours'] / side_by_side:.1f} h of wall time in steps; "
-                  "start-up, evaluation and forgetting come on top). The budget was sized for "
-                  f"{result['estimate_hours'][task]} h of wall time for the whole task."]
+        lines += ["", f"Compute: {len(data['sweep'])} runs, {data['step_hours']:.1f} h of optimiser steps and "
+                  f"{data['train_hours']:.1f} h of training with its evaluation summed over them ({side_by_side} at a "
+                  f"time: about {data['train_hours'] / side_by_side:.1f} h of wall time; start-up and forgetting come "
+                  f"on top). The budget was sized for {result['estimate_hours'][task]} h of wall time for the whole "
+                  "task."]
         lines += ["", machine_line]
     if data["skipped"]:
         lines += ["", "No variant on this task: " + ", ".join(data["skipped"]) + "."]

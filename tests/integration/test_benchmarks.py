@@ -850,16 +850,17 @@ def test_method_comparison_marks_seconds_per_step_measured_on_another_machine():
     comparison = benchmark_module("method_comparison")
     row = {"label": "LoRA r8", "trainable_params": 1000, "trainable_pct": 0.1, "adapter_bytes": 4096,
            "learning_rate": 0.001, "dev_accuracy": 0.8, "accuracy": 0.81, "seconds_per_step": 0.25,
-           "peak_memory_mb": 900.0, "forgetting": 0.1, "step_seconds": 75.0}
+           "peak_memory_mb": 900.0, "forgetting": 0.1, "step_seconds": 1800.0, "train_seconds": 2160.0}
     sweep = [{**row, "cpu_model": "AMD EPYC"}, {**row, "cpu_model": "AMD EPYC", "learning_rate": 0.003},
              {**row, "cpu_model": "Intel Xeon", "label": "DoRA", "seconds_per_step": 0.125}]
     assert comparison.machines(sweep[:2]) == ("AMD EPYC", "Machine: every run on AMD EPYC.")
     usual, line = comparison.machines(sweep)
-    assert usual == "AMD EPYC" and line.startswith("Machines: 2 runs on AMD EPYC, 1 run on Intel Xeon.")
+    assert usual == "AMD EPYC"
+    assert line.startswith("Machines: 2 runs on AMD EPYC (1.0 h of steps), 1 run on Intel Xeon (0.5 h of steps).")
     assert line.endswith("those marked * were measured on Intel Xeon.")
 
     data = {"results": [sweep[0], sweep[2]], "sweep": sweep, "missing": [], "failed": [], "skipped": [],
-            "step_hours": 0.1}
+            "step_hours": 0.1, "train_hours": 0.2}
     result = {"budgets": {"encoder": {"steps": 300, "batch": "16", "grid": "1x", "widen": 2}}, "parallel": 2,
               "estimate_hours": {"sst2": 1.7}}
     table = [line for line in comparison.task_lines("sst2", data, result) if line.startswith("| ")]
