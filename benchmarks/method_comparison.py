@@ -456,13 +456,17 @@ def _mark(flag: Optional[bool]) -> str:
     return "yes" if flag else ""
 
 
+def _cpu(row: dict) -> str:
+    return row.get("cpu_model") or "a CPU not recorded"
+
+
 def machines(sweep: list[dict]) -> tuple[Optional[str], str]:
     """The CPU that ran most of a task's `sweep` and a line saying which CPUs ran its runs and their hours of
     optimiser steps: seconds per step compare only within one machine, so the report marks the rows measured on
     another."""
     runs, hours = Counter(), Counter()
     for r in sweep:
-        cpu = r.get("cpu_model") or "a CPU not recorded"
+        cpu = _cpu(r)
         runs[cpu] += 1
         hours[cpu] += r["step_seconds"] / 3600
     counts = runs.most_common()
@@ -480,7 +484,7 @@ def task_lines(task: str, data: dict, result: dict) -> list[str]:
     usual_cpu, machine_line = machines(data["sweep"]) if data["sweep"] else (None, "")
 
     def per_step(row: dict, digits: int) -> str:
-        mark = "" if (row.get("cpu_model") or "a CPU not recorded") == usual_cpu else " *"
+        mark = "" if _cpu(row) == usual_cpu else " *"
         return f"{row['seconds_per_step']:.{digits}f}{mark}"
 
     budget = result["budgets"]["selfask" if task == "selfask" else "encoder"]
