@@ -37,6 +37,7 @@ from peftprompt.atomic import write_file_atomically
 from peftprompt.backbones import smollm2_gguf_path
 from peftprompt.gguf_export import export_lora_gguf
 from peftprompt.recursive.sources import compositional_celebrities
+from peftprompt.selfask.llama_cpp_backend import load_llama
 
 NAME = "gguf_lora"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,10 +57,7 @@ def transformers_side(adapter: Path, prompts: list[list[int]], tokens: int) -> l
 
 
 def llama_cpp_side(base: Path, lora: Path, prompts: list[list[int]], tokens: int, threads: int) -> list[dict]:
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(base), lora_path=str(lora), n_ctx=512, logits_all=True, verbose=False,
-                n_threads=threads, seed=SEED)
+    llm = load_llama(base, lora, n_ctx=512, logits_all=True, verbose=False, n_threads=threads, seed=SEED)
     rows = []
     for ids in tqdm(prompts, desc="llama.cpp", unit="prompt"):
         llm.reset()

@@ -33,6 +33,10 @@ of tokens): the tests compare transcripts both ways.
 A GGUF file is checked before llama.cpp opens it (`peftprompt.gguf_file.read_gguf_header`): a file that is not a
 GGUF, is cut short, or is a LoRA adapter where a model is expected (or the reverse) is refused with an `InputError`
 naming it, and so is a file llama.cpp still refuses to load.
+
+On a CPU with Intel AMX, llama.cpp's extra CPU buffer types (the AMX and repacked weight layouts) are off by default
+(`load_llama`): with them, llama.cpp 0.3.36 crashes with a segmentation fault in its AMX matrix product on
+SmolLM2's shipped Q4_1 GGUF and on Q8_0 exports (ggml-org/llama.cpp#20824). Elsewhere llama.cpp's default stands.
 """
 
 from __future__ import annotations
@@ -40,9 +44,10 @@ from __future__ import annotations
 import codecs
 import ctypes
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Self, Sequence, Union
+from typing import Any, Iterator, Optional, Self, Sequence, Union
 
 import numpy as np
 
@@ -63,6 +68,59 @@ def import_llama_cpp():
                           "builds llama.cpp from source: a C++ compiler and cmake, about 7 minutes on 2 cores)"
                           ) from err
     return llama_cpp
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has Intel AMX (``amx_tile`` among the flags of ``/proc/cpuinfo``; `False` where that file
+    is absent)."""
+    try:
+        return "amx_tile" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+@contextmanager
+def _model_params(llama_cpp, **fields: Any) -> Iterator[None]:
+    """While open, `llama_cpp.Llama` builds its model parameters (``llama_model_params``) with `fields` set: the one
+    way to reach the fields `Llama` takes no argument for. It swaps the low-level module's
+    ``llama_model_default_params``, which `Llama.__init__` calls, and puts it back on leaving; a field this build of
+    llama.cpp lacks is refused."""
+    low = llama_cpp.llama_cpp
+    default = low.llama_model_default_params
+    known = {name for name, _ in default()._fields_}
+    if unknown := sorted(set(fields) - known):
+        raise TypeError(f"this llama.cpp ({llama_cpp.__version__}) has no model parameter {', '.join(unknown)}")
+
+    def with_fields():
+        params = default()
+        for name, value in fields.items():
+            setattr(params, name, value)
+        return params
+
+    low.llama_model_default_params = with_fields
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = default
+
+
+def load_llama(model: Union[str, Path], lora: Union[str, Path, None] = None, *, extra_buffers: Optional[bool] = None,
+               **llama_kwargs: Any):
+    """`llama_cpp.Llama` on the GGUF `model` (with the GGUF LoRA adapter `lora`), choosing llama.cpp's extra CPU
+    buffer types.
+
+    Args:
+        model: A GGUF model file.
+        lora: A GGUF LoRA adapter of that model.
+        extra_buffers (`bool`, *optional*): Whether llama.cpp may keep weights in its extra CPU buffer types (AMX
+            and repacked layouts; llama.cpp's ``use_extra_bufts``). Default: not on a CPU with AMX (`cpu_has_amx`),
+            where its AMX matrix product crashes (see the module docstring); llama.cpp's default elsewhere.
+        llama_kwargs: More arguments of `llama_cpp.Llama`.
+    """
+    llama_cpp = import_llama_cpp()
+    extra_buffers = not cpu_has_amx() if extra_buffers is None else extra_buffers
+    with _model_params(llama_cpp, use_extra_bufts=extra_buffers):
+        return llama_cpp.Llama(model_path=str(model), lora_path=None if lora is None else str(lora), **llama_kwargs)
 
 
 def check_gguf_files(model: Union[str, Path], lora: Union[str, Path, None] = None) -> GGUFHeader:
@@ -129,7 +187,8 @@ class LlamaCppBackend(GenerationBackend):
 
     @classmethod
     def from_files(cls, model: Union[str, Path], lora: Union[str, Path, None] = None, *, n_ctx: int = 4096,
-                   n_threads: Optional[int] = None, reuse_kv_cache: bool = True, **llama_kwargs) -> "LlamaCppBackend":
+                   n_threads: Optional[int] = None, reuse_kv_cache: bool = True, extra_buffers: Optional[bool] = None,
+                   **llama_kwargs) -> "LlamaCppBackend":
         """Load the GGUF `model` (with the GGUF LoRA adapter `lora`) in llama.cpp, after checking both files.
 
         Args:
@@ -139,6 +198,8 @@ class LlamaCppBackend(GenerationBackend):
                 tokens must fit.
             n_threads (`int`, *optional*): CPU threads (default: every core).
             reuse_kv_cache (`bool`, defaults to `True`): See the class.
+            extra_buffers (`bool`, *optional*): Whether llama.cpp may use its extra CPU buffer types (`load_llama`;
+                default: not on a CPU with AMX).
             llama_kwargs: More arguments of `llama_cpp.Llama` (e.g. ``type_k``, ``type_v``: the cache's type).
 
         Raises:
@@ -146,13 +207,12 @@ class LlamaCppBackend(GenerationBackend):
             ImportError: llama-cpp-python is not installed (``pip install peftprompt[llama]``).
         """
         header = check_gguf_files(model, lora)
-        llama_cpp = import_llama_cpp()
         threads = n_threads or os.cpu_count() or 1
         trained = header.value(f"{header.value('general.architecture')}.context_length")
         n_ctx = min(n_ctx, trained) if trained else n_ctx
         try:
-            llm = llama_cpp.Llama(model_path=str(model), lora_path=None if lora is None else str(lora), n_ctx=n_ctx,
-                                  n_threads=threads, n_threads_batch=threads, verbose=False, **llama_kwargs)
+            llm = load_llama(model, lora, extra_buffers=extra_buffers, n_ctx=n_ctx, n_threads=threads,
+                             n_threads_batch=threads, verbose=False, **llama_kwargs)
         except (ValueError, RuntimeError) as err:
             failed = lora if lora is not None and "LoRA" in str(err) else model
             raise InputError(f"llama.cpp could not load it ({err})", file=failed) from err
@@ -282,4 +342,5 @@ def shared_prefix(held: Sequence[int], tokens: Sequence[int]) -> int:
     return int(differ[0]) if differ.size else n
 
 
-__all__ = ["KVState", "LlamaCppBackend", "check_gguf_files", "import_llama_cpp", "shared_prefix"]
+__all__ = ["KVState", "LlamaCppBackend", "check_gguf_files", "cpu_has_amx", "import_llama_cpp", "load_llama",
+           "shared_prefix"]

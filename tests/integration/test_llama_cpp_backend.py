@@ -20,7 +20,7 @@ from peftprompt.errors import InputError
 from peftprompt.gguf_export import export_lora_gguf, export_model_gguf
 from peftprompt.selfask import FEW_SHOT_SELF_ASK, SelfAskRunner, StopRule
 from peftprompt.selfask.backend import GenerationRequest
-from peftprompt.selfask.llama_cpp_backend import LlamaCppBackend
+from peftprompt.selfask.llama_cpp_backend import LlamaCppBackend, _model_params, cpu_has_amx, import_llama_cpp
 from peftprompt.selfask.transformers_backend import TransformersBackend
 from peftprompt.training.shipping import merge_saved_adapter
 
@@ -194,6 +194,24 @@ def test_eos_ends_a_continuation_as_in_transformers(tiny_smollm, tmp_path):
         assert transcripts(runner, QUESTIONS[:1]) == transcripts(SelfAskRunner(model, tokenizer,
                                                                                 answerer=lambda q: "Paris"),
                                                                   QUESTIONS[:1])
+
+
+def test_extra_cpu_buffers_are_off_on_an_amx_cpu_and_a_q8_0_export_runs(tiny_smollm, exported, tmp_path):
+    """llama.cpp's AMX matrix product crashes on Q8_0 and Q4_1 weights (the module docstring): where the CPU has
+    AMX, the backend loads without the extra buffer types, and the Q8_0 export gives the f32 export's logits up to
+    its rounding."""
+    llama_cpp = import_llama_cpp()
+    q8_0 = export_model_gguf(tiny_smollm, tmp_path / "q8_0.gguf", dtype="q8_0")
+    with backend(q8_0) as quantised, backend(exported["files"]["base"], extra_buffers=False) as f32:
+        assert quantised.llm.model_params.use_extra_bufts is not cpu_has_amx()
+        assert f32.llm.model_params.use_extra_bufts is False
+        for prompt in PROMPTS:
+            reference = f32.logits(prompt)
+            assert np.abs(quantised.logits(prompt) - reference).max() < 0.05 * np.abs(reference).max()
+    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts is True  # put back after loading
+    with pytest.raises(TypeError, match="has no model parameter no_such_field"):
+        with _model_params(llama_cpp, no_such_field=1):
+            pass
 
 
 @pytest.mark.slow
