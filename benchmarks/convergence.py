@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -236,8 +237,9 @@ def targets(chosen: list[dict]) -> dict:
                         key=lambda o: (o["below_full"], o["trainable_params"]))
         within = sorted((o for o in others if o["below_full"] <= CLOSE_TO_FULL[task]),
                         key=lambda o: o["trainable_params"])
+        tied = [o for o in others[1:] if math.isclose(o["below_full"], others[0]["below_full"])]
         out[task]["close_to_full"] = {"target": CLOSE_TO_FULL[task], "met": bool(within), "within": within,
-                                      "closest": others[0] if others else None}
+                                      "closest": others[0] if others else None, "tied_with_closest": tied}
     return out
 
 
@@ -293,20 +295,22 @@ def write_results(result: dict, out: Path) -> None:
     for task, checks in result["targets"].items():
         parts = [f"full {checks['full']['value']:.4f} (target >= {checks['full']['target']:.2f}: "
                  f"{'met' if checks['full']['met'] else 'missed'})"]
-        parts += [f"{LABELS[m]} {_gap(c['below_full'])} full (target: at most {c['target'] * 100:.1f} below: "
-                  f"{'met' if c['met'] else 'missed'})"
+        parts += [f"{LABELS[m]} {_gap(c['below_full'], c['target'])} full (target: at most "
+                  f"{c['target'] * 100:.1f} below: {'met' if c['met'] else 'missed'})"
                   for m, c in checks.items() if m not in ("full", "close_to_full")]
         lines.append(f"Targets, {TASKS[task][3]}: " + "; ".join(parts) + ".")
         close = checks["close_to_full"]
         if close["within"]:
             lines.append(f"Within {close['target'] * 100:.1f} points of full fine-tuning: " + "; ".join(
-                f"{o['label']} ({o['trainable_params']:,} trainable parameters, {_gap(o['below_full'])} full)"
-                for o in close["within"]) + ".")
+                f"{o['label']} ({o['trainable_params']:,} trainable parameters, "
+                f"{_gap(o['below_full'], close['target'])} full)" for o in close["within"]) + ".")
         elif close["closest"]:
             o = close["closest"]
+            level = "".join(f", level with {t['label']} ({t['trainable_params']:,})"
+                            for t in close.get("tied_with_closest", []))
             lines.append(f"No method is within {close['target'] * 100:.1f} points of full fine-tuning; the closest: "
                          f"{o['label']} ({o['trainable_params']:,} trainable parameters, "
-                         f"{_gap(o['below_full'])} full).")
+                         f"{_gap(o['below_full'], close['target'])} full{level}).")
     if result["missing"]:
         lines += ["", "Not finished yet: " + ", ".join(result["missing"]) + "."]
     lines += ["", provenance_line(result["environment"]), ""]
@@ -314,8 +318,11 @@ def write_results(result: dict, out: Path) -> None:
     plot(result, out / f"{NAME}.png")
 
 
-def _gap(below_full: float) -> str:
-    return f"{abs(below_full) * 100:.2f} points {'below' if below_full >= 0 else 'above'}"
+def _gap(below_full: float, target: float) -> str:
+    """`below_full` in points, to two decimals, or to three where two would round it onto `target`."""
+    points, bound = abs(below_full) * 100, target * 100
+    digits = 3 if f"{points:.2f}" == f"{bound:.2f}" and not math.isclose(points, bound) else 2
+    return f"{points:.{digits}f} points {'below' if below_full >= 0 else 'above'}"
 
 
 def plot(result: dict, path: Path) -> None:
