@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Optional
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
@@ -325,6 +326,9 @@ def _gap(below_full: float, target: float) -> str:
     return f"{points:.{digits}f} points {'below' if below_full >= 0 else 'above'}"
 
 
+TAB20 = colormaps["tab20"]
+
+
 def plot(result: dict, path: Path) -> None:
     """Per task: test score against optimiser steps and against training seconds, one line per method."""
     tasks = [t for t in result["budgets"] if any(r["task"] == t for r in result["chosen"])]
@@ -333,9 +337,12 @@ def plot(result: dict, path: Path) -> None:
     for i, task in enumerate(tasks):
         for j, (x, xlabel) in enumerate((("step", "optimiser steps (batch 16)"), ("seconds", "training seconds"))):
             axis = figure.add_subplot(len(tasks), 2, 2 * i + j + 1)
-            for r in (r for r in result["chosen"] if r["task"] == task):
+            for k, r in enumerate(r for r in result["chosen"] if r["task"] == task):
+                # tab20's ten dark colours, then its ten light ones dashed: 20 methods told apart
                 line, = axis.plot([e[x] for e in r["curve"]], [e["test"] for e in r["curve"]], marker=".",
-                                  markersize=3, linewidth=1, label=f"{r['label']} (lr {r['learning_rate']:g})")
+                                  markersize=3, linewidth=1, color=TAB20(2 * (k % 10) + k // 10 % 2),
+                                  linestyle="-" if k // 10 % 2 == 0 else "--",
+                                  label=f"{r['label']} (lr {r['learning_rate']:g})")
                 best = next(e for e in r["curve"] if e["step"] == r["best_step"])  # the step validation chose
                 axis.plot(best[x], best["test"], marker="*", markersize=10, color=line.get_color())
             axis.set_xlabel(xlabel)
