@@ -308,7 +308,7 @@ def write_results(result: dict, out: Path) -> None:
         elif close["closest"]:
             o = close["closest"]
             level = "".join(f", level with {t['label']} ({t['trainable_params']:,})"
-                            for t in close.get("tied_with_closest", []))
+                            for t in close["tied_with_closest"])
             lines.append(f"No method is within {close['target'] * 100:.1f} points of full fine-tuning; the closest: "
                          f"{o['label']} ({o['trainable_params']:,} trainable parameters, "
                          f"{_gap(o['below_full'], close['target'])} full{level}).")
@@ -338,10 +338,10 @@ def plot(result: dict, path: Path) -> None:
         for j, (x, xlabel) in enumerate((("step", "optimiser steps (batch 16)"), ("seconds", "training seconds"))):
             axis = figure.add_subplot(len(tasks), 2, 2 * i + j + 1)
             for k, r in enumerate(r for r in result["chosen"] if r["task"] == task):
-                # tab20's ten dark colours, then its ten light ones dashed: 20 methods told apart
+                light = k // 10 % 2  # tab20's ten dark colours, then its ten light ones dashed: 20 methods apart
                 line, = axis.plot([e[x] for e in r["curve"]], [e["test"] for e in r["curve"]], marker=".",
-                                  markersize=3, linewidth=1, color=TAB20(2 * (k % 10) + k // 10 % 2),
-                                  linestyle="-" if k // 10 % 2 == 0 else "--",
+                                  markersize=3, linewidth=1, color=TAB20(2 * (k % 10) + light),
+                                  linestyle="--" if light else "-",
                                   label=f"{r['label']} (lr {r['learning_rate']:g})")
                 best = next(e for e in r["curve"] if e["step"] == r["best_step"])  # the step validation chose
                 axis.plot(best[x], best["test"], marker="*", markersize=10, color=line.get_color())
