@@ -43,6 +43,7 @@ from ..atomic import write_dir_atomically, write_file_atomically
 from ..backbones import EMBEDDED_ALIASES, MINILM_PACKAGE, SMOLLM2_CACHE_NAME, load_backbone
 from ..errors import InputError, RunError
 from ..methods import MERGEABLE_METHODS, METHOD_DESCRIPTIONS, METHODS, PROMPT_LEARNING_METHODS, method_name
+from ..methods.lora_init import save_as_plain_lora
 from ..report import format_bytes
 from .collective import shared_outcome
 from .sharding import gathered_weights, is_sharded
@@ -137,7 +138,8 @@ def save_trained_adapter(model, accelerator, output_dir: Union[str, Path], token
 
     (a) Gathers the full state dict with ``accelerator.get_state_dict(model)`` (ZeRO-3 / FSDP shards are gathered
     onto the main process; a model sharded with ``fully_shard`` through `peftprompt.training.sharding`), (b) unwraps the model, (c) on the main process saves with
-    ``save_pretrained(tmp, state_dict=..., safe_serialization=True)`` plus the tokenizer into a directory renamed
+    ``save_pretrained(tmp, state_dict=..., safe_serialization=True)`` (a PiSSA / OLoRA adapter rewritten as the plain
+    LoRA it amounts to on the unchanged base model, as `peftprompt.save_adapter` does) plus the tokenizer into a directory renamed
     into place only when complete, (d) refuses (`EmptyAdapterError`, raised on every process) to write weights that
     are empty, keeping whatever `output_dir` held before. Any other failure of the write (disk full, permission
     denied) raises the same `SaveError` on every process, naming `output_dir` and the cause
@@ -149,7 +151,10 @@ def save_trained_adapter(model, accelerator, output_dir: Union[str, Path], token
     state_dict = gathered_weights(model) if is_sharded(model) else accelerator.get_state_dict(model)
 
     def write(tmp: Path) -> None:
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if isinstance(unwrapped, PeftModel):
+            save_as_plain_lora(unwrapped, tmp)  # PiSSA / OLoRA: the adapter for the unchanged base model
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _check_saved_weights(tmp)
