@@ -137,11 +137,12 @@ def save_trained_adapter(model, accelerator, output_dir: Union[str, Path], token
     """Save the trained adapter (or full model) of a run launched with ``accelerate launch``; call on every process.
 
     (a) Gathers the full state dict with ``accelerator.get_state_dict(model)`` (ZeRO-3 / FSDP shards are gathered
-    onto the main process; a model sharded with ``fully_shard`` through `peftprompt.training.sharding`), (b) unwraps the model, (c) on the main process saves with
-    ``save_pretrained(tmp, state_dict=..., safe_serialization=True)`` (a PiSSA / OLoRA adapter rewritten as the plain
-    LoRA it amounts to on the unchanged base model, as `peftprompt.save_adapter` does) plus the tokenizer into a directory renamed
-    into place only when complete, (d) refuses (`EmptyAdapterError`, raised on every process) to write weights that
-    are empty, keeping whatever `output_dir` held before. Any other failure of the write (disk full, permission
+    onto the main process; a model sharded with ``fully_shard`` through `peftprompt.training.sharding`), (b) unwraps
+    the model, (c) on the main process saves with ``save_pretrained(tmp, state_dict=..., safe_serialization=True)``
+    (a PiSSA / OLoRA adapter rewritten as the plain LoRA it amounts to on the unchanged base model, as
+    `peftprompt.save_adapter` does) plus the tokenizer into a directory renamed into place only when complete,
+    (d) refuses (`EmptyAdapterError`, raised on every process) to write weights that are empty, keeping whatever
+    `output_dir` held before. Any other failure of the write (disk full, permission
     denied) raises the same `SaveError` on every process, naming `output_dir` and the cause
     (`peftprompt.training.collective.shared_outcome`), and `output_dir` keeps what it held. All processes wait for
     the save before returning.
