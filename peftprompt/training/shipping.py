@@ -9,7 +9,7 @@
   ``save_pretrained(tmp, state_dict=..., safe_serialization=True)`` into a directory written atomically
   (`peftprompt.atomic.write_dir_atomically`, as `peftprompt.adapters.save_adapter` does). An adapter whose weights
   would be empty is refused on every process with `EmptyAdapterError`, and the previous contents of `output_dir`
-  are kept.
+  are kept; only the layers AdaLoRA's rank allocation pruned to rank 0 (its ``rank_pattern``) may be empty.
 - `write_model_card(output_dir, ...)`: a Hugging Face ``README.md`` made with huggingface_hub's `ModelCard` from
   the package's one Jinja template (`MODEL_CARD_TEMPLATE`, shared with the merged export's card): metadata in the
   YAML header through `ModelCardData` (``base_model``, ``library_name: peft``, ``pipeline_tag``, ``tags``,
@@ -25,11 +25,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import yaml
@@ -45,9 +46,9 @@ from ..errors import InputError, RunError
 from ..methods import MERGEABLE_METHODS, METHOD_DESCRIPTIONS, METHODS, PROMPT_LEARNING_METHODS, method_name
 from ..methods.lora_init import save_as_plain_lora
 from ..report import format_bytes
+from ..tasks import SAVED_HEAD_NAMES, TASK_NAMES, get_task, task_for_peft_type
 from .collective import shared_outcome
 from .sharding import gathered_weights, is_sharded
-from ..tasks import SAVED_HEAD_NAMES, TASK_NAMES, get_task, task_for_peft_type
 
 # Embedded backbones by their short name (what `load_backbone` takes) and their Hugging Face Hub id.
 EMBEDDED_HUB_IDS = {
@@ -81,14 +82,36 @@ class EmptyAdapterError(RunError):
 # Saving from a distributed run --------------------------------------------------------------------------------------
 
 
-def _empty_tensors(state_dict: dict) -> list[str]:
-    return [name for name, value in state_dict.items() if isinstance(value, torch.Tensor) and value.numel() == 0]
+def _pruned_to_rank_zero(rank_pattern: Optional[dict]) -> tuple[str, ...]:
+    """Key prefixes of the layers AdaLoRA's rank allocation pruned to rank 0, whose saved weights are empty by design.
+
+    ``rank_pattern`` is the AdaLoRA config's (keys ``<module>.lora_E[.<adapter>]``, one keep-flag per rank);
+    PEFT saves such a layer's ``lora_A`` / ``lora_B`` / ``lora_E`` cut to its kept ranks, under
+    ``base_model.model.<module>.lora_*``.
+    """
+    return tuple(
+        f"base_model.model.{key.split('.lora_E')[0]}.lora_"
+        for key, keep in (rank_pattern or {}).items()
+        if not any(keep)
+    )
 
 
-def _refuse_empty(state_dict: dict, what: str) -> None:
+def _empty_tensors(shapes: dict[str, Sequence[int]], rank_pattern: Optional[dict] = None) -> list[str]:
+    pruned = _pruned_to_rank_zero(rank_pattern)
+    return [name for name, shape in shapes.items() if 0 in shape and not name.startswith(pruned)]
+
+
+def _rank_pattern(model) -> Optional[dict]:
+    if not isinstance(model, PeftModel):
+        return None
+    return getattr(model.peft_config[model.active_adapter], "rank_pattern", None)
+
+
+def _refuse_empty(state_dict: dict, what: str, rank_pattern: Optional[dict] = None) -> None:
     if not state_dict:
         raise EmptyAdapterError(f"{what} has no tensors: {ZERO3_HINT}")
-    empty = _empty_tensors(state_dict)
+    shapes = {name: tuple(value.shape) for name, value in state_dict.items() if isinstance(value, torch.Tensor)}
+    empty = _empty_tensors(shapes, rank_pattern)
     if empty:
         raise EmptyAdapterError(
             f"{what}: {len(empty)} of {len(state_dict)} tensors are empty (e.g. {empty[0]!r}): {ZERO3_HINT}"
@@ -127,7 +150,9 @@ def _check_saved_weights(directory: Path) -> None:
     for path in files:
         with safe_open(path, framework="pt") as weights:
             shapes = {key: weights.get_slice(key).get_shape() for key in weights.keys()}
-        empty = [key for key, shape in shapes.items() if 0 in shape]
+        config = path.with_name(ADAPTER_CONFIG)
+        rank_pattern = json.loads(config.read_text()).get("rank_pattern") if config.is_file() else None
+        empty = _empty_tensors(shapes, rank_pattern)
         if not shapes or empty:
             detail = f"(e.g. {empty[0]!r})" if empty else "(no tensors)"
             raise EmptyAdapterError(f"{path.name} would hold {len(empty)} empty tensors {detail}: {ZERO3_HINT}")
@@ -162,7 +187,13 @@ def save_trained_adapter(model, accelerator, output_dir: Union[str, Path], token
 
     def save() -> None:  # on the main process
         try:
-            _refuse_empty(adapter_state_for_saving(model, accelerator, state_dict), f"the adapter for {output_dir}")
+            what, unwrapped = f"the adapter for {output_dir}", accelerator.unwrap_model(model)
+            rank_pattern = _rank_pattern(unwrapped)
+            # the trainable weights first: PEFT's cut of AdaLoRA's pruned ranks crashes on empty shards
+            trainable = {name for name, parameter in unwrapped.named_parameters() if parameter.requires_grad}
+            if trainable_state := {name: value for name, value in state_dict.items() if name in trainable}:
+                _refuse_empty(trainable_state, what, rank_pattern)  # (names can differ from the state dict's)
+            _refuse_empty(adapter_state_for_saving(model, accelerator, state_dict), what, rank_pattern)
             write_dir_atomically(output_dir, write)
         except EmptyAdapterError as err:
             raise EmptyAdapterError(f"refusing to save {output_dir}: {err}") from err

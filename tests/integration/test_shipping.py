@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from peftprompt import attach, load_adapter, load_backbone, save_adapter
@@ -239,6 +240,36 @@ def test_save_trained_adapter_round_trip(accelerator, tmp_path, method):
     assert (out / "tokenizer.json").is_file()
     fresh, _ = load_backbone("minilm", task="seq_cls", num_labels=NUM_LABELS)
     torch.testing.assert_close(logits(load_adapter(fresh, out).eval(), tokenizer), expected, atol=1e-6, rtol=0)
+
+
+def test_adalora_layers_pruned_to_rank_zero_are_saved_and_reloaded(accelerator, tmp_path):
+    # AdaLoRA's rank allocation can prune a layer to rank 0: its saved lora_A / lora_B / lora_E are empty by design,
+    # not unsharded ZeRO-3 weights, and the adapter must save and reload exactly.
+    base, tokenizer = load_backbone("minilm", task="seq_cls", num_labels=NUM_LABELS)
+    model = accelerator.prepare(attach(base, "adalora").eval())
+    randomise_trainable(model)
+    names = [name for name, _ in model.base_model.model.named_parameters() if ".lora_E.default" in name]
+    flags = model.peft_config["default"].init_r  # AdaLoRA starts every layer at init_r
+    pattern = {name: [False] * flags if i == 0 else [True] * (flags - 1) + [False] for i, name in enumerate(names)}
+    model.peft_config["default"].rank_pattern = pattern  # what update_and_allocate records at the final step
+    model.base_model.rankallocator.mask_using_rank_pattern(model.base_model.model, pattern)
+    expected = logits(model, tokenizer)
+
+    out = save_trained_adapter(model, accelerator, tmp_path / "adapter", tokenizer)
+    with safe_open(out / "adapter_model.safetensors", framework="pt") as weights:
+        shapes = {key: weights.get_slice(key).get_shape() for key in weights.keys()}
+    pruned = names[0].replace(".lora_E.default", "")
+    assert {key: shapes[key] for key in shapes if pruned in key} == {
+        f"base_model.model.{pruned}.lora_{part}": shape
+        for part, shape in (("A", [0, 384]), ("B", [384, 0]), ("E", [0, 1]))
+    }
+    assert shapes[f"base_model.model.{names[1].replace('.lora_E.default', '')}.lora_A"] == [flags - 1, 384]
+    fresh, _ = load_backbone("minilm", task="seq_cls", num_labels=NUM_LABELS)
+    torch.testing.assert_close(logits(load_adapter(fresh, out).eval(), tokenizer), expected, atol=1e-6, rtol=0)
+
+    shard_like_zero3(model)  # the layers that kept ranks are now empty too: still refused
+    with pytest.raises(EmptyAdapterError, match=r"tensors are empty .*ZeRO-3 / FSDP gathering failed"):
+        save_trained_adapter(model, accelerator, out, tokenizer)
 
 
 def test_empty_zero3_weights_are_refused_and_the_old_adapter_kept(accelerator, tmp_path):
