@@ -115,11 +115,13 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 TASK_TITLES = {"sst2": "SST-2 accuracy (MiniLM, test.tsv)", "conll03": "CoNLL-2003 entity F1 (MiniLM, eng.testb)",
                "selfask": "Self-ask exact match (SmolLM2-135M-Instruct)"}
+TASK_NAMES = {"sst2": "SST-2", "conll03": "CoNLL-2003", "selfask": "self-ask"}
 ENCODER_STEPS, ENCODER_GRID, ENCODER_SAVE_EVERY = 300, (1.0, 3.0, 9.0), 100
 WIDEN = 2  # MiniLM: rates added beyond an edge of a method's grid while its best rate lies at that edge
 SELFASK_STEPS, SELFASK_GRID, SELFASK_SAVE_EVERY = 80, (1.0, 3.0), 20
 PRECISION = "mixed_precision=no"  # fp32 on every machine: one precision per table
 N_CC, N_DEEP, MAX_DEPTH = 100, 100, 2
+QUESTION_SETS = ("compositional_celebrities", "deep")  # the self-ask scores: keys of ``selfask_eval.json``
 FORGETTING_TEXTS = 64
 FORGETTING_LENGTH = {"encoder": 128, "causal_lm": 256}  # tokens per paragraph: MiniLM's training length, SmolLM2's
 SELFASK_NAMES = {"lora": "lora_r8"}  # this benchmark's method name -> the selfask_methods variant
@@ -335,8 +337,8 @@ def run_row(job: Job, directory: Path, question_spec: Optional[dict] = None) -> 
     evaluation = directory / EVAL_FILE
     scores = json.loads(evaluation.read_text()) if evaluation.is_file() else None
     if scores is not None and scores["questions"] == question_spec:
-        row.update({f"{key}_{k}": scores[key][k] for key in ("compositional_celebrities", "deep")
-                    for k in ("em", "well_formed", "n")})
+        row.update({f"{key}_{k}": scores[key][k] for key in QUESTION_SETS
+                    for k in ("em", "well_formed", "n", "seconds")})
     return row
 
 
@@ -413,7 +415,14 @@ def run_task(task: str, args: argparse.Namespace, requested: list[str], forgetti
     return {"methods": methods, "skipped": [m for m in requested if m not in methods],
             "results": with_pareto(task, rows), "sweep": sweep, "missing": missing, "failed": failed,
             "step_hours": sum(r["step_seconds"] for r in sweep) / 3600,
-            "train_hours": sum(r["train_seconds"] for r in sweep) / 3600}
+            "train_hours": sum(r["train_seconds"] for r in sweep) / 3600,
+            "question_hours": sum(r.get(f"{key}_seconds", 0) for r in rows for key in QUESTION_SETS) / 3600}
+
+
+def wall_hours(task: str, data: dict, parallel: int) -> float:
+    """A task's measured wall time: its training with evaluation, `parallel` runs side by side on MiniLM and one at
+    a time on SmolLM2, plus the self-ask question sets (start-up and forgetting excluded)."""
+    return data["train_hours"] / (1 if task == "selfask" else parallel) + data["question_hours"]
 
 
 def widen_grids(task: str, jobs: dict[str, list[Job]], forgetting: Forgetting, args: argparse.Namespace) -> list[str]:
@@ -541,11 +550,13 @@ def task_lines(task: str, data: dict, result: dict) -> list[str]:
                   + "; ".join(at_edges) + "."]
     if data["sweep"]:
         side_by_side = 1 if task == "selfask" else result["parallel"]
+        questions = (f", plus {data['question_hours']:.1f} h for the question sets of the {len(data['results'])} "
+                     "chosen rates" if data["question_hours"] else "")
         lines += ["", f"Compute: {len(data['sweep'])} runs, {data['step_hours']:.1f} h of optimiser steps and "
                   f"{data['train_hours']:.1f} h of training with its evaluation summed over them ({side_by_side} at a "
-                  f"time: about {data['train_hours'] / side_by_side:.1f} h of wall time; start-up and forgetting come "
-                  f"on top). The budget was sized for {result['estimate_hours'][task]} h of wall time for the whole "
-                  "task."]
+                  f"time{questions}: about {wall_hours(task, data, side_by_side):.1f} h of wall time; start-up and "
+                  f"forgetting come on top). The budget was sized for {result['estimate_hours'][task]} h of wall time "
+                  "for the whole task."]
         lines += ["", machine_line]
     if data["skipped"]:
         lines += ["", "No variant on this task: " + ", ".join(data["skipped"]) + "."]
@@ -564,6 +575,11 @@ def write_results(result: dict, out: Path) -> None:
              "optimiser step (evaluation and start-up excluded), peak memory (the run's peak RSS), adapter size, "
              f"forgetting on {result['forgetting']['texts']}. Pareto: no other method of the task reaches at least "
              "its score with at most its trainable parameters.", ""]
+    walls = {task: wall_hours(task, data, result["parallel"]) for task, data in result["tasks"].items()}
+    per_task = ", ".join(f"{TASK_NAMES[task]} {hours:.1f} h" for task, hours in walls.items())
+    lines += [f"Measured wall time{' so far' if result['partial'] else ''}: about {sum(walls.values()):.1f} h "
+              f"({per_task}; start-up and forgetting excluded), against the "
+              f"{sum(result['estimate_hours'][t] for t in walls):.1f} h the budgets were sized for.", ""]
     for task, data in result["tasks"].items():
         lines += task_lines(task, data, result)
     lines += [provenance_line(result["environment"]), ""]

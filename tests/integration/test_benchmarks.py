@@ -776,6 +776,10 @@ def test_method_comparison_quick_run_keeps_records_that_a_fresh_checkout_reads(t
     (ask,) = result["tasks"]["selfask"]["results"]
     assert ask["label"] == "LoRA r8" and ask["compositional_celebrities_n"] == ask["deep_n"] == 2
     assert 0 <= ask["deep_em"] <= 1 and ask["eval_loss"] > 0
+    asking = result["tasks"]["selfask"]
+    assert asking["question_hours"] == pytest.approx((ask["compositional_celebrities_seconds"] + ask["deep_seconds"])
+                                                     / 3600) and asking["question_hours"] > 0
+    wall = result["tasks"]["sst2"]["train_hours"] + asking["train_hours"] + asking["question_hours"]  # parallel 1
     detail = ask["forgetting_detail"]
     assert detail["measure"] == "causal-LM loss rise" and detail["forgetting"] == pytest.approx(
         detail["trained"] - detail["base"])
@@ -786,6 +790,7 @@ def test_method_comparison_quick_run_keeps_records_that_a_fresh_checkout_reads(t
     md = (tmp_path / "results" / "method_comparison.md").read_text()
     assert "## SST-2 accuracy" in md and "## Self-ask exact match" in md and "| LoRA r8 | 4,226 |" in md
     assert "PARTIAL" not in md and (tmp_path / "results" / "method_comparison.png").stat().st_size > 0
+    assert f"Measured wall time: about {wall:.1f} h (SST-2 " in md and "for the question sets of the 1 chosen" in md
 
     # a fresh checkout has the records only: nothing is trained or evaluated again
     records = tmp_path / "records"
@@ -872,11 +877,14 @@ def test_method_comparison_marks_seconds_per_step_measured_on_another_machine():
     assert line.endswith("those marked * were measured on Intel Xeon.")
 
     data = {"results": [sweep[0], sweep[2]], "sweep": sweep, "missing": [], "failed": [], "skipped": [],
-            "step_hours": 0.1, "train_hours": 0.2}
+            "step_hours": 0.1, "train_hours": 0.2, "question_hours": 0.0}
     result = {"budgets": {"encoder": {"steps": 300, "batch": "16", "grid": "1x", "widen": 2}}, "parallel": 2,
               "estimate_hours": {"sst2": 1.7}}
-    table = [line for line in comparison.task_lines("sst2", data, result) if line.startswith("| ")]
+    lines = comparison.task_lines("sst2", data, result)
+    table = [line for line in lines if line.startswith("| ")]
     assert "| 0.250 |" in table[1] and "| 0.125 * |" in table[2]  # header, LoRA (AMD), DoRA (Intel)
+    (compute,) = [line for line in lines if line.startswith("Compute: ")]
+    assert "(2 at a time: about 0.1 h of wall time;" in compute and "sized for 1.7 h" in compute
 
 
 def test_forgetting_is_zero_for_an_unchanged_backbone_and_grows_with_a_change(tiny_bert, tiny_smollm):
