@@ -55,8 +55,9 @@ that later sessions read instead of training again. Results written before every
 what is missing. Writes ``method_comparison.{json,md,png}`` to ``--out`` (one table and one Pareto plot per task;
 ``convergence.py`` reads the 300-step grids of the methods ``sst2.json`` / ``conll03.json`` lack from here).
 
-Time of the default run, about ten hours on 2 CPU cores without native bf16 (fp32, as on the current AMD EPYC host;
-`ESTIMATE`), from the seconds per step recorded in ``benchmarks/results``:
+Time of the default run, sized for about ten hours on 2 CPU cores without native bf16 (fp32, as on the AMD EPYC
+host; `ESTIMATE`) from the seconds per step recorded in ``benchmarks/results``; the report's first line sets the
+measured wall time of the recorded runs against it:
 
 - SST-2, 31 methods x 3 rates = 93 runs, ~1.7 h: 300 steps at the fp32 records' s/step of ``convergence_runs/``
   (1 thread, 2 runs side by side, batches grouped by length: LoRA 0.18, full 0.25, BitFit 0.15; IA3, prefix,
