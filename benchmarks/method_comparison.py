@@ -386,7 +386,7 @@ def run_task(task: str, args: argparse.Namespace, requested: list[str], forgetti
     if not args.report_only:
         todo = [job for grid in jobs.values() for job in grid if recorded(job, forgetting) is None]
         torch.set_num_threads(1 if task != "selfask" else args.eval_threads)
-        failed = run_jobs(todo, forgetting, args, args.parallel if task != "selfask" else 1)
+        failed = run_jobs(todo, forgetting, args, runs_at_once(task, args.parallel))
     if task != "selfask":
         failed += widen_grids(task, jobs, forgetting, args)
     if not args.report_only:
@@ -420,10 +420,15 @@ def run_task(task: str, args: argparse.Namespace, requested: list[str], forgetti
             "question_hours": sum(r.get(f"{key}_seconds", 0) for r in rows for key in QUESTION_SETS) / 3600}
 
 
+def runs_at_once(task: str, parallel: int) -> int:
+    """How many runs of `task` train side by side: `parallel` on MiniLM, one on SmolLM2 (a run takes 2 processes)."""
+    return 1 if task == "selfask" else parallel
+
+
 def wall_hours(task: str, data: dict, parallel: int) -> float:
-    """A task's measured wall time: its training with evaluation, `parallel` runs side by side on MiniLM and one at
-    a time on SmolLM2, plus the self-ask question sets (start-up and forgetting excluded)."""
-    return data["train_hours"] / (1 if task == "selfask" else parallel) + data["question_hours"]
+    """A task's measured wall time: its training with evaluation, `runs_at_once` at a time, plus the self-ask
+    question sets (start-up and forgetting excluded)."""
+    return data["train_hours"] / runs_at_once(task, parallel) + data["question_hours"]
 
 
 def widen_grids(task: str, jobs: dict[str, list[Job]], forgetting: Forgetting, args: argparse.Namespace) -> list[str]:
@@ -550,12 +555,12 @@ def task_lines(task: str, data: dict, result: dict) -> list[str]:
         lines += ["", f"Chosen at an edge of the grid{widened}, so a rate beyond it may score better: "
                   + "; ".join(at_edges) + "."]
     if data["sweep"]:
-        side_by_side = 1 if task == "selfask" else result["parallel"]
+        side_by_side, wall = runs_at_once(task, result["parallel"]), wall_hours(task, data, result["parallel"])
         questions = (f", plus {data['question_hours']:.1f} h for the question sets of the {len(data['results'])} "
                      "chosen rates" if data["question_hours"] else "")
         lines += ["", f"Compute: {len(data['sweep'])} runs, {data['step_hours']:.1f} h of optimiser steps and "
                   f"{data['train_hours']:.1f} h of training with its evaluation summed over them ({side_by_side} at a "
-                  f"time{questions}: about {wall_hours(task, data, side_by_side):.1f} h of wall time; start-up and "
+                  f"time{questions}: about {wall:.1f} h of wall time; start-up and "
                   f"forgetting come on top). The budget was sized for {result['estimate_hours'][task]} h of wall time "
                   "for the whole task."]
         lines += ["", machine_line]
